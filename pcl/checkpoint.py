@@ -1,0 +1,130 @@
+"""The only module that reads or writes checkpoints.
+
+Layout (official PCL/MoCo): ``{'epoch', 'arch', 'state_dict', 'optimizer', ...}`` with state_dict keys
+``module.encoder_q.*``, ``module.encoder_k.*``, ``module.queue``, ``module.queue_ptr``. Everything is
+tensors and plain Python types, loaded with ``torch.load(weights_only=True)``; writes are atomic.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import pickle
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from pcl import PCLError
+from pcl.model import build_backbone
+
+logger = logging.getLogger(__name__)
+
+LAST = "checkpoint_last.pth.tar"
+
+
+def checkpoint_path(exp_dir: str, epoch: int) -> str:
+    """The official file name: ``checkpoint_{epoch:04d}.pth.tar`` with the 0-based index of the epoch
+    just trained (the file holds ``'epoch': epoch + 1``, the epoch to resume at)."""
+    return os.path.join(exp_dir, f"checkpoint_{epoch:04d}.pth.tar")
+
+
+def save_checkpoint(state: dict[str, Any], path: str) -> None:
+    """Write ``state`` to ``path`` atomically (temp file in the same folder, fsync, rename) and point
+    ``checkpoint_last.pth.tar`` at it. A crash or full disk mid-write leaves the previous files intact."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_ckpt_")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        last_tmp = os.path.join(folder, ".tmp_" + LAST)
+        try:
+            if os.path.exists(last_tmp):
+                os.remove(last_tmp)
+            os.link(path, last_tmp)
+        except OSError:
+            shutil.copyfile(path, last_tmp)
+        os.replace(last_tmp, os.path.join(folder, LAST))
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise PCLError(f"could not save checkpoint {path}: {e} (the previous checkpoint is intact)") from None
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load with ``weights_only=True``; a missing, truncated or pickle-requiring file raises PCLError."""
+    if not os.path.isfile(path):
+        raise PCLError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise PCLError(f"refusing to load {path}: it needs arbitrary Python objects to unpickle, which could "
+                       f"run code ({str(e).splitlines()[0]}); re-save it with tensors and plain types only") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise PCLError(f"checkpoint {path} is unreadable or truncated: {str(e).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict):
+        raise PCLError(f"checkpoint {path} is not a dict of tensors")
+    return ckpt
+
+
+def strip_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state_dict in the official layout (``module.`` prefix whether DDP-wrapped or not)."""
+    inner = model.module if hasattr(model, "module") else model
+    return {"module." + k: v for k, v in inner.state_dict().items()}
+
+
+def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    inner = model.module if hasattr(model, "module") else model
+    try:
+        inner.load_state_dict(strip_prefix(state_dict, "module."), strict=True)
+    except RuntimeError as e:
+        raise PCLError(f"checkpoint {source} does not match the model (arch/--width/--stem/--mlp/--low-dim/"
+                       f"--pcl-r): {str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
+
+
+def backbone_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The query encoder's backbone weights: ``[module.]encoder_q.*`` minus the projection head ``fc``.
+    A plain torchvision state_dict (no encoder_q keys) is taken as it is, minus ``fc``."""
+    state = strip_prefix(state_dict, "module.")
+    if any(k.startswith("encoder_q.") for k in state):
+        state = {k[len("encoder_q."):]: v for k, v in state.items() if k.startswith("encoder_q.")}
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+
+def load_backbone(path: str, arch: str | None = None, map_location: str | torch.device = "cpu") -> nn.Module:
+    """The query backbone of a checkpoint of ours or of the official code (v1 or mlp v2): projection head
+    dropped, returns pooled features B x d, in eval mode. ``arch`` defaults to the checkpoint's."""
+    ckpt = load_checkpoint(path, map_location)
+    state = ckpt.get("state_dict", ckpt)
+    cfg = ckpt.get("model_config", {})
+    arch = arch or ckpt.get("arch")
+    if arch is None:
+        raise PCLError(f"checkpoint {path} does not name its architecture: pass arch (e.g. -a resnet50)")
+    backbone = build_backbone(arch, cfg.get("width", 64), cfg.get("stem", "standard"))
+    weights = backbone_state(state)
+    try:
+        backbone.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise PCLError(f"checkpoint {path} does not fit architecture '{arch}': {lines[1] if len(lines) > 1 else lines[0]}"
+                       [:400]) from None
+    return backbone.eval()
+
+
+def query_backbone(model: nn.Module) -> nn.Module:
+    """A copy of a live MoCo model's query backbone (head dropped) in eval mode."""
+    inner = model.module if hasattr(model, "module") else model
+    backbone = copy.deepcopy(inner.encoder_q)
+    backbone.fc = nn.Identity()
+    return backbone.eval()

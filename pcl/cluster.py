@@ -1,0 +1,224 @@
+"""E-step: k-means at several granularities and the per-prototype concentration phi (PCL Eq. 12).
+
+Backends behind one interface (:func:`run_kmeans`): faiss (GPU index when faiss has GPU support and the
+features live on CUDA, CPU index otherwise) with the official settings, and a pure-PyTorch Lloyd k-means
+(chunked distances) for machines whose faiss-gpu will not install.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from pcl import PCLError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ClusterResult:
+    """One entry per granularity. im2cluster: LongTensor[N]; centroids: k x d (unit rows); concentration: k."""
+
+    im2cluster: list[torch.Tensor] = field(default_factory=list)
+    centroids: list[torch.Tensor] = field(default_factory=list)
+    concentration: list[torch.Tensor] = field(default_factory=list)
+    kmeans_seconds: list[float] = field(default_factory=list)
+
+    def to(self, device: torch.device | str) -> "ClusterResult":
+        move = lambda ts: [t.to(device) for t in ts]  # noqa: E731
+        return ClusterResult(move(self.im2cluster), move(self.centroids), move(self.concentration),
+                             list(self.kmeans_seconds))
+
+    def state_dict(self) -> dict:
+        return {"im2cluster": [t.cpu() for t in self.im2cluster], "centroids": [t.cpu() for t in self.centroids],
+                "density": [t.cpu() for t in self.concentration]}  # 'density': the official name of phi
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "ClusterResult":
+        return cls(list(state["im2cluster"]), list(state["centroids"]), list(state["density"]))
+
+
+def estimate_concentration(
+    distances: np.ndarray | torch.Tensor,
+    im2cluster: np.ndarray | torch.Tensor,
+    num_clusters: int,
+    temperature: float,
+    alpha: float = 10.0,
+) -> torch.Tensor:
+    """Concentration phi of each prototype, vectorised (the official code loops over samples in Python).
+
+    distances: N, Euclidean (not squared) distance of each sample to its centroid; im2cluster: N.
+    For a cluster with Z >= 2 members: phi = mean(distance) / log(Z + alpha). Clusters with Z <= 1 take the
+    largest phi of the others. phi is then clipped to its [10th, 90th] percentiles (linear interpolation,
+    numpy's default) and rescaled so that mean(phi) = temperature. Returns float32 tensor[num_clusters].
+    """
+    d = torch.as_tensor(distances).reshape(-1).to(torch.float64)
+    assign = torch.as_tensor(im2cluster).reshape(-1).to(device=d.device, dtype=torch.long)
+    counts = torch.bincount(assign, minlength=num_clusters)[:num_clusters].to(torch.float64)  # k
+    sums = torch.zeros(num_clusters, dtype=torch.float64, device=d.device).index_add_(0, assign, d)  # k
+    multi = counts > 1
+    phi = torch.zeros(num_clusters, dtype=torch.float64, device=d.device)
+    phi[multi] = sums[multi] / counts[multi] / torch.log(counts[multi] + alpha)
+    phi_max = phi.max()
+    phi[~multi] = phi_max
+    if phi_max <= 0:  # no cluster with two distinct members: all equal concentration
+        phi = torch.ones_like(phi)
+    lo, hi = torch.quantile(phi, torch.tensor([0.1, 0.9], dtype=torch.float64, device=d.device))
+    phi = phi.clamp(lo, hi)
+    phi = temperature * phi / phi.mean()
+    return phi.to(torch.float32)
+
+
+def check_features(features: torch.Tensor, num_clusters: Sequence[int]) -> None:
+    """Refuse NaN/inf features and more clusters than samples, with a message that says what to do."""
+    if not torch.isfinite(features).all():
+        bad = int((~torch.isfinite(features).all(dim=1)).sum())
+        raise PCLError(f"k-means input has {bad} rows with NaN/inf features: the encoder diverged "
+                       f"(lower --lr, or try --amp none); refusing to cluster garbage")
+    n = features.shape[0]
+    if max(num_clusters) > n:
+        raise PCLError(f"--num-cluster {','.join(map(str, num_clusters))}: k={max(num_clusters)} is larger than "
+                       f"the {n} training samples; choose every k <= {n}")
+
+
+def _faiss_kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, gpu_device: int | None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Official settings; returns (centroids k x d, squared distances N, assignments N)."""
+    import faiss
+
+    d = x.shape[1]
+    clus = faiss.Clustering(d, k)
+    clus.verbose = False
+    clus.niter = niter
+    clus.nredo = nredo
+    clus.seed = seed
+    clus.max_points_per_centroid = 1000
+    clus.min_points_per_centroid = 10
+    if gpu_device is not None:
+        res = faiss.StandardGpuResources()
+        cfg = faiss.GpuIndexFlatConfig()
+        cfg.useFloat16 = False
+        cfg.device = gpu_device
+        index = faiss.GpuIndexFlatL2(res, d, cfg)
+    else:
+        index = faiss.IndexFlatL2(d)
+    clus.train(x, index)  # leaves the best centroids in the index
+    dist2, assign = index.search(x, 1)
+    centroids = faiss.vector_to_array(clus.centroids).reshape(k, d)
+    return centroids, dist2[:, 0], assign[:, 0]
+
+
+@torch.no_grad()
+def _nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared L2 distance to, and index of, the nearest centroid. x: N x d; c: k x d -> (N, N)."""
+    half_norm = -0.5 * (c * c).sum(dim=1)  # k
+    best_d = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    best_i = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    for s in range(0, x.shape[0], chunk):
+        xs = x[s:s + chunk]
+        score = torch.addmm(half_norm, xs, c.t())  # x.c - |c|^2/2 : chunk x k (argmax = nearest)
+        val, idx = score.max(dim=1)
+        best_d[s:s + chunk] = ((xs * xs).sum(dim=1) - 2 * val).clamp_min(0)
+        best_i[s:s + chunk] = idx
+    return best_d, best_i
+
+
+@torch.no_grad()
+def _torch_kmeans(x: torch.Tensor, k: int, seed: int, niter: int, nredo: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lloyd k-means with faiss's semantics: random init from (a subsample of at most 1000 k) points,
+    niter iterations, empty clusters split from large ones, the best of nredo runs by objective."""
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    n, d = x.shape
+    train = x
+    if n > 1000 * k:
+        train = x[torch.randperm(n, generator=gen, device=x.device)[: 1000 * k]]
+    best_obj, best_c = math.inf, None
+    for _ in range(nredo):
+        c = train[torch.randperm(train.shape[0], generator=gen, device=x.device)[:k]].clone()
+        for _ in range(niter):
+            dist2, assign = _nearest(train, c)
+            counts = torch.bincount(assign, minlength=k).to(x.dtype)
+            sums = torch.zeros_like(c).index_add_(0, assign, train)
+            nonempty = counts > 0
+            c[nonempty] = sums[nonempty] / counts[nonempty, None]
+            empty = (~nonempty).nonzero().flatten()
+            if empty.numel():  # split: copy a cluster drawn by size, perturb both copies symmetrically
+                donors = torch.multinomial(counts, empty.numel(), replacement=True, generator=gen)
+                eps = 1.0 / 1024
+                c[empty] = c[donors] * (1 + eps)
+                c[donors] = c[donors] * (1 - eps)
+        obj = float(_nearest(train, c)[0].sum())
+        if obj < best_obj:
+            best_obj, best_c = obj, c
+    dist2, assign = _nearest(x, best_c)
+    return best_c, dist2, assign
+
+
+def _faiss_gpu_device(features: torch.Tensor) -> int | None:
+    if features.device.type != "cuda":
+        return None
+    import faiss
+
+    if getattr(faiss, "get_num_gpus", lambda: 0)() == 0:
+        return None  # faiss-cpu: cluster on the host
+    return features.device.index or 0
+
+
+def resolve_backend(backend: str) -> str:
+    if backend not in ("auto", "faiss", "torch"):
+        raise PCLError(f"unknown k-means backend '{backend}': use auto, faiss or torch")
+    try:
+        import faiss  # noqa: F401
+        has_faiss = True
+    except ImportError:
+        has_faiss = False
+    if backend == "faiss" and not has_faiss:
+        raise PCLError("--kmeans-backend faiss: faiss is not installed (pip install faiss-cpu, or faiss-gpu)")
+    if backend == "auto":
+        return "faiss" if has_faiss else "torch"
+    return backend
+
+
+def run_kmeans(
+    features: torch.Tensor | np.ndarray,
+    num_clusters: int | Sequence[int],
+    temperature: float,
+    *,
+    seed: int = 0,
+    niter: int = 20,
+    nredo: int = 5,
+    backend: str = "auto",
+) -> ClusterResult:
+    """k-means at each granularity (seed + granularity index, as official), then phi.
+
+    features: N x d (the momentum features; the official code uses unit rows). Returns a ClusterResult on
+    the device of ``features`` with L2-normalised centroids.
+    """
+    ks = [num_clusters] if isinstance(num_clusters, int) else list(num_clusters)
+    x = torch.as_tensor(features).detach().float().contiguous()
+    check_features(x, ks)
+    backend = resolve_backend(backend)
+    result = ClusterResult()
+    for g, k in enumerate(ks):
+        start = time.perf_counter()
+        if backend == "faiss":
+            gpu = _faiss_gpu_device(x)
+            c, dist2, assign = _faiss_kmeans(x.cpu().numpy(), k, seed + g, niter, nredo, gpu)
+            c, dist2, assign = (torch.from_numpy(a).to(x.device) for a in (c, dist2, assign))
+        else:
+            c, dist2, assign = _torch_kmeans(x, k, seed + g, niter, nredo)
+        seconds = time.perf_counter() - start
+        phi = estimate_concentration(dist2.clamp_min(0).sqrt(), assign, k, temperature)
+        result.im2cluster.append(assign.long())
+        result.centroids.append(torch.nn.functional.normalize(c.float(), dim=1))
+        result.concentration.append(phi.to(x.device))
+        result.kmeans_seconds.append(seconds)
+        logger.info("k-means k=%d (%s): %.2f s", k, backend, seconds)
+    return result

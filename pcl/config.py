@@ -1,0 +1,189 @@
+"""The one argument parser shared by every entry point.
+
+The official PCL/MoCo flags keep their names, meanings and defaults. ``-c/--config FILE.yaml`` sets
+defaults (keys are flag names with ``-`` or ``_``); anything on the command line wins; an unknown key is
+an error. Validation that argparse cannot express lives in :func:`validate_pretrain_args`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Sequence
+
+import yaml
+
+from pcl import PCLError
+
+ARCH_HELP = "any torchvision ResNet name (resnet18, resnet50, wide_resnet50_2, ...)"
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=36)
+
+
+def data_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("data")
+    g.add_argument("data", metavar="DIR", nargs="?", default=None,
+                   help="dataset root: an ImageFolder root with train/ (and val/), or the torchvision root "
+                        "for --dataset cifar10/cifar100/stl10; overrides --dataset demo")
+    g.add_argument("--dataset", default="auto",
+                   choices=["auto", "imagefolder", "cifar10", "cifar100", "stl10", "demo"],
+                   help="auto: imagefolder when DIR is given, else an error")
+    g.add_argument("--download", action="store_true",
+                   help="allow torchvision to download CIFAR/STL (never done otherwise)")
+    g.add_argument("--image-size", default=224, type=int, help="crop size of the augmentations")
+    g.add_argument("-j", "--workers", default=min(32, os.cpu_count() or 1), type=int, metavar="N",
+                   help="data loading workers per process (official default 32, capped at the cores)")
+    g.add_argument("--demo-renders", default=4, type=int,
+                   help="demo set: renders of each training digit (test digits get 2)")
+    return p
+
+
+def model_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("model")
+    g.add_argument("-a", "--arch", metavar="ARCH", default="resnet50", help=ARCH_HELP)
+    g.add_argument("--width", default=64, type=int,
+                   help="channels of the first ResNet stage (64 = torchvision); smaller for CPU demos")
+    g.add_argument("--stem", default="standard", choices=["standard", "small"],
+                   help="small: 3x3 conv stride 1 and no max-pool, for 32-96 px images")
+    g.add_argument("--low-dim", default=128, type=int, help="feature dimension")
+    g.add_argument("--mlp", action="store_true", help="MLP projection head (PCL v2)")
+    return p
+
+
+def dist_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("distributed / device")
+    g.add_argument("--world-size", default=-1, type=int, help="number of nodes (processes with env://)")
+    g.add_argument("--rank", default=-1, type=int, help="node rank for distributed training")
+    g.add_argument("--dist-url", default="env://", type=str, help="url used to set up distributed training")
+    g.add_argument("--dist-backend", default=None, type=str, help="nccl on GPU, gloo on CPU when unset")
+    g.add_argument("--gpu", default=None, type=int, help="GPU id to use")
+    g.add_argument("--multiprocessing-distributed", action="store_true",
+                   help="one process per GPU on each node, spawned by this script")
+    g.add_argument("--nproc", default=None, type=int,
+                   help="processes per node for --multiprocessing-distributed (default: the GPU count; 1 on CPU)")
+    g.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
+    g.add_argument("--seed", default=0, type=int, help="seed of every random draw (CPU runs are bitwise reproducible)")
+    g.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    g.add_argument("--no-progress", action="store_true", help="disable progress bars")
+    return p
+
+
+def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimisation (official defaults)")
+    g.add_argument("--epochs", default=200, type=int, metavar="N", help="number of total epochs to run")
+    g.add_argument("--start-epoch", default=0, type=int, metavar="N", help="manual epoch number (restarts)")
+    g.add_argument("-b", "--batch-size", default=256, type=int, metavar="N",
+                   help="total batch size over all processes (each process gets batch / world size)")
+    g.add_argument("--lr", "--learning-rate", default=0.03, type=float, metavar="LR", dest="lr")
+    g.add_argument("--schedule", default=[120, 160], nargs="*", type=int, help="epochs at which lr drops 10x")
+    g.add_argument("--momentum", default=0.9, type=float, metavar="M", help="SGD momentum")
+    g.add_argument("--wd", "--weight-decay", default=1e-4, type=float, metavar="W", dest="weight_decay")
+    g.add_argument("--cos", action="store_true", help="cosine lr schedule (PCL v2)")
+    g.add_argument("-p", "--print-freq", default=100, type=int, metavar="N", help="log every N steps")
+    g.add_argument("--resume", default="", type=str, metavar="PATH", help="checkpoint to resume from")
+    g.add_argument("--save-freq", default=5, type=int, help="checkpoint every N epochs (and at the end)")
+    g.add_argument("--exp-dir", default="experiment_pcl", type=str, help="experiment directory")
+    g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
+                   help="autocast the encoders (loss stays fp32); changes numerics, off by default")
+
+    g = p.add_argument_group("PCL")
+    g.add_argument("--pcl-r", default=16384, type=int,
+                   help="queue size, and number of negative prototypes per granularity")
+    g.add_argument("--moco-m", default=0.999, type=float, help="momentum of the key encoder")
+    g.add_argument("--temperature", default=0.2, type=float,
+                   help="InfoNCE temperature; mean of the prototype concentrations")
+    g.add_argument("--aug-plus", action="store_true", help="MoCo v2 augmentation (PCL v2)")
+    g.add_argument("--num-cluster", default="25000,50000,100000", type=str,
+                   help="comma-separated k of each granularity")
+    g.add_argument("--warmup-epoch", default=20, type=int,
+                   help="epochs of InfoNCE only before the first E-step (>= --epochs: MoCo only)")
+    g.add_argument("--kmeans-backend", default="auto", choices=["auto", "faiss", "torch"],
+                   help="auto: faiss (GPU index when available), else the PyTorch k-means")
+    g.add_argument("--kmeans-niter", default=20, type=int, help="Lloyd iterations (official 20)")
+    g.add_argument("--kmeans-nredo", default=5, type=int, help="k-means restarts, best kept (official 5)")
+    g.add_argument("--bn-splits", default=None, type=int,
+                   help="single process: BatchNorm over this many sub-batches (shuffle-BN on one device); "
+                        "default 8 (the paper's 8 GPUs) with one process, 1 with DDP")
+    g.add_argument("--knn-eval", action="store_true",
+                   help="at the end, print kNN top-1 on the labelled test split: learned, random init, pixels")
+    g.add_argument("--knn-k", default=20, type=int, help="neighbours of the kNN classifier")
+    g.add_argument("--knn-t", default=0.07, type=float, help="temperature of the weighted kNN vote")
+
+
+def build_pretrain_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="PCL pretraining (E-step: k-means + concentration; M-step: ProtoNCE)",
+        parents=[data_parser(), model_parser(), dist_parser()],
+        formatter_class=_formatter,
+    )
+    p.add_argument("-c", "--config", default=None, help="YAML file of defaults; the command line wins")
+    _add_pretrain_args(p)
+    return p
+
+
+def load_config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    """Read a YAML file into parser defaults; unknown keys raise :class:`PCLError`."""
+    if not os.path.isfile(path):
+        raise PCLError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise PCLError(f"config {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise PCLError(f"config {path} must be a mapping of flag names to values")
+    known = {a.dest for a in parser._actions}
+    defaults = {}
+    for key, value in raw.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if dest not in known or dest in ("help", "config"):
+            raise PCLError(f"config {path}: unknown key '{key}' (valid keys are the command-line flags, "
+                           f"see --help)")
+        defaults[dest] = value
+    return defaults
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` with YAML defaults from ``-c/--config`` applied first."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("-c", "--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**load_config_defaults(parser, known.config))
+    return parser.parse_args(argv)
+
+
+def parse_num_cluster(value: Any) -> list[int]:
+    """'25000,50000,100000' (or a YAML list) -> [25000, 50000, 100000]; clear error otherwise."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    try:
+        ks = [int(str(v).strip()) for v in items if str(v).strip() != ""]
+    except ValueError:
+        raise PCLError(f"--num-cluster '{value}' is malformed: give comma-separated positive integers, "
+                       f"e.g. 25000,50000,100000") from None
+    if not ks or any(k < 2 for k in ks):
+        raise PCLError(f"--num-cluster '{value}' is malformed: each k must be an integer >= 2")
+    return ks
+
+
+def validate_pretrain_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Normalise and check what argparse cannot; raise PCLError naming the flag and the fix."""
+    args.num_cluster = parse_num_cluster(args.num_cluster)
+    if args.dataset == "auto":
+        if args.data is None:
+            raise PCLError("no data: give a dataset root DIR (ImageFolder with train/), or --dataset demo")
+        args.dataset = "imagefolder"
+    elif args.dataset == "demo" and args.data is not None:
+        args.dataset = "imagefolder"  # a positional DIR overrides the demo data
+    if args.batch_size <= 0 or args.epochs <= 0:
+        raise PCLError("--batch-size and --epochs must be positive")
+    if args.pcl_r <= 0:
+        raise PCLError("--pcl-r must be positive")
+    if args.width < 1 or args.low_dim < 1:
+        raise PCLError("--width and --low-dim must be positive")
+    return args

@@ -1,0 +1,368 @@
+"""Datasets, augmentations and loaders for pretraining and evaluation.
+
+Two input paths, one interface (loaders that yield ``(im_q, im_k, index)`` for training and
+``(images, index)`` for the E-step feature pass):
+- files (ImageFolder, CIFAR/STL from disk): the official PIL augmentations in DataLoader workers;
+- in-memory uint8 tensors (the built-in demo set): the same augmentations as batched tensor ops drawn
+  from a ``torch.Generator``, because on a small CPU budget PIL augmentation costs more than the model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+import torchvision.datasets as tvd
+import torchvision.transforms as T
+from PIL import ImageFilter
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from pcl import PCLError, distributed as dist_utils
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------------------------------
+# file datasets (official PIL pipeline)
+# ----------------------------------------------------------------------------------------------------
+class GaussianBlur:
+    """PIL Gaussian blur with sigma ~ U[sigma_min, sigma_max] (SimCLR / MoCo v2), drawn from torch's RNG."""
+
+    def __init__(self, sigma: Sequence[float] = (0.1, 2.0)) -> None:
+        self.sigma = sigma
+
+    def __call__(self, img):
+        sigma = float(torch.empty(1).uniform_(self.sigma[0], self.sigma[1]))
+        return img.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+
+def pretrain_transform(aug_plus: bool, size: int = 224) -> Callable:
+    """MoCo v1 augmentation (default) or MoCo v2 (``aug_plus``), exactly the official lists."""
+    normalize = T.Normalize(MEAN, STD)
+    if aug_plus:
+        ops = [T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+               T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+               T.RandomGrayscale(p=0.2),
+               T.RandomApply([GaussianBlur([0.1, 2.0])], p=0.5),
+               T.RandomHorizontalFlip(), T.ToTensor(), normalize]
+    else:
+        ops = [T.RandomResizedCrop(size, scale=(0.2, 1.0)), T.RandomGrayscale(p=0.2),
+               T.ColorJitter(0.4, 0.4, 0.4, 0.4), T.RandomHorizontalFlip(), T.ToTensor(), normalize]
+    return T.Compose(ops)
+
+
+def eval_transform(size: int = 224) -> Callable:
+    """Center crop for the E-step and evaluation: Resize(256) + CenterCrop(224) at the default size."""
+    return T.Compose([T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size), T.ToTensor(),
+                      T.Normalize(MEAN, STD)])
+
+
+class IndexedDataset(Dataset):
+    """Wrap a (image, label) dataset: returns (view_1, view_2, index) with ``two_crops``, else (image, index)."""
+
+    def __init__(self, base: Dataset, transform: Callable, two_crops: bool = False) -> None:
+        self.base, self.transform, self.two_crops = base, transform, two_crops
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        img = self.base[index][0]
+        if self.two_crops:
+            return self.transform(img), self.transform(img), index
+        return self.transform(img), index
+
+    @property
+    def targets(self) -> torch.Tensor:
+        raw = getattr(self.base, "targets", None)
+        if raw is None:
+            raw = getattr(self.base, "labels")
+        return torch.as_tensor(list(raw), dtype=torch.long)
+
+
+def _image_folder(root: str, split: str) -> Dataset:
+    path = os.path.join(root, split)
+    if not os.path.isdir(path):
+        raise PCLError(f"data folder not found: {path} (expected an ImageFolder root: DIR/{split}/<class>/<image>)")
+    try:
+        return tvd.ImageFolder(path)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise PCLError(f"no images in {path}: {e} (expected DIR/{split}/<class>/<image>)") from None
+
+
+def _torchvision_set(name: str, root: str, split: str, download: bool) -> Dataset:
+    """CIFAR-10/100 ('train'/'test') or STL-10 ('train'/'test'/'unlabeled') from disk."""
+    try:
+        if name == "stl10":
+            return tvd.STL10(root, split=split, download=download)
+        cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+        return cls(root, train=split == "train", download=download)
+    except RuntimeError as e:
+        raise PCLError(f"{name} not found under {root}: {e}; put the torchvision files there or pass --download") from None
+
+
+class ShardSampler(Sampler[int]):
+    """Indices rank, rank + W, ... in order: every sample on exactly one rank, no padding (exact gathers)."""
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        self.indices = list(range(rank, n, world))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class FileLoader:
+    """A DataLoader whose shuffling and worker seeds are a function of (seed, epoch): resumable exactly."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, workers: int, seed: int, train: bool,
+                 pin_memory: bool = False) -> None:
+        rank, world = dist_utils.rank(), dist_utils.world_size()
+        self.seed = seed
+        if train:
+            self.sampler: Sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                                       seed=seed, drop_last=True)
+        else:
+            self.sampler = ShardSampler(len(dataset), rank, world)
+        self.generator = torch.Generator()
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+                                 pin_memory=pin_memory, drop_last=train, generator=self.generator,
+                                 persistent_workers=False)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+        self.generator.manual_seed(self.seed * 100_003 + epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+# ----------------------------------------------------------------------------------------------------
+# built-in demo set: scikit-learn's bundled handwritten digits rendered onto 32x32 colour canvases
+# ----------------------------------------------------------------------------------------------------
+def make_digits_demo(renders_train: int = 4, renders_test: int = 2, size: int = 32, seed: int = 0,
+                     test_fraction: float = 0.2) -> dict[str, torch.Tensor]:
+    """Render the 1797 8x8 digits of ``sklearn.datasets.load_digits`` at random scale, position, rotation,
+    colours, background texture and noise, so that raw pixels do not separate the classes.
+
+    Train/test are split by source image (no digit appears in both). Returns uint8 images N x 3 x size x
+    size and labels for 'train' and 'test', plus 'train_source'/'test_source' ids. Deterministic in seed.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    glyphs = torch.tensor(digits.images, dtype=torch.float32) / 16.0  # 1797 x 8 x 8
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(glyphs), generator=gen)
+    n_test = int(round(test_fraction * len(glyphs)))
+    out: dict[str, torch.Tensor] = {}
+    for split, ids, reps in (("test", order[:n_test], renders_test), ("train", order[n_test:], renders_train)):
+        src = ids.repeat_interleave(reps)
+        out[split] = _render(glyphs[src], size, gen)
+        out[f"{split}_labels"] = labels[src]
+        out[f"{split}_source"] = src
+    return out
+
+
+def _render(glyphs: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    n = glyphs.shape[0]
+    u = lambda lo, hi, *shape: torch.empty(*shape).uniform_(lo, hi, generator=gen)  # noqa: E731
+    scale = u(0.45, 0.9, n)  # digit side as a fraction of the canvas
+    angle = u(-0.3, 0.3, n)
+    cx, cy = u(-1, 1, n) * (1 - scale), u(-1, 1, n) * (1 - scale)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, -(cos * cx - sin * cy)], 1),
+                         torch.stack([sin, cos, -(sin * cx + cos * cy)], 1)], 1)  # canvas -> glyph coords
+    grid = F.affine_grid(theta, [n, 1, size, size], align_corners=False)
+    mask = F.grid_sample(glyphs[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    fg, bg = u(0, 1, n, 3, 1, 1), u(0, 1, n, 3, 1, 1)
+    flip = (fg.mean(1, keepdim=True) - bg.mean(1, keepdim=True)).abs() < 0.25  # keep some contrast
+    fg = torch.where(flip, 1 - bg, fg)
+    texture = F.interpolate(u(-0.25, 0.25, n, 3, 4, 4), size=(size, size), mode="bilinear", align_corners=False)
+    img = bg + texture + (fg - bg) * mask + 0.06 * torch.randn(n, 3, size, size, generator=gen)
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])  # B x 1 x H x W
+
+
+_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+class TensorAugment:
+    """MoCo v1/v2 augmentation on a batch of uint8 tensors, per-sample parameters from a torch.Generator.
+
+    RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3) + flip as one affine resampling; colour jitter
+    (brightness, contrast, saturation, hue as a YIQ rotation) in a fixed order; random grayscale; v2's
+    Gaussian blur with sigma scaled by size/224. Same distributions as the PIL pipeline up to
+    interpolation and jitter order; used for in-memory sets, not for the paper's ImageNet runs.
+    """
+
+    def __init__(self, size: int, aug_plus: bool) -> None:
+        self.size, self.aug_plus = size, aug_plus
+        self.mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(STD).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        x = images.float() / 255.0  # B x 3 x H x W
+        b = x.shape[0]
+        u = lambda lo, hi, *shape: torch.empty(*shape).uniform_(lo, hi, generator=gen)  # noqa: E731
+        area = u(0.2, 1.0, b)
+        log_ratio = u(math.log(3 / 4), math.log(4 / 3), b)
+        w = (area * log_ratio.exp()).sqrt().clamp(max=1.0)
+        h = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+        cx, cy = u(-1, 1, b) * (1 - w), u(-1, 1, b) * (1 - h)
+        flip = torch.where(u(0, 1, b) < 0.5, -1.0, 1.0)
+        zero = torch.zeros(b)
+        theta = torch.stack([torch.stack([w * flip, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
+        grid = F.affine_grid(theta, [b, 3, self.size, self.size], align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        if self.aug_plus:
+            apply = u(0, 1, b) < 0.8
+            x = torch.where(apply.view(b, 1, 1, 1), self._jitter(x, 0.4, 0.4, 0.4, 0.1, gen), x)
+            x = self._grayscale(x, 0.2, gen)
+            x = self._blur(x, gen)
+        else:
+            x = self._grayscale(x, 0.2, gen)
+            x = self._jitter(x, 0.4, 0.4, 0.4, 0.4, gen)
+        return (x - self.mean) / self.std
+
+    @staticmethod
+    def _grayscale(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+        pick = (torch.rand(x.shape[0], generator=gen) < p).view(-1, 1, 1, 1)
+        return torch.where(pick, _gray(x).expand_as(x), x)
+
+    @staticmethod
+    def _jitter(x: torch.Tensor, bri: float, con: float, sat: float, hue: float, gen: torch.Generator) -> torch.Tensor:
+        b = x.shape[0]
+        f = lambda s: torch.empty(b, 1, 1, 1).uniform_(1 - s, 1 + s, generator=gen)  # noqa: E731
+        x = (x * f(bri)).clamp(0, 1)
+        m = _gray(x).mean(dim=(2, 3), keepdim=True)
+        x = ((x - m) * f(con) + m).clamp(0, 1)
+        g = _gray(x)
+        x = ((x - g) * f(sat) + g).clamp(0, 1)
+        angle = torch.empty(b).uniform_(-hue, hue, generator=gen) * 2 * math.pi
+        cos, sin, one, zero = angle.cos(), angle.sin(), torch.ones(b), torch.zeros(b)
+        rot = torch.stack([torch.stack([one, zero, zero], 1), torch.stack([zero, cos, -sin], 1),
+                           torch.stack([zero, sin, cos], 1)], 1)  # B x 3 x 3 rotation of the IQ plane
+        mat = torch.linalg.inv(_YIQ) @ rot @ _YIQ  # B x 3 x 3 in RGB
+        return torch.einsum("bij,bjhw->bihw", mat, x).clamp(0, 1)
+
+    def _blur(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        b = x.shape[0]
+        apply = torch.rand(b, generator=gen) < 0.5
+        sigma = torch.empty(b).uniform_(0.1, 2.0, generator=gen) * self.size / 224
+        radius = max(1, int(math.ceil(3 * float(sigma.max()))))
+        t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+        kernel = torch.exp(-0.5 * (t[None] / sigma[:, None]) ** 2)
+        kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(3, 0)  # 3B x K
+        y = x.reshape(1, 3 * b, *x.shape[2:])
+        y = F.pad(y, (radius, radius, radius, radius), mode="reflect")
+        y = F.conv2d(y, kernel[:, None, None, :], groups=3 * b)
+        y = F.conv2d(y, kernel[:, None, :, None], groups=3 * b).reshape_as(x)
+        return torch.where(apply.view(b, 1, 1, 1), y, x)
+
+
+class TensorPairLoader:
+    """Yields (im_q, im_k, index) from an in-memory uint8 tensor; shuffling and augmentation are seeded by
+    (seed, epoch, rank), so an epoch is reproduced exactly on resume. Each rank takes its slice of every
+    global batch (batch_size is per process)."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int, augment: TensorAugment, seed: int) -> None:
+        self.images, self.batch_size, self.augment, self.seed = images, batch_size, augment, seed
+        self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.images.shape[0] // (self.batch_size * self.world)
+
+    def __iter__(self):
+        order_gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        aug_gen = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 1009 + self.rank)
+        perm = torch.randperm(self.images.shape[0], generator=order_gen)
+        step = self.batch_size * self.world
+        for i in range(len(self)):
+            idx = perm[i * step:(i + 1) * step][self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+            x = self.images[idx]
+            yield self.augment(x, aug_gen), self.augment(x, aug_gen), idx
+
+
+class TensorEvalLoader:
+    """Yields (normalised images, index) in order over this rank's shard (no padding)."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int, shard: bool = True) -> None:
+        self.images, self.batch_size = images, batch_size
+        rank, world = (dist_utils.rank(), dist_utils.world_size()) if shard else (0, 1)
+        self.indices = torch.arange(rank, images.shape[0], world)
+        self.mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(STD).view(1, 3, 1, 1)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    def __iter__(self):
+        for s in range(0, len(self.indices), self.batch_size):
+            idx = self.indices[s:s + self.batch_size]
+            yield (self.images[idx].float() / 255.0 - self.mean) / self.std, idx
+
+
+# ----------------------------------------------------------------------------------------------------
+# what the engine gets
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class PretrainData:
+    train_loader: Any  # yields (im_q, im_k, index); has set_epoch
+    eval_loader: Any  # yields (images, index) over this rank's shard of the training set, eval transform
+    num_samples: int
+    knn: tuple[Any, torch.Tensor, Any, torch.Tensor] | None = None  # bank loader, labels, test loader, labels
+
+
+def build_pretrain_data(args: Any) -> PretrainData:
+    """Datasets and loaders for ``args.dataset`` with the per-process batch ``args.batch_size``."""
+    eval_bs = args.batch_size * 5  # as official: larger batches for the feature pass
+    if args.dataset == "demo":
+        demo = make_digits_demo(renders_train=args.demo_renders, size=args.image_size, seed=0)
+        train = TensorPairLoader(demo["train"], args.batch_size, TensorAugment(args.image_size, args.aug_plus),
+                                 args.seed)
+        knn = (TensorEvalLoader(demo["train"], eval_bs, shard=False), demo["train_labels"],
+               TensorEvalLoader(demo["test"], eval_bs, shard=False), demo["test_labels"])
+        return PretrainData(train, TensorEvalLoader(demo["train"], eval_bs), demo["train"].shape[0], knn)
+
+    if args.data is None or not os.path.isdir(args.data):
+        raise PCLError(f"data folder not found: {args.data}")
+    size, pin = args.image_size, torch.cuda.is_available()
+    if args.dataset == "imagefolder":
+        base_train, base_test = _image_folder(args.data, "train"), None
+        if os.path.isdir(os.path.join(args.data, "val")):
+            base_test = _image_folder(args.data, "val")
+    else:
+        train_split = "unlabeled" if args.dataset == "stl10" else "train"
+        base_train = _torchvision_set(args.dataset, args.data, train_split, args.download)
+        base_test = _torchvision_set(args.dataset, args.data, "test", args.download)
+    if len(base_train) == 0:
+        raise PCLError(f"the training set in {args.data} is empty")
+    train_set = IndexedDataset(base_train, pretrain_transform(args.aug_plus, size), two_crops=True)
+    eval_set = IndexedDataset(base_train, eval_transform(size))
+    make = lambda ds, bs, train: FileLoader(ds, bs, args.workers, args.seed, train, pin)  # noqa: E731
+    knn = None
+    if base_test is not None and args.dataset != "stl10":
+        test_set = IndexedDataset(base_test, eval_transform(size))
+        knn = (make(eval_set, eval_bs, False), eval_set.targets, make(test_set, eval_bs, False), test_set.targets)
+    return PretrainData(make(train_set, args.batch_size, True), make(eval_set, eval_bs, False), len(base_train), knn)

@@ -1,0 +1,114 @@
+"""Distributed helpers that degrade to a single process.
+
+Every function works with no process group (then world size is 1 and collectives are identities),
+so training, feature extraction and clustering take the same code path in CPU tests as on a cluster.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def init(args: Any) -> torch.device:
+    """Join the process group the launcher asked for and return this process's device.
+
+    Single process when neither torchrun's environment nor ``--world-size > 1`` /
+    ``--multiprocessing-distributed`` asks for more. nccl on GPU, gloo on CPU.
+    """
+    if args.dist_url == "env://" and args.world_size == -1 and "WORLD_SIZE" in os.environ:
+        args.world_size = int(os.environ["WORLD_SIZE"])
+    distributed = args.world_size > 1 or args.multiprocessing_distributed
+    use_cuda = torch.cuda.is_available() and not args.cpu
+    if use_cuda:
+        local = args.gpu if args.gpu is not None else int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if distributed and not is_dist():
+        if args.dist_url == "env://" and args.rank == -1:
+            args.rank = int(os.environ["RANK"])
+        backend = args.dist_backend or ("nccl" if use_cuda else "gloo")
+        dist.init_process_group(
+            backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank
+        )
+    return device
+
+
+def cleanup() -> None:
+    if is_dist():
+        dist.destroy_process_group()
+
+
+@torch.no_grad()
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` (same shape on every rank) from all ranks along dim 0. No gradient."""
+    if not is_dist():
+        return tensor
+    out = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """In-place broadcast from ``src``; identity with one process."""
+    if is_dist():
+        dist.broadcast(tensor, src)
+    return tensor
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not is_dist():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src)
+    return holder[0]
+
+
+@torch.no_grad()
+def gather_rows_exact(rows: torch.Tensor, index: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Assemble an N x d matrix from per-rank rows and their dataset indices.
+
+    Each rank passes the rows it computed (``rows``: n_local x d) and their sample indices. Ranks may
+    hold different counts (an unpadded sharded sampler) or duplicates (a padded one); every index is
+    written once, by the value computed for it, so the result equals a single-process pass exactly.
+    """
+    out = torch.zeros(num_rows, rows.shape[1], dtype=rows.dtype, device=rows.device)
+    if not is_dist():
+        out[index] = rows
+        return out
+    counts = all_gather_cat(torch.tensor([rows.shape[0]], device=rows.device))
+    size = int(counts.max())
+    pad_rows = torch.zeros(size, rows.shape[1], dtype=rows.dtype, device=rows.device)
+    pad_idx = torch.full((size,), -1, dtype=torch.long, device=rows.device)
+    pad_rows[: rows.shape[0]] = rows
+    pad_idx[: rows.shape[0]] = index
+    all_rows, all_idx = all_gather_cat(pad_rows), all_gather_cat(pad_idx)
+    keep = all_idx >= 0
+    out[all_idx[keep]] = all_rows[keep]
+    return out

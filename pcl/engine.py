@@ -1,0 +1,279 @@
+"""The training loop: E-step (features, k-means, phi) then M-step (InfoNCE + ProtoNCE) every epoch."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pcl import PCLError, checkpoint as ckpt_io, distributed as dist_utils
+from pcl.cluster import ClusterResult, check_features, run_kmeans
+from pcl.config import validate_pretrain_args
+from pcl.data import PretrainData, build_pretrain_data
+from pcl.evaluation.knn import extract_features, knn_accuracy
+from pcl.log import AverageMeter, RunLog, setup_logging
+from pcl.loss import accuracy, info_nce_logits, proto_nce
+from pcl.model import MoCo, build_backbone
+
+logger = logging.getLogger("pcl")
+
+
+def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: int, args: argparse.Namespace) -> float:
+    """Per-epoch schedule as official: cosine over --epochs, or /10 at each --schedule milestone."""
+    lr = args.lr
+    if args.cos:
+        lr *= 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))
+    else:
+        for milestone in args.schedule:
+            lr *= 0.1 if epoch >= milestone else 1.0
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def _seed(args: argparse.Namespace, epoch: int, stream: int) -> int:
+    """A distinct seed for each (run seed, epoch, rank, stream): resuming at an epoch replays it exactly."""
+    return ((args.seed * 1_000_003 + epoch) * 1009 + dist_utils.rank()) * 17 + stream
+
+
+def _autocast(args: argparse.Namespace, device: torch.device):
+    if args.amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def compute_features(model: nn.Module, loader, device: torch.device, num_samples: int,
+                     progress: bool = True) -> torch.Tensor:
+    """Momentum-encoder features (eval mode, center crop) of the whole training set: N x C on ``device``,
+    each sample computed once by one rank and gathered exactly."""
+    moco = model.module if hasattr(model, "module") else model
+    moco.eval()
+    rows, idx = [], []
+    for images, index in tqdm(loader, desc="features", disable=not progress, leave=False):
+        rows.append(moco.encode_key(images.to(device, non_blocking=True)).float())
+        idx.append(index.to(device))
+    return dist_utils.gather_rows_exact(torch.cat(rows), torch.cat(idx), num_samples)
+
+
+def e_step(model: nn.Module, data: PretrainData, args: argparse.Namespace, device: torch.device,
+           epoch: int) -> ClusterResult:
+    """Features, k-means per granularity and phi on rank 0, broadcast so every rank holds the same result."""
+    start = time.perf_counter()
+    features = compute_features(model, data.eval_loader, device, data.num_samples, _progress(args))
+    feat_seconds = time.perf_counter() - start
+    if dist_utils.is_main():
+        result = run_kmeans(features, args.num_cluster, args.temperature, seed=0, niter=args.kmeans_niter,
+                            nredo=args.kmeans_nredo, backend=args.kmeans_backend)
+    else:
+        check_features(features, args.num_cluster)
+        n, d = features.shape
+        result = ClusterResult([torch.empty(n, dtype=torch.long, device=device) for _ in args.num_cluster],
+                               [torch.empty(k, d, device=device) for k in args.num_cluster],
+                               [torch.empty(k, device=device) for k in args.num_cluster])
+    for tensors in (result.im2cluster, result.centroids, result.concentration):
+        for t in tensors:
+            dist_utils.broadcast_(t, 0)
+    result.kmeans_seconds = dist_utils.broadcast_object(result.kmeans_seconds)
+    logger.info("E-step epoch %d: features %.1f s, k-means %s s, total %.1f s", epoch, feat_seconds,
+                "/".join(f"{s:.1f}" for s in result.kmeans_seconds), time.perf_counter() - start)
+    return result.to(device)
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return dist_utils.is_main() and not args.no_progress
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epoch: int,
+                    args: argparse.Namespace, device: torch.device, cluster: ClusterResult | None,
+                    scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+    """One M-step epoch. Loss = InfoNCE + mean over granularities of the prototype cross-entropy."""
+    moco = model.module if hasattr(model, "module") else model
+    model.train()
+    shuffle_gen = torch.Generator(device=device).manual_seed(_seed(args, epoch, 1))
+    negative_gen = torch.Generator(device=device).manual_seed(_seed(args, epoch, 2))
+    meters = {name: AverageMeter() for name in ("loss", "loss_inst", "loss_proto", "acc_inst", "acc_proto")}
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not _progress(args), leave=False)
+    for step, (im_q, im_k, index) in enumerate(bar):
+        im_q, im_k = im_q.to(device, non_blocking=True), im_k.to(device, non_blocking=True)
+        index = index.to(device, non_blocking=True)
+        with _autocast(args, device):
+            q, k = model(im_q, im_k, generator=shuffle_gen)
+        q, k = q.float(), k.float()  # losses in fp32
+        logits, labels = info_nce_logits(q, k, moco.queue.clone().detach(), args.temperature)
+        loss_inst = F.cross_entropy(logits, labels)
+        loss = loss_inst
+        b = q.shape[0]
+        if cluster is not None:
+            loss_proto, proto_out, proto_labels = proto_nce(q, index, cluster.im2cluster, cluster.centroids,
+                                                            cluster.concentration, args.pcl_r, negative_gen)
+            loss = loss + loss_proto
+            meters["loss_proto"].update(loss_proto.item(), b)
+            for out, tgt in zip(proto_out, proto_labels):
+                meters["acc_proto"].update(accuracy(out, tgt)[0], b)
+        moco.dequeue_and_enqueue(k)
+        if not torch.isfinite(loss):
+            raise PCLError(f"non-finite loss at epoch {epoch} step {step}: loss_inst={loss_inst.item():.4g}"
+                           + (f" loss_proto={loss_proto.item():.4g}" if cluster is not None else "")
+                           + f" lr={optimizer.param_groups[0]['lr']:.4g}; lower --lr (last checkpoint kept)")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        meters["loss"].update(loss.item(), b)
+        meters["loss_inst"].update(loss_inst.item(), b)
+        meters["acc_inst"].update(accuracy(logits, labels)[0], b)
+        if step % args.print_freq == 0:
+            bar.set_postfix(loss=f"{meters['loss'].avg:.3f}", acc_inst=f"{meters['acc_inst'].avg:.1f}")
+    return {name: m.avg for name, m in meters.items() if m.count}
+
+
+def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, args: argparse.Namespace,
+                      cluster: ClusterResult | None) -> dict[str, Any]:
+    plain = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+    state = {"epoch": epoch + 1, "arch": args.arch, "state_dict": ckpt_io.model_state(model),
+             "optimizer": optimizer.state_dict(), "args": plain,
+             "model_config": {"width": args.width, "stem": args.stem, "low_dim": args.low_dim, "mlp": args.mlp}}
+    if cluster is not None:
+        state["cluster_result"] = cluster.state_dict()
+    return state
+
+
+def _resume(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> int:
+    ckpt = ckpt_io.load_checkpoint(path, map_location=device)
+    ckpt_io.load_model_state(model, ckpt["state_dict"], path)
+    if "optimizer" in ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    logger.info("resumed from %s (epoch %d)", path, ckpt["epoch"])
+    return int(ckpt["epoch"])
+
+
+def setup(args: argparse.Namespace) -> tuple[torch.device, PretrainData, nn.Module, torch.optim.Optimizer]:
+    """Process group, data, model and optimiser from the parsed flags (checks that need the data too)."""
+    device = dist_utils.init(args)
+    world = dist_utils.world_size()
+    if args.batch_size % world:
+        raise PCLError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+    args.global_batch_size = args.batch_size
+    args.batch_size = args.batch_size // world  # per process, as official
+    if args.pcl_r % args.global_batch_size:
+        raise PCLError(f"--pcl-r {args.pcl_r} must be a multiple of the global batch {args.global_batch_size} "
+                       f"(the queue is refilled a whole batch at a time)")
+    bn_splits = args.bn_splits or (8 if world == 1 else 1)
+    if args.batch_size % bn_splits:
+        raise PCLError(f"per-process batch {args.batch_size} is not divisible by --bn-splits {bn_splits}")
+    torch.manual_seed(args.seed)
+    data = build_pretrain_data(args)
+    if args.warmup_epoch < args.epochs and max(args.num_cluster) > data.num_samples:
+        raise PCLError(f"--num-cluster {','.join(map(str, args.num_cluster))}: k={max(args.num_cluster)} is "
+                       f"larger than the {data.num_samples} training samples; choose every k <= {data.num_samples}")
+    model = MoCo(args.arch, args.low_dim, args.pcl_r, args.moco_m, args.mlp, args.width, args.stem,
+                 bn_splits).to(device)
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], args.lr,
+                                momentum=args.momentum, weight_decay=args.weight_decay)
+    return device, data, model, optimizer
+
+
+def fit(args: argparse.Namespace) -> dict[str, Any]:
+    """Pretrain with the parsed flags; returns the last epoch's stats (and the kNN report if asked)."""
+    validate_pretrain_args(args)
+    setup_logging(args.exp_dir, args.debug)
+    device, data, model, optimizer = setup(args)
+    logger.info("PCL: %s (width %d, stem %s) on %s, %d samples, %d processes, batch %d/process",
+                args.arch, args.width, args.stem, device, data.num_samples, dist_utils.world_size(), args.batch_size)
+    if args.resume:
+        args.start_epoch = _resume(args.resume, model, optimizer, device)
+    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+    run_log = RunLog(args.exp_dir)
+    stats: dict[str, Any] = {}
+    try:
+        for epoch in range(args.start_epoch, args.epochs):
+            torch.manual_seed(_seed(args, epoch, 0))  # worker-less PIL augmentation draws from here
+            start = time.perf_counter()
+            cluster = e_step(model, data, args, device, epoch) if epoch >= args.warmup_epoch else None
+            lr = adjust_learning_rate(optimizer, epoch, args)
+            data.train_loader.set_epoch(epoch)
+            stats = train_one_epoch(model, data.train_loader, optimizer, epoch, args, device, cluster, scaler)
+            stats.update(epoch=epoch, lr=lr, seconds=time.perf_counter() - start)
+            if cluster is not None:
+                stats["kmeans_seconds"] = sum(cluster.kmeans_seconds)
+                sizes = [torch.bincount(a, minlength=len(c)).float() for a, c in zip(cluster.im2cluster, cluster.centroids)]
+                for k, s, phi in zip(args.num_cluster, sizes, cluster.concentration):
+                    run_log.scalars(epoch, {f"cluster/k{k}_size_max": s.max().item(),
+                                            f"cluster/k{k}_empty": (s == 0).sum().item(),
+                                            f"cluster/k{k}_phi_std": phi.std().item()})
+            run_log.record(stats)
+            run_log.scalars(epoch, {f"train/{k}": v for k, v in stats.items() if k != "epoch"})
+            logger.info("epoch %d: %s", epoch, " ".join(f"{k}={v:.4g}" for k, v in stats.items() if k != "epoch"))
+            last = epoch + 1 == args.epochs
+            if dist_utils.is_main() and ((epoch + 1) % args.save_freq == 0 or last):
+                ckpt_io.save_checkpoint(_checkpoint_state(model, optimizer, epoch, args, cluster),
+                                        ckpt_io.checkpoint_path(args.exp_dir, epoch))
+        if args.knn_eval and data.knn is not None:
+            stats["knn"] = knn_report(model, data, args, device)
+    finally:
+        run_log.close()
+    return stats
+
+
+def _worker(local_rank: int, nprocs: int, args: argparse.Namespace) -> None:
+    args.rank = max(args.rank, 0) * nprocs + local_rank
+    if torch.cuda.is_available() and not args.cpu:
+        args.gpu = local_rank
+    try:
+        fit(args)
+    finally:
+        dist_utils.cleanup()
+
+
+def launch(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Run :func:`fit` in this process, or, with --multiprocessing-distributed (the official launcher),
+    spawn one process per GPU (per --nproc on a CPU-only node) with global rank node_rank * nprocs + i."""
+    if not args.multiprocessing_distributed:
+        try:
+            return fit(args)
+        finally:
+            dist_utils.cleanup()
+    use_cuda = torch.cuda.is_available() and not args.cpu
+    nprocs = args.nproc or (torch.cuda.device_count() if use_cuda else 1)
+    args.world_size = nprocs * max(args.world_size, 1)
+    torch.multiprocessing.spawn(_worker, nprocs=nprocs, args=(nprocs, args))
+    return None
+
+
+def knn_report(model: nn.Module, data: PretrainData, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """kNN top-1 on the labelled test split: learned backbone, a random-init one, and raw pixels."""
+    bank_loader, bank_labels, test_loader, test_labels = data.knn
+    torch.manual_seed(args.seed)
+    encoders = {"learned": ckpt_io.query_backbone(model),
+                "random_init": build_backbone(args.arch, args.width, args.stem).to(device).eval(),
+                "raw_pixels": None}
+    report = {}
+    for name, enc in encoders.items():
+        bank = extract_features(enc, bank_loader, device, len(bank_labels))
+        test = extract_features(enc, test_loader, device, len(test_labels))
+        report[name] = knn_accuracy(bank, bank_labels, test, test_labels, args.knn_k, args.knn_t)
+    logger.info("kNN top-1 (k=%d, T=%g) on the test split: %s", args.knn_k, args.knn_t,
+                ", ".join(f"{k} {v:.2f}%" for k, v in report.items()))
+    if dist_utils.is_main():
+        print("\n| features | kNN top-1 |\n|---|---|")
+        for name, acc in report.items():
+            print(f"| {name} | {acc:.2f}% |")
+    return report

@@ -1,0 +1,1 @@
+"""Evaluation protocols on frozen features (kNN; linear probe and SVMs build on the same loaders)."""

@@ -1,0 +1,73 @@
+"""Console logging, JSON-lines log and TensorBoard, all written by rank 0 only (no print patching)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from pcl import distributed as dist_utils
+
+
+def setup_logging(exp_dir: str | None = None, debug: bool = False) -> logging.Logger:
+    """Rank 0 logs INFO to stderr (and EXP_DIR/train.log); other ranks only WARNING and above."""
+    logger = logging.getLogger("pcl")
+    logger.handlers.clear()
+    logger.propagate = False
+    level = logging.DEBUG if debug else logging.INFO
+    logger.setLevel(level if dist_utils.is_main() else logging.WARNING)
+    fmt = logging.Formatter(f"%(asctime)s [rank {dist_utils.rank()}] %(message)s", "%H:%M:%S")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(fmt)
+    logger.addHandler(handler)
+    if exp_dir and dist_utils.is_main():
+        os.makedirs(exp_dir, exist_ok=True)
+        fh = logging.FileHandler(os.path.join(exp_dir, "train.log"))
+        fh.setFormatter(fmt)
+        logger.addHandler(fh)
+    return logger
+
+
+class RunLog:
+    """JSON lines in EXP_DIR/log.txt plus TensorBoard scalars under EXP_DIR/tb (rank 0 only)."""
+
+    def __init__(self, exp_dir: str, tensorboard: bool = True) -> None:
+        self.active = dist_utils.is_main()
+        self.path = os.path.join(exp_dir, "log.txt")
+        self.writer = None
+        if self.active and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(os.path.join(exp_dir, "tb"))
+            except ImportError:
+                logging.getLogger("pcl").warning("tensorboard is not installed: no TensorBoard logs")
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def record(self, entry: dict[str, Any]) -> None:
+        if self.active:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class AverageMeter:
+    def __init__(self) -> None:
+        self.sum, self.count = 0.0, 0
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.sum += value * n
+        self.count += n
+
+    @property
+    def avg(self) -> float:
+        return self.sum / max(self.count, 1)

@@ -1,0 +1,183 @@
+"""MoCo encoder pair with a key queue (no loss math here: see pcl.loss).
+
+Parameter names follow the official code (``encoder_q.*``, ``encoder_k.*``, ``queue`` of shape C x r,
+``queue_ptr``), so checkpoints stay readable by the official PCL/MoCo evaluation scripts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.models as tvm
+from torchvision.models import resnet as tv_resnet
+
+from pcl import PCLError, distributed as dist_utils
+
+
+def _resnet_factory(arch: str):
+    fn = getattr(tv_resnet, arch, None) if arch.islower() else None
+    if fn is None or not callable(fn) or "resnet" not in arch:
+        names = sorted(n for n in dir(tv_resnet) if "resnet" in n and n.islower() and callable(getattr(tv_resnet, n)))
+        raise PCLError(f"unknown architecture '{arch}': choose a torchvision ResNet ({', '.join(names)})")
+    return fn
+
+
+def build_backbone(arch: str = "resnet50", width: int = 64, stem: str = "standard") -> nn.Module:
+    """A torchvision ResNet whose ``fc`` is Identity: returns pooled features B x d.
+
+    width: channels of the first stage (64 reproduces torchvision exactly; the stages keep the 1:2:4:8
+    ratios). stem 'small': 3x3 conv stride 1 and no max-pool, for 32-96 px images.
+    """
+    model = _resnet_factory(arch)(weights=None)
+    if width != 64:
+        block = type(model.layer1[0])
+        layers = [len(getattr(model, f"layer{i}")) for i in range(1, 5)]
+        model.inplanes = width
+        model.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        model.bn1 = nn.BatchNorm2d(width)
+        model.layer1 = model._make_layer(block, width, layers[0])
+        for i, mult in ((2, 2), (3, 4), (4, 8)):
+            setattr(model, f"layer{i}", model._make_layer(block, width * mult, layers[i - 1], stride=2))
+        model.fc = nn.Linear(width * 8 * block.expansion, 1)
+        for m in model.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+    if stem == "small":
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+        model.maxpool = nn.Identity()
+    elif stem != "standard":
+        raise PCLError(f"unknown stem '{stem}': use standard or small")
+    model.feature_dim = model.fc.in_features
+    model.fc = nn.Identity()
+    return model
+
+
+def projection_head(in_dim: int, out_dim: int, mlp: bool) -> nn.Module:
+    """v1: Linear(d, out). v2 (mlp): Linear(d, d)-ReLU-Linear(d, out) (keys fc.0 / fc.2, as official)."""
+    if mlp:
+        return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
+    return nn.Linear(in_dim, out_dim)
+
+
+def build_encoder(arch: str, dim: int, mlp: bool, width: int = 64, stem: str = "standard") -> nn.Module:
+    """Backbone with the projection head as its ``fc``: the official module layout, built in one place."""
+    encoder = build_backbone(arch, width, stem)
+    encoder.fc = projection_head(encoder.feature_dim, dim, mlp)
+    return encoder
+
+
+class SplitBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose training statistics come from ``num_splits`` interleaved sub-batches.
+
+    The single-device stand-in for MoCo's shuffle-BN over 8 GPUs: with the key batch shuffled, the
+    query's and the key's BN statistics come from different samples, so BN cannot leak the positive.
+    Evaluation is plain BatchNorm; parameters and buffers have BatchNorm2d's names and shapes.
+    """
+
+    def __init__(self, num_features: int, num_splits: int, **kw) -> None:
+        super().__init__(num_features, **kw)
+        self.num_splits = num_splits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.num_splits == 1:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        if n % self.num_splits:
+            raise PCLError(f"batch of {n} is not divisible by --bn-splits {self.num_splits}")
+        s = self.num_splits
+        mean_split = self.running_mean.repeat(s)
+        var_split = self.running_var.repeat(s)
+        out = F.batch_norm(x.reshape(-1, c * s, h, w), mean_split, var_split, self.weight.repeat(s),
+                           self.bias.repeat(s), True, self.momentum, self.eps).reshape(n, c, h, w)
+        with torch.no_grad():
+            self.running_mean.copy_(mean_split.view(s, c).mean(dim=0))
+            self.running_var.copy_(var_split.view(s, c).mean(dim=0))
+            self.num_batches_tracked += 1
+        return out
+
+
+def convert_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
+    """Replace every BatchNorm2d by a SplitBatchNorm that keeps its state (in place, returns module)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, SplitBatchNorm):
+            new = SplitBatchNorm(child.num_features, num_splits, eps=child.eps, momentum=child.momentum)
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new)
+        else:
+            convert_split_bn(child, num_splits)
+    return module
+
+
+class MoCo(nn.Module):
+    """Query encoder, momentum key encoder and a queue of r normalised keys (He et al. 2020; PCL's base).
+
+    ``forward(im_q, im_k)`` updates the key encoder, encodes both views and returns (q, k), each B x dim
+    and L2-normalised; the caller builds the losses and then calls :meth:`dequeue_and_enqueue`.
+    """
+
+    def __init__(self, arch: str = "resnet50", dim: int = 128, r: int = 16384, m: float = 0.999,
+                 mlp: bool = False, width: int = 64, stem: str = "standard", bn_splits: int = 1) -> None:
+        super().__init__()
+        self.r, self.m, self.bn_splits = r, m, bn_splits
+        self.encoder_q = build_encoder(arch, dim, mlp, width, stem)
+        self.encoder_k = build_encoder(arch, dim, mlp, width, stem)
+        if bn_splits > 1:
+            convert_split_bn(self.encoder_q, bn_splits)
+            convert_split_bn(self.encoder_k, bn_splits)
+        for p_q, p_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            p_k.data.copy_(p_q.data)
+            p_k.requires_grad = False
+        self.register_buffer("queue", F.normalize(torch.randn(dim, r), dim=0))  # C x r
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """theta_k <- m theta_k + (1 - m) theta_q (parameters only, as official)."""
+        params_q = [p.data for p in self.encoder_q.parameters()]
+        params_k = [p.data for p in self.encoder_k.parameters()]
+        torch._foreach_mul_(params_k, self.m)
+        torch._foreach_add_(params_k, params_q, alpha=1.0 - self.m)
+
+    @torch.no_grad()
+    def dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
+        """Write the keys of all ranks (B_global x C) at the pointer; wraps around the ring of size r."""
+        keys = dist_utils.all_gather_cat(keys)
+        b = keys.shape[0]
+        ptr = int(self.queue_ptr)
+        if self.r % b:
+            raise PCLError(f"queue size --pcl-r {self.r} must be a multiple of the global batch {b}")
+        self.queue[:, ptr:ptr + b] = keys.t()
+        self.queue_ptr[0] = (ptr + b) % self.r
+
+    @torch.no_grad()
+    def _shuffled_keys(self, im_k: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Key features computed on a shuffled batch (across ranks with DDP), returned in input order."""
+        if dist_utils.is_dist():
+            x_all = dist_utils.all_gather_cat(im_k)
+            perm = torch.randperm(x_all.shape[0], device=im_k.device, generator=generator)
+            dist_utils.broadcast_(perm, 0)  # every rank uses rank 0's permutation
+            mine = perm.view(dist_utils.world_size(), -1)[dist_utils.rank()]
+            k = F.normalize(self.encoder_k(x_all[mine]), dim=1)
+            k_all = dist_utils.all_gather_cat(k)
+            return k_all[torch.argsort(perm).view(dist_utils.world_size(), -1)[dist_utils.rank()]]
+        perm = torch.randperm(im_k.shape[0], device=im_k.device, generator=generator)
+        k = F.normalize(self.encoder_k(im_k[perm]), dim=1)
+        return k[torch.argsort(perm)]
+
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            self.momentum_update()
+            k = self._shuffled_keys(im_k, generator)  # keys: B x C, no gradient
+        q = F.normalize(self.encoder_q(im_q), dim=1)  # queries: B x C
+        return q, k
+
+    @torch.no_grad()
+    def encode_key(self, images: torch.Tensor) -> torch.Tensor:
+        """Momentum-encoder features for the E-step (call in eval mode): B x C, L2-normalised."""
+        return F.normalize(self.encoder_k(images), dim=1)

@@ -1,0 +1,101 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pcl import PCLError
+from pcl.cluster import estimate_concentration, run_kmeans
+
+
+def official_phi(distances, assign, k, temperature, alpha=10.0):
+    """The official loop (main_pcl.run_kmeans), in float64, as the reference."""
+    buckets = [[] for _ in range(k)]
+    for d, a in zip(distances, assign):
+        buckets[a].append(d)
+    phi = np.zeros(k)
+    for i, ds in enumerate(buckets):
+        if len(ds) > 1:
+            phi[i] = np.asarray(ds, dtype=np.float64).mean() / np.log(len(ds) + alpha)
+    dmax = phi.max()
+    for i, ds in enumerate(buckets):
+        if len(ds) <= 1:
+            phi[i] = dmax
+    phi = phi.clip(np.percentile(phi, 10), np.percentile(phi, 90))
+    return temperature * phi / phi.mean()
+
+
+@pytest.mark.parametrize("skewed", [False, True])
+def test_concentration_matches_official_loop(skewed):
+    rng = np.random.default_rng(0)
+    n, k = 3000, 400
+    if skewed:  # power-law sizes: many empty clusters and singletons
+        assign = np.minimum((rng.pareto(1.0, n) * 5).astype(np.int64), k - 1)
+    else:
+        assign = rng.integers(0, k, n)
+    dist = rng.random(n).astype(np.float32) * 2
+    counts = np.bincount(assign, minlength=k)
+    if skewed:
+        assert (counts == 0).any() and (counts == 1).any()
+    phi = estimate_concentration(dist, assign, k, 0.2)
+    ref = official_phi(dist.astype(np.float64), assign, k, 0.2)
+    assert phi.shape == (k,) and phi.dtype == torch.float32
+    np.testing.assert_allclose(phi.numpy(), ref, rtol=1e-6, atol=1e-7)
+    assert phi.double().mean().item() == pytest.approx(0.2, rel=1e-5)
+
+
+def test_concentration_tensor_inputs_and_singleton_rule():
+    dist = torch.tensor([1.0, 3.0, 2.0, 2.0, 5.0])
+    assign = torch.tensor([0, 0, 1, 1, 2])  # cluster 2 is a singleton, cluster 3 empty
+    phi = estimate_concentration(dist, assign, 4, 0.1)
+    raw = np.array([2 / np.log(12), 2 / np.log(12), 0, 0])
+    raw[2:] = raw.max()
+    np.testing.assert_allclose(phi.numpy(), 0.1 * raw / raw.mean(), rtol=1e-6)
+
+
+def test_concentration_all_singletons_is_finite():
+    phi = estimate_concentration(torch.rand(5), torch.arange(5), 5, 0.2)
+    assert torch.isfinite(phi).all()
+    assert torch.allclose(phi, torch.full((5,), 0.2))
+
+
+def _blobs(n_per=60, k=4, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = F.normalize(torch.randn(k, d, generator=g), dim=1) * 3
+    x = torch.cat([c + 0.05 * torch.randn(n_per, d, generator=g) for c in centers])
+    return F.normalize(x, dim=1), torch.arange(k).repeat_interleave(n_per)
+
+
+def _same_partition(a, b):
+    pairs = set(zip(a.tolist(), b.tolist()))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_kmeans_recovers_blobs(backend):
+    x, truth = _blobs()
+    res = run_kmeans(x, [4, 8], 0.2, backend=backend, nredo=20)  # random init, as faiss: restarts find the blobs
+    assert _same_partition(res.im2cluster[0], truth)
+    for assign, cent, phi, k in zip(res.im2cluster, res.centroids, res.concentration, [4, 8]):
+        assert assign.shape == (240,) and assign.dtype == torch.long
+        assert cent.shape == (k, 16)
+        assert torch.allclose(cent.norm(dim=1), torch.ones(k), atol=1e-5)
+        assert phi.shape == (k,) and phi.mean().item() == pytest.approx(0.2, rel=1e-4)
+        # each sample is assigned to its nearest (normalised) centroid
+        assert torch.equal((x @ cent.t()).argmax(1), assign)
+
+
+def test_torch_kmeans_matches_faiss_on_easy_data():
+    x, _ = _blobs(k=6, seed=3)
+    a = run_kmeans(x, 6, 0.2, backend="faiss", nredo=20).im2cluster[0]
+    b = run_kmeans(x, 6, 0.2, backend="torch", nredo=20).im2cluster[0]
+    assert _same_partition(a, b)
+
+
+def test_kmeans_refuses_nan_and_too_many_clusters():
+    x, _ = _blobs()
+    bad = x.clone()
+    bad[3, 0] = float("nan")
+    with pytest.raises(PCLError, match="NaN"):
+        run_kmeans(bad, 4, 0.2)
+    with pytest.raises(PCLError, match="larger than"):
+        run_kmeans(x, 1000, 0.2)

@@ -1,0 +1,97 @@
+import os
+
+import pytest
+import torch
+import torchvision
+
+from conftest import tiny_args
+from pcl import PCLError
+from pcl.checkpoint import load_backbone, load_checkpoint, query_backbone
+from pcl.engine import fit
+
+
+def _weights(path):
+    return load_checkpoint(path)["state_dict"]
+
+
+def test_two_epoch_run_with_e_step_writes_official_checkpoint(tmp_path):
+    args = tiny_args(tmp_path, "--save-freq", "1")
+    stats = fit(args)
+    assert "loss_proto" in stats and "acc_proto" in stats and stats["epoch"] == 1
+    ckpt = load_checkpoint(os.path.join(tmp_path, "checkpoint_0001.pth.tar"))
+    assert ckpt["epoch"] == 2 and ckpt["arch"] == "resnet18"
+    keys = ckpt["state_dict"].keys()
+    assert {"module.queue", "module.queue_ptr", "module.encoder_q.conv1.weight", "module.encoder_k.fc.2.weight"} <= set(keys)
+    assert "state" in ckpt["optimizer"] and len(ckpt["cluster_result"]["im2cluster"]) == 2
+    assert os.path.exists(os.path.join(tmp_path, "checkpoint_0000.pth.tar"))
+    assert os.path.exists(os.path.join(tmp_path, "checkpoint_last.pth.tar"))
+    lines = open(os.path.join(tmp_path, "log.txt")).read().splitlines()
+    assert len(lines) == 2
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    fit(tiny_args(full, "--epochs", "4", "--warmup-epoch", "2", "--save-freq", "2"))
+    os.makedirs(part)
+    fit(tiny_args(part, "--epochs", "4", "--warmup-epoch", "2", "--save-freq", "2",
+                  "--resume", str(full / "checkpoint_0001.pth.tar")))
+    a, b = _weights(full / "checkpoint_0003.pth.tar"), _weights(part / "checkpoint_0003.pth.tar")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_load_backbone_from_our_checkpoint(tmp_path):
+    args = tiny_args(tmp_path, "--epochs", "1")
+    fit(args)
+    backbone = load_backbone(os.path.join(tmp_path, "checkpoint_0000.pth.tar"))
+    assert not backbone.training
+    out = backbone(torch.randn(2, 3, 16, 16))
+    assert out.shape == (2, 32)  # resnet18 at width 4: 8 * 4 pooled features, no head
+
+
+def _official_checkpoint(path, mlp):
+    """A checkpoint as the official main_pcl.py writes it (DDP keys, torchvision resnet18)."""
+    torch.manual_seed(0)
+    enc = torchvision.models.resnet18(num_classes=128)
+    if mlp:
+        enc.fc = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(), enc.fc)
+    state = {f"module.encoder_q.{k}": v for k, v in enc.state_dict().items()}
+    state.update({f"module.encoder_k.{k}": v for k, v in enc.state_dict().items()})
+    state["module.queue"] = torch.randn(128, 16)
+    torch.save({"epoch": 200, "arch": "resnet18", "state_dict": state, "optimizer": {}}, path)
+    return enc
+
+
+@pytest.mark.parametrize("mlp", [False, True])
+def test_load_backbone_from_official_layout(tmp_path, mlp):
+    path = str(tmp_path / "official.pth.tar")
+    enc = _official_checkpoint(path, mlp)
+    backbone = load_backbone(path)
+    enc.fc = torch.nn.Identity()
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(backbone(x), enc.eval()(x), atol=1e-6)
+
+
+def test_load_backbone_wrong_arch_fails_clearly(tmp_path):
+    path = str(tmp_path / "official.pth.tar")
+    _official_checkpoint(path, False)
+    with pytest.raises(PCLError, match="does not fit architecture 'resnet50'"):
+        load_backbone(path, arch="resnet50")
+
+
+def test_query_backbone_matches_loaded_backbone(tmp_path):
+    from pcl.engine import setup
+
+    args = tiny_args(tmp_path, "--epochs", "1")
+    fit(args)
+    path = os.path.join(tmp_path, "checkpoint_0000.pth.tar")
+    args = tiny_args(tmp_path, "--epochs", "1", "--resume", path)
+    from pcl.config import validate_pretrain_args
+    from pcl.engine import _resume
+
+    validate_pretrain_args(args)
+    device, _, model, opt = setup(args)
+    _resume(path, model, opt, device)
+    x = torch.randn(4, 3, 16, 16)
+    assert torch.allclose(query_backbone(model)(x), load_backbone(path)(x), atol=1e-6)
