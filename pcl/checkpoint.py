@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import pickle
 import shutil
 import tempfile
 from typing import Any
@@ -64,11 +63,12 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
         raise PCLError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise PCLError(f"refusing to load {path}: it needs arbitrary Python objects to unpickle, which could "
-                       f"run code ({str(e).splitlines()[0]}); re-save it with tensors and plain types only") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise PCLError(f"checkpoint {path} is unreadable or truncated: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # torch raises many types for garbage: name the file and the cause instead
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if "Weights only load failed" in str(e):
+            raise PCLError(f"refusing to load {path}: it needs arbitrary Python objects to unpickle, which "
+                           f"could run code; re-save it with tensors and plain types only ({first[:200]})") from None
+        raise PCLError(f"checkpoint {path} is unreadable or truncated ({type(e).__name__}: {first[:200]})") from None
     if not isinstance(ckpt, dict):
         raise PCLError(f"checkpoint {path} is not a dict of tensors")
     return ckpt

@@ -34,6 +34,8 @@ def data_parser() -> argparse.ArgumentParser:
     g.add_argument("--download", action="store_true",
                    help="allow torchvision to download CIFAR/STL (never done otherwise)")
     g.add_argument("--image-size", default=224, type=int, help="crop size of the augmentations")
+    g.add_argument("--crop-min-scale", default=0.2, type=float,
+                   help="smallest area fraction of RandomResizedCrop (official 0.2)")
     g.add_argument("-j", "--workers", default=min(32, os.cpu_count() or 1), type=int, metavar="N",
                    help="data loading workers per process (official default 32, capped at the cores)")
     g.add_argument("--demo-renders", default=4, type=int,
@@ -50,7 +52,7 @@ def model_parser() -> argparse.ArgumentParser:
     g.add_argument("--stem", default="standard", choices=["standard", "small"],
                    help="small: 3x3 conv stride 1 and no max-pool, for 32-96 px images")
     g.add_argument("--low-dim", default=128, type=int, help="feature dimension")
-    g.add_argument("--mlp", action="store_true", help="MLP projection head (PCL v2)")
+    g.add_argument("--mlp", action=argparse.BooleanOptionalAction, default=False, help="MLP projection head (PCL v2)")
     return p
 
 
@@ -83,7 +85,7 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--schedule", default=[120, 160], nargs="*", type=int, help="epochs at which lr drops 10x")
     g.add_argument("--momentum", default=0.9, type=float, metavar="M", help="SGD momentum")
     g.add_argument("--wd", "--weight-decay", default=1e-4, type=float, metavar="W", dest="weight_decay")
-    g.add_argument("--cos", action="store_true", help="cosine lr schedule (PCL v2)")
+    g.add_argument("--cos", action=argparse.BooleanOptionalAction, default=False, help="cosine lr schedule (PCL v2)")
     g.add_argument("-p", "--print-freq", default=100, type=int, metavar="N", help="log every N steps")
     g.add_argument("--resume", default="", type=str, metavar="PATH", help="checkpoint to resume from")
     g.add_argument("--save-freq", default=5, type=int, help="checkpoint every N epochs (and at the end)")
@@ -97,7 +99,7 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--moco-m", default=0.999, type=float, help="momentum of the key encoder")
     g.add_argument("--temperature", default=0.2, type=float,
                    help="InfoNCE temperature; mean of the prototype concentrations")
-    g.add_argument("--aug-plus", action="store_true", help="MoCo v2 augmentation (PCL v2)")
+    g.add_argument("--aug-plus", action=argparse.BooleanOptionalAction, default=False, help="MoCo v2 augmentation (PCL v2)")
     g.add_argument("--num-cluster", default="25000,50000,100000", type=str,
                    help="comma-separated k of each granularity")
     g.add_argument("--warmup-epoch", default=20, type=int,
@@ -109,8 +111,10 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bn-splits", default=None, type=int,
                    help="single process: BatchNorm over this many sub-batches (shuffle-BN on one device); "
                         "default 8 (the paper's 8 GPUs) with one process, 1 with DDP")
-    g.add_argument("--knn-eval", action="store_true",
+    g.add_argument("--knn-eval", action=argparse.BooleanOptionalAction, default=False,
                    help="at the end, print kNN top-1 on the labelled test split: learned, random init, pixels")
+    g.add_argument("--knn-every", default=0, type=int,
+                   help="every N epochs, log kNN top-1 of the learned backbone on the labelled test split (0: off)")
     g.add_argument("--knn-k", default=20, type=int, help="neighbours of the kNN classifier")
     g.add_argument("--knn-t", default=0.07, type=float, help="temperature of the weighted kNN vote")
 

@@ -41,17 +41,18 @@ class GaussianBlur:
         return img.filter(ImageFilter.GaussianBlur(radius=sigma))
 
 
-def pretrain_transform(aug_plus: bool, size: int = 224) -> Callable:
-    """MoCo v1 augmentation (default) or MoCo v2 (``aug_plus``), exactly the official lists."""
+def pretrain_transform(aug_plus: bool, size: int = 224, min_scale: float = 0.2) -> Callable:
+    """MoCo v1 augmentation (default) or MoCo v2 (``aug_plus``), exactly the official lists
+    (``min_scale`` of RandomResizedCrop is 0.2 there)."""
     normalize = T.Normalize(MEAN, STD)
     if aug_plus:
-        ops = [T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+        ops = [T.RandomResizedCrop(size, scale=(min_scale, 1.0)),
                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
                T.RandomGrayscale(p=0.2),
                T.RandomApply([GaussianBlur([0.1, 2.0])], p=0.5),
                T.RandomHorizontalFlip(), T.ToTensor(), normalize]
     else:
-        ops = [T.RandomResizedCrop(size, scale=(0.2, 1.0)), T.RandomGrayscale(p=0.2),
+        ops = [T.RandomResizedCrop(size, scale=(min_scale, 1.0)), T.RandomGrayscale(p=0.2),
                T.ColorJitter(0.4, 0.4, 0.4, 0.4), T.RandomHorizontalFlip(), T.ToTensor(), normalize]
     return T.Compose(ops)
 
@@ -189,10 +190,12 @@ def _render(glyphs: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tens
     grid = F.affine_grid(theta, [n, 1, size, size], align_corners=False)
     mask = F.grid_sample(glyphs[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     fg, bg = u(0, 1, n, 3, 1, 1), u(0, 1, n, 3, 1, 1)
-    flip = (fg.mean(1, keepdim=True) - bg.mean(1, keepdim=True)).abs() < 0.25  # keep some contrast
-    fg = torch.where(flip, 1 - bg, fg)
-    texture = F.interpolate(u(-0.25, 0.25, n, 3, 4, 4), size=(size, size), mode="bilinear", align_corners=False)
-    img = bg + texture + (fg - bg) * mask + 0.06 * torch.randn(n, 3, size, size, generator=gen)
+    lum = lambda c: (0.299 * c[:, 0] + 0.587 * c[:, 1] + 0.114 * c[:, 2])[:, None]  # noqa: E731
+    weak = (lum(fg) - lum(bg)).abs() < 0.35  # keep the digit visible: push fg away from bg in luminance
+    fg = torch.where(weak, torch.where(lum(bg) > 0.5, fg * 0.3, 0.7 + 0.3 * fg), fg)
+    mask = ((mask - 0.15) * 2.0).clamp(0, 1)  # crisper strokes than the blurry 8x8 upsampling
+    texture = F.interpolate(u(-0.1, 0.1, n, 3, 4, 4), size=(size, size), mode="bilinear", align_corners=False)
+    img = bg + texture + (fg - bg) * mask + 0.03 * torch.randn(n, 3, size, size, generator=gen)
     return (img.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
@@ -212,8 +215,8 @@ class TensorAugment:
     interpolation and jitter order; used for in-memory sets, not for the paper's ImageNet runs.
     """
 
-    def __init__(self, size: int, aug_plus: bool) -> None:
-        self.size, self.aug_plus = size, aug_plus
+    def __init__(self, size: int, aug_plus: bool, min_scale: float = 0.2) -> None:
+        self.size, self.aug_plus, self.min_scale = size, aug_plus, min_scale
         self.mean = torch.tensor(MEAN).view(1, 3, 1, 1)
         self.std = torch.tensor(STD).view(1, 3, 1, 1)
 
@@ -221,7 +224,7 @@ class TensorAugment:
         x = images.float() / 255.0  # B x 3 x H x W
         b = x.shape[0]
         u = lambda lo, hi, *shape: torch.empty(*shape).uniform_(lo, hi, generator=gen)  # noqa: E731
-        area = u(0.2, 1.0, b)
+        area = u(self.min_scale, 1.0, b)
         log_ratio = u(math.log(3 / 4), math.log(4 / 3), b)
         w = (area * log_ratio.exp()).sqrt().clamp(max=1.0)
         h = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
@@ -339,7 +342,7 @@ def build_pretrain_data(args: Any) -> PretrainData:
     eval_bs = args.batch_size * 5  # as official: larger batches for the feature pass
     if args.dataset == "demo":
         demo = make_digits_demo(renders_train=args.demo_renders, size=args.image_size, seed=0)
-        train = TensorPairLoader(demo["train"], args.batch_size, TensorAugment(args.image_size, args.aug_plus),
+        train = TensorPairLoader(demo["train"], args.batch_size, TensorAugment(args.image_size, args.aug_plus, args.crop_min_scale),
                                  args.seed)
         knn = (TensorEvalLoader(demo["train"], eval_bs, shard=False), demo["train_labels"],
                TensorEvalLoader(demo["test"], eval_bs, shard=False), demo["test_labels"])
@@ -358,7 +361,7 @@ def build_pretrain_data(args: Any) -> PretrainData:
         base_test = _torchvision_set(args.dataset, args.data, "test", args.download)
     if len(base_train) == 0:
         raise PCLError(f"the training set in {args.data} is empty")
-    train_set = IndexedDataset(base_train, pretrain_transform(args.aug_plus, size), two_crops=True)
+    train_set = IndexedDataset(base_train, pretrain_transform(args.aug_plus, size, args.crop_min_scale), two_crops=True)
     eval_set = IndexedDataset(base_train, eval_transform(size))
     make = lambda ds, bs, train: FileLoader(ds, bs, args.workers, args.seed, train, pin)  # noqa: E731
     knn = None

@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import logging
 import math
-import os
 import time
 from typing import Any
 
@@ -212,6 +211,7 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
             data.train_loader.set_epoch(epoch)
             stats = train_one_epoch(model, data.train_loader, optimizer, epoch, args, device, cluster, scaler)
             stats.update(epoch=epoch, lr=lr, seconds=time.perf_counter() - start)
+            last = epoch + 1 == args.epochs
             if cluster is not None:
                 stats["kmeans_seconds"] = sum(cluster.kmeans_seconds)
                 sizes = [torch.bincount(a, minlength=len(c)).float() for a, c in zip(cluster.im2cluster, cluster.centroids)]
@@ -219,10 +219,11 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
                     run_log.scalars(epoch, {f"cluster/k{k}_size_max": s.max().item(),
                                             f"cluster/k{k}_empty": (s == 0).sum().item(),
                                             f"cluster/k{k}_phi_std": phi.std().item()})
+            if args.knn_every and data.knn is not None and ((epoch + 1) % args.knn_every == 0 or last):
+                stats["knn_top1"] = knn_top1(ckpt_io.query_backbone(model), data, args, device)
             run_log.record(stats)
             run_log.scalars(epoch, {f"train/{k}": v for k, v in stats.items() if k != "epoch"})
             logger.info("epoch %d: %s", epoch, " ".join(f"{k}={v:.4g}" for k, v in stats.items() if k != "epoch"))
-            last = epoch + 1 == args.epochs
             if dist_utils.is_main() and ((epoch + 1) % args.save_freq == 0 or last):
                 ckpt_io.save_checkpoint(_checkpoint_state(model, optimizer, epoch, args, cluster),
                                         ckpt_io.checkpoint_path(args.exp_dir, epoch))
@@ -258,18 +259,21 @@ def launch(args: argparse.Namespace) -> dict[str, Any] | None:
     return None
 
 
+def knn_top1(encoder: nn.Module | None, data: PretrainData, args: argparse.Namespace, device: torch.device) -> float:
+    """Weighted kNN top-1 (percent) on the labelled test split, training split as the memory bank."""
+    bank_loader, bank_labels, test_loader, test_labels = data.knn
+    bank = extract_features(encoder, bank_loader, device, len(bank_labels))
+    test = extract_features(encoder, test_loader, device, len(test_labels))
+    return knn_accuracy(bank, bank_labels, test, test_labels, args.knn_k, args.knn_t)
+
+
 def knn_report(model: nn.Module, data: PretrainData, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     """kNN top-1 on the labelled test split: learned backbone, a random-init one, and raw pixels."""
-    bank_loader, bank_labels, test_loader, test_labels = data.knn
     torch.manual_seed(args.seed)
     encoders = {"learned": ckpt_io.query_backbone(model),
                 "random_init": build_backbone(args.arch, args.width, args.stem).to(device).eval(),
                 "raw_pixels": None}
-    report = {}
-    for name, enc in encoders.items():
-        bank = extract_features(enc, bank_loader, device, len(bank_labels))
-        test = extract_features(enc, test_loader, device, len(test_labels))
-        report[name] = knn_accuracy(bank, bank_labels, test, test_labels, args.knn_k, args.knn_t)
+    report = {name: knn_top1(enc, data, args, device) for name, enc in encoders.items()}
     logger.info("kNN top-1 (k=%d, T=%g) on the test split: %s", args.knn_k, args.knn_t,
                 ", ".join(f"{k} {v:.2f}%" for k, v in report.items()))
     if dist_utils.is_main():

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.models as tvm
 from torchvision.models import resnet as tv_resnet
 
 from pcl import PCLError, distributed as dist_utils

@@ -95,3 +95,23 @@ def test_query_backbone_matches_loaded_backbone(tmp_path):
     _resume(path, model, opt, device)
     x = torch.randn(4, 3, 16, 16)
     assert torch.allclose(query_backbone(model)(x), load_backbone(path)(x), atol=1e-6)
+
+
+class Payload:
+    """An arbitrary class: unpickling it would run this module's code."""
+
+
+def test_pickled_object_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "evil.pth.tar"
+    torch.save({"epoch": 1, "payload": Payload()}, path)
+    with pytest.raises(PCLError, match="refusing to load"):
+        load_checkpoint(str(path))
+
+
+def test_truncated_checkpoint_is_unreadable(tmp_path):
+    good = tmp_path / "good.pth.tar"
+    torch.save({"epoch": 1, "w": torch.randn(1000)}, good)
+    bad = tmp_path / "bad.pth.tar"
+    bad.write_bytes(good.read_bytes()[:500])
+    with pytest.raises(PCLError, match="unreadable or truncated"):
+        load_checkpoint(str(bad))

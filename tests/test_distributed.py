@@ -1,0 +1,124 @@
+"""Two gloo processes on CPU: the DDP path (shuffle-BN across ranks, exact feature gather, broadcast
+cluster result, rank-0-only writes), checked against each other and against a single-process pass."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+import torch.multiprocessing as mp
+
+from conftest import ROOT, tiny_args
+from pcl import distributed as dist_utils
+from pcl.config import validate_pretrain_args
+from pcl.engine import compute_features, e_step, setup, train_one_epoch
+from pcl.model import MoCo
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Recorder:
+    """Iterates a loader and records a checksum of the weights before each batch (after the last step)."""
+
+    def __init__(self, loader, model, log):
+        self.loader, self.model, self.log = loader, model, log
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.log.append(self._checksum())
+            yield batch
+        self.log.append(self._checksum())
+
+    def _checksum(self):
+        return torch.cat([p.detach().double().flatten() for p in self.model.parameters()])
+
+
+def _worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    args = tiny_args(os.path.join(out_dir, "exp"), "--dist-url", f"tcp://127.0.0.1:{port}", "--world-size", "2",
+                     "--rank", str(rank))
+    validate_pretrain_args(args)
+    device, data, model, optimizer = setup(args)
+    rec = {"state": {k: v.clone() for k, v in model.module.state_dict().items()},
+           "features": compute_features(model, data.eval_loader, device, data.num_samples, False)}
+    # the queue holds the keys of both ranks after one step
+    im_q, im_k, _ = next(iter(data.train_loader))
+    model.train()
+    _, k = model.module(im_q, im_k)  # one forward outside DDP (no backward follows)
+    ptr = int(model.module.queue_ptr)
+    model.module.dequeue_and_enqueue(k)
+    rec["k"], rec["queue_cols"] = k, model.module.queue[:, ptr:ptr + 2 * k.shape[0]].t().clone()
+    rec["ptr_after"] = int(model.module.queue_ptr)
+    steps = []
+    cluster = e_step(model, data, args, device, epoch=1)
+    rec["cluster"] = cluster.state_dict()
+    train_one_epoch(model, _Recorder(data.train_loader, model, steps), optimizer, 1, args, device, cluster)
+    rec["steps"] = steps
+    torch.save(rec, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist_utils.cleanup()
+
+
+def test_two_gloo_processes_agree_and_match_single_process(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    # identical cluster results on both ranks
+    for key in ("im2cluster", "centroids", "density"):
+        for a, b in zip(r0["cluster"][key], r1["cluster"][key]):
+            assert torch.equal(a, b)
+    # identical weights after every step
+    assert len(r0["steps"]) == len(r1["steps"]) > 2
+    for a, b in zip(r0["steps"], r1["steps"]):
+        assert torch.equal(a, b)
+    assert not torch.equal(r0["steps"][0], r0["steps"][-1])  # and training moved them
+    # queue: the keys of rank 0 then rank 1, pointer advanced by the global batch
+    assert torch.equal(r0["queue_cols"], torch.cat([r0["k"], r1["k"]]))
+    assert torch.equal(r0["queue_cols"], r1["queue_cols"])
+    assert r0["ptr_after"] == 2 * r0["k"].shape[0]
+    # the gathered features equal a single-process pass with the same weights, each sample once
+    args = tiny_args(tmp_path / "single")
+    validate_pretrain_args(args)
+    _, data, model, _ = setup(args)
+    assert isinstance(model, MoCo)
+    model.load_state_dict(r0["state"])
+    single = compute_features(model, data.eval_loader, torch.device("cpu"), data.num_samples, False)
+    assert torch.equal(r0["features"], r1["features"])
+    assert torch.allclose(r0["features"], single, atol=1e-6)
+    assert (single.norm(dim=1) - 1).abs().max() < 1e-5
+
+
+def _run(cmd, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exp = tmp_path / "exp"
+    ckpts = sorted(p.name for p in exp.iterdir() if p.name.startswith("checkpoint_"))
+    assert ckpts == ["checkpoint_0001.pth.tar", "checkpoint_last.pth.tar"], ckpts  # written once, by rank 0
+    assert len((exp / "log.txt").read_text().splitlines()) == 2  # one line per epoch, not per rank
+    return proc.stderr
+
+
+TINY_CLI = ["--dataset", "demo", "--demo-renders", "1", "--image-size", "16", "-a", "resnet18", "--width", "4",
+            "--stem", "small", "--epochs", "2", "--warmup-epoch", "1", "-b", "64", "--pcl-r", "256",
+            "--num-cluster", "10,20", "--kmeans-nredo", "1", "--workers", "0", "--no-progress", "--save-freq", "2"]
+
+
+def test_torchrun_two_processes(tmp_path):
+    err = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                str(_free_port()), "main_pcl.py", "--dist-url", "env://", *TINY_CLI, "--exp-dir",
+                str(tmp_path / "exp")], tmp_path)
+    assert "2 processes" in err
+
+
+def test_official_multiprocessing_distributed_form(tmp_path):
+    err = _run([sys.executable, "main_pcl.py", "--dist-url", f"tcp://127.0.0.1:{_free_port()}",
+                "--multiprocessing-distributed", "--world-size", "1", "--rank", "0", "--nproc", "2", *TINY_CLI,
+                "--exp-dir", str(tmp_path / "exp")], tmp_path)
+    assert "2 processes" in err
