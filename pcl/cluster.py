@@ -29,6 +29,7 @@ class ClusterResult:
     centroids: list[torch.Tensor] = field(default_factory=list)
     concentration: list[torch.Tensor] = field(default_factory=list)
     kmeans_seconds: list[float] = field(default_factory=list)
+    estep_seconds: float = 0.0  # features + k-means + phi + broadcast
 
     def to(self, device: torch.device | str) -> "ClusterResult":
         move = lambda ts: [t.to(device) for t in ts]  # noqa: E731

@@ -84,9 +84,11 @@ def e_step(model: nn.Module, data: PretrainData, args: argparse.Namespace, devic
         for t in tensors:
             dist_utils.broadcast_(t, 0)
     result.kmeans_seconds = dist_utils.broadcast_object(result.kmeans_seconds)
+    result = result.to(device)
+    result.estep_seconds = time.perf_counter() - start
     logger.info("E-step epoch %d: features %.1f s, k-means %s s, total %.1f s", epoch, feat_seconds,
-                "/".join(f"{s:.1f}" for s in result.kmeans_seconds), time.perf_counter() - start)
-    return result.to(device)
+                "/".join(f"{s:.1f}" for s in result.kmeans_seconds), result.estep_seconds)
+    return result
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -118,8 +120,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                                                             cluster.concentration, args.pcl_r, negative_gen)
             loss = loss + loss_proto
             meters["loss_proto"].update(loss_proto.item(), b)
-            for out, tgt in zip(proto_out, proto_labels):
-                meters["acc_proto"].update(accuracy(out, tgt)[0], b)
+            for k_, out, tgt in zip(args.num_cluster, proto_out, proto_labels):
+                acc = accuracy(out, tgt)[0]
+                meters["acc_proto"].update(acc, b)  # averaged over granularities, as official
+                meters.setdefault(f"acc_proto_k{k_}", AverageMeter()).update(acc, b)
         moco.dequeue_and_enqueue(k)
         if not torch.isfinite(loss):
             raise PCLError(f"non-finite loss at epoch {epoch} step {step}: loss_inst={loss_inst.item():.4g}"
@@ -211,9 +215,12 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
             data.train_loader.set_epoch(epoch)
             stats = train_one_epoch(model, data.train_loader, optimizer, epoch, args, device, cluster, scaler)
             stats.update(epoch=epoch, lr=lr, seconds=time.perf_counter() - start)
+            if cluster is not None:
+                stats["estep_seconds"] = cluster.estep_seconds
             last = epoch + 1 == args.epochs
             if cluster is not None:
-                stats["kmeans_seconds"] = sum(cluster.kmeans_seconds)
+                for k_, sec in zip(args.num_cluster, cluster.kmeans_seconds):
+                    stats[f"kmeans_seconds_k{k_}"] = sec
                 sizes = [torch.bincount(a, minlength=len(c)).float() for a, c in zip(cluster.im2cluster, cluster.centroids)]
                 for k, s, phi in zip(args.num_cluster, sizes, cluster.concentration):
                     run_log.scalars(epoch, {f"cluster/k{k}_size_max": s.max().item(),

@@ -6,9 +6,9 @@
 set -euo pipefail
 if [ $# -lt 5 ]; then echo "usage: $0 IMAGENET_DIR EXP_DIR NNODES NODE_RANK MASTER_ADDR [flags]" >&2; exit 2; fi
 DATA=$1; EXP=$2; NNODES=$3; NODE_RANK=$4; MASTER=$5; shift 5
-cd "$(dirname "$0")/.."
+root=$(cd "$(dirname "$0")/.." && pwd)
 CMD=(torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "${GPUS_PER_NODE:-8}"
      --master_addr "$MASTER" --master_port "${PORT:-29500}"
-     main_pcl.py --dist-url env:// -c "${CONFIG:-configs/pcl_v2_imagenet.yaml}" --exp-dir "$EXP" "$@" "$DATA")
+     "$root/main_pcl.py" --dist-url env:// -c "${CONFIG:-$root/configs/pcl_v2_imagenet.yaml}" --exp-dir "$EXP" "$@" "$DATA")
 echo "+ ${CMD[*]}"
 exec "${CMD[@]}"
