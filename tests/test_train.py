@@ -115,3 +115,30 @@ def test_truncated_checkpoint_is_unreadable(tmp_path):
     bad.write_bytes(good.read_bytes()[:500])
     with pytest.raises(PCLError, match="unreadable or truncated"):
         load_checkpoint(str(bad))
+
+
+def test_image_folder_pipeline_with_pil_augmentations(tmp_path):
+    """The file path (ImageFolder, official PIL v2 augmentation with blur, DataLoader) through an E-step."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for i in range(48):
+        folder = tmp_path / "data" / "train" / f"c{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (torch.rand(24, 24, 3, generator=gen) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    args = tiny_args(tmp_path / "exp", "--dataset", "imagefolder", "--aug-plus", "-b", "16", "--pcl-r", "64",
+                     "--num-cluster", "3,4", "--bn-splits", "2")
+    args.data = str(tmp_path / "data")
+    stats = fit(args)
+    assert stats["epoch"] == 1 and "loss_proto" in stats
+
+
+def test_missing_torchvision_dataset_is_a_clear_error(tmp_path):
+    from pcl.config import validate_pretrain_args
+    from pcl.data import build_pretrain_data
+
+    args = validate_pretrain_args(tiny_args(tmp_path / "exp", "--dataset", "cifar10"))
+    args.data = str(tmp_path)
+    with pytest.raises(PCLError, match="cifar10 not found .* --download"):
+        build_pretrain_data(args)
