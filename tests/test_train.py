@@ -134,7 +134,7 @@ def test_image_folder_pipeline_with_pil_augmentations(tmp_path):
     assert stats["epoch"] == 1 and "loss_proto" in stats
 
 
-def test_missing_torchvision_dataset_is_a_clear_error(tmp_path):
+def test_missing_torchvision_dataset_names_the_fix(tmp_path):
     from pcl.config import validate_pretrain_args
     from pcl.data import build_pretrain_data
 
