@@ -31,9 +31,38 @@ def checkpoint_path(exp_dir: str, epoch: int) -> str:
     return os.path.join(exp_dir, f"checkpoint_{epoch:04d}.pth.tar")
 
 
-def save_checkpoint(state: dict[str, Any], path: str) -> None:
+def preempt_path(exp_dir: str) -> str:
+    """Where a mid-epoch (SIGTERM/SIGUSR1) checkpoint goes; ``--resume auto`` prefers the newest file."""
+    return os.path.join(exp_dir, "checkpoint_preempt.pth.tar")
+
+
+def resolve_resume(resume: str, exp_dir: str, map_location: str | torch.device = "cpu"
+                   ) -> tuple[str | None, dict[str, Any] | None]:
+    """``--resume PATH`` -> (PATH, its contents). ``--resume auto`` -> the newest readable
+    ``checkpoint_*.pth.tar`` in ``exp_dir`` (a truncated or unreadable one is skipped with a warning), or
+    (None, None) when there is none: a fresh start."""
+    if resume != "auto":
+        return resume, load_checkpoint(resume, map_location)
+    names = [n for n in os.listdir(exp_dir) if n.startswith("checkpoint_") and n.endswith(".pth.tar")] \
+        if os.path.isdir(exp_dir) else []
+    paths = sorted((os.path.join(exp_dir, n) for n in names), key=os.path.getmtime, reverse=True)
+    for path in paths:
+        try:
+            ckpt = load_checkpoint(path, map_location)
+        except PCLError as e:
+            logger.warning("--resume auto: skipping %s (%s)", path, e)
+            continue
+        if "state_dict" in ckpt and "epoch" in ckpt:
+            logger.info("--resume auto: newest readable checkpoint is %s", path)
+            return path, ckpt
+    logger.info("--resume auto: no readable checkpoint in %s, starting from scratch", exp_dir)
+    return None, None
+
+
+def save_checkpoint(state: dict[str, Any], path: str, last: str | None = LAST) -> None:
     """Write ``state`` to ``path`` atomically (temp file in the same folder, fsync, rename) and point
-    ``checkpoint_last.pth.tar`` at it. A crash or full disk mid-write leaves the previous files intact."""
+    ``last`` (default ``checkpoint_last.pth.tar``; None: no link) at it. A crash or full disk mid-write
+    leaves the previous files intact."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_ckpt_")
@@ -43,14 +72,16 @@ def save_checkpoint(state: dict[str, Any], path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        last_tmp = os.path.join(folder, ".tmp_" + LAST)
+        if last is None or os.path.basename(path) == last:
+            return
+        last_tmp = os.path.join(folder, ".tmp_" + last)
         try:
             if os.path.exists(last_tmp):
                 os.remove(last_tmp)
             os.link(path, last_tmp)
         except OSError:
             shutil.copyfile(path, last_tmp)
-        os.replace(last_tmp, os.path.join(folder, LAST))
+        os.replace(last_tmp, os.path.join(folder, last))
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -102,23 +133,31 @@ def backbone_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {k: v for k, v in state.items() if not k.startswith("fc.")}
 
 
-def load_backbone(path: str, arch: str | None = None, map_location: str | torch.device = "cpu") -> nn.Module:
+def load_backbone(path: str, arch: str | None = None, map_location: str | torch.device = "cpu",
+                  width: int | None = None, stem: str | None = None) -> nn.Module:
     """The query backbone of a checkpoint of ours or of the official code (v1 or mlp v2): projection head
-    dropped, returns pooled features B x d, in eval mode. ``arch`` defaults to the checkpoint's."""
+    dropped, returns pooled features B x d, in eval mode. ``arch``/``width``/``stem`` default to the
+    checkpoint's (official checkpoints: torchvision width 64, standard stem); given ones must match it."""
     ckpt = load_checkpoint(path, map_location)
     state = ckpt.get("state_dict", ckpt)
     cfg = ckpt.get("model_config", {})
     arch = arch or ckpt.get("arch")
     if arch is None:
         raise PCLError(f"checkpoint {path} does not name its architecture: pass arch (e.g. -a resnet50)")
-    backbone = build_backbone(arch, cfg.get("width", 64), cfg.get("stem", "standard"))
+    width = width or cfg.get("width", 64)
+    stem = stem or cfg.get("stem", "standard")
+    backbone = build_backbone(arch, width, stem)
     weights = backbone_state(state)
+    if not set(weights) & set(backbone.state_dict()):
+        raise PCLError(f"checkpoint {path} holds no backbone weights (no [module.]encoder_q.* keys)")
     try:
         backbone.load_state_dict(weights, strict=True)
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        raise PCLError(f"checkpoint {path} does not fit architecture '{arch}': {lines[1] if len(lines) > 1 else lines[0]}"
-                       [:400]) from None
+        detail = (lines[1] if len(lines) > 1 else lines[0])[:300]
+        raise PCLError(f"checkpoint {path} does not fit architecture '{arch}' (width {width}, stem {stem}): {detail}; "
+                       f"pass the -a/--width/--stem it was trained with") from None
+    backbone.arch = arch
     return backbone.eval()
 
 

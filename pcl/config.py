@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import yaml
 
-from pcl import PCLError
+from pcl import EXIT_INPUT, EXIT_PREEMPTED, PCLError, Preempted, error_line
 
 ARCH_HELP = "any torchvision ResNet name (resnet18, resnet50, wide_resnet50_2, ...)"
 
@@ -38,6 +38,9 @@ def data_parser() -> argparse.ArgumentParser:
                    help="smallest area fraction of RandomResizedCrop (official 0.2)")
     g.add_argument("-j", "--workers", default=min(32, os.cpu_count() or 1), type=int, metavar="N",
                    help="data loading workers per process (official default 32, capped at the cores)")
+    g.add_argument("--bad-images", default="fail", choices=["fail", "skip"],
+                   help="an unreadable image file: stop with its name (fail), or use the next readable one and "
+                        "log a warning with a running count (skip)")
     g.add_argument("--demo-renders", default=4, type=int,
                    help="demo set: renders of each training digit (test digits get 2)")
     return p
@@ -87,7 +90,8 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wd", "--weight-decay", default=1e-4, type=float, metavar="W", dest="weight_decay")
     g.add_argument("--cos", action=argparse.BooleanOptionalAction, default=False, help="cosine lr schedule (PCL v2)")
     g.add_argument("-p", "--print-freq", default=100, type=int, metavar="N", help="log every N steps")
-    g.add_argument("--resume", default="", type=str, metavar="PATH", help="checkpoint to resume from")
+    g.add_argument("--resume", default="", type=str, metavar="PATH",
+                   help="checkpoint to resume from; 'auto': the newest readable one in --exp-dir (none: start fresh)")
     g.add_argument("--save-freq", default=5, type=int, help="checkpoint every N epochs (and at the end)")
     g.add_argument("--exp-dir", default="experiment_pcl", type=str, help="experiment directory")
     g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
@@ -127,6 +131,69 @@ def build_pretrain_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-c", "--config", default=None, help="YAML file of defaults; the command line wins")
     _add_pretrain_args(p)
+    return p
+
+
+def _add_eval_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", default=None, help="YAML file of defaults; the command line wins")
+    p.add_argument("--pretrained", default="", type=str, metavar="PATH",
+                   help="checkpoint of ours or of the official PCL/MoCo code (module.encoder_q.*, v1 or mlp v2); "
+                        "empty: random initialisation (a baseline)")
+    p.add_argument("--exp-dir", default="experiment_eval", type=str, help="where logs, results and checkpoints go")
+    # architecture flags come from the checkpoint unless given (a given one must match it)
+    p.set_defaults(arch=None, width=None, stem=None, crop_min_scale=0.08)
+
+
+def build_linear_parser() -> argparse.ArgumentParser:
+    """eval_linear.py: the official linear-classification protocol (eval_cls_imagenet.py) and a cached mode."""
+    p = argparse.ArgumentParser(
+        description="Linear probe on frozen features (official protocol: SGD lr 5, wd 0, 100 epochs, /10 at 60, 80)",
+        parents=[data_parser(), model_parser(), dist_parser()], formatter_class=_formatter)
+    _add_eval_common(p)
+    g = p.add_argument_group("linear classifier (official defaults)")
+    g.add_argument("--epochs", default=100, type=int, metavar="N", help="number of total epochs to run")
+    g.add_argument("--start-epoch", default=0, type=int, metavar="N", help="manual epoch number (restarts)")
+    g.add_argument("-b", "--batch-size", default=256, type=int, metavar="N",
+                   help="total batch size over all processes")
+    g.add_argument("--lr", "--learning-rate", default=5.0, type=float, metavar="LR", dest="lr")
+    g.add_argument("--schedule", default=[60, 80], nargs="*", type=int, help="epochs at which lr drops 10x")
+    g.add_argument("--momentum", default=0.9, type=float, metavar="M")
+    g.add_argument("--wd", "--weight-decay", default=0.0, type=float, metavar="W", dest="weight_decay")
+    g.add_argument("--cos", action=argparse.BooleanOptionalAction, default=False, help="cosine lr schedule instead")
+    g.add_argument("-p", "--print-freq", default=10, type=int, metavar="N", help="progress-bar refresh (steps)")
+    g.add_argument("--resume", default="", type=str, metavar="PATH", help="linear checkpoint to resume from")
+    g.add_argument("-e", "--evaluate", action="store_true", help="only evaluate --resume's (or --pretrained's) "
+                                                                "linear head on the validation split")
+    g.add_argument("--id", default="", type=str, help="run name (official flag); names the TensorBoard folder")
+    g.add_argument("--num-classes", default=None, type=int, help="default: from the training labels")
+    g = p.add_argument_group("fast mode (NOT the paper's protocol)")
+    g.add_argument("--cached-features", action="store_true",
+                   help="extract frozen features once, then train the linear head on the cached tensor")
+    g.add_argument("--cached-views", default=0, type=int,
+                   help="with --cached-features: also cache N augmented views (RandomResizedCrop + flip) of each "
+                        "training image and draw one per epoch (0: center crops only)")
+    return p
+
+
+def build_svm_parser() -> argparse.ArgumentParser:
+    """eval_svm.py: linear SVMs on frozen features, VOC07 full and low-shot (official eval_svm_voc.py)."""
+    p = argparse.ArgumentParser(
+        description="Low-shot transfer: one linear SVM per class on frozen, L2-normalised features (VOC07 mAP)",
+        parents=[data_parser(), model_parser(), dist_parser()], formatter_class=_formatter)
+    _add_eval_common(p)
+    p.set_defaults(dataset="voc07")
+    for action in p._actions:  # the SVM benchmarks have their own dataset list
+        if action.dest == "dataset":
+            action.choices = ["voc07", "places205", "demo"]
+            action.help = "voc07: DIR/VOCdevkit/VOC2007; places205: DIR/{trainvalsplit_places205,data/...}; demo: digits"
+    g = p.add_argument_group("SVM (official defaults)")
+    g.add_argument("-b", "--batch-size", default=128, type=int, help="feature-extraction batch")
+    g.add_argument("--cost", default="0.5", type=str, help="comma-separated SVM costs C; the best is reported")
+    g.add_argument("--low-shot", action="store_true", help="k = 1, 2, 4, 8, 16 positives per class, 5 runs each")
+    g.add_argument("--shots", default="1,2,4,8,16", type=str, help="the k of --low-shot")
+    g.add_argument("--runs", default=5, type=int, help="seeded samples per k with --low-shot")
+    g.add_argument("--n-jobs", default=-1, type=int, help="parallel SVMs (joblib; -1: all cores)")
+    g.add_argument("--svm-max-iter", default=2000, type=int, help="LinearSVC max_iter (official 2000)")
     return p
 
 
@@ -191,3 +258,27 @@ def validate_pretrain_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.width < 1 or args.low_dim < 1:
         raise PCLError("--width and --low-dim must be positive")
     return args
+
+
+def run_cli(build_parser: Callable[[], argparse.ArgumentParser], run: Callable[[argparse.Namespace], Any],
+            argv: Sequence[str] | None = None) -> int:
+    """The entry points' shared main: parse, run, and turn input errors into one line and an exit code
+    (2: bad input; 75: preempted after saving; 130: Ctrl-C). ``--debug`` shows the traceback instead."""
+    import sys
+
+    args = None
+    try:
+        args = parse_args(build_parser(), argv)
+        run(args)
+    except PCLError as e:
+        if args is not None and args.debug:
+            raise
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        return EXIT_INPUT
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

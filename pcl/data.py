@@ -9,6 +9,7 @@ Two input paths, one interface (loaders that yield ``(im_q, im_k, index)`` for t
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -86,14 +87,41 @@ class IndexedDataset(Dataset):
         return torch.as_tensor(list(raw), dtype=torch.long)
 
 
-def _image_folder(root: str, split: str) -> Dataset:
+def _image_folder(root: str, split: str, bad_images: str = "fail") -> Dataset:
     path = os.path.join(root, split)
     if not os.path.isdir(path):
         raise PCLError(f"data folder not found: {path} (expected an ImageFolder root: DIR/{split}/<class>/<image>)")
     try:
-        return tvd.ImageFolder(path)
+        return SafeImages(tvd.ImageFolder(path), bad_images)
     except (FileNotFoundError, RuntimeError) as e:
         raise PCLError(f"no images in {path}: {e} (expected DIR/{split}/<class>/<image>)") from None
+
+
+class SafeImages(Dataset):
+    """An ImageFolder whose unreadable files either stop the run with the file's name (``fail``) or are
+    replaced by the next readable image with a warning and a running count (``skip``)."""
+
+    def __init__(self, base: tvd.ImageFolder, policy: str = "fail") -> None:
+        self.base, self.policy, self.skipped = base, policy, 0
+        self.targets, self.classes, self.samples = base.targets, base.classes, base.samples
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        for attempt in range(len(self.base)):
+            i = (index + attempt) % len(self.base)
+            try:
+                return self.base[i]
+            except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for corrupt/truncated files
+                path = self.base.samples[i][0]
+                if self.policy != "skip":
+                    raise PCLError(f"cannot read image {path} ({type(e).__name__}: {str(e)[:120]}); fix or remove "
+                                   f"it, or pass --bad-images skip") from None
+                self.skipped += 1
+                logging.getLogger("pcl").warning("unreadable image %s skipped (%d so far in this process)",
+                                                 path, self.skipped)
+        raise PCLError(f"no readable image in {self.base.root}")
 
 
 def _torchvision_set(name: str, root: str, split: str, download: bool) -> Dataset:
@@ -124,17 +152,19 @@ class FileLoader:
     """A DataLoader whose shuffling and worker seeds are a function of (seed, epoch): resumable exactly."""
 
     def __init__(self, dataset: Dataset, batch_size: int, workers: int, seed: int, train: bool,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, drop_last: bool | None = None) -> None:
         rank, world = dist_utils.rank(), dist_utils.world_size()
         self.seed = seed
+        drop_last = train if drop_last is None else drop_last
         if train:
             self.sampler: Sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                                       seed=seed, drop_last=True)
+                                                       seed=seed, drop_last=drop_last)
         else:
             self.sampler = ShardSampler(len(dataset), rank, world)
         self.generator = torch.Generator()
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
-                                 pin_memory=pin_memory, drop_last=train, generator=self.generator,
+        self.skip, self.step = _SkipSampler(self.sampler), 0
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.skip, num_workers=workers,
+                                 pin_memory=pin_memory, drop_last=drop_last, generator=self.generator,
                                  persistent_workers=False)
         self.set_epoch(0)
 
@@ -142,12 +172,42 @@ class FileLoader:
         if isinstance(self.sampler, DistributedSampler):
             self.sampler.set_epoch(epoch)
         self.generator.manual_seed(self.seed * 100_003 + epoch)
+        self.skip.count, self.step = 0, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue mid-epoch: the same sample order minus the batches already trained on. (Worker-side
+        augmentation draws are not replayed, so a file dataset resumes the order exactly, not the crops.)"""
+        self.step = int(state["step"])
+        self.skip.count = self.step * self.loader.batch_size
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
-        return iter(self.loader)
+        first = self.step
+        for i, batch in enumerate(self.loader):
+            self.step = first + i + 1
+            yield batch
+        self.skip.count, self.step = 0, 0
+
+
+class _SkipSampler(Sampler[int]):
+    """Wraps a sampler and drops its first ``count`` indices (set before iterating)."""
+
+    def __init__(self, inner: Sampler) -> None:
+        self.inner, self.count = inner, 0
+
+    def __iter__(self) -> Iterator[int]:
+        it = iter(self.inner)
+        for _ in range(self.count):
+            next(it, None)
+        return it
+
+    def __len__(self) -> int:
+        return max(len(self.inner) - self.count, 0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -215,8 +275,8 @@ class TensorAugment:
     interpolation and jitter order; used for in-memory sets, not for the paper's ImageNet runs.
     """
 
-    def __init__(self, size: int, aug_plus: bool, min_scale: float = 0.2) -> None:
-        self.size, self.aug_plus, self.min_scale = size, aug_plus, min_scale
+    def __init__(self, size: int, aug_plus: bool, min_scale: float = 0.2, color: bool = True) -> None:
+        self.size, self.aug_plus, self.min_scale, self.color = size, aug_plus, min_scale, color
         self.mean = torch.tensor(MEAN).view(1, 3, 1, 1)
         self.std = torch.tensor(STD).view(1, 3, 1, 1)
 
@@ -234,7 +294,9 @@ class TensorAugment:
         theta = torch.stack([torch.stack([w * flip, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
         grid = F.affine_grid(theta, [b, 3, self.size, self.size], align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-        if self.aug_plus:
+        if not self.color:  # crop + flip only: the linear-probe training augmentation
+            pass
+        elif self.aug_plus:
             apply = u(0, 1, b) < 0.8
             x = torch.where(apply.view(b, 1, 1, 1), self._jitter(x, 0.4, 0.4, 0.4, 0.1, gen), x)
             x = self._grayscale(x, 0.2, gen)
@@ -283,27 +345,41 @@ class TensorAugment:
 class TensorPairLoader:
     """Yields (im_q, im_k, index) from an in-memory uint8 tensor; shuffling and augmentation are seeded by
     (seed, epoch, rank), so an epoch is reproduced exactly on resume. Each rank takes its slice of every
-    global batch (batch_size is per process)."""
+    global batch (batch_size is per process). ``state_dict``/``load_state_dict`` continue mid-epoch exactly."""
 
     def __init__(self, images: torch.Tensor, batch_size: int, augment: TensorAugment, seed: int) -> None:
         self.images, self.batch_size, self.augment, self.seed = images, batch_size, augment, seed
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
-        self.epoch = 0
+        self.epoch, self.step, self._start = 0, 0, None
+        self._aug_gen: torch.Generator | None = None
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch, self._start = epoch, None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "aug_gen": self._aug_gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._start = state
 
     def __len__(self) -> int:
-        return self.images.shape[0] // (self.batch_size * self.world)
+        total = self.images.shape[0] // (self.batch_size * self.world)
+        return total - (self._start["step"] if self._start else 0)
 
     def __iter__(self):
         order_gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        aug_gen = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 1009 + self.rank)
+        self._aug_gen = aug_gen = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 1009 + self.rank)
         perm = torch.randperm(self.images.shape[0], generator=order_gen)
         step = self.batch_size * self.world
-        for i in range(len(self)):
+        first, total = 0, self.images.shape[0] // step
+        if self._start is not None:
+            first = self._start["step"]
+            aug_gen.set_state(self._start["aug_gen"])
+            self._start = None
+        for i in range(first, total):
             idx = perm[i * step:(i + 1) * step][self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
             x = self.images[idx]
+            self.step = i + 1
             yield self.augment(x, aug_gen), self.augment(x, aug_gen), idx
 
 
@@ -352,9 +428,9 @@ def build_pretrain_data(args: Any) -> PretrainData:
         raise PCLError(f"data folder not found: {args.data}")
     size, pin = args.image_size, torch.cuda.is_available()
     if args.dataset == "imagefolder":
-        base_train, base_test = _image_folder(args.data, "train"), None
+        base_train, base_test = _image_folder(args.data, "train", args.bad_images), None
         if os.path.isdir(os.path.join(args.data, "val")):
-            base_test = _image_folder(args.data, "val")
+            base_test = _image_folder(args.data, "val", args.bad_images)
     else:
         train_split = "unlabeled" if args.dataset == "stl10" else "train"
         base_train = _torchvision_set(args.dataset, args.data, train_split, args.download)
@@ -369,3 +445,213 @@ def build_pretrain_data(args: Any) -> PretrainData:
         test_set = IndexedDataset(base_test, eval_transform(size))
         knn = (make(eval_set, eval_bs, False), eval_set.targets, make(test_set, eval_bs, False), test_set.targets)
     return PretrainData(make(train_set, args.batch_size, True), make(eval_set, eval_bs, False), len(base_train), knn)
+
+
+# ----------------------------------------------------------------------------------------------------
+# labelled data for the linear probe (yields images, labels, index)
+# ----------------------------------------------------------------------------------------------------
+class LabelledDataset(Dataset):
+    """(transformed image, label, index) from an (image, label) dataset."""
+
+    def __init__(self, base: Dataset, transform: Callable) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        img, label = self.base[index][:2]
+        return self.transform(img), label, index
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return IndexedDataset(self.base, self.transform).targets
+
+
+class TensorLabelledLoader:
+    """(images, labels, index) batches from in-memory uint8 images. ``augment`` (a :class:`TensorAugment`)
+    and shuffling are seeded by (seed, epoch, rank); without it, normalised images in order. Every rank
+    takes every world-th sample (no padding)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                 augment: TensorAugment | None = None, seed: int = 0, shuffle: bool = False) -> None:
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        self.augment, self.seed, self.shuffle, self.epoch = augment, seed, shuffle, 0
+        self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
+        self.mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(STD).view(1, 3, 1, 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> torch.Tensor:
+        n = self.images.shape[0]
+        order = torch.arange(n)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        return order[self.rank::self.world]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self._indices()) / self.batch_size)
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 1009 + self.rank + 7)
+        indices = self._indices()
+        for s in range(0, len(indices), self.batch_size):
+            idx = indices[s:s + self.batch_size]
+            x = self.images[idx]
+            x = self.augment(x, gen) if self.augment is not None else (x.float() / 255.0 - self.mean) / self.std
+            yield x, self.labels[idx], idx
+
+
+@dataclass
+class LabelledData:
+    train_loader: Any  # training augmentation, shuffled; yields (images, labels, index); has set_epoch
+    train_eval_loader: Any  # center crops of the training set, in order (cached features)
+    val_loader: Any  # center crops of the validation split
+    train_labels: torch.Tensor
+    val_labels: torch.Tensor
+    augment_loader: Callable[[int], Any] | None = None  # epoch -> augmented pass over the train set, in order
+
+    @property
+    def num_classes(self) -> int:
+        return int(max(self.train_labels.max(), self.val_labels.max())) + 1
+
+
+def linear_train_transform(size: int = 224, min_scale: float = 0.08) -> Callable:
+    """The official linear-probe training augmentation: RandomResizedCrop + horizontal flip."""
+    return T.Compose([T.RandomResizedCrop(size, scale=(min_scale, 1.0)), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(MEAN, STD)])
+
+
+def build_labelled_data(args: Any) -> LabelledData:
+    """Labelled train/val loaders for the linear probe; ``args.batch_size`` is per process."""
+    bs, size = args.batch_size, args.image_size
+    if args.dataset == "demo":
+        demo = make_digits_demo(renders_train=args.demo_renders, size=size, seed=0)
+        augment = TensorAugment(size, aug_plus=False, min_scale=args.crop_min_scale, color=False)
+        tr, trl, te, tel = demo["train"], demo["train_labels"], demo["test"], demo["test_labels"]
+
+        def augment_loader(epoch: int) -> TensorLabelledLoader:
+            loader = TensorLabelledLoader(tr, trl, bs * 2, augment, args.seed + 1, shuffle=False)
+            loader.set_epoch(epoch)
+            return loader
+
+        return LabelledData(TensorLabelledLoader(tr, trl, bs, augment, args.seed, shuffle=True),
+                            TensorLabelledLoader(tr, trl, bs * 2), TensorLabelledLoader(te, tel, bs * 2), trl, tel,
+                            augment_loader)
+    if args.data is None or not os.path.isdir(args.data):
+        raise PCLError(f"data folder not found: {args.data}")
+    if args.dataset == "imagefolder":
+        base_train, base_val = (_image_folder(args.data, "train", args.bad_images),
+                                _image_folder(args.data, "val", args.bad_images))
+    else:
+        base_train = _torchvision_set(args.dataset, args.data, "train", args.download)
+        base_val = _torchvision_set(args.dataset, args.data, "test", args.download)
+    if len(base_train) == 0 or len(base_val) == 0:
+        raise PCLError(f"the training or validation split in {args.data} is empty")
+    pin = torch.cuda.is_available()
+    make = lambda ds, b, train: FileLoader(ds, b, args.workers, args.seed, train, pin, drop_last=False)  # noqa: E731
+    train_aug = LabelledDataset(base_train, linear_train_transform(size, args.crop_min_scale))
+    train_center = LabelledDataset(base_train, eval_transform(size))
+    val = LabelledDataset(base_val, eval_transform(size))
+
+    def augment_loader(epoch: int) -> FileLoader:
+        loader = make(train_aug, bs * 2, False)
+        loader.set_epoch(epoch)
+        return loader
+
+    return LabelledData(make(train_aug, bs, True), make(train_center, bs * 2, False), make(val, bs * 2, False),
+                        train_center.targets, val.targets, augment_loader)
+
+
+# ----------------------------------------------------------------------------------------------------
+# transfer benchmarks: VOC07 (multi-label) and Places205 (single-label), read from disk, never downloaded
+# ----------------------------------------------------------------------------------------------------
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor")
+VOC_LAYOUT = "DIR/VOCdevkit/VOC2007/{JPEGImages/<id>.jpg, ImageSets/Main/<class>_{trainval,test}.txt}"
+PLACES_LAYOUT = ("DIR/trainvalsplit_places205/{train,val}_places205.csv (lines '<relative path> <label>') and "
+                 "DIR/data/vision/torralba/deeplearning/images256/<relative path>")
+
+
+class VOC07(Dataset):
+    """PASCAL VOC 2007 classification as the official ``voc.py`` reads it: for each class the file
+    ``ImageSets/Main/{class}_{split}.txt`` gives 1 (present), -1 (absent) or 0 (difficult) per image.
+    ``labels``: N x 20 float tensor of those values. Items: (image, label row, index)."""
+
+    def __init__(self, root: str, split: str, transform: Callable | None = None) -> None:
+        base = os.path.join(root, "VOCdevkit", "VOC2007")
+        self.image_dir, main = os.path.join(base, "JPEGImages"), os.path.join(base, "ImageSets", "Main")
+        if not os.path.isdir(self.image_dir) or not os.path.isdir(main):
+            raise PCLError(f"VOC2007 not found under {root}: expected {VOC_LAYOUT} "
+                           f"(scripts/download_voc07.sh fetches and unpacks it)")
+        self.transform, self.classes = transform, list(VOC_CLASSES)
+        names: list[str] = []
+        table: dict[str, list[float]] = {}
+        for c, cls in enumerate(VOC_CLASSES):
+            path = os.path.join(main, f"{cls}_{split}.txt")
+            if not os.path.isfile(path):
+                raise PCLError(f"VOC2007 label file missing: {path} (expected {VOC_LAYOUT})")
+            with open(path) as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) < 2:
+                        continue
+                    if parts[0] not in table:
+                        names.append(parts[0])
+                        table[parts[0]] = [-1.0] * len(VOC_CLASSES)
+                    table[parts[0]][c] = float(parts[-1])
+        if not names:
+            raise PCLError(f"VOC2007 split '{split}' under {root} lists no images")
+        self.names = names
+        self.labels = torch.tensor([table[n] for n in names])
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        with Image.open(os.path.join(self.image_dir, self.names[index] + ".jpg")) as im:
+            img = im.convert("RGB")
+        return (self.transform(img) if self.transform else img), self.labels[index], index
+
+
+class Places205(Dataset):
+    """Places205 from the official split lists (single label per image). Items: (image, label, index)."""
+
+    def __init__(self, root: str, split: str, transform: Callable | None = None) -> None:
+        csv = os.path.join(root, "trainvalsplit_places205", f"{split}_places205.csv")
+        self.image_dir = os.path.join(root, "data", "vision", "torralba", "deeplearning", "images256")
+        if not os.path.isfile(csv) or not os.path.isdir(self.image_dir):
+            raise PCLError(f"Places205 not found under {root}: expected {PLACES_LAYOUT}")
+        self.transform, self.files, labels = transform, [], []
+        with open(csv) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2:
+                    self.files.append(parts[0])
+                    labels.append(int(parts[1]))
+        if not self.files:
+            raise PCLError(f"{csv} lists no images")
+        self.targets = torch.tensor(labels)
+        self.classes = list(range(205))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        with Image.open(os.path.join(self.image_dir, self.files[index])) as im:
+            img = im.convert("RGB")
+        return (self.transform(img) if self.transform else img), int(self.targets[index]), index
+
+
+def one_vs_rest(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Single labels N -> an N x C matrix of 1 (the class) / -1 (the others), the VOC label convention."""
+    out = torch.full((labels.shape[0], num_classes), -1.0)
+    out[torch.arange(labels.shape[0]), labels] = 1.0
+    return out

@@ -75,11 +75,28 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+@torch.no_grad()
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks; identity with one process."""
+    if is_dist():
+        dist.all_reduce(tensor)
+    return tensor
+
+
 def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     """In-place broadcast from ``src``; identity with one process."""
     if is_dist():
         dist.broadcast(tensor, src)
     return tensor
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """[obj of rank 0, obj of rank 1, ...]; [obj] with one process."""
+    if not is_dist():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

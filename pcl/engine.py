@@ -6,15 +6,18 @@ import argparse
 import contextlib
 import logging
 import math
+import os
+import signal
+import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pcl import PCLError, checkpoint as ckpt_io, distributed as dist_utils
+from pcl import EXIT_INPUT, EXIT_PREEMPTED, PCLError, Preempted, checkpoint as ckpt_io, distributed as dist_utils
 from pcl.cluster import ClusterResult, check_features, run_kmeans
 from pcl.config import validate_pretrain_args
 from pcl.data import PretrainData, build_pretrain_data
@@ -95,17 +98,65 @@ def _progress(args: argparse.Namespace) -> bool:
     return dist_utils.is_main() and not args.no_progress
 
 
+class StopRequest:
+    """SIGTERM / SIGUSR1 (SLURM preemption) set a flag; the training loop finishes its step, saves, and stops.
+
+    ``requested`` is agreed over ranks (a one-element all-reduce), so every rank stops at the same step.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def requested(self, device: torch.device) -> bool:
+        if not dist_utils.is_dist():
+            return self.signal_name is not None
+        flag = torch.tensor([1.0 if self.signal_name else 0.0], device=device)
+        return bool(dist_utils.all_reduce_sum(flag).item() > 0)
+
+
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epoch: int,
                     args: argparse.Namespace, device: torch.device, cluster: ClusterResult | None,
-                    scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
-    """One M-step epoch. Loss = InfoNCE + mean over granularities of the prototype cross-entropy."""
+                    scaler: torch.amp.GradScaler | None = None, start_step: int = 0,
+                    resume_state: dict[str, Any] | None = None, stop: StopRequest | None = None,
+                    on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """One M-step epoch. Loss = InfoNCE + mean over granularities of the prototype cross-entropy.
+
+    ``start_step``/``resume_state`` continue an epoch interrupted by :class:`StopRequest`; when a stop is
+    requested the returned dict holds ``interrupted_step`` and the ``resume_state`` (RNG streams, loader
+    position, running meters) instead of finishing the epoch.
+    """
     moco = model.module if hasattr(model, "module") else model
     model.train()
     shuffle_gen = torch.Generator(device=device).manual_seed(_seed(args, epoch, 1))
     negative_gen = torch.Generator(device=device).manual_seed(_seed(args, epoch, 2))
     meters = {name: AverageMeter() for name in ("loss", "loss_inst", "loss_proto", "acc_inst", "acc_proto")}
+    if resume_state is not None:
+        shuffle_gen.set_state(resume_state["shuffle_gen"])
+        negative_gen.set_state(resume_state["negative_gen"])
+        for name, (total, count) in resume_state["meters"].items():
+            meters.setdefault(name, AverageMeter()).sum, meters[name].count = total, count
+    last_step = start_step + len(loader) - 1
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not _progress(args), leave=False)
-    for step, (im_q, im_k, index) in enumerate(bar):
+    for step, (im_q, im_k, index) in enumerate(bar, start=start_step):
         im_q, im_k = im_q.to(device, non_blocking=True), im_k.to(device, non_blocking=True)
         index = index.to(device, non_blocking=True)
         with _autocast(args, device):
@@ -124,11 +175,11 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                 acc = accuracy(out, tgt)[0]
                 meters["acc_proto"].update(acc, b)  # averaged over granularities, as official
                 meters.setdefault(f"acc_proto_k{k_}", AverageMeter()).update(acc, b)
-        moco.dequeue_and_enqueue(k)
         if not torch.isfinite(loss):
             raise PCLError(f"non-finite loss at epoch {epoch} step {step}: loss_inst={loss_inst.item():.4g}"
                            + (f" loss_proto={loss_proto.item():.4g}" if cluster is not None else "")
                            + f" lr={optimizer.param_groups[0]['lr']:.4g}; lower --lr (last checkpoint kept)")
+        moco.dequeue_and_enqueue(k)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -142,27 +193,43 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         meters["acc_inst"].update(accuracy(logits, labels)[0], b)
         if step % args.print_freq == 0:
             bar.set_postfix(loss=f"{meters['loss'].avg:.3f}", acc_inst=f"{meters['acc_inst'].avg:.1f}")
+        if on_step is not None:
+            on_step(epoch, step)
+        if stop is not None and step < last_step and stop.requested(device):
+            bar.close()
+            return {"interrupted_step": step + 1, "signal": stop.signal_name or "signal on another rank",
+                    "resume_state": {"shuffle_gen": shuffle_gen.get_state(), "negative_gen": negative_gen.get_state(),
+                                     "meters": {n: [m.sum, m.count] for n, m in meters.items()},
+                                     "loader": loader.state_dict(), "torch_rng": torch.get_rng_state()}}
     return {name: m.avg for name, m in meters.items() if m.count}
 
 
 def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, args: argparse.Namespace,
-                      cluster: ClusterResult | None) -> dict[str, Any]:
+                      cluster: ClusterResult | None, step: int = 0,
+                      resume_states: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Official keys (epoch = the epoch to resume at, arch, state_dict, optimizer) plus our model config, the
+    cluster result of the epoch and, for a mid-epoch (preemption) checkpoint, ``step`` and every rank's RNG and
+    loader state. Tensors and plain types only."""
     plain = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
-    state = {"epoch": epoch + 1, "arch": args.arch, "state_dict": ckpt_io.model_state(model),
-             "optimizer": optimizer.state_dict(), "args": plain,
+    state = {"epoch": epoch + 1 if step == 0 else epoch, "step": step, "arch": args.arch,
+             "state_dict": ckpt_io.model_state(model), "optimizer": optimizer.state_dict(), "args": plain,
              "model_config": {"width": args.width, "stem": args.stem, "low_dim": args.low_dim, "mlp": args.mlp}}
     if cluster is not None:
         state["cluster_result"] = cluster.state_dict()
+    if resume_states is not None:
+        state["resume_states"] = resume_states
     return state
 
 
-def _resume(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> int:
-    ckpt = ckpt_io.load_checkpoint(path, map_location=device)
+def _resume(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+            ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load weights, queue and optimiser; return the checkpoint (epoch, step, cluster_result, resume_states)."""
+    ckpt = ckpt if ckpt is not None else ckpt_io.load_checkpoint(path, map_location=device)
     ckpt_io.load_model_state(model, ckpt["state_dict"], path)
     if "optimizer" in ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
-    logger.info("resumed from %s (epoch %d)", path, ckpt["epoch"])
-    return int(ckpt["epoch"])
+    logger.info("resumed from %s (epoch %d, step %d)", path, ckpt["epoch"], ckpt.get("step", 0))
+    return ckpt
 
 
 def setup(args: argparse.Namespace) -> tuple[torch.device, PretrainData, nn.Module, torch.optim.Optimizer]:
@@ -184,6 +251,9 @@ def setup(args: argparse.Namespace) -> tuple[torch.device, PretrainData, nn.Modu
     if args.warmup_epoch < args.epochs and max(args.num_cluster) > data.num_samples:
         raise PCLError(f"--num-cluster {','.join(map(str, args.num_cluster))}: k={max(args.num_cluster)} is "
                        f"larger than the {data.num_samples} training samples; choose every k <= {data.num_samples}")
+    if args.warmup_epoch < args.epochs and args.pcl_r >= min(args.num_cluster):
+        logger.warning("--pcl-r %d is larger than what the smallest granularity (k=%d) can supply: granularities "
+                       "with k <= r use all their non-positive prototypes as negatives", args.pcl_r, min(args.num_cluster))
     model = MoCo(args.arch, args.low_dim, args.pcl_r, args.moco_m, args.mlp, args.width, args.stem,
                  bn_splits).to(device)
     if world > 1:
@@ -194,75 +264,154 @@ def setup(args: argparse.Namespace) -> tuple[torch.device, PretrainData, nn.Modu
     return device, data, model, optimizer
 
 
-def fit(args: argparse.Namespace) -> dict[str, Any]:
-    """Pretrain with the parsed flags; returns the last epoch's stats (and the kNN report if asked)."""
+def fit(args: argparse.Namespace, on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Pretrain with the parsed flags; returns the last epoch's stats (and the kNN report if asked).
+
+    ``--resume auto`` continues from the newest readable checkpoint in --exp-dir (none: a fresh start). On
+    SIGTERM/SIGUSR1 the current step finishes, a checkpoint is saved and :class:`pcl.Preempted` is raised.
+    """
     validate_pretrain_args(args)
     setup_logging(args.exp_dir, args.debug)
     device, data, model, optimizer = setup(args)
     logger.info("PCL: %s (width %d, stem %s) on %s, %d samples, %d processes, batch %d/process",
                 args.arch, args.width, args.stem, device, data.num_samples, dist_utils.world_size(), args.batch_size)
+    resumed: dict[str, Any] = {}
+    marker = os.path.join(args.exp_dir, "PREEMPTED")
+    if dist_utils.is_main() and os.path.exists(marker):
+        os.remove(marker)  # this run continues the preempted one
     if args.resume:
-        args.start_epoch = _resume(args.resume, model, optimizer, device)
+        path, ckpt = ckpt_io.resolve_resume(args.resume, args.exp_dir, device)
+        if path is not None:
+            resumed = _resume(path, model, optimizer, device, ckpt)
+            args.start_epoch = int(resumed["epoch"])
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     run_log = RunLog(args.exp_dir)
+    stop = StopRequest().install()
     stats: dict[str, Any] = {}
     try:
         for epoch in range(args.start_epoch, args.epochs):
-            torch.manual_seed(_seed(args, epoch, 0))  # worker-less PIL augmentation draws from here
             start = time.perf_counter()
-            cluster = e_step(model, data, args, device, epoch) if epoch >= args.warmup_epoch else None
+            start_step = int(resumed.get("step", 0)) if epoch == args.start_epoch else 0
+            resume_state = None
+            if start_step:  # mid-epoch: this epoch's clusters, RNG streams and loader position come from the file
+                states = resumed.get("resume_states") or []
+                resume_state = states[dist_utils.rank()] if len(states) == dist_utils.world_size() else None
+                if resume_state is None:
+                    raise PCLError(f"checkpoint {args.resume} was saved mid-epoch by {len(states)} processes; "
+                                   f"resume it with the same number of processes ({len(states)})")
+                cluster = (ClusterResult.from_state_dict(resumed["cluster_result"]).to(device)
+                           if "cluster_result" in resumed and epoch >= args.warmup_epoch else None)
+                torch.set_rng_state(resume_state["torch_rng"])
+            else:
+                torch.manual_seed(_seed(args, epoch, 0))  # worker-less PIL augmentation draws from here
+                cluster = e_step(model, data, args, device, epoch) if epoch >= args.warmup_epoch else None
             lr = adjust_learning_rate(optimizer, epoch, args)
             data.train_loader.set_epoch(epoch)
-            stats = train_one_epoch(model, data.train_loader, optimizer, epoch, args, device, cluster, scaler)
+            if resume_state is not None:
+                data.train_loader.load_state_dict(resume_state["loader"])
+            stats = train_one_epoch(model, data.train_loader, optimizer, epoch, args, device, cluster, scaler,
+                                    start_step, resume_state, stop, on_step)
+            if "interrupted_step" in stats:
+                _save_preempted(model, optimizer, epoch, args, cluster, stats)
             stats.update(epoch=epoch, lr=lr, seconds=time.perf_counter() - start)
-            if cluster is not None:
-                stats["estep_seconds"] = cluster.estep_seconds
+            _log_epoch(run_log, stats, cluster, args, epoch)
             last = epoch + 1 == args.epochs
-            if cluster is not None:
-                for k_, sec in zip(args.num_cluster, cluster.kmeans_seconds):
-                    stats[f"kmeans_seconds_k{k_}"] = sec
-                sizes = [torch.bincount(a, minlength=len(c)).float() for a, c in zip(cluster.im2cluster, cluster.centroids)]
-                for k, s, phi in zip(args.num_cluster, sizes, cluster.concentration):
-                    run_log.scalars(epoch, {f"cluster/k{k}_size_max": s.max().item(),
-                                            f"cluster/k{k}_empty": (s == 0).sum().item(),
-                                            f"cluster/k{k}_phi_std": phi.std().item()})
             if args.knn_every and data.knn is not None and ((epoch + 1) % args.knn_every == 0 or last):
                 stats["knn_top1"] = knn_top1(ckpt_io.query_backbone(model), data, args, device)
+                run_log.scalars(epoch, {"train/knn_top1": stats["knn_top1"]})
             run_log.record(stats)
-            run_log.scalars(epoch, {f"train/{k}": v for k, v in stats.items() if k != "epoch"})
             logger.info("epoch %d: %s", epoch, " ".join(f"{k}={v:.4g}" for k, v in stats.items() if k != "epoch"))
-            if dist_utils.is_main() and ((epoch + 1) % args.save_freq == 0 or last):
+            stopping = not last and stop.requested(device)  # a signal during the epoch's last step
+            if dist_utils.is_main() and ((epoch + 1) % args.save_freq == 0 or last or stopping):
                 ckpt_io.save_checkpoint(_checkpoint_state(model, optimizer, epoch, args, cluster),
                                         ckpt_io.checkpoint_path(args.exp_dir, epoch))
+            if stopping:
+                _raise_preempted(args, ckpt_io.checkpoint_path(args.exp_dir, epoch), epoch + 1, 0,
+                                 stop.signal_name or "signal on another rank")
         if args.knn_eval and data.knn is not None:
             stats["knn"] = knn_report(model, data, args, device)
     finally:
+        stop.restore()
         run_log.close()
     return stats
 
 
-def _worker(local_rank: int, nprocs: int, args: argparse.Namespace) -> None:
+def _save_preempted(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, args: argparse.Namespace,
+                    cluster: ClusterResult | None, stats: dict[str, Any]) -> None:
+    """Save every rank's mid-epoch state in one checkpoint (rank 0 writes it), then raise Preempted."""
+    step = stats["interrupted_step"]
+    states = dist_utils.all_gather_object(stats["resume_state"])
+    path = ckpt_io.preempt_path(args.exp_dir)
+    if dist_utils.is_main():
+        ckpt_io.save_checkpoint(_checkpoint_state(model, optimizer, epoch, args, cluster, step, states), path)
+    _raise_preempted(args, path, epoch, step, stats["signal"])
+
+
+def _raise_preempted(args: argparse.Namespace, path: str, epoch: int, step: int, signal_name: str) -> None:
+    """All ranks stop together; rank 0 leaves EXP_DIR/PREEMPTED for the launch scripts (they requeue)."""
+    err = Preempted(path, epoch, step, signal_name)
+    if dist_utils.is_main():
+        with open(os.path.join(args.exp_dir, "PREEMPTED"), "w") as f:
+            f.write(str(err) + "\n")
+    dist_utils.barrier()
+    raise err
+
+
+def _log_epoch(run_log: RunLog, stats: dict[str, Any], cluster: ClusterResult | None, args: argparse.Namespace,
+               epoch: int) -> None:
+    """E-step timings and cluster statistics into the stats, and everything to TensorBoard."""
+    if cluster is not None:
+        stats["estep_seconds"] = cluster.estep_seconds
+        for k_, sec in zip(args.num_cluster, cluster.kmeans_seconds):
+            stats[f"kmeans_seconds_k{k_}"] = sec
+        sizes = [torch.bincount(a, minlength=len(c)).float() for a, c in zip(cluster.im2cluster, cluster.centroids)]
+        for k, s, phi in zip(args.num_cluster, sizes, cluster.concentration):
+            run_log.scalars(epoch, {f"cluster/k{k}_size_max": s.max().item(),
+                                    f"cluster/k{k}_empty": (s == 0).sum().item(),
+                                    f"cluster/k{k}_phi_std": phi.std().item()})
+    run_log.scalars(epoch, {f"train/{k}": v for k, v in stats.items() if k != "epoch"})
+
+
+def _worker(local_rank: int, nprocs: int, args: argparse.Namespace, fn: Callable = fit) -> None:
     args.rank = max(args.rank, 0) * nprocs + local_rank
     if torch.cuda.is_available() and not args.cpu:
         args.gpu = local_rank
     try:
-        fit(args)
+        fn(args)
+    except Preempted as e:  # saved already; tell the parent by the exit code
+        logger.warning("%s", e)
+        raise SystemExit(EXIT_PREEMPTED) from None
+    except PCLError as e:
+        logger.error("error: %s", e)
+        raise SystemExit(EXIT_INPUT) from None
     finally:
         dist_utils.cleanup()
 
 
-def launch(args: argparse.Namespace) -> dict[str, Any] | None:
-    """Run :func:`fit` in this process, or, with --multiprocessing-distributed (the official launcher),
-    spawn one process per GPU (per --nproc on a CPU-only node) with global rank node_rank * nprocs + i."""
+def launch(args: argparse.Namespace, fn: Callable[[argparse.Namespace], Any] = fit) -> Any:
+    """Run ``fn`` (default :func:`fit`) in this process, or, with --multiprocessing-distributed (the official
+    launcher), spawn one process per GPU (per --nproc on a CPU-only node) with global rank
+    node_rank * nprocs + i. Shared by pretraining and the linear probe."""
     if not args.multiprocessing_distributed:
         try:
-            return fit(args)
+            return fn(args)
         finally:
             dist_utils.cleanup()
     use_cuda = torch.cuda.is_available() and not args.cpu
     nprocs = args.nproc or (torch.cuda.device_count() if use_cuda else 1)
     args.world_size = nprocs * max(args.world_size, 1)
-    torch.multiprocessing.spawn(_worker, nprocs=nprocs, args=(nprocs, args))
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:  # the parent ignores preemption signals; each worker finishes its step, saves and exits 75
+        torch.multiprocessing.spawn(_worker, nprocs=nprocs, args=(nprocs, args, fn))
+    except torch.multiprocessing.ProcessExitedException as e:
+        if e.exit_code == EXIT_PREEMPTED:
+            raise Preempted(ckpt_io.preempt_path(args.exp_dir), -1, -1, "preemption signal") from None
+        if e.exit_code == EXIT_INPUT:
+            raise PCLError(f"a worker stopped on bad input (its message is above); exit code {e.exit_code}") from None
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return None
 
 

@@ -24,3 +24,22 @@ def tiny_args(exp_dir, *extra):
             "--lr", "0.05", "--cos", "--mlp", "--exp-dir", str(exp_dir), "--workers", "0", "--no-progress",
             "--moco-m", "0.99", *extra]
     return parse_args(build_pretrain_parser(), argv)
+
+
+def official_checkpoint(path, arch="resnet18", mlp=False, seed=0):
+    """A checkpoint as the official main_pcl.py writes it: DDP-prefixed encoder_q/encoder_k keys of a torchvision
+    ResNet with a 128-d head (v1 Linear or v2 MLP) and a queue. Returns the query encoder (head kept)."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    enc = torchvision.models.__dict__[arch](num_classes=128)
+    if mlp:
+        dim = enc.fc.weight.shape[1]
+        enc.fc = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.ReLU(), enc.fc)
+    state = {}
+    for prefix in ("module.encoder_q.", "module.encoder_k."):
+        state.update({prefix + k: v.clone() for k, v in enc.state_dict().items()})
+    state["module.queue"] = torch.randn(128, 16)
+    state["module.queue_ptr"] = torch.zeros(1, dtype=torch.long)
+    torch.save({"epoch": 200, "arch": arch, "state_dict": state, "optimizer": {}}, path)
+    return enc

@@ -2,9 +2,8 @@ import os
 
 import pytest
 import torch
-import torchvision
 
-from conftest import tiny_args
+from conftest import official_checkpoint, tiny_args
 from pcl import PCLError
 from pcl.checkpoint import load_backbone, load_checkpoint, query_backbone
 from pcl.engine import fit
@@ -50,23 +49,10 @@ def test_load_backbone_from_our_checkpoint(tmp_path):
     assert out.shape == (2, 32)  # resnet18 at width 4: 8 * 4 pooled features, no head
 
 
-def _official_checkpoint(path, mlp):
-    """A checkpoint as the official main_pcl.py writes it (DDP keys, torchvision resnet18)."""
-    torch.manual_seed(0)
-    enc = torchvision.models.resnet18(num_classes=128)
-    if mlp:
-        enc.fc = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(), enc.fc)
-    state = {f"module.encoder_q.{k}": v for k, v in enc.state_dict().items()}
-    state.update({f"module.encoder_k.{k}": v for k, v in enc.state_dict().items()})
-    state["module.queue"] = torch.randn(128, 16)
-    torch.save({"epoch": 200, "arch": "resnet18", "state_dict": state, "optimizer": {}}, path)
-    return enc
-
-
 @pytest.mark.parametrize("mlp", [False, True])
 def test_load_backbone_from_official_layout(tmp_path, mlp):
     path = str(tmp_path / "official.pth.tar")
-    enc = _official_checkpoint(path, mlp)
+    enc = official_checkpoint(path, mlp=mlp)
     backbone = load_backbone(path)
     enc.fc = torch.nn.Identity()
     x = torch.randn(2, 3, 64, 64)
@@ -75,7 +61,7 @@ def test_load_backbone_from_official_layout(tmp_path, mlp):
 
 def test_load_backbone_wrong_arch_fails_clearly(tmp_path):
     path = str(tmp_path / "official.pth.tar")
-    _official_checkpoint(path, False)
+    official_checkpoint(path)
     with pytest.raises(PCLError, match="does not fit architecture 'resnet50'"):
         load_backbone(path, arch="resnet50")
 

@@ -1,0 +1,281 @@
+"""Linear SVMs on frozen features: VOC07 classification mAP, full and low-shot (the paper's Table 1).
+
+Faithful to the official ``eval_svm_voc.py``: features from the frozen backbone on Resize(256) +
+CenterCrop(224), divided by (L2 norm + 1e-5); one ``LinearSVC`` per class (C from ``--cost``,
+``class_weight={1: 2, -1: 1}``, squared hinge, dual, tol 1e-4, max_iter 2000); label 0 (difficult) counts
+as negative in training and test; AP as the official ``get_precision_recall``/``calculate_ap``; for each k,
+the best cost's mean over runs is reported. Low-shot sampling follows the official ``convert_low_shot``: for
+each class, k images among its positives, concatenated over classes (an image drawn for two classes appears
+twice), each with its full label row.
+
+What differs (documented in the README): features are extracted once per split (the official re-extracts the
+training set for every k, run and cost); the runs of k are seeded by (seed, k, run) with numpy's Generator
+rather than a shared ``random`` stream; SVMs for different classes run in parallel (joblib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import Subset
+
+from pcl import PCLError, checkpoint as ckpt_io, distributed as dist_utils
+from pcl.log import setup_logging
+from pcl.model import build_backbone
+
+logger = logging.getLogger("pcl")
+
+
+# ----------------------------------------------------------------------------------------------------
+# pure parts
+# ----------------------------------------------------------------------------------------------------
+def average_precision(scores: Sequence[float] | np.ndarray, targets: Sequence[float] | np.ndarray) -> float:
+    """VOC07 classification AP (a fraction in [0, 1]) as the official ``eval_svm_voc.py`` computes it.
+
+    scores: N decision values; targets: N labels, > 0 counts as positive (so -1 and 0 are negatives).
+    Samples are ranked by ``np.argsort(scores)[::-1]`` (the official order, ties included); precision is made
+    monotone from the right and integrated over the recall steps. A class with no positive has no AP: 0.0 is
+    returned (no NaN).
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    positive = (np.asarray(targets).reshape(-1) > 0).astype(np.float64)
+    num_pos = positive.sum()
+    if num_pos == 0:
+        return 0.0
+    tp = positive[np.argsort(scores)[::-1]]
+    ctp = np.cumsum(tp)
+    precision = ctp / np.arange(1, len(tp) + 1)
+    recall = ctp / num_pos
+    mrec = np.concatenate([[0.0], recall, [1.0]])
+    mpre = np.concatenate([[0.0], precision, [0.0]])
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]  # precision envelope
+    steps = np.where(mrec[1:] != mrec[:-1])[0] + 1
+    return float(np.sum((mrec[steps] - mrec[steps - 1]) * mpre[steps]))
+
+
+def low_shot_indices(labels: np.ndarray | torch.Tensor, k: int, seed: Sequence[int] | int) -> list[np.ndarray]:
+    """For each class, ``min(k, #positives)`` distinct row ids drawn uniformly among its positives (label > 0).
+
+    labels: N x C. Returns one array per class; concatenate them for the training set (the official
+    ``convert_low_shot`` keeps an image once per class that drew it). Reproducible by ``seed``.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    picks = []
+    for c in range(labels.shape[1]):
+        positives = np.flatnonzero(labels[:, c] > 0)
+        picks.append(np.sort(rng.permutation(positives)[:k]))
+    return picks
+
+
+def l2_normalize(features: torch.Tensor) -> np.ndarray:
+    """The official normalisation: x / (||x|| + 1e-5), as float32 numpy."""
+    x = features.detach().cpu().double()
+    return (x / (x.norm(dim=1, keepdim=True) + 1e-5)).float().numpy()
+
+
+def _fit_class(train_x: np.ndarray, y: np.ndarray, test_x: np.ndarray, cost: float, max_iter: int) -> np.ndarray:
+    from sklearn.svm import LinearSVC
+
+    y = np.where(y > 0, 1, -1)  # 0 (difficult) -> negative, as official
+    if (y > 0).all() or (y < 0).all():
+        return np.zeros(test_x.shape[0])  # one class only: no classifier to fit
+    clf = LinearSVC(C=cost, class_weight={1: 2, -1: 1}, intercept_scaling=1.0, penalty="l2", loss="squared_hinge",
+                    tol=1e-4, dual=True, max_iter=max_iter, random_state=0)
+    with _quiet_convergence():
+        clf.fit(train_x, y)
+    return clf.decision_function(test_x)
+
+
+class _quiet_convergence:
+    """LinearSVC warns on hitting max_iter (the official setting does, routinely); keep the console readable."""
+
+    def __enter__(self):
+        import warnings
+
+        from sklearn.exceptions import ConvergenceWarning
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("ignore", ConvergenceWarning)
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+def svm_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, cost: float, n_jobs: int = -1,
+               max_iter: int = 2000) -> np.ndarray:
+    """Decision values (M x C) of one linear SVM per class. train_y: N x C in {1, -1, 0}."""
+    from joblib import Parallel, delayed
+
+    cols = Parallel(n_jobs=n_jobs)(delayed(_fit_class)(train_x, train_y[:, c], test_x, cost, max_iter)
+                                   for c in range(train_y.shape[1]))
+    return np.stack(cols, axis=1)
+
+
+def score_report(scores: np.ndarray, test_y: np.ndarray, single_label: bool) -> dict[str, float]:
+    """mAP (percent) over classes, plus top-1 accuracy for single-label sets (Places205 reports accuracy)."""
+    aps = [average_precision(scores[:, c], test_y[:, c]) * 100 for c in range(test_y.shape[1])]
+    out = {"mAP": float(np.mean(aps))}
+    if single_label:
+        out["top1"] = float((scores.argmax(1) == test_y.argmax(1)).mean() * 100)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# data and features
+# ----------------------------------------------------------------------------------------------------
+def _svm_data(args: argparse.Namespace):
+    """(train dataset, N x C train labels, test dataset, M x C test labels, single_label) for args.dataset."""
+    from pcl.data import VOC07, Places205, TensorLabelledLoader, eval_transform, make_digits_demo, one_vs_rest
+
+    if args.dataset == "demo":
+        demo = make_digits_demo(renders_train=args.demo_renders, size=args.image_size, seed=0)
+        tr, te = demo["train_labels"], demo["test_labels"]
+        make = lambda images, labels: TensorLabelledLoader(images, labels, args.batch_size)  # noqa: E731
+        return (("tensor", make, demo["train"], tr), one_vs_rest(tr, 10), ("tensor", make, demo["test"], te),
+                one_vs_rest(te, 10), True)
+    if args.data is None:
+        raise PCLError(f"no data: give the {args.dataset} root DIR, or --dataset demo")
+    transform = eval_transform(args.image_size)
+    if args.dataset == "voc07":
+        train, test = VOC07(args.data, "trainval", transform), VOC07(args.data, "test", transform)
+        return train, train.labels, test, test.labels, False
+    train, test = Places205(args.data, "train", transform), Places205(args.data, "val", transform)
+    return train, one_vs_rest(train.targets, 205), test, one_vs_rest(test.targets, 205), True
+
+
+def _extract(backbone: nn.Module, source, rows: np.ndarray, args: argparse.Namespace, device: torch.device,
+             desc: str) -> np.ndarray:
+    """Normalised features of ``rows`` of a dataset (or of an in-memory demo split), in that order."""
+    from pcl.data import FileLoader
+    from pcl.evaluation.linear import extract_labelled
+
+    if isinstance(source, tuple) and source[0] == "tensor":
+        _, make, images, labels = source
+        loader = make(images[torch.as_tensor(rows)], labels[torch.as_tensor(rows)])
+    else:
+        loader = FileLoader(Subset(source, rows.tolist()), args.batch_size, args.workers, args.seed, train=False,
+                            pin_memory=device.type == "cuda")
+        loader = _SubsetIndex(loader)
+    feats = extract_labelled(backbone, loader, device, len(rows), not args.no_progress, desc)
+    return l2_normalize(feats)
+
+
+class _SubsetIndex:
+    """A Subset yields the base dataset's index in its items; map it back to the position in the subset."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+        rows = loader.loader.dataset.indices
+        self.position = {int(r): i for i, r in enumerate(rows)}
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, labels, index in self.loader:
+            yield images, labels, torch.tensor([self.position[int(i)] for i in index])
+
+
+def _backbone(args: argparse.Namespace, device: torch.device) -> nn.Module:
+    if args.pretrained:
+        model = ckpt_io.load_backbone(args.pretrained, args.arch, width=args.width, stem=args.stem)
+        args.arch = model.arch
+    else:
+        torch.manual_seed(args.seed)
+        args.arch = args.arch or "resnet50"
+        model = build_backbone(args.arch, args.width or 64, args.stem or "standard")
+    return model.to(device).eval()
+
+
+def parse_floats(value: str, flag: str) -> list[float]:
+    try:
+        out = [float(v) for v in str(value).split(",") if v.strip()]
+    except ValueError:
+        raise PCLError(f"{flag} '{value}' is malformed: give comma-separated numbers, e.g. 0.5,1.0") from None
+    if not out or any(v <= 0 for v in out):
+        raise PCLError(f"{flag} '{value}': every value must be positive")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# the evaluation
+# ----------------------------------------------------------------------------------------------------
+def run_svm(args: argparse.Namespace) -> dict[str, Any]:
+    """Full-set (and with --low-shot, k-shot) SVM transfer; prints a markdown table, writes JSON + markdown."""
+    setup_logging(args.exp_dir, args.debug)
+    costs = parse_floats(args.cost, "--cost")
+    shots = [int(k) for k in parse_floats(args.shots, "--shots")] if args.low_shot else []
+    if args.runs < 1:
+        raise PCLError("--runs must be at least 1")
+    device = dist_utils.init(args)
+    start = time.perf_counter()
+    train_src, train_y, test_src, test_y, single_label = _svm_data(args)
+    train_y, test_y = np.asarray(train_y), np.asarray(test_y)
+    backbone = _backbone(args, device)
+    logger.info("SVM transfer on %s: %s from %s, %d train / %d test images, %d classes, costs %s", args.dataset,
+                args.arch, args.pretrained or "random init", len(train_y), len(test_y), train_y.shape[1], costs)
+
+    # which training rows are needed: all for the full set; for --low-shot on Places205 only the sampled ones
+    samples = {(k, run): np.concatenate(low_shot_indices(train_y, k, (args.seed, k, run)))
+               for k in shots for run in range(args.runs)}
+    full = not (args.dataset == "places205" and args.low_shot)
+    needed = np.arange(len(train_y)) if full else np.unique(np.concatenate(list(samples.values())))
+    position = np.full(len(train_y), -1)
+    position[needed] = np.arange(len(needed))
+    train_x = _extract(backbone, train_src, needed, args, device, "train features")
+    test_x = _extract(backbone, test_src, np.arange(len(test_y)), args, device, "test features")
+    extract_seconds = time.perf_counter() - start
+
+    def evaluate(rows: np.ndarray, cost: float) -> dict[str, float]:
+        scores = svm_scores(train_x[position[rows]], train_y[rows], test_x, cost, args.n_jobs, args.svm_max_iter)
+        return score_report(scores, test_y, single_label)
+
+    metric = "top1" if single_label and args.dataset != "demo" else "mAP"
+    results: dict[str, Any] = {"dataset": args.dataset, "pretrained": args.pretrained, "arch": args.arch,
+                               "metric": metric, "costs": costs, "extract_seconds": extract_seconds, "shots": {}}
+    for k in shots:
+        per_cost = {}
+        for cost in costs:
+            values = [evaluate(samples[(k, run)], cost)[metric] for run in range(args.runs)]
+            per_cost[cost] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "runs": values}
+            logger.info("k=%d cost %g: %s %.2f +- %.2f", k, cost, metric, per_cost[cost]["mean"], per_cost[cost]["std"])
+        best = max(per_cost, key=lambda c: per_cost[c]["mean"])
+        results["shots"][str(k)] = {"best_cost": best, **per_cost[best], "per_cost": {str(c): v for c, v in per_cost.items()}}
+    if full:
+        per_cost = {cost: evaluate(np.arange(len(train_y)), cost)[metric] for cost in costs}
+        best = max(per_cost, key=per_cost.get)
+        results["full"] = {"best_cost": best, "value": per_cost[best], "per_cost": {str(c): v for c, v in per_cost.items()}}
+        logger.info("full set: %s %.2f (cost %g)", metric, per_cost[best], best)
+    results["seconds"] = time.perf_counter() - start
+    table = results_table(results)
+    if dist_utils.is_main():
+        os.makedirs(args.exp_dir, exist_ok=True)
+        with open(os.path.join(args.exp_dir, f"svm_{args.dataset}.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        with open(os.path.join(args.exp_dir, f"svm_{args.dataset}.md"), "w") as f:
+            f.write(table + "\n")
+        print(table)
+    return results
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """The paper's Table 1 layout: one row, columns k = 1 ... 16 (mean ± std over runs) and the full set."""
+    shots = list(results["shots"])
+    head = [f"k={k}" for k in shots] + (["full"] if "full" in results else [])
+    cells = [f"{results['shots'][k]['mean']:.2f} ± {results['shots'][k]['std']:.2f}" for k in shots]
+    if "full" in results:
+        cells.append(f"{results['full']['value']:.2f}")
+    name = os.path.basename(results["pretrained"]) if results["pretrained"] else "random init"
+    return "\n".join([f"| {results['dataset']} {results['metric']} | " + " | ".join(head) + " |",
+                      "|---|" + "---|" * len(head),
+                      f"| {results['arch']} ({name}) | " + " | ".join(cells) + " |"])

@@ -1,0 +1,138 @@
+"""No lost work: preemption + --resume auto, atomic saves under kill -9 and full disks, bad inputs."""
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_args
+from pcl import PCLError, Preempted
+from pcl import checkpoint as ckpt_io
+from pcl.engine import StopRequest, fit
+from test_cli import TINY, assert_clean_error, image_folder, run
+
+
+def _state(path):
+    return ckpt_io.load_checkpoint(str(path))["state_dict"]
+
+
+def test_sigterm_mid_epoch_then_resume_auto_equals_uninterrupted(tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    fit(tiny_args(full))
+
+    def preempt(epoch, step):  # SLURM's SIGTERM arrives during epoch 1 (after its E-step), step 3
+        if (epoch, step) == (1, 3):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Preempted) as stopped:
+        fit(tiny_args(cut), on_step=preempt)
+    assert stopped.value.epoch == 1 and stopped.value.step == 4 and "--resume auto" in str(stopped.value)
+    saved = ckpt_io.load_checkpoint(stopped.value.path)
+    assert saved["epoch"] == 1 and saved["step"] == 4 and "cluster_result" in saved and len(saved["resume_states"]) == 1
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers are restored after the run
+    fit(tiny_args(cut, "--resume", "auto"))
+    a, b = _state(full / "checkpoint_0001.pth.tar"), _state(cut / "checkpoint_0001.pth.tar")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_stop_request_catches_sigusr1():
+    stop = StopRequest().install()
+    try:
+        assert not stop.requested(torch.device("cpu"))
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.requested(torch.device("cpu")) and stop.signal_name == "SIGUSR1"
+    finally:
+        stop.restore()
+
+
+def test_resume_auto_skips_a_truncated_newest_checkpoint(tmp_path, caplog):
+    ckpt_io.save_checkpoint({"epoch": 3, "state_dict": {"w": torch.ones(3)}}, ckpt_io.checkpoint_path(str(tmp_path), 2))
+    good = (tmp_path / "checkpoint_0002.pth.tar").read_bytes()
+    (tmp_path / "checkpoint_0005.pth.tar").write_bytes(good[: len(good) // 2])  # newest, cut short
+    os.remove(tmp_path / "checkpoint_last.pth.tar")
+    logging.getLogger("pcl").addHandler(caplog.handler)  # the pcl logger does not propagate to the root
+    try:
+        path, ckpt = ckpt_io.resolve_resume("auto", str(tmp_path))
+    finally:
+        logging.getLogger("pcl").removeHandler(caplog.handler)
+    assert path.endswith("checkpoint_0002.pth.tar") and ckpt["epoch"] == 3
+    assert "skipping" in caplog.text and "checkpoint_0005" in caplog.text
+    assert ckpt_io.resolve_resume("auto", str(tmp_path / "empty")) == (None, None)
+
+
+def test_kill_9_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
+        from pcl.checkpoint import save_checkpoint
+        path = {str(tmp_path / "ckpt.pth.tar")!r}
+        save_checkpoint({{"epoch": 1, "w": torch.zeros(10)}}, path)
+        print("first", flush=True)
+        i = 2
+        while True:  # big writes, so that the kill lands inside one
+            save_checkpoint({{"epoch": i, "w": torch.randn(8_000_000)}}, path)
+            i += 1
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "first"
+    import time
+
+    time.sleep(1.5)
+    proc.kill()
+    proc.wait()
+    for name in ("ckpt.pth.tar", "checkpoint_last.pth.tar"):
+        ckpt = ckpt_io.load_checkpoint(str(tmp_path / name))
+        assert ckpt["epoch"] >= 1 and ckpt["w"].numel() in (10, 8_000_000)
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pth.tar")
+    ckpt_io.save_checkpoint({"epoch": 1, "w": torch.zeros(4)}, path)
+
+    def full_disk(obj, f):
+        f.write(b"partial bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_io.torch, "save", full_disk)
+    with pytest.raises(PCLError, match="No space left on device.*previous checkpoint is intact"):
+        ckpt_io.save_checkpoint({"epoch": 2, "w": torch.ones(4)}, path)
+    monkeypatch.undo()
+    assert ckpt_io.load_checkpoint(path)["epoch"] == 1
+    assert ckpt_io.load_checkpoint(str(tmp_path / "checkpoint_last.pth.tar"))["epoch"] == 1
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp")] == []
+
+
+def _corrupt_image_folder(root):
+    image_folder(root)
+    with open(os.path.join(root, "train", "class0", "broken.png"), "wb") as f:
+        f.write(b"\x89PNG not really")
+    return str(root)
+
+
+def test_unreadable_image_fails_with_its_name_or_is_skipped(tmp_path):
+    data = _corrupt_image_folder(tmp_path / "d")
+    code, err = run(data, *TINY, "--exp-dir", str(tmp_path / "e1"))
+    assert_clean_error(code, err, "cannot read image", "broken.png", "--bad-images skip")
+    code, err = run(data, *TINY, "--exp-dir", str(tmp_path / "e2"), "--bad-images", "skip")
+    assert code == 0, err
+    assert "unreadable image" in err and "broken.png" in err
+
+
+def test_queue_not_divisible_by_batch(tmp_path):
+    argv = [a if a != "8" else "6" for a in TINY]  # --pcl-r 6 with batch 4
+    code, err = run(image_folder(tmp_path / "d"), *argv, "--exp-dir", str(tmp_path / "e"))
+    assert_clean_error(code, err, "--pcl-r 6", "multiple of the global batch 4")
+
+
+def test_non_finite_loss_stops_with_the_step_and_terms(tmp_path):
+    code, err = run("--dataset", "demo", "--demo-renders", "1", *TINY, "--lr", "1e30", "--epochs", "2",
+                    "--exp-dir", str(tmp_path / "e"))
+    assert_clean_error(code, err, "non-finite loss at epoch", "loss_inst=", "lr=")
