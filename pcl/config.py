@@ -38,6 +38,10 @@ def data_parser() -> argparse.ArgumentParser:
                    help="smallest area fraction of RandomResizedCrop (official 0.2)")
     g.add_argument("-j", "--workers", default=min(32, os.cpu_count() or 1), type=int, metavar="N",
                    help="data loading workers per process (official default 32, capped at the cores)")
+    g.add_argument("--prefetch-factor", default=2, type=int, help="batches each loader worker prepares ahead")
+    g.add_argument("--persistent-workers", action="store_true",
+                   help="keep loader workers between epochs (saves start-up time; their augmentation streams then "
+                        "continue across epochs, so a resumed file-dataset run no longer replays crops exactly)")
     g.add_argument("--bad-images", default="fail", choices=["fail", "skip"],
                    help="an unreadable image file: stop with its name (fail), or use the next readable one and "
                         "log a warning with a running count (skip)")
@@ -96,6 +100,11 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exp-dir", default="experiment_pcl", type=str, help="experiment directory")
     g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
                    help="autocast the encoders (loss stays fp32); changes numerics, off by default")
+    g.add_argument("--channels-last", action="store_true",
+                   help="NHWC memory format for the encoders and inputs (faster convs with --amp on GPUs)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the two encoders (first steps are slow)")
+    g.add_argument("--sgd-impl", default="auto", choices=["auto", "foreach", "fused", "loop"],
+                   help="SGD kernel: auto (torch's choice), foreach, fused (one kernel), loop (per-parameter)")
 
     g = p.add_argument_group("PCL")
     g.add_argument("--pcl-r", default=16384, type=int,

@@ -152,7 +152,8 @@ class FileLoader:
     """A DataLoader whose shuffling and worker seeds are a function of (seed, epoch): resumable exactly."""
 
     def __init__(self, dataset: Dataset, batch_size: int, workers: int, seed: int, train: bool,
-                 pin_memory: bool = False, drop_last: bool | None = None) -> None:
+                 pin_memory: bool = False, drop_last: bool | None = None, prefetch_factor: int = 2,
+                 persistent_workers: bool = False) -> None:
         rank, world = dist_utils.rank(), dist_utils.world_size()
         self.seed = seed
         drop_last = train if drop_last is None else drop_last
@@ -165,7 +166,8 @@ class FileLoader:
         self.skip, self.step = _SkipSampler(self.sampler), 0
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.skip, num_workers=workers,
                                  pin_memory=pin_memory, drop_last=drop_last, generator=self.generator,
-                                 persistent_workers=False)
+                                 persistent_workers=persistent_workers and workers > 0,
+                                 prefetch_factor=prefetch_factor if workers > 0 else None)
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -439,7 +441,9 @@ def build_pretrain_data(args: Any) -> PretrainData:
         raise PCLError(f"the training set in {args.data} is empty")
     train_set = IndexedDataset(base_train, pretrain_transform(args.aug_plus, size, args.crop_min_scale), two_crops=True)
     eval_set = IndexedDataset(base_train, eval_transform(size))
-    make = lambda ds, bs, train: FileLoader(ds, bs, args.workers, args.seed, train, pin)  # noqa: E731
+    make = lambda ds, bs, train: FileLoader(ds, bs, args.workers, args.seed, train, pin,  # noqa: E731
+                                            prefetch_factor=args.prefetch_factor,
+                                            persistent_workers=args.persistent_workers)
     knn = None
     if base_test is not None and args.dataset != "stl10":
         test_set = IndexedDataset(base_test, eval_transform(size))

@@ -156,8 +156,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             meters.setdefault(name, AverageMeter()).sum, meters[name].count = total, count
     last_step = start_step + len(loader) - 1
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not _progress(args), leave=False)
+    memory_format = torch.channels_last if getattr(args, "channels_last", False) else torch.contiguous_format
     for step, (im_q, im_k, index) in enumerate(bar, start=start_step):
-        im_q, im_k = im_q.to(device, non_blocking=True), im_k.to(device, non_blocking=True)
+        im_q = im_q.to(device, non_blocking=True, memory_format=memory_format)
+        im_k = im_k.to(device, non_blocking=True, memory_format=memory_format)
         index = index.to(device, non_blocking=True)
         with _autocast(args, device):
             q, k = model(im_q, im_k, generator=shuffle_gen)
@@ -256,12 +258,29 @@ def setup(args: argparse.Namespace) -> tuple[torch.device, PretrainData, nn.Modu
                        "with k <= r use all their non-positive prototypes as negatives", args.pcl_r, min(args.num_cluster))
     model = MoCo(args.arch, args.low_dim, args.pcl_r, args.moco_m, args.mlp, args.width, args.stem,
                  bn_splits).to(device)
+    apply_speed_options(model, args)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], args.lr,
-                                momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = build_optimizer(model, args)
     return device, data, model, optimizer
+
+
+def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """SGD as official (lr, momentum, weight decay on every trained parameter) with the chosen kernel."""
+    impl = getattr(args, "sgd_impl", "auto")
+    kernel = {"auto": {}, "foreach": {"foreach": True}, "fused": {"fused": True}, "loop": {"foreach": False}}[impl]
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], args.lr, momentum=args.momentum,
+                           weight_decay=args.weight_decay, **kernel)
+
+
+def apply_speed_options(model: MoCo, args: argparse.Namespace) -> None:
+    """--channels-last and --compile on the encoders (numerics unchanged up to kernel choice)."""
+    if getattr(args, "channels_last", False):
+        model.to(memory_format=torch.channels_last)
+    if getattr(args, "compile", False):  # in place: parameter names (and checkpoints) stay the official ones
+        model.encoder_q.compile()
+        model.encoder_k.compile()
 
 
 def fit(args: argparse.Namespace, on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:

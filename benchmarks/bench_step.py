@@ -1,0 +1,167 @@
+#!/usr/bin/env python
+"""Training-step benchmarks: (a) PCL step vs MoCo step, (b) pretraining throughput under the speed options.
+
+(a) ``--mode overhead``: the same MoCo model, batch and data through ``pcl.engine.train_one_epoch``, once with
+    ProtoNCE off (MoCo) and once with a cluster result at the paper's scale (N = 1,281,167 samples,
+    k = 25k/50k/100k, r = 16384, random assignments and unit centroids). Rounds are interleaved; the median
+    time per step is reported with the overhead of the prototype term.
+(b) ``--mode throughput``: images/s of the full pretraining step (query fwd+bwd, key fwd, InfoNCE, SGD) for
+    fp32 and the speed options (--amp bf16/fp16, --channels-last, --compile, --sgd-impl fused), same data.
+
+Synthetic images live in memory (no loader cost). Prints a markdown table, writes JSON to --out.
+
+    python benchmarks/bench_step.py --mode overhead                      # ResNet-18, 32 px, batch 64 (CPU)
+    python benchmarks/bench_step.py --mode throughput -a resnet50 --image-size 224 --batch 8 \\
+        --variants fp32,bf16,channels_last,bf16+channels_last
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from pcl.cluster import ClusterResult  # noqa: E402
+from pcl.config import build_pretrain_parser, parse_args  # noqa: E402
+from pcl.engine import apply_speed_options, build_optimizer, train_one_epoch  # noqa: E402
+from pcl.model import MoCo  # noqa: E402
+
+
+def synthetic_cluster(n: int, ks: list[int], dim: int, device: torch.device, seed: int = 0) -> ClusterResult:
+    gen = torch.Generator().manual_seed(seed)
+    im2cluster = [torch.randint(k, (n,), generator=gen) for k in ks]
+    centroids = [torch.nn.functional.normalize(torch.randn(k, dim, generator=gen), dim=1) for k in ks]
+    concentration = [0.1 + 0.2 * torch.rand(k, generator=gen) for k in ks]
+    return ClusterResult(im2cluster, centroids, concentration).to(device)
+
+
+def batches(opts, device: torch.device, steps: int, n: int) -> list:
+    gen = torch.Generator().manual_seed(1)
+    shape = (opts.batch, 3, opts.image_size, opts.image_size)
+    return [(torch.randn(shape, generator=gen).to(device), torch.randn(shape, generator=gen).to(device),
+             torch.randint(n, (opts.batch,), generator=gen)) for _ in range(steps)]
+
+
+def make_args(opts, extra: list[str]) -> argparse.Namespace:
+    argv = ["--dataset", "demo", "-a", opts.arch, "--width", str(opts.width), "--stem", opts.stem,
+            "--image-size", str(opts.image_size), "-b", str(opts.batch), "--pcl-r", str(opts.r),
+            "--num-cluster", opts.ks, "--no-progress", "-p", "1000000", *extra]
+    args = parse_args(build_pretrain_parser(), argv)
+    args.num_cluster = [int(k) for k in opts.ks.split(",")]
+    return args
+
+
+def timed_epoch(model, data, args, device, cluster) -> float:
+    optimizer = build_optimizer(model, args)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    train_one_epoch(model, data, optimizer, 0, args, device, cluster)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / len(data)
+
+
+class ListLoader(list):
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
+def build_model(args, device, bn_splits):
+    torch.manual_seed(0)
+    model = MoCo(args.arch, args.low_dim, args.pcl_r, args.moco_m, args.mlp, args.width, args.stem, bn_splits).to(device)
+    apply_speed_options(model, args)
+    return model
+
+
+def overhead(opts, device) -> dict:
+    args = make_args(opts, [])
+    ks = args.num_cluster
+    cluster = synthetic_cluster(opts.n, ks, args.low_dim, device)
+    data = ListLoader(batches(opts, device, opts.steps, opts.n))
+    warm = ListLoader(data[:2])
+    model = build_model(args, device, opts.bn_splits)
+    timed_epoch(model, warm, args, device, None)
+    timed_epoch(model, warm, args, device, cluster)
+    times = {"MoCo": [], "PCL": []}
+    for _ in range(opts.rounds):
+        times["MoCo"].append(timed_epoch(model, data, args, device, None))
+        times["PCL"].append(timed_epoch(model, data, args, device, cluster))
+    moco, pcl = statistics.median(times["MoCo"]), statistics.median(times["PCL"])
+    return {"mode": "overhead", "moco_step_s": moco, "pcl_step_s": pcl, "overhead_pct": 100 * (pcl / moco - 1),
+            "rounds": times, "ks": ks, "r": opts.r, "n": opts.n}
+
+
+VARIANTS = {"fp32": [], "bf16": ["--amp", "bf16"], "fp16": ["--amp", "fp16"], "channels_last": ["--channels-last"],
+            "bf16+channels_last": ["--amp", "bf16", "--channels-last"],
+            "fp16+channels_last": ["--amp", "fp16", "--channels-last"], "fused_sgd": ["--sgd-impl", "fused"],
+            "compile": ["--compile"], "bf16+channels_last+compile": ["--amp", "bf16", "--channels-last", "--compile"]}
+
+
+def throughput(opts, device) -> dict:
+    data = ListLoader(batches(opts, device, opts.steps, 1000))
+    rows = {}
+    models = {}
+    for name in opts.variants.split(","):
+        args = make_args(opts, VARIANTS[name])
+        model = build_model(args, device, opts.bn_splits)
+        timed_epoch(model, ListLoader(data[:2]), args, device, None)  # warm-up (and compilation)
+        models[name], rows[name] = (model, args), []
+    for _ in range(opts.rounds):  # interleaved rounds
+        for name, (model, args) in models.items():
+            rows[name].append(opts.batch / timed_epoch(model, data, args, device, None))
+    out = {name: statistics.median(v) for name, v in rows.items()}
+    return {"mode": "throughput", "images_per_s": out, "rounds": rows,
+            "speedup_vs_fp32": {k: v / out["fp32"] for k, v in out.items()} if "fp32" in out else {}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["overhead", "throughput"], default="overhead")
+    p.add_argument("-a", "--arch", default="resnet18")
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--stem", default="small")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--bn-splits", type=int, default=8)
+    p.add_argument("--r", type=int, default=16384)
+    p.add_argument("--ks", default="25000,50000,100000")
+    p.add_argument("--n", type=int, default=1_281_167)
+    p.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--variants", default="fp32,bf16,channels_last,bf16+channels_last,fused_sgd")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None)
+    opts = p.parse_args()
+    device = torch.device(opts.device)
+    hardware = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+                f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
+    res = overhead(opts, device) if opts.mode == "overhead" else throughput(opts, device)
+    res.update(hardware=hardware, torch=torch.__version__, arch=opts.arch, width=opts.width, stem=opts.stem,
+               image_size=opts.image_size, batch=opts.batch)
+    print(f"\n{opts.mode}: {opts.arch} (width {opts.width}, {opts.stem} stem), {opts.image_size} px, batch {opts.batch}, "
+          f"{hardware}, torch {torch.__version__}")
+    if opts.mode == "overhead":
+        print("| step | median s/step | images/s |\n|---|---|---|")
+        for name, key in (("MoCo (InfoNCE only)", "moco_step_s"), (f"PCL (+ ProtoNCE, k={opts.ks}, r={opts.r})", "pcl_step_s")):
+            print(f"| {name} | {res[key]:.4f} | {opts.batch / res[key]:.1f} |")
+        print(f"\nProtoNCE overhead: {res['overhead_pct']:+.1f}% (goal <= 5%)")
+    else:
+        print("| variant | images/s | vs fp32 |\n|---|---|---|")
+        for name, ips in res["images_per_s"].items():
+            print(f"| {name} | {ips:.1f} | {res['speedup_vs_fp32'].get(name, float('nan')):.2f}x |")
+    out = opts.out or os.path.join(ROOT, "benchmarks", "results", f"step_{opts.mode}_{device.type}_{opts.arch}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
