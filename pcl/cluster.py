@@ -90,7 +90,8 @@ def check_features(features: torch.Tensor, num_clusters: Sequence[int]) -> None:
 
 def _faiss_kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, gpu_device: int | None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Official settings; returns (centroids k x d, squared distances N, assignments N)."""
+    """Official settings; returns (centroids k x d, squared distances N, assignments N). On a GPU node the
+    flat L2 index is sharded over every visible GPU (centroids split across them; exact search either way)."""
     import faiss
 
     d = x.shape[1]
@@ -101,7 +102,11 @@ def _faiss_kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, gpu_
     clus.seed = seed
     clus.max_points_per_centroid = 1000
     clus.min_points_per_centroid = 10
-    if gpu_device is not None:
+    if gpu_device is not None and faiss.get_num_gpus() > 1:
+        options = faiss.GpuMultipleClonerOptions()
+        options.shard, options.useFloat16 = True, False
+        index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(d), co=options)
+    elif gpu_device is not None:
         res = faiss.StandardGpuResources()
         cfg = faiss.GpuIndexFlatConfig()
         cfg.useFloat16 = False

@@ -115,17 +115,23 @@ def gather_rows_exact(rows: torch.Tensor, index: torch.Tensor, num_rows: int) ->
     hold different counts (an unpadded sharded sampler) or duplicates (a padded one); every index is
     written once, by the value computed for it, so the result equals a single-process pass exactly.
     """
-    out = torch.zeros(num_rows, rows.shape[1], dtype=rows.dtype, device=rows.device)
     if not is_dist():
+        out = torch.zeros(num_rows, rows.shape[1], dtype=rows.dtype, device=rows.device)
         out[index] = rows
         return out
     counts = all_gather_cat(torch.tensor([rows.shape[0]], device=rows.device))
     size = int(counts.max())
     pad_rows = torch.zeros(size, rows.shape[1], dtype=rows.dtype, device=rows.device)
-    pad_idx = torch.full((size,), -1, dtype=torch.long, device=rows.device)
+    pad_idx = torch.full((size,), num_rows, dtype=torch.long, device=rows.device)  # padding -> a spare row
     pad_rows[: rows.shape[0]] = rows
     pad_idx[: rows.shape[0]] = index
-    all_rows, all_idx = all_gather_cat(pad_rows), all_gather_cat(pad_idx)
-    keep = all_idx >= 0
-    out[all_idx[keep]] = all_rows[keep]
-    return out
+    del rows
+    world = world_size()
+    all_rows = torch.empty(world * size, pad_rows.shape[1], dtype=pad_rows.dtype, device=pad_rows.device)
+    dist.all_gather_into_tensor(all_rows, pad_rows)  # one buffer, no list + cat copy
+    del pad_rows
+    all_idx = torch.empty(world * size, dtype=torch.long, device=pad_idx.device)
+    dist.all_gather_into_tensor(all_idx, pad_idx)
+    out = torch.zeros(num_rows + 1, all_rows.shape[1], dtype=all_rows.dtype, device=all_rows.device)
+    out[all_idx] = all_rows  # padded rows land in the spare last row
+    return out[:num_rows]

@@ -58,11 +58,24 @@ def _autocast(args: argparse.Namespace, device: torch.device):
 def compute_features(model: nn.Module, loader, device: torch.device, num_samples: int,
                      progress: bool = True) -> torch.Tensor:
     """Momentum-encoder features (eval mode, center crop) of the whole training set: N x C on ``device``,
-    each sample computed once by one rank and gathered exactly."""
+    each sample computed once by one rank and gathered exactly.
+
+    Memory: with one process every batch is written straight into the N x C result (one copy); with several,
+    a rank's own rows plus the gathered buffer and the result (see ``gather_rows_exact``).
+    """
     moco = model.module if hasattr(model, "module") else model
     moco.eval()
+    bar = tqdm(loader, desc="features", disable=not progress, leave=False)
+    if not dist_utils.is_dist():
+        out = None
+        for images, index in bar:
+            rows = moco.encode_key(images.to(device, non_blocking=True)).float()
+            if out is None:
+                out = torch.zeros(num_samples, rows.shape[1], device=device)
+            out[index.to(device)] = rows
+        return out
     rows, idx = [], []
-    for images, index in tqdm(loader, desc="features", disable=not progress, leave=False):
+    for images, index in bar:
         rows.append(moco.encode_key(images.to(device, non_blocking=True)).float())
         idx.append(index.to(device))
     return dist_utils.gather_rows_exact(torch.cat(rows), torch.cat(idx), num_samples)
