@@ -528,13 +528,65 @@ def linear_train_transform(size: int = 224, min_scale: float = 0.08) -> Callable
                       T.Normalize(MEAN, STD)])
 
 
-def build_labelled_data(args: Any) -> LabelledData:
-    """Labelled train/val loaders for the linear probe; ``args.batch_size`` is per process."""
+def read_subset(train_dir: str, samples: Sequence[tuple[str, int]], list_file: str) -> list[int]:
+    """Indices into an ImageFolder's ``samples`` of the images a subset file lists (one per line): a bare
+    ImageNet name ``n01440764_10026.JPEG`` (its class folder is the part before '_', the SimCLR/SwAV 1% and
+    10% files) or a path relative to the training folder. Every listed file must exist."""
+    if not os.path.isfile(list_file):
+        raise PCLError(f"subset file not found: {list_file} (one image name per line, e.g. SimCLR's 1percent.txt)")
+    where = {os.path.normpath(path): i for i, (path, _) in enumerate(samples)}
+    picked = []
+    with open(list_file) as f:
+        for line in f:
+            name = line.strip()
+            if not name:
+                continue
+            rel = name if "/" in name else os.path.join(name.split("_")[0], name)
+            path = os.path.normpath(os.path.join(train_dir, rel))
+            if path not in where:
+                raise PCLError(f"{list_file} lists {name}, which is not in {train_dir} (expected {path})")
+            picked.append(where[path])
+    if not picked:
+        raise PCLError(f"subset file {list_file} lists no images")
+    return picked
+
+
+def per_class_fraction(labels: torch.Tensor, percent: float, seed: int) -> torch.Tensor:
+    """Sorted indices of a seeded ``percent``% sample of each class (at least one image per class)."""
+    gen = torch.Generator().manual_seed(seed)
+    picked = []
+    for c in labels.unique():
+        members = torch.nonzero(labels == c).flatten()
+        take = max(1, int(round(len(members) * percent / 100)))
+        picked.append(members[torch.randperm(len(members), generator=gen)[:take]])
+    return torch.cat(picked).sort().values
+
+
+class _Relabelled(Dataset):
+    """A subset of an (image, label, ...) dataset, re-indexed 0..n-1 (the index is the third item)."""
+
+    def __init__(self, base: Dataset, indices: Sequence[int]) -> None:
+        self.base, self.indices = base, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        img, label, _ = self.base[self.indices[i]]
+        return img, label, i
+
+
+def build_labelled_data(args: Any, train_subset: Callable[[Any], list[int]] | None = None) -> LabelledData:
+    """Labelled train/val loaders for the linear probe and fine-tuning; ``args.batch_size`` is per process.
+    ``train_subset(base_train)`` (optional) picks the training images (e.g. the 1% / 10% ImageNet subsets)."""
     bs, size = args.batch_size, args.image_size
     if args.dataset == "demo":
         demo = make_digits_demo(renders_train=args.demo_renders, size=size, seed=0)
         augment = TensorAugment(size, aug_plus=False, min_scale=args.crop_min_scale, color=False)
         tr, trl, te, tel = demo["train"], demo["train_labels"], demo["test"], demo["test_labels"]
+        if train_subset is not None:
+            keep = torch.as_tensor(train_subset(trl))
+            tr, trl = tr[keep], trl[keep]
 
         def augment_loader(epoch: int) -> TensorLabelledLoader:
             loader = TensorLabelledLoader(tr, trl, bs * 2, augment, args.seed + 1, shuffle=False)
@@ -558,6 +610,11 @@ def build_labelled_data(args: Any) -> LabelledData:
     make = lambda ds, b, train: FileLoader(ds, b, args.workers, args.seed, train, pin, drop_last=False)  # noqa: E731
     train_aug = LabelledDataset(base_train, linear_train_transform(size, args.crop_min_scale))
     train_center = LabelledDataset(base_train, eval_transform(size))
+    train_labels = train_center.targets
+    if train_subset is not None:
+        keep = train_subset(base_train)
+        train_aug, train_center = _Relabelled(train_aug, keep), _Relabelled(train_center, keep)
+        train_labels = train_labels[torch.as_tensor(keep)]
     val = LabelledDataset(base_val, eval_transform(size))
 
     def augment_loader(epoch: int) -> FileLoader:
@@ -566,7 +623,7 @@ def build_labelled_data(args: Any) -> LabelledData:
         return loader
 
     return LabelledData(make(train_aug, bs, True), make(train_center, bs * 2, False), make(val, bs * 2, False),
-                        train_center.targets, val.targets, augment_loader)
+                        train_labels, val.targets, augment_loader)
 
 
 # ----------------------------------------------------------------------------------------------------

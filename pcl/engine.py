@@ -346,7 +346,7 @@ def fit(args: argparse.Namespace, on_step: Callable[[int, int], None] | None = N
             if "interrupted_step" in stats:
                 _save_preempted(model, optimizer, epoch, args, cluster, stats)
             stats.update(epoch=epoch, lr=lr, seconds=time.perf_counter() - start)
-            _log_epoch(run_log, stats, cluster, args, epoch)
+            _log_epoch(run_log, stats, cluster, args, epoch, data.knn[1] if data.knn is not None else None)
             last = epoch + 1 == args.epochs
             if args.knn_every and data.knn is not None and ((epoch + 1) % args.knn_every == 0 or last):
                 stats["knn_top1"] = knn_top1(ckpt_io.query_backbone(model), data, args, device)
@@ -390,8 +390,15 @@ def _raise_preempted(args: argparse.Namespace, path: str, epoch: int, step: int,
 
 
 def _log_epoch(run_log: RunLog, stats: dict[str, Any], cluster: ClusterResult | None, args: argparse.Namespace,
-               epoch: int) -> None:
-    """E-step timings and cluster statistics into the stats, and everything to TensorBoard."""
+               epoch: int, labels: torch.Tensor | None = None) -> None:
+    """E-step timings and cluster statistics into the stats (NMI/AMI per granularity against the training
+    labels when the set has them), and everything to TensorBoard (with cluster-size and phi histograms)."""
+    if cluster is not None and labels is not None and dist_utils.is_main():
+        from pcl.evaluation.cluster_metrics import clustering_scores
+
+        for k_, assign in zip(args.num_cluster, cluster.im2cluster):
+            scores = clustering_scores(labels.numpy(), assign.cpu().numpy())
+            stats.update({f"{m}_k{k_}": v for m, v in scores.items() if m in ("nmi", "ami")})
     if cluster is not None:
         stats["estep_seconds"] = cluster.estep_seconds
         for k_, sec in zip(args.num_cluster, cluster.kmeans_seconds):
@@ -401,6 +408,8 @@ def _log_epoch(run_log: RunLog, stats: dict[str, Any], cluster: ClusterResult | 
             run_log.scalars(epoch, {f"cluster/k{k}_size_max": s.max().item(),
                                     f"cluster/k{k}_empty": (s == 0).sum().item(),
                                     f"cluster/k{k}_phi_std": phi.std().item()})
+            run_log.histogram(f"cluster/k{k}_phi", phi, epoch)
+            run_log.histogram(f"cluster/k{k}_sizes", s, epoch)
     run_log.scalars(epoch, {f"train/{k}": v for k, v in stats.items() if k != "epoch"})
 
 

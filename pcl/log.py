@@ -50,6 +50,10 @@ class RunLog:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
 
+    def histogram(self, tag: str, values, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_histogram(tag, values.detach().cpu() if hasattr(values, "detach") else values, step)
+
     def record(self, entry: dict[str, Any]) -> None:
         if self.active:
             with open(self.path, "a") as f:

@@ -47,3 +47,78 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     pred = knn_predict(train_features, train_labels.to(train_features.device), test_features, k, temperature,
                        num_classes).argmax(dim=1)
     return (pred.cpu() == test_labels.cpu()).float().mean().item() * 100.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# command: python -m pcl.evaluation.knn --pretrained CKPT [DIR | --dataset demo]
+# ----------------------------------------------------------------------------------------------------
+def labelled_features(args, splits=("train", "val")):
+    """L2-normalised frozen features and labels of the labelled train (and val) split of ``args.dataset``:
+    (train_feats, train_labels, val_feats, val_labels); the backbone comes from --pretrained (or random init)."""
+    from pcl.data import build_labelled_data
+    from pcl.evaluation.svm import _backbone
+
+    device = dist_utils.init(args)
+    if args.dataset == "auto":
+        if args.data is None:
+            from pcl import PCLError
+
+            raise PCLError("no data: give a dataset root DIR (ImageFolder with train/ and val/), or --dataset demo")
+        args.dataset = "imagefolder"
+    data = build_labelled_data(args)
+    backbone = _backbone(args, device)
+    out = []
+    for split in ("train", "val"):
+        if split not in splits:
+            out += [None, None]
+            continue
+        loader, labels = ((data.train_eval_loader, data.train_labels) if split == "train"
+                          else (data.val_loader, data.val_labels))
+        rows, idx = [], []
+        with torch.no_grad():
+            for images, _, index in loader:
+                rows.append(F.normalize(backbone(images.to(device)).float(), dim=1))
+                idx.append(torch.as_tensor(index).to(device))
+        out += [dist_utils.gather_rows_exact(torch.cat(rows), torch.cat(idx), len(labels)).cpu(), labels.cpu()]
+    return tuple(out)
+
+
+def build_parser():
+    import argparse
+
+    from pcl.config import _add_eval_common, _formatter, data_parser, dist_parser, model_parser
+
+    p = argparse.ArgumentParser(description="Weighted kNN (cosine, T=0.07) on frozen features, k = 10, 20, 200",
+                                parents=[data_parser(), model_parser(), dist_parser()], formatter_class=_formatter)
+    _add_eval_common(p)
+    p.add_argument("-b", "--batch-size", default=256, type=int, help="feature-extraction batch")
+    p.add_argument("--knn-k", default="10,20,200", type=str, help="comma-separated neighbour counts")
+    p.add_argument("--knn-t", default=0.07, type=float, help="temperature of the weighted vote")
+    return p
+
+
+def run(args) -> dict[int, float]:
+    import json
+    import os
+
+    from pcl.log import setup_logging
+
+    setup_logging(args.exp_dir, args.debug)
+    train, train_labels, val, val_labels = labelled_features(args)
+    ks = [int(k) for k in str(args.knn_k).split(",") if k.strip()]
+    result = {k: knn_accuracy(train, train_labels, val, val_labels, k, args.knn_t) for k in ks}
+    print("\n| k | kNN top-1 |\n|---|---|")
+    for k, acc in result.items():
+        print(f"| {k} | {acc:.2f}% |")
+    os.makedirs(args.exp_dir, exist_ok=True)
+    with open(os.path.join(args.exp_dir, "knn.json"), "w") as f:
+        json.dump({"pretrained": args.pretrained, "t": args.knn_t, "top1": result}, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    import sys
+
+    from pcl.config import run_cli
+
+    sys.exit(run_cli(build_parser, run))

@@ -94,9 +94,10 @@ def _topk_correct(output: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...
 # official protocol
 # ----------------------------------------------------------------------------------------------------
 def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epoch: int, device: torch.device,
-                progress: bool = True, print_freq: int = 10) -> dict[str, float]:
-    """One epoch of the linear head; the whole model stays in eval mode (frozen BatchNorm statistics)."""
-    model.eval()
+                progress: bool = True, print_freq: int = 10, train_mode: bool = False) -> dict[str, float]:
+    """One epoch. Linear probe: the whole model stays in eval mode (frozen BatchNorm statistics);
+    ``train_mode`` (fine-tuning) puts it in train mode."""
+    model.train(train_mode)
     meters = {name: AverageMeter() for name in ("loss", "top1", "top5")}
     bar = tqdm(loader, desc=f"linear epoch {epoch}", disable=not progress, leave=False)
     for step, (images, target, _) in enumerate(bar):
