@@ -124,6 +124,15 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bn-splits", default=None, type=int,
                    help="single process: BatchNorm over this many sub-batches (shuffle-BN on one device); "
                         "default 8 (the paper's 8 GPUs) with one process, 1 with DDP")
+    g = p.add_argument_group("PAUC (Mo et al. 2022, a reconstruction; off by default)")
+    g.add_argument("--pauc", action=argparse.BooleanOptionalAction, default=False,
+                   help="add alignment / uniformity / correlation terms to ProtoNCE after warm-up")
+    g.add_argument("--pauc-align", default=1.0, type=float, help="weight of the alignment term")
+    g.add_argument("--pauc-uniform", default=1.0, type=float, help="weight of the uniformity term")
+    g.add_argument("--pauc-corr", default=1.0, type=float, help="weight of the correlation term")
+    g.add_argument("--pauc-alpha", default=2.0, type=float, help="alignment exponent")
+    g.add_argument("--pauc-t", default=2.0, type=float, help="uniformity temperature")
+    g = p.add_argument_group("monitoring")
     g.add_argument("--knn-eval", action=argparse.BooleanOptionalAction, default=False,
                    help="at the end, print kNN top-1 on the labelled test split: learned, random init, pixels")
     g.add_argument("--knn-every", default=0, type=int,

@@ -23,7 +23,7 @@ from pcl.config import validate_pretrain_args
 from pcl.data import PretrainData, build_pretrain_data
 from pcl.evaluation.knn import extract_features, knn_accuracy
 from pcl.log import AverageMeter, RunLog, setup_logging
-from pcl.loss import accuracy, info_nce_logits, proto_nce
+from pcl.loss import accuracy, info_nce_logits, pauc_terms, proto_nce
 from pcl.model import MoCo, build_backbone
 
 logger = logging.getLogger("pcl")
@@ -182,10 +182,19 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         loss = loss_inst
         b = q.shape[0]
         if cluster is not None:
-            loss_proto, proto_out, proto_labels = proto_nce(q, index, cluster.im2cluster, cluster.centroids,
-                                                            cluster.concentration, args.pcl_r, negative_gen)
+            loss_proto, proto_out, proto_labels, proto_ids = proto_nce(
+                q, index, cluster.im2cluster, cluster.centroids, cluster.concentration, args.pcl_r, negative_gen,
+                return_ids=True)
             loss = loss + loss_proto
             meters["loss_proto"].update(loss_proto.item(), b)
+            if getattr(args, "pauc", False):
+                terms = pauc_terms(q, k.detach(), index, cluster.im2cluster, cluster.centroids,
+                                   cluster.concentration, proto_out, proto_ids, args.pauc_alpha, args.pauc_t)
+                for name, weight in (("align", args.pauc_align), ("uniform", args.pauc_uniform),
+                                     ("corr", args.pauc_corr)):
+                    if weight:
+                        loss = loss + weight * terms[name]
+                    meters.setdefault(f"loss_{name}", AverageMeter()).update(terms[name].item(), b)
             for k_, out, tgt in zip(args.num_cluster, proto_out, proto_labels):
                 acc = accuracy(out, tgt)[0]
                 meters["acc_proto"].update(acc, b)  # averaged over granularities, as official

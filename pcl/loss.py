@@ -78,12 +78,14 @@ def proto_nce(
     concentration: Sequence[torch.Tensor],
     r: int,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    return_ids: bool = False,
+):
     """Prototype term of ProtoNCE: mean over granularities of cross-entropy on :func:`prototype_logits`.
 
-    q: B x C; index: B dataset indices of the batch. Returns (loss, logits per granularity, labels).
+    q: B x C; index: B dataset indices of the batch. Returns (loss, logits per granularity, labels), plus
+    the prototype ids of the logits' columns per granularity with ``return_ids``.
     """
-    losses, all_logits, all_labels = [], [], []
+    losses, all_logits, all_labels, all_ids = [], [], [], []
     for assign, protos, phi in zip(im2cluster, centroids, concentration):
         pos = assign[index]
         neg = sample_negative_prototypes(protos.shape[0], pos, r, generator)
@@ -91,7 +93,89 @@ def proto_nce(
         losses.append(F.cross_entropy(logits.float(), labels))
         all_logits.append(logits)
         all_labels.append(labels)
+        all_ids.append(torch.cat([pos, neg]))
+    if return_ids:
+        return torch.stack(losses).mean(), all_logits, all_labels, all_ids
     return torch.stack(losses).mean(), all_logits, all_labels
+
+
+# ----------------------------------------------------------------------------------------------------
+# PAUC (Mo, Sun, Li, BMVC 2022): alignment, uniformity, correlation on top of ProtoNCE.
+# A reconstruction from the paper's description (no official code is public), built from the standard
+# definitions; "prototype-level feature" is defined in prototype_features.
+# ----------------------------------------------------------------------------------------------------
+def prototype_alignment(q: torch.Tensor, positive_centroids: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
+    """Wang & Isola's alignment towards the positive prototype: L_align = E_i ||v_i - c_{pos(i)}||_2^alpha.
+
+    q: B x C (unit rows), positive_centroids: B x C (unit rows, c_{pos(i)} for each i). Zero when every
+    embedding sits on its prototype.
+    """
+    return (q - positive_centroids).norm(dim=1).pow(alpha).mean()
+
+
+def uniformity(z: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    """Wang & Isola's uniformity: L_unif = log E_{i<j} exp(-t ||z_i - z_j||_2^2) over the batch's pairs.
+
+    z: B x C (unit rows), B >= 2. At most 0, reached when all z are equal (collapse); lower is more uniform.
+    """
+    sq = torch.pdist(z, p=2).pow(2)  # B(B-1)/2 pairwise squared distances
+    return torch.logsumexp(-t * sq, dim=0) - torch.log(torch.tensor(float(sq.numel()), dtype=z.dtype, device=z.device))
+
+
+def prototype_features(logits: torch.Tensor, selected_centroids: torch.Tensor) -> torch.Tensor:
+    """Prototype-level feature of each sample: the mixture of prototypes its ProtoNCE distribution assigns it,
+    z_i = normalize(sum_j softmax(logits_i)_j c_j), with the logits' columns' prototypes c_j.
+
+    logits: B x M (one granularity's ProtoNCE logits, phi included), selected_centroids: M x C -> B x C.
+    It lives in the embedding space (C dims, so the correlation below is C x C, not k x k) and is
+    differentiable through the assignment probabilities, which is where "coagulation" around one prototype
+    shows: a sample whose distribution collapses onto its prototype has z_i = c_{pos(i)}.
+    """
+    return F.normalize(torch.softmax(logits.float(), dim=1) @ selected_centroids.float(), dim=1)
+
+
+def correlation_loss(z1: torch.Tensor, z2: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Barlow-Twins-style decorrelation: with each dimension standardised over the batch,
+    C = z1n^T z2n / B (C x C cross-correlation of the two views) and L_corr = sum_{a != b} C_ab^2 / C.
+
+    z1, z2: B x C. Zero when the dimensions are decorrelated across the views (the diagonal is not penalised).
+    """
+    b, d = z1.shape
+    z1n = (z1 - z1.mean(0)) / (z1.std(0, unbiased=False) + eps)
+    z2n = (z2 - z2.mean(0)) / (z2.std(0, unbiased=False) + eps)
+    c = z1n.t() @ z2n / b  # C x C
+    off = c - torch.diag_embed(torch.diagonal(c))
+    return off.pow(2).sum() / d
+
+
+def pauc_terms(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    index: torch.Tensor,
+    im2cluster: Sequence[torch.Tensor],
+    centroids: Sequence[torch.Tensor],
+    concentration: Sequence[torch.Tensor],
+    logits: Sequence[torch.Tensor],
+    ids: Sequence[torch.Tensor],
+    alpha: float = 2.0,
+    t: float = 2.0,
+) -> dict[str, torch.Tensor]:
+    """The three PAUC terms, each averaged over granularities.
+
+    q: B x C queries (with gradient), k: B x C keys (no gradient), ``logits``/``ids``: the ProtoNCE logits of
+    q and their columns' prototype ids per granularity (``proto_nce(..., return_ids=True)``). The key's
+    prototype-level feature uses the same columns: softmax(k c_j / phi_j).
+    """
+    align, unif, corr = [], [], []
+    for assign, protos, phi, lg, col in zip(im2cluster, centroids, concentration, logits, ids):
+        align.append(prototype_alignment(q, protos[assign[index]], alpha))
+        selected = protos.index_select(0, col)  # M x C
+        z_q = prototype_features(lg, selected)
+        with torch.no_grad():
+            z_k = prototype_features((k @ selected.t()) / phi.index_select(0, col), selected)
+        unif.append(uniformity(z_q, t))
+        corr.append(correlation_loss(z_q, z_k))
+    return {"align": torch.stack(align).mean(), "uniform": torch.stack(unif).mean(), "corr": torch.stack(corr).mean()}
 
 
 @torch.no_grad()
