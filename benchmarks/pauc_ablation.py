@@ -22,6 +22,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from pcl import PCLError  # noqa: E402
 from pcl.checkpoint import LAST, load_checkpoint, load_model_state  # noqa: E402
 from pcl.cluster import run_kmeans  # noqa: E402
 from pcl.config import build_pretrain_parser, parse_args  # noqa: E402
@@ -67,18 +68,27 @@ def main() -> None:
                 *ROWS[name], *opts.overrides]
         args = parse_args(build_pretrain_parser(), argv)
         start = time.perf_counter()
-        stats = fit(args)
+        try:
+            stats = fit(args)
+        except PCLError as e:  # e.g. a diverged run: record it and go on with the next row
+            results.append({"name": name, "argv": argv, "seconds": round(time.perf_counter() - start, 1),
+                            "failed": str(e)})
+            print(json.dumps(results[-1]), flush=True)
+            continue
         row = {"name": name, "argv": argv, "seconds": round(time.perf_counter() - start, 1),
                "knn_top1": round(stats["knn_top1"], 2), "spread": spread(args),
                "final_losses": {k: round(v, 4) for k, v in stats.items() if k.startswith("loss")}}
         results.append(row)
         print(json.dumps(row), flush=True)
     hardware = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    ks = list(results[0]["spread"])
+    ks = next((list(r["spread"]) for r in results if "spread" in r), [])
     print(f"\nPAUC ablation on the demo set, {opts.epochs} epochs (warm-up {opts.warmup_epoch}), {hardware}")
     print("| run | kNN top-1 | " + " | ".join(f"spread k={k}" for k in ks) + " | time |")
     print("|---|---|" + "---|" * len(ks) + "---|")
     for r in results:
+        if "failed" in r:
+            print(f"| {r['name']} | failed: {r['failed'][:90]} |" + " |" * len(ks) + f" {r['seconds'] / 60:.1f} min |")
+            continue
         print(f"| {r['name']} | {r['knn_top1']:.2f}% | " + " | ".join(f"{r['spread'][k]:.4f}" for k in ks)
               + f" | {r['seconds'] / 60:.1f} min |")
     os.makedirs(os.path.dirname(opts.out), exist_ok=True)

@@ -129,7 +129,9 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
                    help="add alignment / uniformity / correlation terms to ProtoNCE after warm-up")
     g.add_argument("--pauc-align", default=1.0, type=float, help="weight of the alignment term")
     g.add_argument("--pauc-uniform", default=1.0, type=float, help="weight of the uniformity term")
-    g.add_argument("--pauc-corr", default=1.0, type=float, help="weight of the correlation term")
+    g.add_argument("--pauc-corr", default=0.01, type=float,
+                   help="weight of the correlation term (a sum over d(d-1) pairs, ~30-60 at start; weight 1 collapsed "
+                        "the demo run)")
     g.add_argument("--pauc-alpha", default=2.0, type=float, help="alignment exponent")
     g.add_argument("--pauc-t", default=2.0, type=float, help="uniformity temperature")
     g = p.add_argument_group("monitoring")

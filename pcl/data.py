@@ -296,14 +296,12 @@ class TensorAugment:
         theta = torch.stack([torch.stack([w * flip, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
         grid = F.affine_grid(theta, [b, 3, self.size, self.size], align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-        if not self.color:  # crop + flip only: the linear-probe training augmentation
-            pass
-        elif self.aug_plus:
+        if self.color and self.aug_plus:  # (color=False: crop + flip only, the linear-probe augmentation)
             apply = u(0, 1, b) < 0.8
             x = torch.where(apply.view(b, 1, 1, 1), self._jitter(x, 0.4, 0.4, 0.4, 0.1, gen), x)
             x = self._grayscale(x, 0.2, gen)
             x = self._blur(x, gen)
-        else:
+        elif self.color:
             x = self._grayscale(x, 0.2, gen)
             x = self._jitter(x, 0.4, 0.4, 0.4, 0.4, gen)
         return (x - self.mean) / self.std

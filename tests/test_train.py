@@ -17,6 +17,7 @@ def test_two_epoch_run_with_e_step_writes_official_checkpoint(tmp_path):
     args = tiny_args(tmp_path, "--save-freq", "1")
     stats = fit(args)
     assert "loss_proto" in stats and "acc_proto" in stats and stats["epoch"] == 1
+    assert 0.0 <= stats["nmi_k10"] <= 100.0 and "ami_k20" in stats  # clustering quality per E-step (labelled set)
     ckpt = load_checkpoint(os.path.join(tmp_path, "checkpoint_0001.pth.tar"))
     assert ckpt["epoch"] == 2 and ckpt["arch"] == "resnet18"
     keys = ckpt["state_dict"].keys()
