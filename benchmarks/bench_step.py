@@ -71,7 +71,7 @@ def timed_epoch(model, data, args, device, cluster) -> float:
 
 class ListLoader(list):
     def set_epoch(self, epoch: int) -> None:
-        pass
+        """The same batches every round: nothing to reshuffle."""
 
 
 def build_model(args, device, bn_splits):

@@ -82,16 +82,21 @@ def dist_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("optimisation (official defaults)")
-    g.add_argument("--epochs", default=200, type=int, metavar="N", help="number of total epochs to run")
+def _add_sgd_args(g: Any, epochs: int, lr: float, schedule: list[int], weight_decay: float) -> None:
+    """The official SGD flags (same names in main_pcl.py and eval_cls_imagenet.py), with per-script defaults."""
+    g.add_argument("--epochs", default=epochs, type=int, metavar="N", help="number of total epochs to run")
     g.add_argument("--start-epoch", default=0, type=int, metavar="N", help="manual epoch number (restarts)")
     g.add_argument("-b", "--batch-size", default=256, type=int, metavar="N",
                    help="total batch size over all processes (each process gets batch / world size)")
-    g.add_argument("--lr", "--learning-rate", default=0.03, type=float, metavar="LR", dest="lr")
-    g.add_argument("--schedule", default=[120, 160], nargs="*", type=int, help="epochs at which lr drops 10x")
+    g.add_argument("--lr", "--learning-rate", default=lr, type=float, metavar="LR", dest="lr")
+    g.add_argument("--schedule", default=schedule, nargs="*", type=int, help="epochs at which lr drops 10x")
     g.add_argument("--momentum", default=0.9, type=float, metavar="M", help="SGD momentum")
-    g.add_argument("--wd", "--weight-decay", default=1e-4, type=float, metavar="W", dest="weight_decay")
+    g.add_argument("--wd", "--weight-decay", default=weight_decay, type=float, metavar="W", dest="weight_decay")
+
+
+def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimisation (official defaults)")
+    _add_sgd_args(g, epochs=200, lr=0.03, schedule=[120, 160], weight_decay=1e-4)
     g.add_argument("--cos", action=argparse.BooleanOptionalAction, default=False, help="cosine lr schedule (PCL v2)")
     g.add_argument("-p", "--print-freq", default=100, type=int, metavar="N", help="log every N steps")
     g.add_argument("--resume", default="", type=str, metavar="PATH",
@@ -171,14 +176,7 @@ def build_linear_parser() -> argparse.ArgumentParser:
         parents=[data_parser(), model_parser(), dist_parser()], formatter_class=_formatter)
     _add_eval_common(p)
     g = p.add_argument_group("linear classifier (official defaults)")
-    g.add_argument("--epochs", default=100, type=int, metavar="N", help="number of total epochs to run")
-    g.add_argument("--start-epoch", default=0, type=int, metavar="N", help="manual epoch number (restarts)")
-    g.add_argument("-b", "--batch-size", default=256, type=int, metavar="N",
-                   help="total batch size over all processes")
-    g.add_argument("--lr", "--learning-rate", default=5.0, type=float, metavar="LR", dest="lr")
-    g.add_argument("--schedule", default=[60, 80], nargs="*", type=int, help="epochs at which lr drops 10x")
-    g.add_argument("--momentum", default=0.9, type=float, metavar="M")
-    g.add_argument("--wd", "--weight-decay", default=0.0, type=float, metavar="W", dest="weight_decay")
+    _add_sgd_args(g, epochs=100, lr=5.0, schedule=[60, 80], weight_decay=0.0)
     g.add_argument("--cos", action=argparse.BooleanOptionalAction, default=False, help="cosine lr schedule instead")
     g.add_argument("-p", "--print-freq", default=10, type=int, metavar="N", help="progress-bar refresh (steps)")
     g.add_argument("--resume", default="", type=str, metavar="PATH", help="linear checkpoint to resume from")

@@ -58,13 +58,10 @@ def labelled_features(args, splits=("train", "val")):
     from pcl.data import build_labelled_data
     from pcl.evaluation.svm import _backbone
 
-    device = dist_utils.init(args)
-    if args.dataset == "auto":
-        if args.data is None:
-            from pcl import PCLError
+    from pcl.evaluation.linear import resolve_eval_dataset
 
-            raise PCLError("no data: give a dataset root DIR (ImageFolder with train/ and val/), or --dataset demo")
-        args.dataset = "imagefolder"
+    device = dist_utils.init(args)
+    resolve_eval_dataset(args)
     data = build_labelled_data(args)
     backbone = _backbone(args, device)
     out = []

@@ -152,20 +152,33 @@ def _resume(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None
     return int(ckpt["epoch"]), float(ckpt.get("best_acc1", 0.0))
 
 
-def fit_linear(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the linear evaluation the flags ask for; returns the final/best accuracies."""
+def resolve_eval_dataset(args: argparse.Namespace) -> None:
+    """--dataset auto means an ImageFolder root with train/ and val/; without DIR, an error naming the fix."""
+    if args.dataset == "auto":
+        if args.data is None:
+            raise PCLError("no data: give a dataset root DIR (ImageFolder with train/ and val/), or --dataset demo")
+        args.dataset = "imagefolder"
+
+
+def prepare_eval(args: argparse.Namespace) -> torch.device:
+    """Logging, process group and device, per-process batch (``args.global_batch_size`` keeps the total)."""
     setup_logging(args.exp_dir, args.debug)
     device = dist_utils.init(args)
     world = dist_utils.world_size()
     if args.batch_size % world:
         raise PCLError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     args.global_batch_size, args.batch_size = args.batch_size, args.batch_size // world
-    if args.epochs <= 0 or args.lr <= 0:
-        raise PCLError("--epochs and --lr must be positive")
-    if args.dataset == "auto":
-        if args.data is None:
-            raise PCLError("no data: give a dataset root DIR (ImageFolder with train/ and val/), or --dataset demo")
-        args.dataset = "imagefolder"
+    if args.epochs <= 0:
+        raise PCLError("--epochs must be positive")
+    resolve_eval_dataset(args)
+    return device
+
+
+def fit_linear(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the linear evaluation the flags ask for; returns the final/best accuracies."""
+    device = prepare_eval(args)
+    if args.lr <= 0:
+        raise PCLError("--lr must be positive")
     torch.manual_seed(args.seed)
     data = build_labelled_data(args)
     num_classes = args.num_classes or data.num_classes
@@ -179,7 +192,7 @@ def fit_linear(args: argparse.Namespace) -> dict[str, Any]:
                 else "official protocol")
     if args.cached_features:
         return fit_cached(model, frozen, data, args, device)
-    if world > 1:
+    if dist_utils.world_size() > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
     assert len(params) == 2, "only fc.weight and fc.bias are trained"

@@ -25,8 +25,8 @@ import torch.nn as nn
 
 from pcl import PCLError, checkpoint as ckpt_io, distributed as dist_utils
 from pcl.data import build_labelled_data, per_class_fraction, read_subset
-from pcl.evaluation.linear import build_probe, train_epoch, validate
-from pcl.log import RunLog, setup_logging
+from pcl.evaluation.linear import build_probe, prepare_eval, train_epoch, validate
+from pcl.log import RunLog
 
 logger = logging.getLogger("pcl")
 
@@ -65,16 +65,8 @@ def _subset_picker(args: argparse.Namespace):
 
 
 def fit_semisup(args: argparse.Namespace) -> dict[str, Any]:
-    setup_logging(args.exp_dir, args.debug)
-    device = dist_utils.init(args)
+    device = prepare_eval(args)
     world = dist_utils.world_size()
-    if args.batch_size % world:
-        raise PCLError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-    args.batch_size //= world
-    if args.dataset == "auto":
-        if args.data is None:
-            raise PCLError("no data: give the ImageNet root DIR (train/ and val/), or --dataset demo")
-        args.dataset = "imagefolder"
     lr, lr_head = SWAV_LR[args.labels_perc]
     args.lr = args.lr if args.lr is not None else lr
     args.lr_last_layer = args.lr_last_layer if args.lr_last_layer is not None else lr_head
