@@ -222,6 +222,12 @@ def run_kmeans(
             c, dist2, assign = _torch_kmeans(x, k, seed + g, niter, nredo)
         seconds = time.perf_counter() - start
         phi = estimate_concentration(dist2.clamp_min(0).sqrt(), assign, k, temperature)
+        degenerate = int((~torch.isfinite(phi) | (phi <= 0)).sum())
+        if degenerate:  # ProtoNCE divides by phi: stop here with the cause instead of a NaN loss later
+            raise PCLError(f"k={k}: {degenerate} prototypes get a zero or undefined concentration because their "
+                           f"samples coincide (mean distance to the centroids {float(dist2.clamp_min(0).sqrt().mean()):.2e}): "
+                           f"the features have collapsed (or the data holds many exact duplicates); lower --lr or "
+                           f"the extra loss weights (--pauc-*) and resume from an earlier checkpoint")
         result.im2cluster.append(assign.long())
         result.centroids.append(torch.nn.functional.normalize(c.float(), dim=1))
         result.concentration.append(phi.to(x.device))

@@ -99,3 +99,12 @@ def test_kmeans_refuses_nan_and_too_many_clusters():
         run_kmeans(bad, 4, 0.2)
     with pytest.raises(PCLError, match="larger than"):
         run_kmeans(x, 1000, 0.2)
+
+
+def test_collapsed_features_give_a_clear_message_not_nan():
+    """Clusters whose members coincide exactly (what a diverged run produces) get phi = 0 (ProtoNCE would divide
+    by it): refused with the cause and the fix. (faiss leaves ~1e-14 residuals here, so the torch backend.)"""
+    points = torch.nn.functional.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+    x = points.repeat_interleave(30, dim=0)  # 8 distinct points x 30 copies
+    with pytest.raises(PCLError, match="features have collapsed"):
+        run_kmeans(x, 8, 0.2, nredo=1, backend="torch")
