@@ -130,10 +130,3 @@ def test_missing_torchvision_dataset_names_the_fix(tmp_path):
     with pytest.raises(PCLError, match="cifar10 not found .* --download"):
         build_pretrain_data(args)
 
-
-def test_speed_options_keep_the_checkpoint_layout(tmp_path):
-    """--channels-last and the fused SGD kernel train normally and save the official keys."""
-    stats = fit(tiny_args(tmp_path, "--epochs", "1", "--channels-last", "--sgd-impl", "fused"))
-    assert stats["loss"] > 0
-    keys = load_checkpoint(os.path.join(tmp_path, "checkpoint_0000.pth.tar"))["state_dict"].keys()
-    assert "module.encoder_q.conv1.weight" in keys and not any("_orig_mod" in k for k in keys)
