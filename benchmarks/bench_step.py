@@ -112,6 +112,9 @@ def throughput(opts, device) -> dict:
     for name in opts.variants.split(","):
         args = make_args(opts, VARIANTS[name])
         model = build_model(args, device, opts.bn_splits)
+        if "--channels-last" in VARIANTS[name] and not args.channels_last:
+            print(f"skipping {name}: --channels-last is ignored on the CPU (see pcl.engine.apply_speed_options)")
+            continue
         timed_epoch(model, ListLoader(data[:2]), args, device, None)  # warm-up (and compilation)
         models[name], rows[name] = (model, args), []
     for _ in range(opts.rounds):  # interleaved rounds

@@ -106,7 +106,8 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
                    help="autocast the encoders (loss stays fp32); changes numerics, off by default")
     g.add_argument("--channels-last", action="store_true",
-                   help="NHWC memory format for the encoders and inputs (faster convs with --amp on GPUs)")
+                   help="NHWC memory format for the encoders and inputs (faster convs with --amp on GPUs; "
+                        "ignored on the CPU, see the README)")
     g.add_argument("--compile", action="store_true", help="torch.compile the two encoders (first steps are slow)")
     g.add_argument("--sgd-impl", default="auto", choices=["auto", "foreach", "fused", "loop"],
                    help="SGD kernel: auto (torch's choice), foreach, fused (one kernel), loop (per-parameter)")

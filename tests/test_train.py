@@ -130,3 +130,27 @@ def test_missing_torchvision_dataset_names_the_fix(tmp_path):
     with pytest.raises(PCLError, match="cifar10 not found .* --download"):
         build_pretrain_data(args)
 
+
+
+def test_speed_options_keep_the_checkpoint_layout(tmp_path):
+    """--channels-last and the fused SGD kernel: training completes and saves the official keys (own process,
+    with a deadline, so that a kernel hang fails the test instead of stalling the suite)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = ["--dataset", "demo", "--demo-renders", "1", "--image-size", "16", "-a", "resnet18", "--width", "4",
+            "--stem", "small", "--epochs", "2", "--warmup-epoch", "1", "-b", "64", "--pcl-r", "256",
+            "--num-cluster", "10,20", "--kmeans-nredo", "1", "--kmeans-niter", "5", "--workers", "0",
+            "--no-progress", "--exp-dir", str(tmp_path), "--channels-last", "--sgd-impl", "fused"]
+    proc = subprocess.run([sys.executable, os.path.join(root, "main_pcl.py"), *argv], capture_output=True,
+                          text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = load_checkpoint(os.path.join(tmp_path, "checkpoint_0001.pth.tar"))
+    keys = ckpt["state_dict"].keys()
+    assert "module.encoder_q.conv1.weight" in keys and not any("_orig_mod" in k for k in keys)
+    assert ckpt["state_dict"]["module.encoder_q.conv1.weight"].is_contiguous()  # saved in the default layout
+    assert len(ckpt["cluster_result"]["im2cluster"]) == 2
+    # on the CPU --channels-last is refused with the reason: at width 4 the NHWC 1x1 stride-2 weight-gradient
+    # kernel of oneDNN (AVX2) hangs -- this very run used to stall forever
+    assert "--channels-last is ignored on the CPU" in proc.stdout + proc.stderr
