@@ -180,6 +180,8 @@ def _faiss_gpu_device(features: torch.Tensor) -> int | None:
 def resolve_backend(backend: str) -> str:
     if backend not in ("auto", "faiss", "torch"):
         raise PCLError(f"unknown k-means backend '{backend}': use auto, faiss or torch")
+    if backend == "torch":
+        return backend  # no faiss import (it takes ~0.3 s, and may be what is broken)
     try:
         import faiss  # noqa: F401
         has_faiss = True
