@@ -18,12 +18,16 @@ def tiny_args(exp_dir, *extra):
     """Parsed flags for a seconds-long CPU run on the demo set (16 px, ResNet-18 at width 4)."""
     from pcl.config import build_pretrain_parser, parse_args
 
-    argv = ["--dataset", "demo", "--demo-renders", "1", "--image-size", "16", "-a", "resnet18",
+    return parse_args(build_pretrain_parser(), tiny_argv(exp_dir, *extra))
+
+
+def tiny_argv(exp_dir, *extra):
+    """The command line behind :func:`tiny_args` (for runs in a subprocess)."""
+    return ["--dataset", "demo", "--demo-renders", "1", "--image-size", "16", "-a", "resnet18",
             "--width", "4", "--stem", "small", "--epochs", "2", "--warmup-epoch", "1", "-b", "64",
             "--pcl-r", "256", "--num-cluster", "10,20", "--kmeans-nredo", "1", "--kmeans-niter", "5",
             "--lr", "0.05", "--cos", "--mlp", "--exp-dir", str(exp_dir), "--workers", "0", "--no-progress",
             "--moco-m", "0.99", *extra]
-    return parse_args(build_pretrain_parser(), argv)
 
 
 def official_checkpoint(path, arch="resnet18", mlp=False, seed=0):

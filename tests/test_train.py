@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from conftest import official_checkpoint, tiny_args
+from conftest import official_checkpoint, tiny_args, tiny_argv
 from pcl import PCLError
 from pcl.checkpoint import load_backbone, load_checkpoint, query_backbone
 from pcl.engine import fit
@@ -131,7 +131,6 @@ def test_missing_torchvision_dataset_names_the_fix(tmp_path):
         build_pretrain_data(args)
 
 
-
 def test_speed_options_keep_the_checkpoint_layout(tmp_path):
     """--channels-last and the fused SGD kernel: training completes and saves the official keys (own process,
     with a deadline, so that a kernel hang fails the test instead of stalling the suite)."""
@@ -139,10 +138,7 @@ def test_speed_options_keep_the_checkpoint_layout(tmp_path):
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    argv = ["--dataset", "demo", "--demo-renders", "1", "--image-size", "16", "-a", "resnet18", "--width", "4",
-            "--stem", "small", "--epochs", "2", "--warmup-epoch", "1", "-b", "64", "--pcl-r", "256",
-            "--num-cluster", "10,20", "--kmeans-nredo", "1", "--kmeans-niter", "5", "--workers", "0",
-            "--no-progress", "--exp-dir", str(tmp_path), "--channels-last", "--sgd-impl", "fused"]
+    argv = tiny_argv(tmp_path, "--channels-last", "--sgd-impl", "fused")
     proc = subprocess.run([sys.executable, os.path.join(root, "main_pcl.py"), *argv], capture_output=True,
                           text=True, timeout=300, cwd=root)
     assert proc.returncode == 0, proc.stderr[-2000:]
