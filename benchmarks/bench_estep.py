@@ -16,9 +16,7 @@ Peak memory: the process's max RSS (CPU) or ``torch.cuda.max_memory_allocated`` 
 """
 
 import argparse
-import json
 import os
-import platform
 import resource
 import sys
 import time
@@ -31,6 +29,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from bench_estep_math import original_phi  # noqa: E402
+from common import hardware, write_json  # noqa: E402
 from pcl.cluster import estimate_concentration, resolve_backend, run_kmeans  # noqa: E402
 from pcl.engine import compute_features  # noqa: E402
 from pcl.model import MoCo  # noqa: E402
@@ -118,24 +117,20 @@ def main() -> None:
     res["estep_original_s"] = res["feature_pass_s"] + sum(res["kmeans_s"]) + sum(res["post_original_s"])
     res["peak_memory_mib"] = peak_memory_mib(device)
     res["features_mib"] = opts.n * opts.dim * 4 / 2**20
-    hardware = (torch.cuda.get_device_name(device) if device.type == "cuda" else
-                f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
-    res.update(hardware=hardware, torch=torch.__version__)
+    res.update(hardware=hardware(device), torch=torch.__version__)
 
-    print(f"\nE-step, N = {opts.n:,} x {opts.dim}, k = {opts.ks}, niter {opts.niter}, nredo {opts.nredo}, {hardware}")
+    print(f"\nE-step, N = {opts.n:,} x {opts.dim}, k = {opts.ks}, niter {opts.niter}, nredo {opts.nredo}, {res['hardware']}")
     print("| part | ours | original approach |\n|---|---|---|")
     print(f"| feature pass | {res['feature_pass_s']:.2f} s | same |")
     for k, km, po, pr in zip(ks, res["kmeans_s"], res["phi_ours_s"], res["post_original_s"]):
         print(f"| k = {k}: k-means | {km:.2f} s | same |")
         print(f"| k = {k}: assignments + phi | {po * 1000:.1f} ms | {pr * 1000:.1f} ms |")
-    print(f"| broadcast (one process) | 0 | 0 |")
+    print("| broadcast (one process) | 0 | 0 |")
     print(f"| **E-step total** | **{res['estep_ours_s']:.2f} s** | **{res['estep_original_s']:.2f} s** |")
     print(f"\nphi equal to the original to {max(res['phi_max_abs_diff']):.1e}; peak memory {res['peak_memory_mib']:.0f} MiB "
           f"(the N x d features are {res['features_mib']:.0f} MiB)")
     out = opts.out or os.path.join(ROOT, "benchmarks", "results", f"estep_{device.type}_n{opts.n}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(res, f, indent=1)
+    write_json(res, out)
 
 
 if __name__ == "__main__":

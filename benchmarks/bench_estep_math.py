@@ -16,9 +16,7 @@ writes JSON (``--out``).
 """
 
 import argparse
-import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common import hardware, write_json  # noqa: E402
 from pcl.cluster import estimate_concentration  # noqa: E402
 from pcl.loss import prototype_logits, sample_negative_prototypes  # noqa: E402
 
@@ -113,12 +112,10 @@ def main() -> None:
     ks = [int(k) for k in opts.ks.split(",")]
     rng = np.random.default_rng(0)
     device = torch.device(opts.device)
-    hardware = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}"
-    if device.type == "cuda":
-        hardware += f", {torch.cuda.get_device_name(device)}"
-    out = {"hardware": hardware, "device": str(device), "n": opts.n, "phi": [], "sampling": []}
+    hw = hardware(device)
+    out = {"hardware": hw, "device": str(device), "n": opts.n, "phi": [], "sampling": []}
 
-    print(f"Hardware: {hardware}\n")
+    print(f"Hardware: {hw}\n")
     if not opts.skip_phi:
         print(f"### 1. Concentration phi, N = {opts.n:,}\n")
         print("| k | original loops | ours | speed-up | max abs diff |\n|---|---|---|---|---|")
@@ -175,10 +172,7 @@ def main() -> None:
     if opts.out is None:
         name = "estep_math.json" if device.type == "cpu" else f"estep_math_{device.type}.json"
         opts.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
-    os.makedirs(os.path.dirname(opts.out), exist_ok=True)
-    with open(opts.out, "w") as f:
-        json.dump(out, f, indent=1)
-    print(f"\nwrote {opts.out}")
+    write_json(out, opts.out)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,7 @@ Synthetic images live in memory (no loader cost). Prints a markdown table, write
 """
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +26,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from common import hardware, write_json  # noqa: E402
 from pcl.cluster import ClusterResult  # noqa: E402
 from pcl.config import build_pretrain_parser, parse_args  # noqa: E402
 from pcl.engine import apply_speed_options, build_optimizer, train_one_epoch  # noqa: E402
@@ -144,10 +143,9 @@ def main() -> None:
     p.add_argument("--out", default=None)
     opts = p.parse_args()
     device = torch.device(opts.device)
-    hardware = (torch.cuda.get_device_name(device) if device.type == "cuda" else
-                f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
+    hw = hardware(device)
     res = overhead(opts, device) if opts.mode == "overhead" else throughput(opts, device)
-    res.update(hardware=hardware, torch=torch.__version__, arch=opts.arch, width=opts.width, stem=opts.stem,
+    res.update(hardware=hw, torch=torch.__version__, arch=opts.arch, width=opts.width, stem=opts.stem,
                image_size=opts.image_size, batch=opts.batch)
     print(f"\n{opts.mode}: {opts.arch} (width {opts.width}, {opts.stem} stem), {opts.image_size} px, batch {opts.batch}, "
           f"{hardware}, torch {torch.__version__}")
@@ -161,9 +159,7 @@ def main() -> None:
         for name, ips in res["images_per_s"].items():
             print(f"| {name} | {ips:.1f} | {res['speedup_vs_fp32'].get(name, float('nan')):.2f}x |")
     out = opts.out or os.path.join(ROOT, "benchmarks", "results", f"step_{opts.mode}_{device.type}_{opts.arch}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(res, f, indent=1)
+    write_json(res, out)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ a final table (learned / random init / raw pixels). Writes JSON next to ``--out`
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -19,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common import hardware, write_json  # noqa: E402
 from pcl.config import build_pretrain_parser, parse_args  # noqa: E402
 from pcl.engine import fit  # noqa: E402
 
@@ -57,8 +57,8 @@ def main() -> None:
         run("PCL", base + ["--warmup-epoch", str(opts.warmup_epoch), "--exp-dir", f"{opts.exp_root}/pcl"]),
         run("MoCo only", base + ["--warmup-epoch", str(opts.epochs), "--exp-dir", f"{opts.exp_root}/moco"]),
     ]
-    hardware = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    print(f"\nHardware: {hardware}\n")
+    hw = hardware()
+    print(f"\nHardware: {hw}\n")
     print("| method | epochs | train time | kNN top-1 learned | random init | raw pixels |")
     print("|---|---|---|---|---|---|")
     for r in results:
@@ -70,10 +70,7 @@ def main() -> None:
     print("|---|" + "---|---|" * len(results))
     for rows in zip(*(r["curve"] for r in results)):
         print(f"| {rows[0]['epoch']} | " + " | ".join(f"{c['train_seconds']} | {c['knn_top1']:.2f}%" for c in rows) + " |")
-    os.makedirs(os.path.dirname(opts.out), exist_ok=True)
-    with open(opts.out, "w") as f:
-        json.dump({"hardware": hardware, "epochs": opts.epochs, "results": results}, f, indent=1)
-    print(f"\nwrote {opts.out}")
+    write_json({"hardware": hw, "epochs": opts.epochs, "results": results}, opts.out)
 
 
 if __name__ == "__main__":

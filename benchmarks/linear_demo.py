@@ -10,9 +10,7 @@ modes; writes JSON to --out. Run it alone on the machine (other CPU load distort
 """
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
@@ -21,6 +19,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from common import hardware, write_json  # noqa: E402
 from pcl.config import build_linear_parser, parse_args  # noqa: E402
 from pcl.evaluation.linear import fit_linear  # noqa: E402
 
@@ -46,8 +45,8 @@ def main() -> None:
                run("cached, center crops", base + ["--cached-features", "--exp-dir", f"{opts.exp_root}/cached"]),
                run(f"cached, {opts.views} views", base + ["--cached-features", "--cached-views", str(opts.views),
                                                            "--exp-dir", f"{opts.exp_root}/cached_views"])]
-    hardware = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    print(f"\nlinear probe on the demo set ({hardware}), {opts.pretrained}")
+    hw = hardware()
+    print(f"\nlinear probe on the demo set ({hw}), {opts.pretrained}")
     print("| mode | top-1 (last) | best top-1 | top-5 | wall s | speed-up | gap to official |")
     print("|---|---|---|---|---|---|---|")
     ref = results[0]
@@ -56,9 +55,7 @@ def main() -> None:
         r["gap"] = round(r["top1"] - ref["top1"], 2)
         print(f"| {r['name']} | {r['top1']:.2f} | {r['best_top1']:.2f} | {r['top5']:.2f} | {r['seconds']:.1f} | "
               f"{r['speedup']}x | {r['gap']:+.2f} |")
-    os.makedirs(os.path.dirname(opts.out), exist_ok=True)
-    with open(opts.out, "w") as f:
-        json.dump({"hardware": hardware, "pretrained": opts.pretrained, "results": results}, f, indent=1)
+    write_json({"hardware": hw, "pretrained": opts.pretrained, "results": results}, opts.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Writes JSON to --out and prints a markdown table. Run it alone on the machine.
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -22,6 +21,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from common import hardware, write_json  # noqa: E402
 from pcl import PCLError  # noqa: E402
 from pcl.checkpoint import LAST, load_checkpoint, load_model_state  # noqa: E402
 from pcl.cluster import run_kmeans  # noqa: E402
@@ -80,9 +80,9 @@ def main() -> None:
                "final_losses": {k: round(v, 4) for k, v in stats.items() if k.startswith("loss")}}
         results.append(row)
         print(json.dumps(row), flush=True)
-    hardware = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    hw = hardware()
     ks = next((list(r["spread"]) for r in results if "spread" in r), [])
-    print(f"\nPAUC ablation on the demo set, {opts.epochs} epochs (warm-up {opts.warmup_epoch}), {hardware}")
+    print(f"\nPAUC ablation on the demo set, {opts.epochs} epochs (warm-up {opts.warmup_epoch}), {hw}")
     print("| run | kNN top-1 | " + " | ".join(f"spread k={k}" for k in ks) + " | time |")
     print("|---|---|" + "---|" * len(ks) + "---|")
     for r in results:
@@ -91,10 +91,7 @@ def main() -> None:
             continue
         print(f"| {r['name']} | {r['knn_top1']:.2f}% | " + " | ".join(f"{r['spread'][k]:.4f}" for k in ks)
               + f" | {r['seconds'] / 60:.1f} min |")
-    os.makedirs(os.path.dirname(opts.out), exist_ok=True)
-    with open(opts.out, "w") as f:
-        json.dump({"hardware": hardware, "epochs": opts.epochs, "warmup_epoch": opts.warmup_epoch, "rows": results}, f,
-                  indent=1)
+    write_json({"hardware": hw, "epochs": opts.epochs, "warmup_epoch": opts.warmup_epoch, "rows": results}, opts.out)
 
 
 if __name__ == "__main__":
