@@ -194,6 +194,17 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+def kmeans(x: torch.Tensor, k: int, seed: int = 0, niter: int = 20, nredo: int = 5, backend: str = "auto"
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One k-means on x: N x d with the resolved backend: (centroids k x d, squared distances N, assignments N),
+    on the device of x (unnormalised centroids; no concentration)."""
+    backend = resolve_backend(backend)
+    if backend == "faiss":
+        c, dist2, assign = _faiss_kmeans(x.detach().float().cpu().numpy(), k, seed, niter, nredo, _faiss_gpu_device(x))
+        return tuple(torch.from_numpy(a).to(x.device) for a in (c, dist2, assign))
+    return _torch_kmeans(x.detach().float(), k, seed, niter, nredo)
+
+
 def run_kmeans(
     features: torch.Tensor | np.ndarray,
     num_clusters: int | Sequence[int],
@@ -216,12 +227,7 @@ def run_kmeans(
     result = ClusterResult()
     for g, k in enumerate(ks):
         start = time.perf_counter()
-        if backend == "faiss":
-            gpu = _faiss_gpu_device(x)
-            c, dist2, assign = _faiss_kmeans(x.cpu().numpy(), k, seed + g, niter, nredo, gpu)
-            c, dist2, assign = (torch.from_numpy(a).to(x.device) for a in (c, dist2, assign))
-        else:
-            c, dist2, assign = _torch_kmeans(x, k, seed + g, niter, nredo)
+        c, dist2, assign = kmeans(x, k, seed + g, niter, nredo, backend)
         seconds = time.perf_counter() - start
         phi = estimate_concentration(dist2.clamp_min(0).sqrt(), assign, k, temperature)
         degenerate = int((~torch.isfinite(phi) | (phi <= 0)).sum())

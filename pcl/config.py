@@ -29,10 +29,12 @@ def data_parser() -> argparse.ArgumentParser:
                    help="dataset root: an ImageFolder root with train/ (and val/), or the torchvision root "
                         "for --dataset cifar10/cifar100/stl10; overrides --dataset demo")
     g.add_argument("--dataset", default="auto",
-                   choices=["auto", "imagefolder", "cifar10", "cifar100", "stl10", "demo"],
-                   help="auto: imagefolder when DIR is given, else an error")
+                   choices=["auto", "imagefolder", "cifar10", "cifar100", "stl10", "mnist", "fashion-mnist", "kmnist",
+                            "demo"],
+                   help="auto: imagefolder when DIR is given, else an error; mnist/fashion-mnist/kmnist: DIR holds "
+                        "the four idx files (.gz or not), or DIR/<Name>/raw as torchvision keeps them")
     g.add_argument("--download", action="store_true",
-                   help="allow torchvision to download CIFAR/STL (never done otherwise)")
+                   help="allow torchvision to download CIFAR/STL/the MNIST family (never done otherwise)")
     g.add_argument("--image-size", default=224, type=int, help="crop size of the augmentations")
     g.add_argument("--crop-min-scale", default=0.2, type=float,
                    help="smallest area fraction of RandomResizedCrop (official 0.2)")
@@ -127,6 +129,12 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
                    help="auto: faiss (GPU index when available), else the PyTorch k-means")
     g.add_argument("--kmeans-niter", default=20, type=int, help="Lloyd iterations (official 20)")
     g.add_argument("--kmeans-nredo", default=5, type=int, help="k-means restarts, best kept (official 5)")
+    g.add_argument("--fixed-concentration", action="store_true",
+                   help="ablation: every prototype's temperature phi = --temperature instead of the estimated "
+                        "concentration (Eq. 12)")
+    g.add_argument("--unique-prototypes", action="store_true",
+                   help="not in the official code: each prototype enters a sample's ProtoNCE denominator once (copies "
+                        "of its own prototype, brought in by batch-mates of the same cluster, are masked out)")
     g.add_argument("--bn-splits", default=None, type=int,
                    help="single process: BatchNorm over this many sub-batches (shuffle-BN on one device); "
                         "default 8 (the paper's 8 GPUs) with one process, 1 with DDP")
@@ -203,8 +211,9 @@ def build_svm_parser() -> argparse.ArgumentParser:
     p.set_defaults(dataset="voc07")
     for action in p._actions:  # the SVM benchmarks have their own dataset list
         if action.dest == "dataset":
-            action.choices = ["voc07", "places205", "demo"]
-            action.help = "voc07: DIR/VOCdevkit/VOC2007; places205: DIR/{trainvalsplit_places205,data/...}; demo: digits"
+            action.choices = ["voc07", "places205", "mnist", "fashion-mnist", "kmnist", "demo"]
+            action.help = ("voc07: DIR/VOCdevkit/VOC2007; places205: DIR/{trainvalsplit_places205,data/...}; "
+                           "mnist/fashion-mnist/kmnist: DIR of the idx files; demo: digits")
     g = p.add_argument_group("SVM (official defaults)")
     g.add_argument("-b", "--batch-size", default=128, type=int, help="feature-extraction batch")
     g.add_argument("--cost", default="0.5", type=str, help="comma-separated SVM costs C; the best is reported")
@@ -270,6 +279,8 @@ def validate_pretrain_args(args: argparse.Namespace) -> argparse.Namespace:
         args.dataset = "imagefolder"
     elif args.dataset == "demo" and args.data is not None:
         args.dataset = "imagefolder"  # a positional DIR overrides the demo data
+    elif args.dataset in ("mnist", "fashion-mnist", "kmnist") and args.data is None:
+        raise PCLError(f"--dataset {args.dataset} needs the folder of its idx files as DIR (or DIR plus --download)")
     if args.batch_size <= 0 or args.epochs <= 0:
         raise PCLError("--batch-size and --epochs must be positive")
     if args.pcl_r <= 0:

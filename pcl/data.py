@@ -9,9 +9,11 @@ Two input paths, one interface (loaders that yield ``(im_q, im_k, index)`` for t
 
 from __future__ import annotations
 
+import gzip
 import logging
 import math
 import os
+import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -221,7 +223,9 @@ def make_digits_demo(renders_train: int = 4, renders_test: int = 2, size: int = 
     colours, background texture and noise, so that raw pixels do not separate the classes.
 
     Train/test are split by source image (no digit appears in both). Returns uint8 images N x 3 x size x
-    size and labels for 'train' and 'test', plus 'train_source'/'test_source' ids. Deterministic in seed.
+    size and labels for 'train' and 'test', plus 'train_source'/'test_source' ids and '{split}_nuisance':
+    N x 9 float, the drawn background RGB, foreground RGB, scale and centre x, y (to measure what features
+    or clusters follow besides the digit). Deterministic in seed.
     """
     from sklearn.datasets import load_digits
 
@@ -234,13 +238,13 @@ def make_digits_demo(renders_train: int = 4, renders_test: int = 2, size: int = 
     out: dict[str, torch.Tensor] = {}
     for split, ids, reps in (("test", order[:n_test], renders_test), ("train", order[n_test:], renders_train)):
         src = ids.repeat_interleave(reps)
-        out[split] = _render(glyphs[src], size, gen)
+        out[split], out[f"{split}_nuisance"] = _render(glyphs[src], size, gen)
         out[f"{split}_labels"] = labels[src]
         out[f"{split}_source"] = src
     return out
 
 
-def _render(glyphs: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+def _render(glyphs: torch.Tensor, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     n = glyphs.shape[0]
     u = lambda lo, hi, *shape: torch.empty(*shape).uniform_(lo, hi, generator=gen)  # noqa: E731
     scale = u(0.45, 0.9, n)  # digit side as a fraction of the canvas
@@ -258,7 +262,103 @@ def _render(glyphs: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tens
     mask = ((mask - 0.15) * 2.0).clamp(0, 1)  # crisper strokes than the blurry 8x8 upsampling
     texture = F.interpolate(u(-0.1, 0.1, n, 3, 4, 4), size=(size, size), mode="bilinear", align_corners=False)
     img = bg + texture + (fg - bg) * mask + 0.03 * torch.randn(n, 3, size, size, generator=gen)
-    return (img.clamp(0, 1) * 255).round().to(torch.uint8)
+    nuisance = torch.cat([bg.flatten(1), fg.flatten(1), scale[:, None], cx[:, None], cy[:, None]], 1)  # N x 9
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8), nuisance
+
+
+# ----------------------------------------------------------------------------------------------------
+# the MNIST family (MNIST, Fashion-MNIST, KMNIST) from their idx files, held in memory as uint8
+# ----------------------------------------------------------------------------------------------------
+MNIST_FAMILY = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}  # --dataset -> torchvision
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+IN_MEMORY_SETS = ("demo", *MNIST_FAMILY)  # datasets augmented as batched tensors (TensorAugment)
+
+
+def read_idx(path: str) -> torch.Tensor:
+    """An idx file of unsigned bytes (gzipped when the name ends in .gz) as a uint8 tensor of its dimensions.
+
+    Format (LeCun's): two zero bytes, type 0x08 (ubyte), the number of dimensions n, n big-endian uint32
+    sizes, then the data. Anything else is a PCLError naming the file and what is wrong.
+    """
+    try:
+        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise PCLError(f"cannot read idx file {path}: {e}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] == 0:
+        raise PCLError(f"{path} is not an idx file of unsigned bytes (header {raw[:4].hex() or 'empty'}, expected "
+                       f"0000 08 then the number of dimensions); re-download it or check the folder")
+    ndim, start = raw[3], 4 + 4 * raw[3]
+    if len(raw) < start:
+        raise PCLError(f"{path} is truncated inside its header ({len(raw)} bytes)")
+    dims = struct.unpack(f">{ndim}I", raw[4:start])
+    if len(raw) - start != math.prod(dims):
+        raise PCLError(f"{path}: the header says {' x '.join(map(str, dims))} = {math.prod(dims)} bytes of data, "
+                       f"the file holds {len(raw) - start}; it is truncated or corrupt, re-download it")
+    return torch.frombuffer(bytearray(raw[start:]), dtype=torch.uint8).reshape(dims)
+
+
+def write_idx(path: str, array: torch.Tensor) -> None:
+    """Write a uint8 tensor as an idx file (gzipped when the name ends in .gz): the inverse of :func:`read_idx`."""
+    data = array.to(torch.uint8).contiguous()
+    header = bytes([0, 0, 0x08, data.dim()]) + struct.pack(f">{data.dim()}I", *data.shape)
+    with (gzip.open(path, "wb") if path.endswith(".gz") else open(path, "wb")) as f:
+        f.write(header + data.numpy().tobytes())
+
+
+def _find_idx(root: str, name: str, base: str) -> str | None:
+    """``base`` or ``base.gz`` in ``root`` (the original distribution, Debian's package) or in
+    ``root/<TorchvisionName>/raw`` (torchvision's layout); None if absent."""
+    for folder in (root, os.path.join(root, MNIST_FAMILY[name], "raw")):
+        for candidate in (base, base + ".gz"):
+            path = os.path.join(folder, candidate)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def load_mnist_family(name: str, root: str | None, download: bool = False) -> dict[str, torch.Tensor]:
+    """MNIST / Fashion-MNIST / KMNIST: {'train', 'test'} uint8 N x 1 x 28 x 28 and '{split}_labels' (long),
+    the official 60k/10k split. Reads the four idx files from ``root`` or ``root/<Name>/raw``; with
+    ``download`` torchvision fetches them into ``root`` first (never otherwise)."""
+    if root is None:
+        raise PCLError(f"--dataset {name} needs the folder of its idx files as DIR")
+    if download:
+        cls = getattr(tvd, MNIST_FAMILY[name])
+        cls(root, train=True, download=True)
+        cls(root, train=False, download=True)
+    out: dict[str, torch.Tensor] = {}
+    for split, (images_base, labels_base) in IDX_FILES.items():
+        images_path, labels_path = _find_idx(root, name, images_base), _find_idx(root, name, labels_base)
+        if images_path is None or labels_path is None:
+            missing = images_base if images_path is None else labels_base
+            hint = (" `apt-get install dataset-fashion-mnist` installs them in /usr/share/datasets/fashion-mnist;"
+                    if name == "fashion-mnist" else "")
+            raise PCLError(f"{name} not found under {root}: {missing}[.gz] is missing (expected the four idx files "
+                           f"in DIR or DIR/{MNIST_FAMILY[name]}/raw);{hint} or pass --download (torchvision)")
+        images, labels = read_idx(images_path), read_idx(labels_path)
+        if images.dim() != 3 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
+            raise PCLError(f"{name} {split} split: {images_path} holds {tuple(images.shape)} and {labels_path} "
+                           f"{tuple(labels.shape)}; expected N x H x W images and N labels")
+        out[split], out[f"{split}_labels"] = images[:, None], labels.long()
+    return out
+
+
+def load_in_memory(args: Any) -> dict[str, torch.Tensor]:
+    """The in-memory sets as 3-channel uint8 at ``args.image_size``: {'train', 'train_labels', 'test',
+    'test_labels'}. Grey images are expanded to 3 channels (a view: no copy) so the standard backbones and
+    checkpoints apply; a size other than the stored one is a bilinear (antialiased) resize, done once."""
+    if args.dataset == "demo":
+        return make_digits_demo(renders_train=args.demo_renders, size=args.image_size, seed=0)
+    sets = load_mnist_family(args.dataset, args.data, getattr(args, "download", False))
+    for split in ("train", "test"):
+        x = sets[split]
+        if x.shape[-1] != args.image_size or x.shape[-2] != args.image_size:
+            x = F.interpolate(x.float(), size=(args.image_size, args.image_size), mode="bilinear",
+                              antialias=True, align_corners=False).round().clamp(0, 255).to(torch.uint8)
+        sets[split] = x.expand(-1, 3, -1, -1)
+    return sets
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -416,13 +516,13 @@ class PretrainData:
 def build_pretrain_data(args: Any) -> PretrainData:
     """Datasets and loaders for ``args.dataset`` with the per-process batch ``args.batch_size``."""
     eval_bs = args.batch_size * 5  # as official: larger batches for the feature pass
-    if args.dataset == "demo":
-        demo = make_digits_demo(renders_train=args.demo_renders, size=args.image_size, seed=0)
-        train = TensorPairLoader(demo["train"], args.batch_size, TensorAugment(args.image_size, args.aug_plus, args.crop_min_scale),
+    if args.dataset in IN_MEMORY_SETS:
+        sets = load_in_memory(args)
+        train = TensorPairLoader(sets["train"], args.batch_size, TensorAugment(args.image_size, args.aug_plus, args.crop_min_scale),
                                  args.seed)
-        knn = (TensorEvalLoader(demo["train"], eval_bs, shard=False), demo["train_labels"],
-               TensorEvalLoader(demo["test"], eval_bs, shard=False), demo["test_labels"])
-        return PretrainData(train, TensorEvalLoader(demo["train"], eval_bs), demo["train"].shape[0], knn)
+        knn = (TensorEvalLoader(sets["train"], eval_bs, shard=False), sets["train_labels"],
+               TensorEvalLoader(sets["test"], eval_bs, shard=False), sets["test_labels"])
+        return PretrainData(train, TensorEvalLoader(sets["train"], eval_bs), sets["train"].shape[0], knn)
 
     if args.data is None or not os.path.isdir(args.data):
         raise PCLError(f"data folder not found: {args.data}")
@@ -578,10 +678,10 @@ def build_labelled_data(args: Any, train_subset: Callable[[Any], list[int]] | No
     """Labelled train/val loaders for the linear probe and fine-tuning; ``args.batch_size`` is per process.
     ``train_subset(base_train)`` (optional) picks the training images (e.g. the 1% / 10% ImageNet subsets)."""
     bs, size = args.batch_size, args.image_size
-    if args.dataset == "demo":
-        demo = make_digits_demo(renders_train=args.demo_renders, size=size, seed=0)
+    if args.dataset in IN_MEMORY_SETS:
+        sets = load_in_memory(args)
         augment = TensorAugment(size, aug_plus=False, min_scale=args.crop_min_scale, color=False)
-        tr, trl, te, tel = demo["train"], demo["train_labels"], demo["test"], demo["test_labels"]
+        tr, trl, te, tel = sets["train"], sets["train_labels"], sets["test"], sets["test_labels"]
         if train_subset is not None:
             keep = torch.as_tensor(train_subset(trl))
             tr, trl = tr[keep], trl[keep]

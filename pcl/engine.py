@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pcl import EXIT_INPUT, EXIT_PREEMPTED, PCLError, Preempted, checkpoint as ckpt_io, distributed as dist_utils
-from pcl.cluster import ClusterResult, check_features, run_kmeans
+from pcl.cluster import ClusterResult, check_features, kmeans, run_kmeans
 from pcl.config import validate_pretrain_args
 from pcl.data import PretrainData, build_pretrain_data
 from pcl.evaluation.knn import extract_features, knn_accuracy
@@ -101,6 +101,8 @@ def e_step(model: nn.Module, data: PretrainData, args: argparse.Namespace, devic
             dist_utils.broadcast_(t, 0)
     result.kmeans_seconds = dist_utils.broadcast_object(result.kmeans_seconds)
     result = result.to(device)
+    if getattr(args, "fixed_concentration", False):  # ablation: one temperature for every prototype
+        result.concentration = [torch.full_like(phi, args.temperature) for phi in result.concentration]
     result.estep_seconds = time.perf_counter() - start
     logger.info("E-step epoch %d: features %.1f s, k-means %s s, total %.1f s", epoch, feat_seconds,
                 "/".join(f"{s:.1f}" for s in result.kmeans_seconds), result.estep_seconds)
@@ -184,7 +186,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         if cluster is not None:
             loss_proto, proto_out, proto_labels, proto_ids = proto_nce(
                 q, index, cluster.im2cluster, cluster.centroids, cluster.concentration, args.pcl_r, negative_gen,
-                return_ids=True)
+                return_ids=True, unique_prototypes=getattr(args, "unique_prototypes", False))
             loss = loss + loss_proto
             meters["loss_proto"].update(loss_proto.item(), b)
             if getattr(args, "pauc", False):
@@ -370,8 +372,9 @@ def fit(args: argparse.Namespace, on_step: Callable[[int, int], None] | None = N
             _log_epoch(run_log, stats, cluster, args, epoch, data.knn[1] if data.knn is not None else None)
             last = epoch + 1 == args.epochs
             if args.knn_every and data.knn is not None and ((epoch + 1) % args.knn_every == 0 or last):
-                stats["knn_top1"] = knn_top1(ckpt_io.query_backbone(model), data, args, device)
-                run_log.scalars(epoch, {"train/knn_top1": stats["knn_top1"]})
+                scores = monitor_scores(ckpt_io.query_backbone(model), data, args, device)
+                stats.update(scores)
+                run_log.scalars(epoch, {f"train/{k}": v for k, v in scores.items()})
             run_log.record(stats)
             logger.info("epoch %d: %s", epoch, " ".join(f"{k}={v:.4g}" for k, v in stats.items() if k != "epoch"))
             stopping = not last and stop.requested(device)  # a signal during the epoch's last step
@@ -477,12 +480,27 @@ def launch(args: argparse.Namespace, fn: Callable[[argparse.Namespace], Any] = f
     return None
 
 
-def knn_top1(encoder: nn.Module | None, data: PretrainData, args: argparse.Namespace, device: torch.device) -> float:
-    """Weighted kNN top-1 (percent) on the labelled test split, training split as the memory bank."""
+def monitor_scores(encoder: nn.Module | None, data: PretrainData, args: argparse.Namespace, device: torch.device,
+                   with_nmi: bool = True) -> dict[str, float]:
+    """On the labelled test split: weighted kNN top-1 (percent; training split as the memory bank) and, with
+    ``with_nmi``, ``test_nmi``: NMI (percent) of k-means with k = the number of classes on the L2-normalised
+    test features (one faiss/torch k-means of a few thousand points: milliseconds)."""
     bank_loader, bank_labels, test_loader, test_labels = data.knn
     bank = extract_features(encoder, bank_loader, device, len(bank_labels))
     test = extract_features(encoder, test_loader, device, len(test_labels))
-    return knn_accuracy(bank, bank_labels, test, test_labels, args.knn_k, args.knn_t)
+    scores = {"knn_top1": knn_accuracy(bank, bank_labels, test, test_labels, args.knn_k, args.knn_t)}
+    if with_nmi:
+        from pcl.evaluation.cluster_metrics import clustering_scores
+
+        num_classes = int(max(bank_labels.max(), test_labels.max())) + 1
+        assign = kmeans(test, num_classes, seed=0, niter=20, nredo=1, backend=args.kmeans_backend)[2]
+        scores["test_nmi"] = clustering_scores(test_labels.numpy(), assign.cpu().numpy(), with_ami=False)["nmi"]
+    return scores
+
+
+def knn_top1(encoder: nn.Module | None, data: PretrainData, args: argparse.Namespace, device: torch.device) -> float:
+    """Weighted kNN top-1 (percent) on the labelled test split, training split as the memory bank."""
+    return monitor_scores(encoder, data, args, device, with_nmi=False)["knn_top1"]
 
 
 def knn_report(model: nn.Module, data: PretrainData, args: argparse.Namespace, device: torch.device) -> dict[str, float]:

@@ -72,6 +72,21 @@ def prototype_logits(
     return logits, labels
 
 
+def mask_duplicate_positives(logits: torch.Tensor, positive_ids: torch.Tensor) -> torch.Tensor:
+    """Drop the copies of each row's own prototype from its denominator (not in the official code).
+
+    In the official layout column j < B holds sample j's positive prototype, so when samples i and j share a
+    cluster, row i's softmax contains its positive prototype twice: once as the target, once as a
+    "negative". With B = 256 per device and k ~ B, most rows have such copies. logits: B x (B + R),
+    positive_ids: B. Sets logits[i, j] = -inf where j != i, j < B and positive_ids[j] == positive_ids[i]
+    (in place; returns logits).
+    """
+    same = positive_ids[:, None] == positive_ids[None, :]  # B x B
+    same.fill_diagonal_(False)
+    logits[:, : positive_ids.shape[0]].masked_fill_(same, float("-inf"))
+    return logits
+
+
 def proto_nce(
     q: torch.Tensor,
     index: torch.Tensor,
@@ -81,17 +96,21 @@ def proto_nce(
     r: int,
     generator: torch.Generator | None = None,
     return_ids: bool = False,
+    unique_prototypes: bool = False,
 ):
     """Prototype term of ProtoNCE: mean over granularities of cross-entropy on :func:`prototype_logits`.
 
     q: B x C; index: B dataset indices of the batch. Returns (loss, logits per granularity, labels), plus
-    the prototype ids of the logits' columns per granularity with ``return_ids``.
+    the prototype ids of the logits' columns per granularity with ``return_ids``. ``unique_prototypes``
+    applies :func:`mask_duplicate_positives` (off: the official numerics).
     """
     losses, all_logits, all_labels, all_ids = [], [], [], []
     for assign, protos, phi in zip(im2cluster, centroids, concentration):
         pos = assign[index]
         neg = sample_negative_prototypes(protos.shape[0], pos, r, generator)
         logits, labels = prototype_logits(q, protos, phi, pos, neg)
+        if unique_prototypes:
+            logits = mask_duplicate_positives(logits, pos)
         losses.append(F.cross_entropy(logits.float(), labels))
         all_logits.append(logits)
         all_labels.append(labels)

@@ -47,3 +47,24 @@ def official_checkpoint(path, arch="resnet18", mlp=False, seed=0):
     state["module.queue_ptr"] = torch.zeros(1, dtype=torch.long)
     torch.save({"epoch": 200, "arch": arch, "state_dict": state, "optimizer": {}}, path)
     return enc
+
+
+def fake_mnist(root, n_train=96, n_test=40, gz=True, layout="flat", name="FashionMNIST", size=28, seed=0):
+    """Write the four idx files of a tiny MNIST-family set: class c is a bright square at a class-specific
+    place plus noise, so a model can learn it. layout 'flat': in root (the original distribution, Debian's
+    package); 'torchvision': in root/<name>/raw. Returns the folder the files are in."""
+    from pcl.data import write_idx
+
+    folder = os.path.join(str(root), name, "raw") if layout == "torchvision" else str(root)
+    os.makedirs(folder, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = torch.arange(n) % 10
+        images = torch.randint(0, 60, (n, size, size), generator=gen)
+        for i, c in enumerate(labels.tolist()):
+            r, col = 2 + (c // 5) * 12, 2 + (c % 5) * 5
+            images[i, r:r + 10, col:col + 4] = 230
+        ext = ".gz" if gz else ""
+        write_idx(os.path.join(folder, f"{split}-images-idx3-ubyte{ext}"), images)
+        write_idx(os.path.join(folder, f"{split}-labels-idx1-ubyte{ext}"), labels)
+    return folder

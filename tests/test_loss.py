@@ -100,3 +100,28 @@ def test_accuracy_topk():
     top1, top2 = accuracy(out, tgt, (1, 2))
     assert top1 == pytest.approx(100 / 3)
     assert top2 == pytest.approx(200 / 3)
+
+
+def test_unique_prototypes_drop_copies_of_the_positive_from_the_denominator():
+    from pcl.loss import mask_duplicate_positives
+
+    q, c = _unit(6, 8, seed=4), _unit(5, 8, seed=5)
+    phi = torch.tensor([0.1, 0.2, 0.3, 0.25, 0.15], dtype=torch.float64)
+    pos = torch.tensor([0, 1, 0, 2, 1, 0])  # samples 0, 2, 5 share prototype 0; 1 and 4 share prototype 1
+    neg = torch.tensor([3, 4])
+    logits, labels = prototype_logits(q, c, phi, pos, neg)
+    masked = mask_duplicate_positives(logits.clone(), pos)
+    loss = F.cross_entropy(masked, labels)
+    ids = torch.cat([pos, neg])
+    ref = 0.0
+    for i in range(6):  # float64 reference: the denominator holds each prototype once
+        keep = [j for j in range(8) if j == i or j >= 6 or ids[j] != pos[i]]
+        s = torch.stack([(q[i] @ c[ids[j]]) / phi[ids[j]] for j in keep])
+        ref += -(q[i] @ c[pos[i]]) / phi[pos[i]] + torch.logsumexp(s, 0)
+    assert loss.item() == pytest.approx(ref.item() / 6, abs=1e-10)
+    assert torch.isinf(masked[0, 2]) and torch.isinf(masked[2, 5]) and not torch.isinf(masked[0, 0])
+    assert torch.equal(masked[3], logits[3])  # a row with no batch-mate in its cluster is unchanged
+    # with no shared prototypes the option changes nothing (the official numerics)
+    distinct = torch.arange(5)
+    lg, _ = prototype_logits(q[:5], c, phi, distinct, neg[:0])
+    assert torch.equal(mask_duplicate_positives(lg.clone(), distinct), lg)

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from pcl import PCLError, checkpoint as ckpt_io, distributed as dist_utils
-from pcl.data import build_labelled_data, per_class_fraction, read_subset
+from pcl.data import IN_MEMORY_SETS, build_labelled_data, per_class_fraction, read_subset
 from pcl.evaluation.linear import build_probe, prepare_eval, train_epoch, validate
 from pcl.log import RunLog
 
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _subset_picker(args: argparse.Namespace):
-    if args.dataset == "demo":
+    if args.dataset in IN_MEMORY_SETS:
         return lambda labels: per_class_fraction(labels, args.labels_perc, args.seed).tolist()
     if not args.subset:
         raise PCLError("--subset FILE is required: the 1% / 10% image list (SimCLR's imagenet_subsets/*percent.txt)")

@@ -135,13 +135,13 @@ def score_report(scores: np.ndarray, test_y: np.ndarray, single_label: bool) -> 
 # ----------------------------------------------------------------------------------------------------
 def _svm_data(args: argparse.Namespace):
     """(train dataset, N x C train labels, test dataset, M x C test labels, single_label) for args.dataset."""
-    from pcl.data import VOC07, Places205, TensorLabelledLoader, eval_transform, make_digits_demo, one_vs_rest
+    from pcl.data import IN_MEMORY_SETS, VOC07, Places205, TensorLabelledLoader, eval_transform, load_in_memory, one_vs_rest
 
-    if args.dataset == "demo":
-        demo = make_digits_demo(renders_train=args.demo_renders, size=args.image_size, seed=0)
-        tr, te = demo["train_labels"], demo["test_labels"]
+    if args.dataset in IN_MEMORY_SETS:
+        sets = load_in_memory(args)
+        tr, te = sets["train_labels"], sets["test_labels"]
         make = lambda images, labels: TensorLabelledLoader(images, labels, args.batch_size)  # noqa: E731
-        return (("tensor", make, demo["train"], tr), one_vs_rest(tr, 10), ("tensor", make, demo["test"], te),
+        return (("tensor", make, sets["train"], tr), one_vs_rest(tr, 10), ("tensor", make, sets["test"], te),
                 one_vs_rest(te, 10), True)
     if args.data is None:
         raise PCLError(f"no data: give the {args.dataset} root DIR, or --dataset demo")
@@ -240,7 +240,7 @@ def run_svm(args: argparse.Namespace) -> dict[str, Any]:
         scores = svm_scores(train_x[position[rows]], train_y[rows], test_x, cost, args.n_jobs, args.svm_max_iter)
         return score_report(scores, test_y, single_label)
 
-    metric = "top1" if single_label and args.dataset != "demo" else "mAP"
+    metric = "top1" if single_label and args.dataset == "places205" else "mAP"
     results: dict[str, Any] = {"dataset": args.dataset, "pretrained": args.pretrained, "arch": args.arch,
                                "metric": metric, "costs": costs, "extract_seconds": extract_seconds, "shots": {}}
     for k in shots:
