@@ -47,6 +47,13 @@ def data_parser() -> argparse.ArgumentParser:
     g.add_argument("--bad-images", default="fail", choices=["fail", "skip"],
                    help="an unreadable image file: stop with its name (fail), or use the next readable one and "
                         "log a warning with a running count (skip)")
+    g.add_argument("--class-list", default=None, metavar="FILE",
+                   help="ImageFolder: use only the class folders listed in FILE (one per line, e.g. ImageNet wnids), "
+                        "labelled in the file's order, in every split (configs/class_lists/imagenet100.txt: ImageNet-100)")
+    g.add_argument("--expect-images", default=0, type=int, metavar="N",
+                   help="presets: stop at start-up unless the training split holds exactly N images (0: no check)")
+    g.add_argument("--expect-classes", default=0, type=int, metavar="C",
+                   help="presets: stop at start-up unless the training split has C classes (0: no check)")
     g.add_argument("--demo-renders", default=4, type=int,
                    help="demo set: renders of each training digit (test digits get 2)")
     return p
@@ -225,6 +232,9 @@ def build_svm_parser() -> argparse.ArgumentParser:
     return p
 
 
+CONFIG_RELATIVE_PATHS = ("class_list",)  # a relative path in a YAML file is relative to that file's folder
+
+
 def load_config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
     """Read a YAML file into parser defaults; unknown keys raise :class:`PCLError`."""
     if not os.path.isfile(path):
@@ -243,6 +253,8 @@ def load_config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str
         if dest not in known or dest in ("help", "config"):
             raise PCLError(f"config {path}: unknown key '{key}' (valid keys are the command-line flags, "
                            f"see --help)")
+        if dest in CONFIG_RELATIVE_PATHS and isinstance(value, str) and not os.path.isabs(value):
+            value = os.path.join(os.path.dirname(os.path.abspath(path)), value)
         defaults[dest] = value
     return defaults
 

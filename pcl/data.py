@@ -89,12 +89,46 @@ class IndexedDataset(Dataset):
         return torch.as_tensor(list(raw), dtype=torch.long)
 
 
-def _image_folder(root: str, split: str, bad_images: str = "fail") -> Dataset:
+def read_class_list(path: str) -> list[str]:
+    """Class folder names (e.g. ImageNet wnids), one per line, in label order; blank lines and '#' comments
+    are skipped. A missing or empty file, or a name listed twice, is a PCLError."""
+    if not os.path.isfile(path):
+        raise PCLError(f"--class-list {path}: file not found (one class folder name per line)")
+    with open(path) as f:
+        names = [line.split("#", 1)[0].strip() for line in f]
+    names = [n for n in names if n]
+    if not names:
+        raise PCLError(f"--class-list {path} lists no classes")
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise PCLError(f"--class-list {path} lists {n} twice")
+        seen.add(n)
+    return names
+
+
+class ListedImageFolder(tvd.ImageFolder):
+    """An ImageFolder restricted to the listed class folders, labelled 0..C-1 in the list's order (so the same
+    list gives the same labels in every split); only those folders are scanned."""
+
+    def __init__(self, root: str, classes: Sequence[str]) -> None:
+        self.listed = list(classes)
+        super().__init__(root)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        missing = [c for c in self.listed if not os.path.isdir(os.path.join(directory, c))]
+        if missing:
+            raise PCLError(f"class {missing[0]} of the class list is not a folder in {directory} "
+                           f"({len(missing)} of the {len(self.listed)} listed classes are missing)")
+        return list(self.listed), {c: i for i, c in enumerate(self.listed)}
+
+
+def _image_folder(root: str, split: str, bad_images: str = "fail", classes: Sequence[str] | None = None) -> Dataset:
     path = os.path.join(root, split)
     if not os.path.isdir(path):
         raise PCLError(f"data folder not found: {path} (expected an ImageFolder root: DIR/{split}/<class>/<image>)")
     try:
-        return SafeImages(tvd.ImageFolder(path), bad_images)
+        return SafeImages(ListedImageFolder(path, classes) if classes else tvd.ImageFolder(path), bad_images)
     except (FileNotFoundError, RuntimeError) as e:
         raise PCLError(f"no images in {path}: {e} (expected DIR/{split}/<class>/<image>)") from None
 
@@ -238,13 +272,15 @@ def make_digits_demo(renders_train: int = 4, renders_test: int = 2, size: int = 
     out: dict[str, torch.Tensor] = {}
     for split, ids, reps in (("test", order[:n_test], renders_test), ("train", order[n_test:], renders_train)):
         src = ids.repeat_interleave(reps)
-        out[split], out[f"{split}_nuisance"] = _render(glyphs[src], size, gen)
+        out[split], out[f"{split}_nuisance"] = render_glyphs(glyphs[src], size, gen)
         out[f"{split}_labels"] = labels[src]
         out[f"{split}_source"] = src
     return out
 
 
-def _render(glyphs: torch.Tensor, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def render_glyphs(glyphs: torch.Tensor, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw grey glyphs (N x h x w in [0, 1], any h, w) into size x size colour clutter: uint8 images N x 3 x size x
+    size and the drawn nuisances N x 9 (background RGB, foreground RGB, scale, centre x, y)."""
     n = glyphs.shape[0]
     u = lambda lo, hi, *shape: torch.empty(*shape).uniform_(lo, hi, generator=gen)  # noqa: E731
     scale = u(0.45, 0.9, n)  # digit side as a fraction of the canvas
@@ -513,11 +549,49 @@ class PretrainData:
     knn: tuple[Any, torch.Tensor, Any, torch.Tensor] | None = None  # bank loader, labels, test loader, labels
 
 
+def check_expected(args: Any, num_images: int, num_classes: int | None) -> None:
+    """A preset's start-up check (--expect-images / --expect-classes): a wrong folder fails in seconds."""
+    where = args.data or args.dataset
+    expect_images, expect_classes = getattr(args, "expect_images", 0), getattr(args, "expect_classes", 0)
+    if expect_images and num_images != expect_images:
+        raise PCLError(f"{where}: {num_images} training images, the preset expects {expect_images}; is DIR the "
+                       f"right folder? (--expect-images 0 turns this check off)")
+    if expect_classes and num_classes is not None and num_classes != expect_classes:
+        raise PCLError(f"{where}: {num_classes} classes, the preset expects {expect_classes}; is DIR (or "
+                       f"--class-list) right? (--expect-classes 0 turns this check off)")
+
+
+def _same_classes(train: Dataset, val: Dataset, root: str) -> None:
+    """Labels are class positions: a validation folder with other classes would be scored against wrong labels."""
+    a, b = list(getattr(train, "classes", [])), list(getattr(val, "classes", []))
+    if a != b:
+        only = sorted(set(a) ^ set(b))[:3]
+        raise PCLError(f"{root}: train/ and val/ hold different classes ({len(a)} vs {len(b)}; e.g. {only or 'other order'}); "
+                       f"make them agree or give --class-list FILE")
+
+
+def _file_sets(args: Any, labelled: bool) -> tuple[Dataset, Dataset | None]:
+    """(train, test) datasets of a file dataset: ImageFolder train/ and val/ (only the --class-list classes when
+    given) or torchvision's train/test. ``labelled``: for evaluation (val/ required; STL-10's labelled train
+    split) rather than pretraining (val/ optional, for the kNN monitor; STL-10's unlabeled split)."""
+    if args.dataset == "imagefolder":
+        classes = read_class_list(args.class_list) if getattr(args, "class_list", None) else None
+        train, test = _image_folder(args.data, "train", args.bad_images, classes), None
+        if labelled or os.path.isdir(os.path.join(args.data, "val")):
+            test = _image_folder(args.data, "val", args.bad_images, classes)
+            _same_classes(train, test, args.data)
+        return train, test
+    split = "unlabeled" if args.dataset == "stl10" and not labelled else "train"
+    return (_torchvision_set(args.dataset, args.data, split, args.download),
+            _torchvision_set(args.dataset, args.data, "test", args.download))
+
+
 def build_pretrain_data(args: Any) -> PretrainData:
     """Datasets and loaders for ``args.dataset`` with the per-process batch ``args.batch_size``."""
     eval_bs = args.batch_size * 5  # as official: larger batches for the feature pass
     if args.dataset in IN_MEMORY_SETS:
         sets = load_in_memory(args)
+        check_expected(args, sets["train"].shape[0], int(sets["train_labels"].max()) + 1)
         train = TensorPairLoader(sets["train"], args.batch_size, TensorAugment(args.image_size, args.aug_plus, args.crop_min_scale),
                                  args.seed)
         knn = (TensorEvalLoader(sets["train"], eval_bs, shard=False), sets["train_labels"],
@@ -527,16 +601,10 @@ def build_pretrain_data(args: Any) -> PretrainData:
     if args.data is None or not os.path.isdir(args.data):
         raise PCLError(f"data folder not found: {args.data}")
     size, pin = args.image_size, torch.cuda.is_available()
-    if args.dataset == "imagefolder":
-        base_train, base_test = _image_folder(args.data, "train", args.bad_images), None
-        if os.path.isdir(os.path.join(args.data, "val")):
-            base_test = _image_folder(args.data, "val", args.bad_images)
-    else:
-        train_split = "unlabeled" if args.dataset == "stl10" else "train"
-        base_train = _torchvision_set(args.dataset, args.data, train_split, args.download)
-        base_test = _torchvision_set(args.dataset, args.data, "test", args.download)
+    base_train, base_test = _file_sets(args, labelled=False)
     if len(base_train) == 0:
         raise PCLError(f"the training set in {args.data} is empty")
+    check_expected(args, len(base_train), len(getattr(base_train, "classes", [])) or None)
     train_set = IndexedDataset(base_train, pretrain_transform(args.aug_plus, size, args.crop_min_scale), two_crops=True)
     eval_set = IndexedDataset(base_train, eval_transform(size))
     make = lambda ds, bs, train: FileLoader(ds, bs, args.workers, args.seed, train, pin,  # noqa: E731
@@ -696,14 +764,10 @@ def build_labelled_data(args: Any, train_subset: Callable[[Any], list[int]] | No
                             augment_loader)
     if args.data is None or not os.path.isdir(args.data):
         raise PCLError(f"data folder not found: {args.data}")
-    if args.dataset == "imagefolder":
-        base_train, base_val = (_image_folder(args.data, "train", args.bad_images),
-                                _image_folder(args.data, "val", args.bad_images))
-    else:
-        base_train = _torchvision_set(args.dataset, args.data, "train", args.download)
-        base_val = _torchvision_set(args.dataset, args.data, "test", args.download)
+    base_train, base_val = _file_sets(args, labelled=True)
     if len(base_train) == 0 or len(base_val) == 0:
         raise PCLError(f"the training or validation split in {args.data} is empty")
+    check_expected(args, len(base_train), len(getattr(base_train, "classes", [])) or None)
     pin = torch.cuda.is_available()
     make = lambda ds, b, train: FileLoader(ds, b, args.workers, args.seed, train, pin, drop_last=False)  # noqa: E731
     train_aug = LabelledDataset(base_train, linear_train_transform(size, args.crop_min_scale))

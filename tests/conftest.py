@@ -68,3 +68,58 @@ def fake_mnist(root, n_train=96, n_test=40, gz=True, layout="flat", name="Fashio
         write_idx(os.path.join(folder, f"{split}-images-idx3-ubyte{ext}"), images)
         write_idx(os.path.join(folder, f"{split}-labels-idx1-ubyte{ext}"), labels)
     return folder
+
+
+def fake_cifar(root, name="cifar10", n_train=40, n_test=20, seed=0):
+    """torchvision's CIFAR-10/100 python layout with tiny random batches (its md5 check must be patched off)."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(str(root), "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    os.makedirs(folder, exist_ok=True)
+    classes = 10 if name == "cifar10" else 100
+    key = "labels" if name == "cifar10" else "fine_labels"
+    files = ([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]) if name == "cifar10" else ["train", "test"]
+    for f in files:
+        n = n_test if "test" in f else (n_train // 5 if name == "cifar10" else n_train)
+        batch = {"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), key: list(np.arange(n) % classes)}
+        with open(os.path.join(folder, f), "wb") as out:
+            pickle.dump(batch, out)
+    meta = {"label_names": [f"c{i}" for i in range(10)]} if name == "cifar10" else \
+        {"fine_label_names": [f"c{i}" for i in range(100)]}
+    with open(os.path.join(folder, "batches.meta" if name == "cifar10" else "meta"), "wb") as out:
+        pickle.dump(meta, out)
+
+
+def fake_stl10(root, n_unlabeled=40, n_train=20, n_test=20, size=96, seed=0):
+    """torchvision's STL-10 binary layout (stl10_binary/) with tiny random splits (md5 check must be patched off)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(str(root), "stl10_binary")
+    os.makedirs(folder, exist_ok=True)
+    for split, n in (("unlabeled", n_unlabeled), ("train", n_train), ("test", n_test)):
+        rng.integers(0, 255, (n, 3, size, size), dtype=np.uint8).tofile(os.path.join(folder, f"{split}_X.bin"))
+        if split != "unlabeled":
+            (np.arange(n) % 10 + 1).astype(np.uint8).tofile(os.path.join(folder, f"{split}_y.bin"))
+    with open(os.path.join(folder, "class_names.txt"), "w") as f:
+        f.write("\n".join(f"c{i}" for i in range(10)) + "\n")
+    with open(os.path.join(folder, "fold_indices.txt"), "w") as f:
+        f.write(" ".join(str(i) for i in range(n_train)) + "\n")
+
+
+def image_folder(root, classes, per_class=2, splits=("train", "val"), size=12, seed=0):
+    """DIR/{split}/{class}/{i}.png with random pixels; returns the root."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(seed)
+    for split in splits:
+        for c in classes:
+            folder = os.path.join(str(root), split, c)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(per_class):
+                pixels = (torch.rand(size, size, 3, generator=gen) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
+    return str(root)
