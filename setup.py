@@ -17,5 +17,5 @@ setup(
         "tqdm",
         "tensorboard",
     ],
-    extras_require={"test": ["pytest"], "gpu": ["faiss-gpu"]},
+    extras_require={"test": ["pytest"], "gpu": ["faiss-gpu"], "plots": ["matplotlib"]},
 )
