@@ -9,36 +9,22 @@ a final table (learned / random init / raw pixels). Writes JSON next to ``--out`
 """
 
 import argparse
-import json
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import hardware, write_json  # noqa: E402
-from pcl.config import build_pretrain_parser, parse_args  # noqa: E402
-from pcl.engine import fit  # noqa: E402
+from common import fit_with_curve, hardware, write_json  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(name: str, argv: list[str]) -> dict:
-    args = parse_args(build_pretrain_parser(), argv)
-    start = time.perf_counter()
-    stats = fit(args)
-    wall = time.perf_counter() - start
-    curve, elapsed = [], 0.0
-    with open(os.path.join(args.exp_dir, "log.txt")) as f:
-        for line in f:
-            entry = json.loads(line)
-            elapsed += entry["seconds"]
-            if "knn_top1" in entry:
-                curve.append({"epoch": entry["epoch"] + 1, "train_seconds": round(elapsed, 1),
-                              "knn_top1": round(entry["knn_top1"], 2)})
-    return {"name": name, "argv": argv, "wall_seconds": round(wall, 1), "curve": curve, "final": stats["knn"]}
+    stats, record = fit_with_curve(argv)
+    return {"name": name, "argv": argv, "wall_seconds": record["wall_seconds"], "curve": record["curve"],
+            "final": stats["knn"]}
 
 
 def main() -> None:

@@ -35,12 +35,11 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import hardware, write_json  # noqa: E402
+from common import fit_with_curve, hardware, write_json  # noqa: E402
 from pcl import checkpoint as ckpt_io  # noqa: E402
 from pcl.cluster import kmeans  # noqa: E402
 from pcl.config import build_pretrain_parser, parse_args, validate_pretrain_args  # noqa: E402
 from pcl.data import TensorLabelledLoader, load_in_memory, one_vs_rest  # noqa: E402
-from pcl.engine import fit  # noqa: E402
 from pcl.evaluation.cluster_metrics import clustering_scores  # noqa: E402
 from pcl.evaluation.knn import knn_accuracy  # noqa: E402
 from pcl.evaluation.linear import extract_labelled, train_head  # noqa: E402
@@ -65,22 +64,10 @@ def trained_rows(cfg: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
 
 
 def train(name: str, argv: list[str]) -> tuple[dict, str]:
-    """Pretrain one row in this process; returns its record (curve, wall time, final stats) and checkpoint."""
-    args = parse_args(build_pretrain_parser(), argv)
-    start = time.perf_counter()
-    stats = fit(args)
-    wall = time.perf_counter() - start
-    curve, elapsed = [], 0.0
-    with open(os.path.join(args.exp_dir, "log.txt")) as f:
-        for line in f:
-            entry = json.loads(line)
-            elapsed += entry["seconds"]
-            if "knn_top1" in entry:
-                curve.append({"epoch": entry["epoch"] + 1, "train_seconds": round(elapsed, 1),
-                              "knn_top1": round(entry["knn_top1"], 2), "test_nmi": round(entry["test_nmi"], 2)})
-    record = {"name": name, "argv": argv, "wall_seconds": round(wall, 1), "train_seconds": round(elapsed, 1),
-              "curve": curve, "final_loss": stats.get("loss")}
-    return record, os.path.join(args.exp_dir, ckpt_io.LAST)
+    """Pretrain one row in this process; returns its record (curve, wall time, final loss) and checkpoint."""
+    stats, record = fit_with_curve(argv)
+    record.update(name=name, final_loss=stats.get("loss"))
+    return record, os.path.join(record["exp_dir"], ckpt_io.LAST)
 
 
 @torch.no_grad()
