@@ -3,7 +3,7 @@
 Two input paths, one interface (loaders that yield ``(im_q, im_k, index)`` for training and
 ``(images, index)`` for the E-step feature pass):
 - files (ImageFolder, CIFAR/STL from disk): the official PIL augmentations in DataLoader workers;
-- in-memory uint8 tensors (the built-in demo set): the same augmentations as batched tensor ops drawn
+- in-memory uint8 tensors (the built-in demo set, the MNIST family): the same augmentations as batched tensor ops drawn
   from a ``torch.Generator``, because on a small CPU budget PIL augmentation costs more than the model.
 """
 
