@@ -90,7 +90,7 @@ def main() -> None:
     features = synthetic_features(opts.n, opts.dim, opts.centres).to(device)  # the pass's output replaced by
     # clustered rows so that k-means sees realistic structure (the random network's features are not)
 
-    resolve_backend(opts.backend)  # import faiss outside the timing (the original imports it at start-up too)
+    resolve_backend(opts.backend, device)  # import faiss outside the timing (the original imports it at start-up too)
     start = time.perf_counter()
     result = run_kmeans(features, ks, 0.2, seed=0, niter=opts.niter, nredo=opts.nredo, backend=opts.backend)
     res["kmeans_plus_phi_s"] = time.perf_counter() - start

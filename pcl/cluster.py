@@ -135,11 +135,43 @@ def _nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = 4096) -> tuple[torch
     return best_d, best_i
 
 
+SPLIT_EPS = 1.0 / 1024  # faiss's relative perturbation of a split centroid (Clustering.cpp, EPS)
+
+
+@torch.no_grad()
+def split_empty_clusters(c: torch.Tensor, counts: torch.Tensor, gen: torch.Generator) -> int:
+    """Refill empty clusters as faiss's ``split_clusters`` does, in place; returns the number of splits.
+
+    c: k x d centroids, counts: k cluster sizes (float or int, updated). For each empty cluster in turn, a donor
+    is drawn with probability proportional to (size - 1) -- a singleton is never split -- the empty one gets a
+    copy of the donor's centroid, and the two are pushed apart per dimension: even dimensions x (1 + eps) for
+    the new one and x (1 - eps) for the donor, odd dimensions the other way round (a change of direction, not
+    only of norm); the donor's members are then assumed split evenly. faiss draws donors by a cyclic scan with
+    acceptance probability (size - 1) / (n - k), whose stationary choice is the same proportion.
+    """
+    empty = (counts == 0).nonzero().flatten().tolist()  # one sync; empty clusters are rare after the first steps
+    if not empty:
+        return 0
+    sign = torch.ones(c.shape[1], dtype=c.dtype, device=c.device)
+    sign[1::2] = -1  # even dims +, odd dims -
+    for ci in empty:
+        weight = (counts - 1).clamp_min(0).to(torch.float64)
+        if float(weight.sum()) <= 0:
+            break  # every cluster has <= 1 member: nothing to split (faiss would loop forever here)
+        cj = int(torch.multinomial(weight, 1, generator=gen))
+        c[ci] = c[cj] * (1 + SPLIT_EPS * sign)
+        c[cj] = c[cj] * (1 - SPLIT_EPS * sign)
+        counts[ci] = counts[cj] // 2
+        counts[cj] -= counts[ci]
+    return len(empty)
+
+
 @torch.no_grad()
 def _torch_kmeans(x: torch.Tensor, k: int, seed: int, niter: int, nredo: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Lloyd k-means with faiss's semantics: random init from (a subsample of at most 1000 k) points,
-    niter iterations, empty clusters split from large ones, the best of nredo runs by objective."""
+    niter iterations, empty clusters refilled by :func:`split_empty_clusters`, the best of nredo runs by
+    objective. Not bit-equal to faiss (its RNG), equal in distribution (measured: benchmarks/bench_kmeans.py)."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
     n, d = x.shape
     train = x
@@ -150,16 +182,11 @@ def _torch_kmeans(x: torch.Tensor, k: int, seed: int, niter: int, nredo: int
         c = train[torch.randperm(train.shape[0], generator=gen, device=x.device)[:k]].clone()
         for _ in range(niter):
             dist2, assign = _nearest(train, c)
-            counts = torch.bincount(assign, minlength=k).to(x.dtype)
+            counts = torch.bincount(assign, minlength=k)
             sums = torch.zeros_like(c).index_add_(0, assign, train)
             nonempty = counts > 0
-            c[nonempty] = sums[nonempty] / counts[nonempty, None]
-            empty = (~nonempty).nonzero().flatten()
-            if empty.numel():  # split: copy a cluster drawn by size, perturb both copies symmetrically
-                donors = torch.multinomial(counts, empty.numel(), replacement=True, generator=gen)
-                eps = 1.0 / 1024
-                c[empty] = c[donors] * (1 + eps)
-                c[donors] = c[donors] * (1 - eps)
+            c[nonempty] = sums[nonempty] / counts[nonempty, None].to(c.dtype)
+            split_empty_clusters(c, counts, gen)
         obj = float(_nearest(train, c)[0].sum())
         if obj < best_obj:
             best_obj, best_c = obj, c
@@ -167,38 +194,56 @@ def _torch_kmeans(x: torch.Tensor, k: int, seed: int, niter: int, nredo: int
     return best_c, dist2, assign
 
 
-def _faiss_gpu_device(features: torch.Tensor) -> int | None:
-    if features.device.type != "cuda":
-        return None
-    import faiss
+def _faiss_status() -> tuple[bool, int]:
+    """(faiss importable, number of GPUs its build can use)."""
+    try:
+        import faiss
+    except ImportError:
+        return False, 0
+    try:
+        return True, int(getattr(faiss, "get_num_gpus", lambda: 0)())
+    except Exception:  # a faiss-gpu build on a machine whose driver it cannot use
+        return True, 0
 
-    if getattr(faiss, "get_num_gpus", lambda: 0)() == 0:
-        return None  # faiss-cpu: cluster on the host
+
+def _faiss_gpu_device(features: torch.Tensor) -> int | None:
+    if features.device.type != "cuda" or _faiss_status()[1] == 0:
+        return None  # faiss-cpu (only with an explicit --kmeans-backend faiss): cluster on the host
     return features.device.index or 0
 
 
-def resolve_backend(backend: str) -> str:
+def resolve_backend(backend: str, device: torch.device | str = "cpu") -> tuple[str, str]:
+    """(backend, why) for features on ``device``. ``auto`` picks, in order: faiss on the GPU when the features
+    are on CUDA and faiss has GPU support; else the torch k-means on the features' CUDA device (faiss-cpu
+    would cluster on the host: hours per ImageNet E-step while the other ranks wait); else faiss on the CPU;
+    else the torch k-means on the CPU."""
     if backend not in ("auto", "faiss", "torch"):
         raise PCLError(f"unknown k-means backend '{backend}': use auto, faiss or torch")
+    device = torch.device(device)
     if backend == "torch":
-        return backend  # no faiss import (it takes ~0.3 s, and may be what is broken)
-    try:
-        import faiss  # noqa: F401
-        has_faiss = True
-    except ImportError:
-        has_faiss = False
-    if backend == "faiss" and not has_faiss:
-        raise PCLError("--kmeans-backend faiss: faiss is not installed (pip install faiss-cpu, or faiss-gpu)")
-    if backend == "auto":
-        return "faiss" if has_faiss else "torch"
-    return backend
+        return "torch", f"--kmeans-backend torch (on {device})"  # no faiss import: it may be what is broken
+    has_faiss, gpus = _faiss_status()
+    if backend == "faiss":
+        if not has_faiss:
+            raise PCLError("--kmeans-backend faiss: faiss is not installed (pip install faiss-cpu, or "
+                           "pip install -e \".[gpu]\" for faiss on the GPU)")
+        where = "GPU" if device.type == "cuda" and gpus else "CPU"
+        return "faiss", f"--kmeans-backend faiss (faiss on the {where})"
+    if device.type == "cuda":
+        if has_faiss and gpus:
+            return "faiss", f"auto: features on {device} and faiss has GPU support ({gpus} GPUs)"
+        reason = "faiss has no GPU support (faiss-cpu)" if has_faiss else "faiss is not installed"
+        return "torch", f"auto: features on {device} and {reason}: the torch k-means on {device}"
+    if has_faiss:
+        return "faiss", "auto: features on the CPU, faiss installed"
+    return "torch", "auto: features on the CPU, faiss is not installed: the torch k-means"
 
 
 def kmeans(x: torch.Tensor, k: int, seed: int = 0, niter: int = 20, nredo: int = 5, backend: str = "auto"
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One k-means on x: N x d with the resolved backend: (centroids k x d, squared distances N, assignments N),
     on the device of x (unnormalised centroids; no concentration)."""
-    backend = resolve_backend(backend)
+    backend = resolve_backend(backend, x.device)[0]
     if backend == "faiss":
         c, dist2, assign = _faiss_kmeans(x.detach().float().cpu().numpy(), k, seed, niter, nredo, _faiss_gpu_device(x))
         return tuple(torch.from_numpy(a).to(x.device) for a in (c, dist2, assign))
@@ -223,7 +268,8 @@ def run_kmeans(
     ks = [num_clusters] if isinstance(num_clusters, int) else list(num_clusters)
     x = torch.as_tensor(features).detach().float().contiguous()
     check_features(x, ks)
-    backend = resolve_backend(backend)
+    backend, why = resolve_backend(backend, x.device)
+    logger.info("k-means backend: %s (%s)", backend, why)
     result = ClusterResult()
     for g, k in enumerate(ks):
         start = time.perf_counter()

@@ -108,3 +108,55 @@ def test_collapsed_features_give_a_clear_message_not_nan():
     x = points.repeat_interleave(30, dim=0)  # 8 distinct points x 30 copies
     with pytest.raises(PCLError, match="features have collapsed"):
         run_kmeans(x, 8, 0.2, nredo=1, backend="torch")
+
+
+def test_auto_backend_keeps_kmeans_on_the_features_gpu(monkeypatch):
+    """faiss-cpu on a GPU node must not pull an ImageNet E-step onto the host: auto picks, in order, faiss-GPU,
+    the torch k-means on the features' CUDA device, faiss-CPU, the torch k-means on the CPU."""
+    import pcl.cluster as cl
+
+    cases = [((True, 2), "cuda:1", "faiss"), ((True, 0), "cuda:1", "torch"), ((False, 0), "cuda", "torch"),
+             ((True, 0), "cpu", "faiss"), ((False, 0), "cpu", "torch")]
+    for status, device, expected in cases:
+        monkeypatch.setattr(cl, "_faiss_status", lambda s=status: s)
+        backend, why = cl.resolve_backend("auto", device)
+        assert backend == expected, (status, device, why)
+        assert why.startswith("auto:")
+    monkeypatch.setattr(cl, "_faiss_status", lambda: (True, 0))
+    assert "torch k-means on cuda:1" in cl.resolve_backend("auto", "cuda:1")[1]
+    assert cl.resolve_backend("torch", "cpu")[0] == "torch"
+    monkeypatch.setattr(cl, "_faiss_status", lambda: (False, 0))
+    with pytest.raises(PCLError, match="faiss is not installed"):
+        cl.resolve_backend("faiss", "cpu")
+
+
+def test_empty_cluster_split_matches_faiss_semantics():
+    """Donor drawn by size - 1 (a singleton never), symmetric per-dimension perturbation, even split of counts."""
+    from pcl.cluster import SPLIT_EPS, split_empty_clusters
+
+    c = torch.tensor([[9.0, 9.0, 9.0], [1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=torch.float64)
+    counts = torch.tensor([0, 6, 1])  # cluster 0 empty; 2 is a singleton: only 1 can donate
+    donor = c[1].clone()
+    assert split_empty_clusters(c, counts, torch.Generator().manual_seed(0)) == 1
+    sign = torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)
+    assert torch.equal(c[0], donor * (1 + SPLIT_EPS * sign))  # even dims up, odd dims down
+    assert torch.equal(c[1], donor * (1 - SPLIT_EPS * sign))
+    assert counts.tolist() == [3, 3, 1]  # the donor's members assumed split evenly
+    # the two copies point in different directions (a pure rescaling would not separate unit-norm data)
+    assert F.cosine_similarity(c[0], c[1], dim=0) < 1 - 1e-7
+    # several empty clusters: split one after the other, each seeing the sizes the previous splits left
+    counts = torch.tensor([0, 6, 1, 0])
+    split_empty_clusters(torch.ones(4, 3, dtype=torch.float64), counts, torch.Generator().manual_seed(0))
+    assert counts.sum() == 7 and counts[2] == 1 and (counts[[0, 1, 3]] >= 1).all()
+    # donor frequencies follow size - 1: sizes 2 and 11 -> weights 1 and 10
+    picks = torch.zeros(3)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2000):
+        cc = torch.eye(3, dtype=torch.float64)
+        cnt = torch.tensor([0, 2, 11])
+        split_empty_clusters(cc, cnt, gen)
+        picks[1 if cnt[1] == 1 else 2] += 1
+    assert abs(picks[2] / 2000 - 10 / 11) < 0.03
+    # nothing to split: every cluster has at most one member
+    cnt = torch.tensor([0, 1, 1])
+    assert split_empty_clusters(torch.eye(3), cnt, gen) == 1 and cnt.tolist() == [0, 1, 1]
