@@ -7,6 +7,13 @@ import platform
 import torch
 
 
+def use_cores() -> int:
+    """Torch threads = $OMP_NUM_THREADS when set (one per run when runs share the cores), else every core."""
+    n = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    torch.set_num_threads(n)
+    return n
+
+
 def hardware(device: torch.device | str = "cpu") -> str:
     """CPU model, cores, torch threads and version, plus the GPU's name when ``device`` is CUDA."""
     device = torch.device(device)

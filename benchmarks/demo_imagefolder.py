@@ -21,7 +21,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import hardware, write_json  # noqa: E402
+from common import hardware, write_json, use_cores  # noqa: E402
 from pcl.config import build_pretrain_parser, parse_args  # noqa: E402
 from pcl.data import load_mnist_family, render_glyphs  # noqa: E402
 from pcl.engine import fit  # noqa: E402
@@ -64,5 +64,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(os.cpu_count() or 1)
+    use_cores()
     main()

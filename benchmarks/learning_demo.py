@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import fit_with_curve, hardware, write_json  # noqa: E402
+from common import fit_with_curve, hardware, write_json, use_cores  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +36,7 @@ def main() -> None:
     p.add_argument("--exp-root", default="exp/bench_learning")
     p.add_argument("overrides", nargs="*", help="extra main_pcl flags, after --")
     opts = p.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    use_cores()
     base = ["-c", os.path.join(ROOT, "configs", "demo.yaml"), "--epochs", str(opts.epochs), "--knn-every",
             str(opts.knn_every), "--no-progress", "--save-freq", str(opts.epochs), *opts.overrides]
     results = [

@@ -19,7 +19,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import hardware, write_json  # noqa: E402
+from common import hardware, write_json, use_cores  # noqa: E402
 from pcl.config import build_linear_parser, parse_args  # noqa: E402
 from pcl.evaluation.linear import fit_linear  # noqa: E402
 
@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "linear_demo.json"))
     p.add_argument("--exp-root", default="exp/bench_linear")
     opts = p.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    use_cores()
     base = ["-c", os.path.join(ROOT, "configs", "demo_linear.yaml"), "--pretrained", opts.pretrained, "--no-progress"]
     results = [run("official protocol", base + ["--exp-dir", f"{opts.exp_root}/full"]),
                run("cached, center crops", base + ["--cached-features", "--exp-dir", f"{opts.exp_root}/cached"]),

@@ -21,7 +21,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import hardware, write_json  # noqa: E402
+from common import hardware, write_json, use_cores  # noqa: E402
 from pcl import PCLError  # noqa: E402
 from pcl.checkpoint import LAST, load_checkpoint, load_model_state  # noqa: E402
 from pcl.cluster import run_kmeans  # noqa: E402
@@ -59,7 +59,7 @@ def main() -> None:
     p.add_argument("--exp-root", default="exp/pauc_ablation")
     p.add_argument("overrides", nargs="*", help="extra main_pcl flags, after --")
     opts = p.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    use_cores()
     results = []
     for name in opts.rows.split(","):
         argv = ["-c", os.path.join(ROOT, "configs", "demo.yaml"), "--epochs", str(opts.epochs), "--warmup-epoch",

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import fit_with_curve, hardware, write_json  # noqa: E402
+from common import fit_with_curve, hardware, write_json, use_cores  # noqa: E402
 from pcl import checkpoint as ckpt_io  # noqa: E402
 from pcl.cluster import kmeans  # noqa: E402
 from pcl.config import build_pretrain_parser, parse_args, validate_pretrain_args  # noqa: E402
@@ -236,5 +236,5 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(os.cpu_count() or 1)
+    use_cores()
     main()

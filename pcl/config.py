@@ -79,6 +79,9 @@ def dist_parser() -> argparse.ArgumentParser:
     g.add_argument("--rank", default=-1, type=int, help="node rank for distributed training")
     g.add_argument("--dist-url", default="env://", type=str, help="url used to set up distributed training")
     g.add_argument("--dist-backend", default=None, type=str, help="nccl on GPU, gloo on CPU when unset")
+    g.add_argument("--dist-timeout", default=120, type=float, metavar="MIN",
+                   help="minutes a collective may wait before the run is declared hung (NCCL's default is 10; the "
+                        "other ranks wait in one while rank 0 runs the E-step's k-means)")
     g.add_argument("--gpu", default=None, type=int, help="GPU id to use")
     g.add_argument("--multiprocessing-distributed", action="store_true",
                    help="one process per GPU on each node, spawned by this script")
@@ -142,6 +145,10 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--unique-prototypes", action="store_true",
                    help="not in the official code: each prototype enters a sample's ProtoNCE denominator once (copies "
                         "of its own prototype, brought in by batch-mates of the same cluster, are masked out)")
+    g.add_argument("--proto-chunks", default=1, type=int,
+                   help="ProtoNCE per block of batch/N rows, each with its own positives and negative draw: N "
+                        "devices' worth on one (8 with batch 256 = the paper's 32 per GPU); 1 = the whole "
+                        "per-process batch, as the official code on one GPU")
     g.add_argument("--bn-splits", default=None, type=int,
                    help="single process: BatchNorm over this many sub-batches (shuffle-BN on one device); "
                         "default 8 (the paper's 8 GPUs) with one process, 1 with DDP")
@@ -299,6 +306,12 @@ def validate_pretrain_args(args: argparse.Namespace) -> argparse.Namespace:
         raise PCLError("--pcl-r must be positive")
     if args.width < 1 or args.low_dim < 1:
         raise PCLError("--width and --low-dim must be positive")
+    if not getattr(args, "dist_timeout", 1) > 0:
+        raise PCLError(f"--dist-timeout {args.dist_timeout}: give the minutes a collective may wait (> 0)")
+    if getattr(args, "proto_chunks", 1) < 1:
+        raise PCLError(f"--proto-chunks {args.proto_chunks}: give a positive number of blocks (1 = whole batch)")
+    if getattr(args, "proto_chunks", 1) > 1 and getattr(args, "pauc", False):
+        raise PCLError("--pauc needs one set of ProtoNCE columns per batch: use it with --proto-chunks 1")
     return args
 
 

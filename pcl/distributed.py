@@ -6,6 +6,7 @@ so training, feature extraction and clustering take the same code path in CPU te
 
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Any
 
@@ -54,8 +55,11 @@ def init(args: Any) -> torch.device:
         if args.dist_url == "env://" and args.rank == -1:
             args.rank = int(os.environ["RANK"])
         backend = args.dist_backend or ("nccl" if use_cuda else "gloo")
+        # a collective waits this long before the run is declared hung: the other ranks wait in one while rank 0
+        # clusters (minutes per E-step at ImageNet scale); NCCL's default of 10 minutes would kill the run there
+        timeout = datetime.timedelta(minutes=getattr(args, "dist_timeout", 120))
         dist.init_process_group(
-            backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank
+            backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank, timeout=timeout
         )
     return device
 
@@ -88,6 +92,18 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     if is_dist():
         dist.broadcast(tensor, src)
     return tensor
+
+
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank ``src``'s buffers (BatchNorm running statistics) in place; identity with one process.
+
+    DistributedDataParallel does this at each forward of the wrapped model; a pass that calls a submodule
+    directly (the E-step's key encoder, the kNN monitor's backbone) must do it itself, or each rank encodes
+    its shard with the statistics of its own last batches."""
+    if is_dist():
+        for buf in module.buffers():
+            dist.broadcast(buf, src)
 
 
 def all_gather_object(obj: Any) -> list[Any]:

@@ -87,6 +87,40 @@ def mask_duplicate_positives(logits: torch.Tensor, positive_ids: torch.Tensor) -
     return logits
 
 
+def _chunk_logits(
+    q: torch.Tensor,
+    pos: torch.Tensor,
+    protos: torch.Tensor,
+    phi: torch.Tensor,
+    r: int,
+    generator: torch.Generator | None,
+    chunks: int,
+    unique_prototypes: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One granularity's logits, each of ``chunks`` contiguous row blocks with its own positives and negative draw.
+
+    q: B x C, pos: B. A chunk of b = B / chunks rows is what one of the paper's GPUs saw: its b positives and
+    its own r negatives. Chunks are stacked row-wise, padded with -inf columns to the widest (a granularity
+    with k - b < r can supply a different number of negatives per chunk): logits B x (b + R_max), labels
+    arange(b) per chunk, ids (b + R_max) per chunk (padding ids repeat the last real one; their logits are -inf).
+    """
+    rows, labels, ids = [], [], []
+    for q_c, pos_c in zip(q.chunk(chunks), pos.chunk(chunks)):
+        neg = sample_negative_prototypes(protos.shape[0], pos_c, r, generator)
+        logits, lab = prototype_logits(q_c, protos, phi, pos_c, neg)
+        if unique_prototypes:
+            logits = mask_duplicate_positives(logits, pos_c)
+        rows.append(logits)
+        labels.append(lab)
+        ids.append(torch.cat([pos_c, neg]))
+    if chunks == 1:
+        return rows[0], labels[0], ids[0]
+    width = max(x.shape[1] for x in rows)
+    rows = [F.pad(x, (0, width - x.shape[1]), value=float("-inf")) for x in rows]
+    ids = [torch.cat([i, i[-1:].expand(width - i.numel())]) for i in ids]
+    return torch.cat(rows), torch.cat(labels), torch.stack(ids)
+
+
 def proto_nce(
     q: torch.Tensor,
     index: torch.Tensor,
@@ -97,24 +131,26 @@ def proto_nce(
     generator: torch.Generator | None = None,
     return_ids: bool = False,
     unique_prototypes: bool = False,
+    chunks: int = 1,
 ):
     """Prototype term of ProtoNCE: mean over granularities of cross-entropy on :func:`prototype_logits`.
 
     q: B x C; index: B dataset indices of the batch. Returns (loss, logits per granularity, labels), plus
     the prototype ids of the logits' columns per granularity with ``return_ids``. ``unique_prototypes``
-    applies :func:`mask_duplicate_positives` (off: the official numerics).
+    applies :func:`mask_duplicate_positives` (off: the official numerics). ``chunks`` > 1 computes the term
+    per contiguous block of B / chunks rows, each with its own positives and negative draw, and averages
+    the rows: what DistributedDataParallel over ``chunks`` devices computes (the paper's 8 GPUs x 32),
+    on one device. With ``chunks`` > 1 the ids are chunks x columns.
     """
+    if q.shape[0] % chunks:
+        raise ValueError(f"batch of {q.shape[0]} rows is not divisible into {chunks} ProtoNCE chunks")
     losses, all_logits, all_labels, all_ids = [], [], [], []
     for assign, protos, phi in zip(im2cluster, centroids, concentration):
-        pos = assign[index]
-        neg = sample_negative_prototypes(protos.shape[0], pos, r, generator)
-        logits, labels = prototype_logits(q, protos, phi, pos, neg)
-        if unique_prototypes:
-            logits = mask_duplicate_positives(logits, pos)
+        logits, labels, ids = _chunk_logits(q, assign[index], protos, phi, r, generator, chunks, unique_prototypes)
         losses.append(F.cross_entropy(logits.float(), labels))
         all_logits.append(logits)
         all_labels.append(labels)
-        all_ids.append(torch.cat([pos, neg]))
+        all_ids.append(ids)
     if return_ids:
         return torch.stack(losses).mean(), all_logits, all_labels, all_ids
     return torch.stack(losses).mean(), all_logits, all_labels

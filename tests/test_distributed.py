@@ -49,6 +49,15 @@ def _worker(rank, port, out_dir):
     device, data, model, optimizer = setup(args)
     rec = {"state": {k: v.clone() for k, v in model.module.state_dict().items()},
            "features": compute_features(model, data.eval_loader, device, data.num_samples, False)}
+    # BN statistics differ per rank, as after an epoch's last step: the E-step must use rank 0's on every rank
+    if rank == 1:
+        for m in model.module.encoder_k.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.add_(0.5)
+                m.running_var.mul_(3.0)
+    rec["state_bn"] = {k: v.clone() for k, v in model.module.state_dict().items()}
+    rec["features_bn"] = compute_features(model, data.eval_loader, device, data.num_samples, False)
+    rec["buffers_after"] = [b.clone() for b in model.module.encoder_k.buffers()]
     # the queue holds the keys of both ranks after one step
     im_q, im_k, _ = next(iter(data.train_loader))
     model.train()
@@ -92,6 +101,13 @@ def test_two_gloo_processes_agree_and_match_single_process(tmp_path):
     assert torch.equal(r0["features"], r1["features"])
     assert torch.equal(r0["features"], single)  # exactly: each row computed once, by one rank
     assert (single.norm(dim=1) - 1).abs().max() < 1e-5
+    # rank 1's key-encoder BN statistics differed before the second pass; both ranks used rank 0's
+    assert not torch.equal(r1["state_bn"]["encoder_k.bn1.running_var"], r0["state_bn"]["encoder_k.bn1.running_var"])
+    model.load_state_dict(r0["state_bn"])
+    single_bn = compute_features(model, data.eval_loader, torch.device("cpu"), data.num_samples, False)
+    assert torch.equal(r0["features_bn"], single_bn) and torch.equal(r1["features_bn"], single_bn)
+    for a, b in zip(r0["buffers_after"], r1["buffers_after"]):
+        assert torch.equal(a, b)
 
 
 def _run(cmd, tmp_path):

@@ -125,3 +125,46 @@ def test_unique_prototypes_drop_copies_of_the_positive_from_the_denominator():
     distinct = torch.arange(5)
     lg, _ = prototype_logits(q[:5], c, phi, distinct, neg[:0])
     assert torch.equal(mask_duplicate_positives(lg.clone(), distinct), lg)
+
+
+def test_proto_nce_chunks_equal_the_mean_of_per_device_losses_float64():
+    """--proto-chunks N on one device = DDP over N devices: each block of B/N rows has its own positives and its
+    own negative draw, and the loss is the mean of the blocks' cross-entropies (gradients too)."""
+    q = _unit(8, 6, seed=11).requires_grad_()
+    index = torch.arange(8)
+    # k = 5 with r = 100: blocks whose positives cover fewer prototypes get more negatives (padding with -inf)
+    im2cluster = [torch.tensor([0, 0, 0, 0, 1, 2, 3, 4]), torch.arange(8) % 7]
+    centroids = [_unit(5, 6, seed=12), _unit(7, 6, seed=13)]
+    phi = [torch.linspace(0.1, 0.5, 5, dtype=torch.float64), torch.linspace(0.2, 0.3, 7, dtype=torch.float64)]
+    loss, logits, labels = proto_nce(q, index, im2cluster, centroids, phi, r=100,
+                                     generator=torch.Generator().manual_seed(3), chunks=2)
+    (grad,) = torch.autograd.grad(loss, q)
+    gen = torch.Generator().manual_seed(3)
+    ref = []
+    for a, c, p in zip(im2cluster, centroids, phi):
+        per_device = []
+        for rows in (slice(0, 4), slice(4, 8)):
+            pos = a[index[rows]]
+            neg = sample_negative_prototypes(c.shape[0], pos, 100, gen)
+            ids = torch.cat([pos, neg])
+            lg = torch.stack([torch.stack([q[i] @ c[j] / p[j] for j in ids]) for i in range(rows.start, rows.stop)])
+            per_device.append(F.cross_entropy(lg, torch.arange(4)))
+        ref.append(torch.stack(per_device).mean())
+    ref_loss = torch.stack(ref).mean()
+    (ref_grad,) = torch.autograd.grad(ref_loss, q)
+    assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-6)  # the loss is taken in fp32
+    assert torch.allclose(grad, ref_grad, atol=1e-6)
+    assert logits[0].shape == (8, 4 + 4)  # first block: 1 distinct positive -> 4 negatives; second: 4 -> 1, padded
+    assert torch.isinf(logits[0][4:, 4 + 1:]).all() and labels[0].tolist() == [0, 1, 2, 3] * 2
+
+
+def test_proto_nce_one_chunk_is_the_whole_batch_and_bad_chunks_are_refused():
+    q = _unit(4, 6, seed=8)
+    index = torch.tensor([0, 3, 5, 7])
+    im2cluster = [torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])]
+    centroids, phi = [_unit(3, 6, seed=9)], [torch.full((3,), 0.2, dtype=torch.float64)]
+    a = proto_nce(q, index, im2cluster, centroids, phi, r=10, generator=torch.Generator().manual_seed(0))[0]
+    b = proto_nce(q, index, im2cluster, centroids, phi, r=10, generator=torch.Generator().manual_seed(0), chunks=1)[0]
+    assert a.item() == b.item()
+    with pytest.raises(ValueError, match="not divisible into 3"):
+        proto_nce(q, index, im2cluster, centroids, phi, r=10, chunks=3)
