@@ -124,6 +124,26 @@ def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
                        f"--pcl-r): {str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, state: dict[str, Any],
+                         source: str) -> None:
+    """Load an optimizer state saved over all of the model's parameters (official, and ours since the official
+    layout was adopted) or over only the trainable ones (ours before): the latter's indices are mapped to the
+    trainable parameters' positions in ``model.parameters()``."""
+    params = list(model.parameters())
+    saved = [i for g in state.get("param_groups", []) for i in g.get("params", [])]
+    current = sum(len(g["params"]) for g in optimizer.param_groups)
+    trainable = [i for i, p in enumerate(params) if p.requires_grad]
+    if len(saved) == len(trainable) != current and len(optimizer.param_groups) == len(state["param_groups"]) == 1:
+        remap = dict(zip(saved, trainable))
+        group = dict(state["param_groups"][0], params=list(range(len(params))))
+        state = {"state": {remap[i]: v for i, v in state["state"].items()}, "param_groups": [group]}
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError) as e:
+        raise PCLError(f"checkpoint {source}: its optimizer state does not fit this model ({e}); resume with "
+                       f"the flags it was trained with, or load only the weights with --pretrained") from None
+
+
 def backbone_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The query encoder's backbone weights: ``[module.]encoder_q.*`` minus the projection head ``fc``.
     A plain torchvision state_dict (no encoder_q keys) is taken as it is, minus ``fc``."""

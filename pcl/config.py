@@ -39,7 +39,8 @@ def data_parser() -> argparse.ArgumentParser:
     g.add_argument("--crop-min-scale", default=0.2, type=float,
                    help="smallest area fraction of RandomResizedCrop (official 0.2)")
     g.add_argument("-j", "--workers", default=min(32, os.cpu_count() or 1), type=int, metavar="N",
-                   help="data loading workers per process (official default 32, capped at the cores)")
+                   help="data loading workers per node, divided among the node's processes as official (default: "
+                        "32, the official value, capped at the cores)")
     g.add_argument("--prefetch-factor", default=2, type=int, help="batches each loader worker prepares ahead")
     g.add_argument("--persistent-workers", action="store_true",
                    help="keep loader workers between epochs (saves start-up time; their augmentation streams then "
@@ -88,7 +89,9 @@ def dist_parser() -> argparse.ArgumentParser:
     g.add_argument("--nproc", default=None, type=int,
                    help="processes per node for --multiprocessing-distributed (default: the GPU count; 1 on CPU)")
     g.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
-    g.add_argument("--seed", default=0, type=int, help="seed of every random draw (CPU runs are bitwise reproducible)")
+    g.add_argument("--seed", default=None, type=int,
+                   help="seed of every random draw (default 0; CPU runs are bitwise reproducible). Giving one also "
+                        "makes cuDNN deterministic, as the official code does")
     g.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     g.add_argument("--no-progress", action="store_true", help="disable progress bars")
     return p
@@ -273,7 +276,11 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     known, _ = pre.parse_known_args(argv)
     if known.config:
         parser.set_defaults(**load_config_defaults(parser, known.config))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if hasattr(args, "seed"):  # official: cudnn.deterministic only when a seed is given; our streams need one
+        args.seed_given = args.seed is not None
+        args.seed = 0 if args.seed is None else args.seed
+    return args
 
 
 def parse_num_cluster(value: Any) -> list[int]:

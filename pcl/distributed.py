@@ -49,6 +49,9 @@ def init(args: Any) -> torch.device:
         local = args.gpu if args.gpu is not None else int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
+        torch.backends.cudnn.benchmark = True  # as official (main_worker)
+        if getattr(args, "seed_given", False):
+            torch.backends.cudnn.deterministic = True  # as official when --seed is given
     else:
         device = torch.device("cpu")
     if distributed and not is_dist():
@@ -61,7 +64,24 @@ def init(args: Any) -> torch.device:
         dist.init_process_group(
             backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank, timeout=timeout
         )
+        if hasattr(args, "workers"):  # once per process, when it joins
+            args.workers = workers_per_process(args.workers, local_processes(args))
     return device
+
+
+def local_processes(args: Any) -> int:
+    """Processes sharing this node: torchrun's LOCAL_WORLD_SIZE, --nproc / the GPU count with the official
+    spawn launcher, else 1 (one process per node, e.g. SLURM srun with one task per node)."""
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        return int(os.environ["LOCAL_WORLD_SIZE"])
+    if getattr(args, "multiprocessing_distributed", False):
+        return getattr(args, "nproc", None) or 1  # launch() records how many it spawned
+    return 1
+
+
+def workers_per_process(workers: int, processes: int) -> int:
+    """-j/--workers is per node, as official: each of the node's processes gets ceil(workers / processes)."""
+    return (workers + processes - 1) // processes
 
 
 def cleanup() -> None:

@@ -255,7 +255,7 @@ def _resume(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, devic
     ckpt = ckpt if ckpt is not None else ckpt_io.load_checkpoint(path, map_location=device)
     ckpt_io.load_model_state(model, ckpt["state_dict"], path)
     if "optimizer" in ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        ckpt_io.load_optimizer_state(optimizer, model, ckpt["optimizer"], path)
     logger.info("resumed from %s (epoch %d, step %d)", path, ckpt["epoch"], ckpt.get("step", 0))
     return ckpt
 
@@ -295,11 +295,13 @@ def setup(args: argparse.Namespace) -> tuple[torch.device, PretrainData, nn.Modu
 
 
 def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """SGD as official (lr, momentum, weight decay on every trained parameter) with the chosen kernel."""
+    """SGD over ``model.parameters()`` exactly as official (the frozen key encoder's parameters included: they
+    never get a gradient, so SGD skips them, and the state's parameter indices match an official checkpoint's
+    optimizer, which therefore resumes here and ours there), with the chosen kernel."""
     impl = getattr(args, "sgd_impl", "auto")
     kernel = {"auto": {}, "foreach": {"foreach": True}, "fused": {"fused": True}, "loop": {"foreach": False}}[impl]
-    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], args.lr, momentum=args.momentum,
-                           weight_decay=args.weight_decay, **kernel)
+    return torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                           **kernel)
 
 
 def apply_speed_options(model: MoCo, args: argparse.Namespace) -> None:
@@ -470,6 +472,7 @@ def launch(args: argparse.Namespace, fn: Callable[[argparse.Namespace], Any] = f
             dist_utils.cleanup()
     use_cuda = torch.cuda.is_available() and not args.cpu
     nprocs = args.nproc or (torch.cuda.device_count() if use_cuda else 1)
+    args.nproc = nprocs  # the workers split -j among the node's processes
     args.world_size = nprocs * max(args.world_size, 1)
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:  # the parent ignores preemption signals; each worker finishes its step, saves and exits 75

@@ -1,0 +1,114 @@
+"""What the paper's GPU run relies on, checked on the CPU: official optimizer/checkpoint interchangeability,
+per-node loader workers, cuDNN flags, and no optional rank-0 work at every E-step."""
+
+import os
+
+import pytest
+import torch
+
+from conftest import tiny_args
+from pcl import PCLError
+from pcl import distributed as dist_utils
+from pcl.checkpoint import load_checkpoint
+from pcl.config import validate_pretrain_args
+from pcl.engine import _resume, fit, setup
+
+
+def _official_resume_file(path, args):
+    """What the official main_pcl.py saves after some steps: SGD over model.parameters() (the frozen key
+    encoder's included), DDP-prefixed weights, epoch = the epoch to resume at."""
+    _, _, model, _ = setup(validate_pretrain_args(args))
+    official_opt = torch.optim.SGD(model.parameters(), 0.05, momentum=0.9, weight_decay=1e-4)
+    for scale in (1.0, 2.0):  # two steps: non-trivial momentum buffers
+        official_opt.zero_grad()
+        loss = sum((p * p).sum() * scale for p in model.encoder_q.parameters())
+        loss.backward()
+        official_opt.step()
+    state = {"module." + k: v for k, v in model.state_dict().items()}
+    torch.save({"epoch": 1, "arch": "resnet18", "state_dict": state, "optimizer": official_opt.state_dict()}, path)
+    return model, official_opt
+
+
+def test_official_checkpoint_resumes_here_with_its_momentum_and_ours_loads_there(tmp_path):
+    path = tmp_path / "official.pth.tar"
+    official_model, official_opt = _official_resume_file(path, tiny_args(tmp_path / "a"))
+    _, _, model, optimizer = setup(validate_pretrain_args(tiny_args(tmp_path / "b")))
+    _resume(str(path), model, optimizer, torch.device("cpu"))
+    saved = official_opt.state_dict()["state"]
+    params = list(model.parameters())
+    assert len(optimizer.param_groups[0]["params"]) == len(params)  # all of them, as official
+    assert len(saved) == sum(p.requires_grad for p in params)  # momentum for the query encoder only
+    for i, p in enumerate(params):
+        if i in saved:
+            assert torch.equal(optimizer.state[p]["momentum_buffer"], saved[i]["momentum_buffer"])
+    # end to end: --resume of the official file continues at its epoch through an E-step
+    stats = fit(tiny_args(tmp_path / "c", "--resume", str(path)))
+    assert stats["epoch"] == 1 and "loss_proto" in stats
+    ours = load_checkpoint(tmp_path / "c" / "checkpoint_last.pth.tar")
+    # ours there: the official optimizer (over model.parameters()) takes our state as it is
+    there = torch.optim.SGD(official_model.parameters(), 0.05, momentum=0.9, weight_decay=1e-4)
+    there.load_state_dict(ours["optimizer"])
+    for p in official_model.encoder_q.parameters():
+        assert there.state[p]["momentum_buffer"].shape == p.shape
+
+
+def test_optimizer_state_over_trainable_parameters_only_still_resumes(tmp_path):
+    """Checkpoints written before the official optimizer layout was adopted held the query encoder only."""
+    from pcl.checkpoint import load_optimizer_state
+
+    _, _, model, optimizer = setup(validate_pretrain_args(tiny_args(tmp_path)))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    old = torch.optim.SGD(trainable, 0.05, momentum=0.9)
+    sum((p * p).sum() for p in trainable).backward()
+    old.step()
+    load_optimizer_state(optimizer, model, old.state_dict(), "old.pth.tar")
+    for p in trainable:
+        assert torch.equal(optimizer.state[p]["momentum_buffer"], old.state[p]["momentum_buffer"])
+    wrong = torch.optim.SGD(trainable[:3], 0.05, momentum=0.9).state_dict()
+    with pytest.raises(PCLError, match="optimizer state does not fit"):
+        load_optimizer_state(optimizer, model, wrong, "wrong.pth.tar")
+
+
+def test_workers_are_per_node_as_official(monkeypatch):
+    assert dist_utils.workers_per_process(32, 8) == 4
+    assert dist_utils.workers_per_process(10, 4) == 3  # rounded up, as official
+    args = tiny_args("unused", "--multiprocessing-distributed", "--nproc", "4")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert dist_utils.local_processes(args) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun
+    assert dist_utils.local_processes(args) == 8
+
+
+def test_seed_given_only_when_asked_and_defaults_to_zero():
+    a, b = tiny_args("unused"), tiny_args("unused", "--seed", "3")
+    assert (a.seed, a.seed_given) == (0, False) and (b.seed, b.seed_given) == (3, True)
+
+
+def test_estep_logs_nmi_without_the_hungarian_table(tmp_path, monkeypatch):
+    """Rank 0 must not build a k x classes table at every E-step while the other ranks wait."""
+    import pcl.evaluation.cluster_metrics as cm
+
+    def refuse(*_):
+        raise AssertionError("Hungarian accuracy computed during pretraining")
+
+    monkeypatch.setattr(cm, "cluster_accuracy", refuse)
+    stats = fit(tiny_args(tmp_path, "--epochs", "2"))
+    assert "nmi_k10" in stats and not any(k.startswith("acc_k") for k in stats)
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_bad_dist_timeout_and_proto_chunks_are_refused(value):
+    with pytest.raises(PCLError, match="--dist-timeout"):
+        validate_pretrain_args(tiny_args("unused", "--dist-timeout", value))
+    with pytest.raises(PCLError, match="--proto-chunks"):
+        validate_pretrain_args(tiny_args("unused", "--proto-chunks", value))
+
+
+def test_proto_chunks_must_divide_the_batch(tmp_path):
+    with pytest.raises(PCLError, match="not divisible by --proto-chunks 5"):
+        fit(tiny_args(tmp_path, "--proto-chunks", "5"))
+
+
+def test_proto_chunks_run(tmp_path):
+    stats = fit(tiny_args(tmp_path, "--proto-chunks", "4"))
+    assert "loss_proto" in stats and stats["acc_proto"] >= 0
