@@ -10,12 +10,20 @@ setup(
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",
-        "faiss-cpu>=1.7.4",
         "numpy",
         "scikit-learn",
         "PyYAML",
         "tqdm",
         "tensorboard",
     ],
-    extras_require={"test": ["pytest"], "gpu": ["faiss-gpu"], "plots": ["matplotlib"]},
+    # faiss is an extra, chosen per machine: faiss-cpu and a faiss GPU wheel both install the module `faiss`, so
+    # they must never be installed together. Without either, the E-step uses the PyTorch k-means (CPU or CUDA).
+    extras_require={
+        "cpu": ["faiss-cpu>=1.7.4"],
+        # faiss-cuda: GPU faiss for Python 3.11-3.14 built for sm_80-sm_100 (A100, H100/H200, B200); it pulls
+        # its own CUDA 12 runtime and cuBLAS from PyPI, so it installs next to a CUDA 12 or 13 PyTorch
+        "gpu": ["faiss-cuda; python_version >= '3.11'"],
+        "test": ["pytest"],
+        "plots": ["matplotlib"],
+    },
 )

@@ -148,7 +148,7 @@ def main() -> None:
     res.update(hardware=hw, torch=torch.__version__, arch=opts.arch, width=opts.width, stem=opts.stem,
                image_size=opts.image_size, batch=opts.batch)
     print(f"\n{opts.mode}: {opts.arch} (width {opts.width}, {opts.stem} stem), {opts.image_size} px, batch {opts.batch}, "
-          f"{hardware}, torch {torch.__version__}")
+          f"{hw}, torch {torch.__version__}")
     if opts.mode == "overhead":
         print("| step | median s/step | images/s |\n|---|---|---|")
         for name, key in (("MoCo (InfoNCE only)", "moco_step_s"), (f"PCL (+ ProtoNCE, k={opts.ks}, r={opts.r})", "pcl_step_s")):

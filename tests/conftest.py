@@ -14,6 +14,22 @@ def _threads():
     yield
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (PCL_TEST_DEVICE=cpu runs them on the CPU: "
+                                       "scripts/gpu_check.sh --cpu)")
+
+
+@pytest.fixture
+def accel():
+    """The accelerator the cuda-marked tests run on: CUDA when present; the CPU when PCL_TEST_DEVICE=cpu (the
+    GPU check's CPU fallback, so these tests cannot rot on machines without a GPU); otherwise skipped."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if os.environ.get("PCL_TEST_DEVICE") == "cpu":
+        return torch.device("cpu")
+    pytest.skip("no CUDA device (PCL_TEST_DEVICE=cpu runs the cuda-marked tests on the CPU)")
+
+
 def tiny_args(exp_dir, *extra):
     """Parsed flags for a seconds-long CPU run on the demo set (16 px, ResNet-18 at width 4)."""
     from pcl.config import build_pretrain_parser, parse_args

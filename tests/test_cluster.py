@@ -72,6 +72,8 @@ def _same_partition(a, b):
 
 @pytest.mark.parametrize("backend", ["faiss", "torch"])
 def test_kmeans_recovers_blobs(backend):
+    if backend == "faiss":
+        pytest.importorskip("faiss", reason="faiss is the [cpu] / [gpu] extra")
     x, truth = _blobs()
     res = run_kmeans(x, [4, 8], 0.2, backend=backend, nredo=20)  # random init, as faiss: restarts find the blobs
     assert _same_partition(res.im2cluster[0], truth)
@@ -85,6 +87,7 @@ def test_kmeans_recovers_blobs(backend):
 
 
 def test_torch_kmeans_matches_faiss_on_easy_data():
+    pytest.importorskip("faiss", reason="faiss is the [cpu] / [gpu] extra")
     x, _ = _blobs(k=6, seed=3)
     a = run_kmeans(x, 6, 0.2, backend="faiss", nredo=20).im2cluster[0]
     b = run_kmeans(x, 6, 0.2, backend="torch", nredo=20).im2cluster[0]

@@ -112,3 +112,25 @@ def test_proto_chunks_must_divide_the_batch(tmp_path):
 def test_proto_chunks_run(tmp_path):
     stats = fit(tiny_args(tmp_path, "--proto-chunks", "4"))
     assert "loss_proto" in stats and stats["acc_proto"] >= 0
+
+
+def test_gpu_check_cpu_fallback_runs_every_section(tmp_path):
+    """scripts/gpu_check.sh --cpu: the prepared GPU check at toy sizes, every section measured, one JSON."""
+    import json
+    import subprocess
+
+    from conftest import ROOT
+
+    out = tmp_path / "gpu_check.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([os.path.join(ROOT, "scripts", "gpu_check.sh"), "--cpu", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    sections = res["sections"]
+    assert set(sections) == {"tests", "throughput", "overhead", "sampling", "kmeans", "pil"}
+    assert not any("error" in r for r in sections.values())
+    assert sections["tests"]["ok"] and "passed" in sections["tests"]["summary"]
+    assert sections["throughput"]["images_per_s"]["fp32"] > 0 and sections["pil"]["images_per_s_per_core"] > 0
+    assert sections["sampling"]["ms_per_granularity_b32"] > 0 and sections["kmeans"]["total_seconds_nredo1"] > 0
+    assert "| kmeans |" in proc.stdout
