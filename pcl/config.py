@@ -150,11 +150,11 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
                         "of its own prototype, brought in by batch-mates of the same cluster, are masked out)")
     g.add_argument("--proto-chunks", default=1, type=int,
                    help="ProtoNCE per block of batch/N rows, each with its own positives and negative draw: N "
-                        "devices' worth on one (8 with batch 256 = the paper's 32 per GPU); 1 = the whole "
-                        "per-process batch, as the official code on one GPU")
+                        "devices' worth on one (with batch 256: 4 = the paper's 4 V100s, 64 rows each; 8 = an "
+                        "8-GPU node, 32 each); 1 = the whole per-process batch, as the official code on one GPU")
     g.add_argument("--bn-splits", default=None, type=int,
                    help="single process: BatchNorm over this many sub-batches (shuffle-BN on one device); "
-                        "default 8 (the paper's 8 GPUs) with one process, 1 with DDP")
+                        "default 8 with one process (an 8-GPU node's worth; the paper used 4 V100s), 1 with DDP")
     g = p.add_argument_group("PAUC (Mo et al. 2022, a reconstruction; off by default)")
     g.add_argument("--pauc", action=argparse.BooleanOptionalAction, default=False,
                    help="add alignment / uniformity / correlation terms to ProtoNCE after warm-up")

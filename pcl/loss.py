@@ -139,7 +139,7 @@ def proto_nce(
     the prototype ids of the logits' columns per granularity with ``return_ids``. ``unique_prototypes``
     applies :func:`mask_duplicate_positives` (off: the official numerics). ``chunks`` > 1 computes the term
     per contiguous block of B / chunks rows, each with its own positives and negative draw, and averages
-    the rows: what DistributedDataParallel over ``chunks`` devices computes (the paper's 8 GPUs x 32),
+    the rows: what DistributedDataParallel over ``chunks`` devices computes (the paper's 4 V100s: 4 x 64),
     on one device. With ``chunks`` > 1 the ids are chunks x columns.
     """
     if q.shape[0] % chunks:

@@ -73,7 +73,7 @@ def build_encoder(arch: str, dim: int, mlp: bool, width: int = 64, stem: str = "
 class SplitBatchNorm(nn.BatchNorm2d):
     """BatchNorm whose training statistics come from ``num_splits`` interleaved sub-batches.
 
-    The single-device stand-in for MoCo's shuffle-BN over 8 GPUs: with the key batch shuffled, the
+    The single-device stand-in for MoCo's shuffle-BN over a node's GPUs: with the key batch shuffled, the
     query's and the key's BN statistics come from different samples, so BN cannot leak the positive.
     Evaluation is plain BatchNorm; parameters and buffers have BatchNorm2d's names and shapes.
     """
