@@ -23,7 +23,7 @@ setup(
         # faiss-cuda: GPU faiss for Python 3.11-3.14 built for sm_80-sm_100 (A100, H100/H200, B200); it pulls
         # its own CUDA 12 runtime and cuBLAS from PyPI, so it installs next to a CUDA 12 or 13 PyTorch
         "gpu": ["faiss-cuda; python_version >= '3.11'"],
-        "test": ["pytest"],
+        "test": ["pytest", "matplotlib"],  # matplotlib: the t-SNE figure's tests
         "plots": ["matplotlib"],
     },
 )

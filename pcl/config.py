@@ -166,6 +166,9 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pauc-alpha", default=2.0, type=float, help="alignment exponent")
     g.add_argument("--pauc-t", default=2.0, type=float, help="uniformity temperature")
     g = p.add_argument_group("monitoring")
+    g.add_argument("--prototype-gallery", action=argparse.BooleanOptionalAction, default=True,
+                   help="at each E-step, one TensorBoard image per granularity: prototypes (8 drawn with --seed, "
+                        "the largest, the smallest) by their members nearest to the centroid")
     g.add_argument("--knn-eval", action=argparse.BooleanOptionalAction, default=False,
                    help="at the end, print kNN top-1 on the labelled test split: learned, random init, pixels")
     g.add_argument("--knn-every", default=0, type=int,

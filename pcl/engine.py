@@ -22,6 +22,7 @@ from pcl.cluster import ClusterResult, check_features, kmeans, run_kmeans
 from pcl.config import validate_pretrain_args
 from pcl.data import PretrainData, build_pretrain_data
 from pcl.evaluation.knn import extract_features, knn_accuracy
+from pcl.gallery import caption, gallery_rows, render_gallery
 from pcl.log import AverageMeter, RunLog, setup_logging
 from pcl.loss import accuracy, info_nce_logits, pauc_terms, proto_nce
 from pcl.model import MoCo, build_backbone
@@ -104,6 +105,9 @@ def e_step(model: nn.Module, data: PretrainData, args: argparse.Namespace, devic
     result = result.to(device)
     if getattr(args, "fixed_concentration", False):  # ablation: one temperature for every prototype
         result.concentration = [torch.full_like(phi, args.temperature) for phi in result.concentration]
+    if getattr(args, "prototype_gallery", False) and dist_utils.is_main():  # O(N) + the shown clusters' rows
+        result.gallery = [gallery_rows(features, a, c, phi, seed=args.seed)
+                          for a, c, phi in zip(result.im2cluster, result.centroids, result.concentration)]
     result.estep_seconds = time.perf_counter() - start
     logger.info("E-step epoch %d: features %.1f s, k-means %s s, total %.1f s", epoch, feat_seconds,
                 "/".join(f"{s:.1f}" for s in result.kmeans_seconds), result.estep_seconds)
@@ -376,6 +380,8 @@ def fit(args: argparse.Namespace, on_step: Callable[[int, int], None] | None = N
                 _save_preempted(model, optimizer, epoch, args, cluster, stats)
             stats.update(epoch=epoch, lr=lr, seconds=time.perf_counter() - start)
             _log_epoch(run_log, stats, cluster, args, epoch, data.knn[1] if data.knn is not None else None)
+            if cluster is not None and cluster.gallery and run_log.writer is not None:
+                _log_galleries(run_log, cluster, data, args, epoch)
             last = epoch + 1 == args.epochs
             if args.knn_every and data.knn is not None and ((epoch + 1) % args.knn_every == 0 or last):
                 scores = monitor_scores(ckpt_io.query_backbone(model), data, args, device)
@@ -443,6 +449,16 @@ def _log_epoch(run_log: RunLog, stats: dict[str, Any], cluster: ClusterResult | 
             run_log.histogram(f"cluster/k{k}_phi", phi, epoch)
             run_log.histogram(f"cluster/k{k}_sizes", s, epoch)
     run_log.scalars(epoch, {f"train/{k}": v for k, v in stats.items() if k != "epoch"})
+
+
+def _log_galleries(run_log: RunLog, cluster: ClusterResult, data: PretrainData, args: argparse.Namespace,
+                   epoch: int) -> None:
+    """One prototype gallery per granularity into TensorBoard (rank 0): ~80 pictures decoded per granularity."""
+    start = time.perf_counter()
+    for k, rows in zip(args.num_cluster, cluster.gallery):
+        run_log.image(f"prototypes/k{k}", render_gallery(rows, data.eval_loader), epoch)
+        run_log.text(f"prototypes/k{k}", caption(k, rows), epoch)
+    logger.info("prototype galleries: %.2f s", time.perf_counter() - start)
 
 
 def _worker(local_rank: int, nprocs: int, args: argparse.Namespace, fn: Callable = fit) -> None:

@@ -54,6 +54,15 @@ class RunLog:
         if self.writer is not None:
             self.writer.add_histogram(tag, values.detach().cpu() if hasattr(values, "detach") else values, step)
 
+    def image(self, tag: str, image, step: int) -> None:
+        """uint8 3 x H x W."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step, dataformats="CHW")
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
     def record(self, entry: dict[str, Any]) -> None:
         if self.active:
             with open(self.path, "a") as f:

@@ -1,0 +1,323 @@
+"""See what a checkpoint learned: prototype galleries, the paper's t-SNE figure and retrieval grids, as PNGs.
+
+    python -m pcl.evaluation.visualize --pretrained exp/fmnist/checkpoint_last.pth.tar \\
+        --dataset fashion-mnist /usr/share/datasets/fashion-mnist --exp-dir exp/fmnist/visualize
+
+Writes to --exp-dir:
+- ``gallery_k{k}.png`` per granularity: prototypes (rows: 8 drawn with --seed, the largest, the smallest) by
+  their members nearest to the prototype (columns). From the checkpoint's own E-step result (its assignment
+  and phi; members ranked by distance to the cluster's mean backbone feature) when it holds one for this
+  training set, else from a fresh k-means on the backbone features (--num-cluster, default the number of
+  classes);
+- ``tsne.png``: t-SNE of the test features of up to --tsne-samples images (seeded), coloured by label (when the
+  set has labels) and by k-means cluster;
+- ``retrieval.png``: --queries test images (seeded) and their nearest training images by the learned features,
+  next to the same by raw pixels (or a random init, --compare random); a green frame marks a neighbour of the
+  query's class, red another class;
+- ``visualize.json``: the paths and the retrieval precision (share of neighbours of the query's class) of both.
+matplotlib draws the t-SNE figure (``pip install -e ".[plots]"``); the galleries and grids need only Pillow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pcl import PCLError, distributed as dist_utils
+from pcl.gallery import GalleryRow, display_images, gallery_rows, render_gallery, render_grid
+
+logger = logging.getLogger("pcl")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pcl.config import _add_eval_common, _formatter, data_parser, dist_parser, model_parser
+
+    p = argparse.ArgumentParser(description="Prototype galleries, t-SNE and retrieval grids of a checkpoint (PNGs)",
+                                parents=[data_parser(), model_parser(), dist_parser()], formatter_class=_formatter)
+    _add_eval_common(p)
+    p.add_argument("-b", "--batch-size", default=256, type=int, help="feature-extraction batch")
+    p.add_argument("--num-cluster", default="", type=str,
+                   help="k of a fresh k-means when the checkpoint holds no cluster result for this set "
+                        "(comma-separated; default the number of classes, else 10)")
+    p.add_argument("--gallery-rows", default=8, type=int, help="prototypes drawn per gallery (plus largest, smallest)")
+    p.add_argument("--columns", default=8, type=int, help="members shown per prototype / neighbours per query")
+    p.add_argument("--tsne-samples", default=None, type=int, help="test images in the t-SNE figure (default: "
+                                                                  "min(2000, test set))")
+    p.add_argument("--queries", default=8, type=int, help="query images of the retrieval grid")
+    p.add_argument("--compare", default="raw", choices=["raw", "random"],
+                   help="what the retrieval grid sets next to the learned features")
+    p.add_argument("--only", default="gallery,tsne,retrieval", help="comma-separated subset of the three figures")
+    return p
+
+
+class _Split:
+    """One split: its evaluation loader (center crops, in order, yields images/labels/index) and labels."""
+
+    def __init__(self, loader, labels: torch.Tensor) -> None:
+        self.loader, self.labels = loader, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_splits(args: argparse.Namespace) -> tuple[_Split, _Split, bool]:
+    """(train, test, labelled). Without a test split the training split serves as both (queries then never
+    retrieve themselves). ``labelled``: the set has more than one class."""
+    from pcl.data import (IN_MEMORY_SETS, FileLoader, LabelledDataset, TensorLabelledLoader, _file_sets,
+                          eval_transform, load_in_memory)
+
+    if args.dataset == "auto":
+        if args.data is None:
+            raise PCLError("no data: give a dataset root DIR (ImageFolder with train/), or --dataset demo")
+        args.dataset = "imagefolder"
+    if args.dataset in IN_MEMORY_SETS:
+        sets = load_in_memory(args)
+        train = _Split(TensorLabelledLoader(sets["train"], sets["train_labels"], args.batch_size), sets["train_labels"])
+        test = _Split(TensorLabelledLoader(sets["test"], sets["test_labels"], args.batch_size), sets["test_labels"])
+    else:
+        if args.data is None or not os.path.isdir(args.data):
+            raise PCLError(f"data folder not found: {args.data}")
+        base_train, base_test = _file_sets(args, labelled=False)
+        if len(base_train) == 0:
+            raise PCLError(f"the training set in {args.data} is empty")
+
+        def split(base) -> _Split:
+            ds = LabelledDataset(base, eval_transform(args.image_size))
+            return _Split(FileLoader(ds, args.batch_size, args.workers, args.seed, train=False, drop_last=False),
+                          ds.targets)
+
+        train = split(base_train)
+        test = split(base_test) if base_test is not None and len(base_test) else train
+    labelled = int(torch.unique(train.labels).numel()) > 1
+    return train, test, labelled
+
+
+@torch.no_grad()
+def features(encoder, split: _Split, device: torch.device, desc: str) -> torch.Tensor:
+    """L2-normalised pooled features (``encoder`` None: the pixels) of a split, in dataset order: N x d."""
+    out = None
+    for images, _, index in tqdm(split.loader, desc=desc, leave=False, disable=not sys.stderr.isatty()):
+        rows = images.flatten(1) if encoder is None else encoder(images.to(device))
+        rows = F.normalize(rows.float().flatten(1), dim=1).cpu()
+        if out is None:
+            out = torch.zeros(len(split), rows.shape[1])
+        out[torch.as_tensor(index)] = rows
+    return out
+
+
+def checkpoint_clusters(path: str, n: int) -> dict | None:
+    """The checkpoint's E-step result when it has one for a training set of n samples."""
+    if not path:
+        return None
+    from pcl.checkpoint import load_checkpoint
+
+    result = load_checkpoint(path).get("cluster_result")
+    if not result or any(len(a) != n for a in result["im2cluster"]):
+        return None
+    return result
+
+
+def galleries(feats: torch.Tensor, train: _Split, args: argparse.Namespace, labelled: bool) -> dict[int, list[GalleryRow]]:
+    """Gallery rows per k, from the checkpoint's clusters or a fresh k-means on the backbone features."""
+    from pcl.cluster import run_kmeans
+
+    saved = checkpoint_clusters(args.pretrained, feats.shape[0])
+    out = {}
+    if saved is not None:
+        for assign, phi in zip(saved["im2cluster"], saved["density"]):
+            k = len(phi)
+            sums = torch.zeros(k, feats.shape[1]).index_add_(0, assign, feats)
+            means = sums / torch.bincount(assign, minlength=k).clamp_min(1)[:, None]  # backbone-space centroids
+            out[k] = gallery_rows(feats, assign, means, phi, args.gallery_rows, args.columns, args.seed)
+        return out
+    ks = ([int(k) for k in args.num_cluster.split(",") if k.strip()] if args.num_cluster
+          else [int(torch.unique(train.labels).numel()) if labelled else 10])
+    result = run_kmeans(feats, ks, 0.2, seed=args.seed, niter=20, nredo=1)
+    for k, assign, cent, phi in zip(ks, result.im2cluster, result.centroids, result.concentration):
+        out[k] = gallery_rows(feats, assign, cent, phi, args.gallery_rows, args.columns, args.seed)
+    return out
+
+
+def tsne_figure(feats: torch.Tensor, labels: torch.Tensor | None, clusters: torch.Tensor, path: str, seed: int,
+                title: str) -> None:
+    """The paper's figure: a 2-D t-SNE of the features, coloured by label (if any) and by cluster."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PCLError("the t-SNE figure needs matplotlib: pip install -e \".[plots]\" (or --only gallery,retrieval)") from None
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    x = feats.numpy()
+    if x.shape[1] > 50 and x.shape[0] > 50:
+        x = PCA(50, random_state=seed).fit_transform(x)
+    perplexity = float(min(30.0, max(2.0, (x.shape[0] - 1) / 3)))
+    xy = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+    panels = ([("class label", labels)] if labels is not None else []) + [("k-means cluster", clusters)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5.5), squeeze=False)
+    for ax, (name, colour) in zip(axes[0], panels):
+        ax.scatter(xy[:, 0], xy[:, 1], c=colour.numpy(), cmap="tab10" if int(colour.max()) < 10 else "tab20",
+                   s=max(3.0, min(12.0, 6000 / len(xy))), alpha=0.8, linewidths=0)
+        ax.set_title(f"coloured by {name}")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def frame(pics: torch.Tensor, good: list[bool] | None) -> torch.Tensor:
+    """A 3 px green (same class) or red (other class) frame around each picture."""
+    if good is None:
+        return pics
+    pics = pics.clone()
+    for pic, ok in zip(pics, good):
+        colour = torch.tensor([40, 200, 60] if ok else [220, 40, 40], dtype=torch.uint8).view(3, 1, 1)
+        pic[:, :3], pic[:, -3:], pic[:, :, :3], pic[:, :, -3:] = colour, colour, colour, colour
+    return pics
+
+
+def retrieval(query_feats: dict[str, torch.Tensor], bank_feats: dict[str, torch.Tensor], train: _Split,
+              test: _Split, queries: list[int], args: argparse.Namespace, labelled: bool, same_set: bool,
+              path: str) -> dict[str, float]:
+    """Grid: each query, then its nearest training images by each feature set; returns the precision of each."""
+    rows, labels, precision = [], [], {}
+    neighbours = {}
+    for name in query_feats:
+        sim = query_feats[name][queries] @ bank_feats[name].t()
+        if same_set:
+            sim[torch.arange(len(queries)), torch.as_tensor(queries)] = -2.0  # never retrieve the query itself
+        neighbours[name] = sim.topk(args.columns, dim=1).indices
+        if labelled:
+            hits = train.labels[neighbours[name]] == test.labels[torch.as_tensor(queries)][:, None]
+            precision[name] = float(hits.float().mean() * 100)
+    for i, q in enumerate(queries):
+        query = display_images(test.loader, [q])
+        query[:, :, :3], query[:, :, -3:], query[:, :, :, :3], query[:, :, :, -3:] = 255, 255, 255, 255  # white frame
+        for name, idx in neighbours.items():  # one row per feature set: the query, then its neighbours
+            good = (train.labels[idx[i]] == test.labels[q]).tolist() if labelled else None
+            rows.append(torch.cat([query, frame(display_images(train.loader, idx[i].tolist()), good)]))
+            labels.append(f"query {q}" + (f" (class {int(test.labels[q])})" if labelled else "") + f"\n{name}"
+                          + (f"\n{precision_row(good)}" if good is not None else ""))
+    grid = render_grid(rows, labels, args.columns + 1, label_width=140)
+    from PIL import Image
+
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    return precision
+
+
+def precision_row(good: list[bool]) -> str:
+    return f"{sum(good)}/{len(good)} same class"
+
+
+def save_png(image: torch.Tensor, path: str) -> None:
+    from PIL import Image
+
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+
+
+def validate(args: argparse.Namespace) -> list[str]:
+    only = [w.strip() for w in args.only.split(",") if w.strip()]
+    unknown = set(only) - {"gallery", "tsne", "retrieval"}
+    if unknown or not only:
+        raise PCLError(f"--only '{args.only}': choose from gallery, tsne, retrieval")
+    for flag, value in (("--columns", args.columns), ("--queries", args.queries), ("--gallery-rows", args.gallery_rows),
+                        ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise PCLError(f"{flag} {value}: must be at least 1")
+    if args.tsne_samples is not None and args.tsne_samples < 5:
+        raise PCLError(f"--tsne-samples {args.tsne_samples}: t-SNE needs at least 5 points")
+    if getattr(args, "multiprocessing_distributed", False) or args.world_size > 1:
+        raise PCLError("visualize runs in one process: drop --multiprocessing-distributed / --world-size")
+    return only
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from pcl.evaluation.svm import _backbone
+    from pcl.log import setup_logging
+
+    only = validate(args)
+    setup_logging(args.exp_dir, args.debug)
+    if args.pretrained:  # cheap input first: a bad checkpoint fails before the dataset is read
+        from pcl.checkpoint import load_backbone
+
+        load_backbone(args.pretrained, args.arch, width=args.width, stem=args.stem)
+    device = dist_utils.init(args)
+    train, test, labelled = load_splits(args)
+    same_set = test is train
+    n_tsne = args.tsne_samples if args.tsne_samples is not None else min(2000, len(test))
+    if "tsne" in only and n_tsne > len(test):
+        raise PCLError(f"--tsne-samples {n_tsne} is larger than the {len(test)} images of the "
+                       f"{'training' if same_set else 'test'} split; choose at most {len(test)}")
+    if "retrieval" in only and args.queries > len(test):
+        raise PCLError(f"--queries {args.queries} is larger than the {len(test)} images to query from")
+    if not labelled:
+        logger.info("the set has no class labels: plots are coloured by cluster only, no retrieval precision")
+    encoder = _backbone(args, device)
+    os.makedirs(args.exp_dir, exist_ok=True)
+    train_feats = features(encoder, train, device, "features (train)")
+    test_feats = train_feats if same_set else features(encoder, test, device, "features (test)")
+    out: dict[str, Any] = {"pretrained": args.pretrained, "labelled": labelled, "files": {}}
+    if "gallery" in only:
+        for k, rows in galleries(train_feats, train, args, labelled).items():
+            path = os.path.join(args.exp_dir, f"gallery_k{k}.png")
+            save_png(render_gallery(rows, train.loader, args.columns), path)
+            out["files"][f"gallery_k{k}"] = path
+    gen = torch.Generator().manual_seed(args.seed)
+    if "tsne" in only:
+        from pcl.cluster import kmeans
+
+        pick = torch.randperm(len(test), generator=gen)[:n_tsne]
+        k = int(torch.unique(test.labels).numel()) if labelled else 10
+        clusters = kmeans(test_feats[pick], min(k, n_tsne), seed=args.seed, nredo=1)[2].cpu()
+        path = os.path.join(args.exp_dir, "tsne.png")
+        tsne_figure(test_feats[pick], test.labels[pick] if labelled else None, clusters, path, args.seed,
+                    f"t-SNE of {n_tsne} {'training' if same_set else 'test'} images: {args.pretrained or 'random init'}")
+        out["files"]["tsne"] = path
+    if "retrieval" in only:
+        queries = torch.randperm(len(test), generator=gen)[:args.queries].tolist()
+        other = "raw pixels" if args.compare == "raw" else "random init"
+        if args.compare == "raw":
+            other_train, other_test = features(None, train, device, "pixels"), None
+            other_test = other_train if same_set else features(None, test, device, "pixels (test)")
+        else:
+            rand = copy.deepcopy(encoder)  # the same architecture, freshly initialised (seeded)
+            torch.manual_seed(args.seed + 1)
+            for module in rand.modules():
+                if module is not rand and hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+            other_train = features(rand, train, device, "random init")
+            other_test = other_train if same_set else features(rand, test, device, "random init (test)")
+        path = os.path.join(args.exp_dir, "retrieval.png")
+        precision = retrieval({"learned": test_feats, other: other_test}, {"learned": train_feats, other: other_train},
+                              train, test, queries, args, labelled, same_set, path)
+        if precision:  # only with labels
+            out["retrieval_precision"] = precision
+        out["files"]["retrieval"] = path
+    with open(os.path.join(args.exp_dir, "visualize.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    for name, path in out["files"].items():
+        print(f"{name}: {path}")
+    if out.get("retrieval_precision"):
+        print("retrieval precision (neighbours of the query's class): " +
+              ", ".join(f"{k} {v:.1f}%" for k, v in out["retrieval_precision"].items()))
+    return out
+
+
+if __name__ == "__main__":
+    from pcl.config import run_cli
+
+    sys.exit(run_cli(build_parser, run))
