@@ -8,6 +8,7 @@ an error. Validation that argparse cannot express lives in :func:`validate_pretr
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import Any, Callable, Sequence
 
@@ -259,17 +260,69 @@ def load_config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str
             raise PCLError(f"config {path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise PCLError(f"config {path} must be a mapping of flag names to values")
-    known = {a.dest for a in parser._actions}
+    actions = {a.dest: a for a in parser._actions}
     defaults = {}
     for key, value in raw.items():
         dest = str(key).lstrip("-").replace("-", "_")
-        if dest not in known or dest in ("help", "config"):
+        if dest not in actions or dest in ("help", "config"):
             raise PCLError(f"config {path}: unknown key '{key}' (valid keys are the command-line flags, "
                            f"see --help)")
+        value = yaml_value(actions[dest], value, f"config {path}: key '{key}'")
         if dest in CONFIG_RELATIVE_PATHS and isinstance(value, str) and not os.path.isabs(value):
             value = os.path.join(os.path.dirname(os.path.abspath(path)), value)
         defaults[dest] = value
     return defaults
+
+
+LIST_KEYS = ("num_cluster",)  # str flags that also take a YAML list
+
+
+def yaml_value(action: argparse.Action, value: Any, where: str) -> Any:
+    """A YAML value checked and converted as argparse would the flag's text (YAML bypasses ``type`` and
+    ``choices``): switches take true/false only, int flags integers only (1.5 is not 1), lists for nargs flags,
+    and the value must be one of the choices. Raises PCLError naming the key and what it takes."""
+    if value is None:
+        return None
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            raise PCLError(f"{where} is a switch: write true or false (unquoted), not {value!r}")
+        return value
+    if action.nargs in ("*", "+") or isinstance(action.nargs, int):
+        items = value if isinstance(value, list) else [value]
+        return [yaml_scalar(action, v, where) for v in items]
+    if isinstance(value, list) and action.dest in LIST_KEYS:
+        return [yaml_scalar(action, v, where) for v in value]
+    return yaml_scalar(action, value, where)
+
+
+def yaml_scalar(action: argparse.Action, value: Any, where: str) -> Any:
+    kind = action.type
+    if isinstance(value, (list, dict)):
+        raise PCLError(f"{where} takes one value, not {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and
+                                                                        value.strip().lstrip("-").isdigit())):
+            raise PCLError(f"{where} takes an integer, not {value!r}")
+        value = int(value)
+    elif kind is float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            value = float(value)
+        except ValueError:
+            raise PCLError(f"{where} takes a number, not {value!r}") from None
+    elif kind is str or kind is None:
+        if isinstance(value, bool):
+            raise PCLError(f"{where} takes text, not {value!r}")
+        value = str(value)
+    elif callable(kind):
+        try:
+            value = kind(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            raise PCLError(f"{where}: {value!r} is not valid ({e})") from None
+    if action.choices is not None and value not in action.choices:
+        raise PCLError(f"{where} must be one of {', '.join(map(str, action.choices))}, not {value!r}")
+    return value
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -280,10 +333,79 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     if known.config:
         parser.set_defaults(**load_config_defaults(parser, known.config))
     args = parser.parse_args(argv)
+    check_ranges(parser, args)
     if hasattr(args, "seed"):  # official: cudnn.deterministic only when a seed is given; our streams need one
         args.seed_given = args.seed is not None
         args.seed = 0 if args.seed is None else args.seed
     return args
+
+
+def _finite(v: float) -> bool:
+    return math.isfinite(v)
+
+
+# dest -> (valid?, the valid range in words); a value of None (flag unset) is always valid
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "image_size": (lambda v: v >= 8, "an integer >= 8 (pixels)"),
+    "crop_min_scale": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "workers": (lambda v: v >= 0, ">= 0"),
+    "prefetch_factor": (lambda v: v >= 1, ">= 1"),
+    "expect_images": (lambda v: v >= 0, ">= 0 (0: no check)"),
+    "expect_classes": (lambda v: v >= 0, ">= 0 (0: no check)"),
+    "demo_renders": (lambda v: v >= 1, ">= 1"),
+    "width": (lambda v: v >= 1, ">= 1"),
+    "low_dim": (lambda v: v >= 1, ">= 1"),
+    "dist_timeout": (lambda v: _finite(v) and v > 0, "minutes > 0"),
+    "nproc": (lambda v: v >= 1, ">= 1"),
+    "gpu": (lambda v: v >= 0, ">= 0"),
+    "epochs": (lambda v: v >= 1, ">= 1"),
+    "start_epoch": (lambda v: v >= 0, ">= 0"),
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "lr": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "schedule": (lambda v: all(m >= 0 for m in v), "epochs >= 0"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "weight_decay": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "print_freq": (lambda v: v >= 1, ">= 1"),
+    "save_freq": (lambda v: v >= 1, ">= 1 (epochs between checkpoints; the last epoch is always saved)"),
+    "pcl_r": (lambda v: v >= 1, ">= 1"),
+    "moco_m": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "temperature": (lambda v: _finite(v) and v > 0, "a finite number > 0 (it divides the logits)"),
+    "warmup_epoch": (lambda v: v >= 0, ">= 0"),
+    "kmeans_niter": (lambda v: v >= 1, ">= 1"),
+    "kmeans_nredo": (lambda v: v >= 1, ">= 1"),
+    "proto_chunks": (lambda v: v >= 1, ">= 1 (1 = the whole batch)"),
+    "bn_splits": (lambda v: v >= 1, ">= 1"),
+    "pauc_align": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "pauc_uniform": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "pauc_corr": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "pauc_alpha": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "pauc_t": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "knn_every": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "knn_k": (lambda v: v >= 1, ">= 1"),
+    "knn_t": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "num_classes": (lambda v: v >= 2, ">= 2"),
+    "runs": (lambda v: v >= 1, ">= 1"),
+    "svm_max_iter": (lambda v: v >= 1, ">= 1"),
+    "n_jobs": (lambda v: v != 0, "-1 (all cores) or a positive number"),
+}
+
+
+def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every numeric setting against its meaning, once, before any work: one line naming the flag, the value
+    and the valid range (values from a YAML file are checked the same way)."""
+    for action in parser._actions:
+        rule = RANGES.get(action.dest)
+        value = getattr(args, action.dest, None)
+        if rule is None or value is None:
+            continue
+        ok, words = rule
+        try:
+            valid = ok(value)
+        except TypeError:
+            valid = False
+        if not valid:
+            flag = "/".join(o for o in action.option_strings if o.startswith("--")) or action.dest
+            raise PCLError(f"{flag} {value}: must be {words}")
 
 
 def parse_num_cluster(value: Any) -> list[int]:

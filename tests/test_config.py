@@ -1,5 +1,6 @@
 import glob
 import os
+import re
 
 import pytest
 
@@ -66,3 +67,50 @@ def test_v2_config_carries_paper_settings():
     args = parse_args(build_pretrain_parser(), ["-c", os.path.join(ROOT, "configs", "pcl_v2_imagenet.yaml"), "d"])
     assert args.mlp and args.aug_plus and args.cos and args.arch == "resnet50"
     assert args.lr == 0.03 and args.batch_size == 256 and args.epochs == 200 and args.temperature == 0.2
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ('mlp: "false"', "key 'mlp' is a switch: write true or false (unquoted), not 'false'"),
+    ("sgd_impl: turbo", "key 'sgd_impl' must be one of auto, foreach, fused, loop, not 'turbo'"),
+    ("epochs: 1.5", "key 'epochs' takes an integer, not 1.5"),
+    ("dataset: cifar", "key 'dataset' must be one of"),
+    ("lr: fast", "key 'lr' takes a number, not 'fast'"),
+    ("schedule: [120, x]", "key 'schedule' takes an integer, not 'x'"),
+    ("temperature: [0.1]", "key 'temperature' takes one value"),
+])
+def test_yaml_values_are_checked_like_the_command_line(tmp_path, yaml_text, message):
+    """YAML values bypass argparse's type and choices: they are converted and checked the same way."""
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml_text + "\n")
+    with pytest.raises(PCLError, match=re.escape(message)):
+        parse_args(build_pretrain_parser(), ["-c", str(cfg), "--dataset", "demo"])
+
+
+def test_yaml_values_convert_to_the_flag_types(tmp_path):
+    cfg = tmp_path / "ok.yaml"
+    cfg.write_text("epochs: 3\nlr: 1\nmlp: true\nschedule: [2, 4]\nnum_cluster: [10, 20]\nexp_dir: 7\n")
+    args = parse_args(build_pretrain_parser(), ["-c", str(cfg), "--dataset", "demo"])
+    assert (args.epochs, args.lr, args.mlp, args.schedule, args.exp_dir) == (3, 1.0, True, [2, 4], "7")
+    assert isinstance(args.lr, float) and parse_num_cluster(args.num_cluster) == [10, 20]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "-1"], "--lr/--learning-rate -1.0: must be a finite number > 0"),
+    (["--lr", "nan"], "--lr/--learning-rate nan: must be a finite number > 0"),
+    (["--save-freq", "0"], "--save-freq 0: must be >= 1"),
+    (["-p", "0"], "--print-freq 0: must be >= 1"),
+    (["--image-size", "0"], "--image-size 0: must be an integer >= 8"),
+    (["--crop-min-scale", "2"], "--crop-min-scale 2.0: must be in (0, 1]"),
+    (["-j", "-1"], "--workers -1: must be >= 0"),
+    (["--kmeans-nredo", "0"], "--kmeans-nredo 0: must be >= 1"),
+    (["--knn-k", "0"], "--knn-k 0: must be >= 1"),
+    (["--temperature", "0"], "--temperature 0.0: must be a finite number > 0"),
+    (["--moco-m", "1.5"], "--moco-m 1.5: must be in [0, 1]"),
+])
+def test_out_of_range_settings_are_one_line_errors_before_any_work(argv, message, capsys):
+    from pcl.config import run_cli
+
+    ran = []
+    code = run_cli(build_pretrain_parser, ran.append, ["--dataset", "demo", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and not ran and message in err and len(err.splitlines()) == 1
