@@ -90,8 +90,14 @@ def save_checkpoint(state: dict[str, Any], path: str, last: str | None = LAST) -
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load with ``weights_only=True``; a missing, truncated or pickle-requiring file raises PCLError."""
+    if os.path.isdir(path):
+        raise PCLError(f"checkpoint {path} is a directory: give a checkpoint file in it (e.g. {path}/checkpoint_last"
+                       f".pth.tar), or --resume auto with --exp-dir {path}")
     if not os.path.isfile(path):
         raise PCLError(f"checkpoint not found: {path}")
+    kind = _sniff(path)
+    if kind is not None:
+        raise PCLError(f"{path} is not a PyTorch checkpoint: {kind}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for garbage: name the file and the cause instead
@@ -103,6 +109,25 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     if not isinstance(ckpt, dict):
         raise PCLError(f"checkpoint {path} is not a dict of tensors")
     return ckpt
+
+
+def _sniff(path: str) -> str | None:
+    """What a file that cannot be a torch.save checkpoint is (None: it may be one). torch.save writes a zip
+    archive (PK..) or, with the legacy format, a pickle (0x80 protocol byte)."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK") or head[:1] == b"\x80":
+        return None
+    if head.startswith(b"\x1f\x8b"):
+        return "it is gzip-compressed (decompress it first, e.g. gunzip)"
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<")):
+        return "it is an HTML/XML page (a failed download?)"
+    if text.startswith((b"{", b"[")):
+        return "it is JSON text"
+    return f"it starts with bytes {head[:8].hex()} (a torch.save file starts with PK or 0x80)"
 
 
 def strip_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -150,3 +150,22 @@ def test_speed_options_keep_the_checkpoint_layout(tmp_path):
     # on the CPU --channels-last is refused with the reason: at width 4 the NHWC 1x1 stride-2 weight-gradient
     # kernel of oneDNN (AVX2) hangs -- this very run used to stall forever
     assert "--channels-last is ignored on the CPU" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("content, message", [
+    (bytes(range(7, 71)) * 4, "is not a PyTorch checkpoint: it starts with bytes"),
+    (b"<!DOCTYPE html><html><body>404</body></html>", "is not a PyTorch checkpoint: it is an HTML/XML page"),
+    (b"\x1f\x8b\x08\x00" + b"\x00" * 40, "is not a PyTorch checkpoint: it is gzip-compressed"),
+    (b"", "is not a PyTorch checkpoint: the file is empty"),
+])
+def test_files_that_are_not_checkpoints_are_named_as_such(tmp_path, content, message):
+    """Not 'an unsafe pickle that could run code': what the file is, and what to do."""
+    path = tmp_path / "model.pth.tar"
+    path.write_bytes(content)
+    with pytest.raises(PCLError, match=message):
+        load_checkpoint(str(path))
+
+
+def test_a_directory_given_as_checkpoint_says_so(tmp_path):
+    with pytest.raises(PCLError, match="is a directory: give a checkpoint file in it"):
+        load_checkpoint(str(tmp_path))
