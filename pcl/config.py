@@ -438,6 +438,8 @@ def validate_pretrain_args(args: argparse.Namespace) -> argparse.Namespace:
         raise PCLError("--pcl-r must be positive")
     if args.width < 1 or args.low_dim < 1:
         raise PCLError("--width and --low-dim must be positive")
+    if not args.resume and args.start_epoch >= args.epochs:
+        raise PCLError(f"--start-epoch {args.start_epoch} is not below --epochs {args.epochs}: nothing to train")
     if not getattr(args, "dist_timeout", 1) > 0:
         raise PCLError(f"--dist-timeout {args.dist_timeout}: give the minutes a collective may wait (> 0)")
     if getattr(args, "proto_chunks", 1) < 1:

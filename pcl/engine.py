@@ -282,6 +282,9 @@ def setup(args: argparse.Namespace) -> tuple[torch.device, PretrainData, nn.Modu
         raise PCLError(f"per-process batch {args.batch_size} is not divisible by --bn-splits {bn_splits}")
     torch.manual_seed(args.seed)
     data = build_pretrain_data(args)
+    if len(data.train_loader) == 0:  # the last partial batch is dropped, as official: nothing would train
+        raise PCLError(f"--batch-size {args.global_batch_size} is larger than the {data.num_samples} training "
+                       f"samples: no full batch per epoch; choose at most {data.num_samples}")
     if args.warmup_epoch < args.epochs and max(args.num_cluster) > data.num_samples:
         raise PCLError(f"--num-cluster {','.join(map(str, args.num_cluster))}: k={max(args.num_cluster)} is "
                        f"larger than the {data.num_samples} training samples; choose every k <= {data.num_samples}")
@@ -349,6 +352,10 @@ def fit(args: argparse.Namespace, on_step: Callable[[int, int], None] | None = N
         if path is not None:
             resumed = _resume(path, model, optimizer, device, ckpt)
             args.start_epoch = int(resumed["epoch"])
+            if args.start_epoch >= args.epochs and not resumed.get("step"):
+                logger.warning("nothing to train: %s finished epoch %d of --epochs %d (raise --epochs to go on)",
+                               path, args.start_epoch, args.epochs)
+                return {}
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     run_log = RunLog(args.exp_dir)
     stop = StopRequest().install()

@@ -134,3 +134,17 @@ def test_gpu_check_cpu_fallback_runs_every_section(tmp_path):
     assert sections["throughput"]["images_per_s"]["fp32"] > 0 and sections["pil"]["images_per_s_per_core"] > 0
     assert sections["sampling"]["ms_per_granularity_b32"] > 0 and sections["kmeans"]["total_seconds_nredo1"] > 0
     assert "| kmeans |" in proc.stdout
+
+
+def test_batch_larger_than_the_dataset_is_refused(tmp_path):
+    """It would train 0 steps per epoch and save an untrained checkpoint with exit 0."""
+    with pytest.raises(PCLError, match="--batch-size 4096 is larger than the 1438 training samples"):
+        fit(tiny_args(tmp_path, "-b", "4096", "--pcl-r", "4096"))
+
+
+def test_nothing_to_train_is_said_not_silent(tmp_path):
+    with pytest.raises(PCLError, match="--start-epoch 2 is not below --epochs 2"):
+        validate_pretrain_args(tiny_args(tmp_path, "--start-epoch", "2"))
+    fit(tiny_args(tmp_path, "--epochs", "1"))
+    assert fit(tiny_args(tmp_path, "--epochs", "1", "--resume", "auto")) == {}
+    assert "nothing to train" in (tmp_path / "train.log").read_text()
