@@ -396,8 +396,8 @@ def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     for action in parser._actions:
         rule = RANGES.get(action.dest)
         value = getattr(args, action.dest, None)
-        if rule is None or value is None:
-            continue
+        if rule is None or value is None or isinstance(value, (str, bool)):
+            continue  # str: a flag of the same name that takes a list elsewhere (e.g. the kNN command's --knn-k)
         ok, words = rule
         try:
             valid = ok(value)

@@ -61,6 +61,11 @@ def init(args: Any) -> torch.device:
         # a collective waits this long before the run is declared hung: the other ranks wait in one while rank 0
         # clusters (minutes per E-step at ImageNet scale); NCCL's default of 10 minutes would kill the run there
         timeout = datetime.timedelta(minutes=getattr(args, "dist_timeout", 120))
+        import logging
+
+        logging.getLogger("pcl").info("rank %d joining %d processes at %s (waits up to --dist-timeout %g min for "
+                                      "the others)", args.rank, args.world_size, args.dist_url,
+                                      timeout.total_seconds() / 60)
         dist.init_process_group(
             backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank, timeout=timeout
         )
@@ -82,6 +87,16 @@ def local_processes(args: Any) -> int:
 def workers_per_process(workers: int, processes: int) -> int:
     """-j/--workers is per node, as official: each of the node's processes gets ceil(workers / processes)."""
     return (workers + processes - 1) // processes
+
+
+def refuse_spawn(args: Any, command: str) -> None:
+    """For commands that do not spawn workers: --multiprocessing-distributed would otherwise fail on the missing
+    RANK (KeyError) or wait for processes that never come."""
+    if getattr(args, "multiprocessing_distributed", False):
+        from pcl import PCLError
+
+        raise PCLError(f"{command} does not spawn workers: drop --multiprocessing-distributed (it runs in one "
+                       f"process, or under torchrun --nproc_per_node N ... --dist-url env://)")
 
 
 def cleanup() -> None:

@@ -60,6 +60,7 @@ def labelled_features(args, splits=("train", "val")):
 
     from pcl.evaluation.linear import resolve_eval_dataset
 
+    dist_utils.refuse_spawn(args, "the kNN and cluster-metrics commands")
     device = dist_utils.init(args)
     resolve_eval_dataset(args)
     data = build_labelled_data(args)

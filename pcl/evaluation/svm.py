@@ -217,6 +217,7 @@ def run_svm(args: argparse.Namespace) -> dict[str, Any]:
     shots = [int(k) for k in parse_floats(args.shots, "--shots")] if args.low_shot else []
     if args.runs < 1:
         raise PCLError("--runs must be at least 1")
+    dist_utils.refuse_spawn(args, "eval_svm.py")
     device = dist_utils.init(args)
     start = time.perf_counter()
     train_src, train_y, test_src, test_y, single_label = _svm_data(args)
