@@ -339,7 +339,7 @@ def fit(args: argparse.Namespace, on_step: Callable[[int, int], None] | None = N
     SIGTERM/SIGUSR1 the current step finishes, a checkpoint is saved and :class:`pcl.Preempted` is raised.
     """
     validate_pretrain_args(args)
-    setup_logging(args.exp_dir, args.debug)
+    setup_logging(args.exp_dir, args.debug, args.rank if args.multiprocessing_distributed else None)
     device, data, model, optimizer = setup(args)
     logger.info("PCL: %s (width %d, stem %s) on %s, %d samples, %d processes, batch %d/process",
                 args.arch, args.width, args.stem, device, data.num_samples, dist_utils.world_size(), args.batch_size)

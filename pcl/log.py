@@ -11,18 +11,30 @@ from typing import Any
 from pcl import distributed as dist_utils
 
 
-def setup_logging(exp_dir: str | None = None, debug: bool = False) -> logging.Logger:
-    """Rank 0 logs INFO to stderr (and EXP_DIR/train.log); other ranks only WARNING and above."""
+def process_rank(hint: int | None = None) -> int:
+    """This process's global rank, also before the process group exists: the group's, else torchrun's RANK,
+    else ``hint`` (what the spawn launcher assigned), else 0."""
+    if dist_utils.is_dist():
+        return dist_utils.rank()
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    return max(hint or 0, 0)
+
+
+def setup_logging(exp_dir: str | None = None, debug: bool = False, rank: int | None = None) -> logging.Logger:
+    """Rank 0 logs INFO to stderr (and EXP_DIR/train.log); other ranks only WARNING and above, to stderr.
+    ``rank``: the launcher's rank for this process when the process group is not up yet."""
     logger = logging.getLogger("pcl")
     logger.handlers.clear()
     logger.propagate = False
     level = logging.DEBUG if debug else logging.INFO
-    logger.setLevel(level if dist_utils.is_main() else logging.WARNING)
-    fmt = logging.Formatter(f"%(asctime)s [rank {dist_utils.rank()}] %(message)s", "%H:%M:%S")
+    rank = process_rank(rank)
+    logger.setLevel(level if rank == 0 else logging.WARNING)
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(message)s", "%H:%M:%S")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(fmt)
     logger.addHandler(handler)
-    if exp_dir and dist_utils.is_main():
+    if exp_dir and rank == 0:
         os.makedirs(exp_dir, exist_ok=True)
         fh = logging.FileHandler(os.path.join(exp_dir, "train.log"))
         fh.setFormatter(fmt)

@@ -170,3 +170,18 @@ def test_eval_svm_refuses_multiprocessing_distributed(tmp_path, capsys):
     code = run_cli(build_svm_parser, run_svm, ["--dataset", "demo", "--multiprocessing-distributed",
                                                "--exp-dir", str(tmp_path)])
     assert code == 2 and "eval_svm.py does not spawn workers" in capsys.readouterr().err
+
+
+def test_spawned_workers_log_with_their_own_rank_before_the_group_exists(tmp_path, monkeypatch):
+    """--multiprocessing-distributed: rank 3 must not log as rank 0 nor write rank 0's train.log."""
+    import logging
+
+    from pcl.log import setup_logging
+
+    monkeypatch.delenv("RANK", raising=False)
+    logger = setup_logging(str(tmp_path / "r3"), rank=3)
+    assert logger.level == logging.WARNING and "[rank 3]" in logger.handlers[0].formatter._fmt
+    assert len(logger.handlers) == 1 and not (tmp_path / "r3" / "train.log").exists()
+    monkeypatch.setenv("RANK", "0")  # torchrun
+    logger = setup_logging(str(tmp_path / "r0"), rank=None)
+    assert logger.level == logging.INFO and (tmp_path / "r0" / "train.log").exists()

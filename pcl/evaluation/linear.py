@@ -162,7 +162,7 @@ def resolve_eval_dataset(args: argparse.Namespace) -> None:
 
 def prepare_eval(args: argparse.Namespace) -> torch.device:
     """Logging, process group and device, per-process batch (``args.global_batch_size`` keeps the total)."""
-    setup_logging(args.exp_dir, args.debug)
+    setup_logging(args.exp_dir, args.debug, args.rank if args.multiprocessing_distributed else None)
     device = dist_utils.init(args)
     world = dist_utils.world_size()
     if args.batch_size % world:
