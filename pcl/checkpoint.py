@@ -140,6 +140,32 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {"module." + k: v for k, v in inner.state_dict().items()}
 
 
+def checkpoint_kind(ckpt: dict[str, Any]) -> str:
+    """'pretrain' (ours or official PCL/MoCo: encoder_q, encoder_k and queue), 'linear' (eval_linear.py's),
+    'weights' (a bare state_dict, e.g. torchvision's or an export) or 'unknown'."""
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict):
+        return "weights" if ckpt and all(torch.is_tensor(v) for v in ckpt.values()) else "unknown"
+    keys = strip_prefix(state, "module.")
+    if any(k.startswith("encoder_k.") for k in keys) and "queue" in keys:
+        return "pretrain"
+    if "best_acc1" in ckpt or "num_classes" in ckpt:
+        return "linear"
+    return "unknown"
+
+
+def require_pretrain_checkpoint(ckpt: dict[str, Any], source: str) -> None:
+    """--resume of pretraining takes a pretraining checkpoint; say what else a file is and which flag takes it."""
+    kind = checkpoint_kind(ckpt)
+    if kind == "pretrain":
+        return
+    what = {"linear": "a linear-probe checkpoint of eval_linear.py (resume it with eval_linear.py --resume)",
+            "weights": "a bare weights file (a backbone: give it to the evaluation commands' --pretrained)",
+            "unknown": "not a pretraining checkpoint (no module.encoder_q/encoder_k/queue in its state_dict)"}[kind]
+    raise PCLError(f"--resume {source}: this is {what}; pretraining resumes from its own checkpoint_*.pth.tar "
+                   f"or an official PCL/MoCo one")
+
+
 def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     inner = model.module if hasattr(model, "module") else model
     try:
@@ -193,6 +219,10 @@ def load_backbone(path: str, arch: str | None = None, map_location: str | torch.
     stem = stem or cfg.get("stem", "standard")
     backbone = build_backbone(arch, width, stem)
     weights = backbone_state(state)
+    bad = [k for k, v in weights.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise PCLError(f"checkpoint {path} has NaN/inf backbone weights in {len(bad)} tensors (first: {bad[0]}): the "
+                       f"run that wrote it diverged; take an earlier checkpoint of it")
     if not set(weights) & set(backbone.state_dict()):
         raise PCLError(f"checkpoint {path} holds no backbone weights (no [module.]encoder_q.* keys)")
     try:

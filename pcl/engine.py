@@ -257,6 +257,7 @@ def _resume(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, devic
             ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load weights, queue and optimiser; return the checkpoint (epoch, step, cluster_result, resume_states)."""
     ckpt = ckpt if ckpt is not None else ckpt_io.load_checkpoint(path, map_location=device)
+    ckpt_io.require_pretrain_checkpoint(ckpt, path)
     ckpt_io.load_model_state(model, ckpt["state_dict"], path)
     if "optimizer" in ckpt:
         ckpt_io.load_optimizer_state(optimizer, model, ckpt["optimizer"], path)

@@ -169,3 +169,24 @@ def test_files_that_are_not_checkpoints_are_named_as_such(tmp_path, content, mes
 def test_a_directory_given_as_checkpoint_says_so(tmp_path):
     with pytest.raises(PCLError, match="is a directory: give a checkpoint file in it"):
         load_checkpoint(str(tmp_path))
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"epoch": 3, "arch": "resnet18", "state_dict": {"module.fc.weight": torch.zeros(10, 8)}, "best_acc1": 40.0,
+      "num_classes": 10}, "this is a linear-probe checkpoint of eval_linear.py"),
+    ({"conv1.weight": torch.zeros(4, 3, 3, 3), "fc.weight": torch.zeros(2, 4)}, "this is a bare weights file"),
+])
+def test_resume_names_the_kind_of_file_it_was_given(tmp_path, content, message):
+    path = tmp_path / "other.pth.tar"
+    torch.save(content, path)
+    with pytest.raises(PCLError, match=message):
+        fit(tiny_args(tmp_path / "run", "--resume", str(path)))
+
+
+def test_nan_weights_in_a_pretrained_file_are_named_as_the_cause(tmp_path):
+    fit(tiny_args(tmp_path, "--epochs", "1"))
+    ckpt = load_checkpoint(tmp_path / "checkpoint_last.pth.tar")
+    ckpt["state_dict"]["module.encoder_q.layer1.0.conv1.weight"].fill_(float("nan"))
+    torch.save(ckpt, tmp_path / "nan.pth.tar")
+    with pytest.raises(PCLError, match=r"NaN/inf backbone weights in 1 tensors \(first: layer1.0.conv1.weight\)"):
+        load_backbone(str(tmp_path / "nan.pth.tar"))
