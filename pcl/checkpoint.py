@@ -82,10 +82,70 @@ def save_checkpoint(state: dict[str, Any], path: str, last: str | None = LAST) -
         except OSError:
             shutil.copyfile(path, last_tmp)
         os.replace(last_tmp, os.path.join(folder, last))
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise PCLError(f"could not save checkpoint {path}: {e} (the previous checkpoint is intact)") from None
+        # a full disk inside torch.save is a RuntimeError of its zip writer ("[enforce fail at inline_container
+        # ...] file write failed"), not an OSError
+        if isinstance(e, RuntimeError) and not any(w in str(e).lower() for w in ("write", "inline_container")):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise PCLError(f"could not save checkpoint {path}: {first} (disk full? the previous checkpoint is "
+                       f"intact)") from None
+
+
+TEMP_PREFIXES = (".tmp_ckpt_", ".tmp_" + LAST)
+
+
+def remove_stale_temps(folder: str) -> list[str]:
+    """Delete the temp files of saves that crashed (kill -9, full disk) in ``folder``; call it while holding
+    the folder's :class:`ExpDirLock`, so that no live save is touched. Returns the removed names."""
+    if not os.path.isdir(folder):
+        return []
+    stale = [n for n in os.listdir(folder) if n.startswith(TEMP_PREFIXES)]
+    for name in stale:
+        os.remove(os.path.join(folder, name))
+    if stale:
+        logger.warning("removed %d temp files of earlier crashed saves in %s", len(stale), folder)
+    return stale
+
+
+class ExpDirLock:
+    """An exclusive lock on an experiment folder for one run (flock on EXP_DIR/.lock, released by the OS when
+    the process dies): a second run in the same folder is refused instead of overwriting its checkpoints."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder, self.file = folder, None
+
+    def __enter__(self) -> "ExpDirLock":
+        import fcntl
+        import socket
+        import time
+
+        if os.path.exists(self.folder) and not os.path.isdir(self.folder):
+            raise PCLError(f"--exp-dir {self.folder} is a file, not a folder")
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            self.file = open(os.path.join(self.folder, ".lock"), "a+")
+        except OSError as e:
+            raise PCLError(f"--exp-dir {self.folder} is not writable ({e.strerror})") from None
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            owner = self.file.read().strip() or "another process"
+            self.file.close()
+            raise PCLError(f"--exp-dir {self.folder} is in use by another run ({owner}): give another --exp-dir, "
+                           f"or stop that run first") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.file is not None:
+            self.file.close()  # releases the flock
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -23,7 +23,7 @@ from pcl.config import validate_pretrain_args
 from pcl.data import PretrainData, build_pretrain_data
 from pcl.evaluation.knn import extract_features, knn_accuracy
 from pcl.gallery import caption, gallery_rows, render_gallery
-from pcl.log import AverageMeter, RunLog, setup_logging
+from pcl.log import AverageMeter, RunLog, process_rank, setup_logging
 from pcl.loss import accuracy, info_nce_logits, pauc_terms, proto_nce
 from pcl.model import MoCo, build_backbone
 
@@ -338,9 +338,21 @@ def fit(args: argparse.Namespace, on_step: Callable[[int, int], None] | None = N
 
     ``--resume auto`` continues from the newest readable checkpoint in --exp-dir (none: a fresh start). On
     SIGTERM/SIGUSR1 the current step finishes, a checkpoint is saved and :class:`pcl.Preempted` is raised.
+    Rank 0 holds a lock on --exp-dir for the whole run (a second run there is refused) and first removes the
+    temp files of earlier crashed saves.
     """
     validate_pretrain_args(args)
-    setup_logging(args.exp_dir, args.debug, args.rank if args.multiprocessing_distributed else None)
+    hint = args.rank if args.multiprocessing_distributed else None
+    setup_logging(args.exp_dir, args.debug, hint)
+    main = process_rank(hint) == 0
+    with ckpt_io.ExpDirLock(args.exp_dir) if main else contextlib.nullcontext():
+        if main:
+            ckpt_io.remove_stale_temps(args.exp_dir)
+        return _train(args, on_step)
+
+
+def _train(args: argparse.Namespace, on_step: Callable[[int, int], None] | None) -> dict[str, Any]:
+    """The run itself: setup, resume, then E-step + M-step per epoch (see :func:`fit`)."""
     device, data, model, optimizer = setup(args)
     logger.info("PCL: %s (width %d, stem %s) on %s, %d samples, %d processes, batch %d/process",
                 args.arch, args.width, args.stem, device, data.num_samples, dist_utils.world_size(), args.batch_size)

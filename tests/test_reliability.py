@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_args
+from conftest import ROOT, tiny_args
 from pcl import PCLError, Preempted
 from pcl import checkpoint as ckpt_io
 from pcl.engine import StopRequest, fit
@@ -136,3 +136,47 @@ def test_non_finite_loss_stops_with_the_step_and_terms(tmp_path):
     code, err = run("--dataset", "demo", "--demo-renders", "1", *TINY, "--lr", "1e30", "--epochs", "2",
                     "--exp-dir", str(tmp_path / "e"))
     assert_clean_error(code, err, "non-finite loss at epoch", "loss_inst=", "lr=")
+
+
+def test_a_second_run_in_the_same_exp_dir_is_refused_naming_the_first(tmp_path):
+    from pcl.checkpoint import ExpDirLock
+
+    with ExpDirLock(str(tmp_path)):
+        with pytest.raises(PCLError, match=r"is in use by another run \(pid \d+ on "):
+            fit(tiny_args(tmp_path, "--epochs", "1"))
+    fit(tiny_args(tmp_path, "--epochs", "1"))  # released: the folder is usable again
+
+
+def test_exp_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("x")
+    with pytest.raises(PCLError, match="is a file, not a folder"):
+        fit(tiny_args(path, "--epochs", "1"))
+
+
+def test_real_write_failure_during_save_leaves_no_temp_and_is_one_error(tmp_path):
+    """A real failing write (RLIMIT_FSIZE: the kernel refuses bytes past 64 KiB, as a full disk would) inside
+    torch.save's zip writer, in a subprocess; stale temps of such crashes are removed on the next start."""
+    import subprocess
+    import sys as _sys
+
+    code = f"""
+import resource, signal, sys, torch
+sys.path.insert(0, {ROOT!r})
+from pcl import PCLError
+from pcl.checkpoint import save_checkpoint
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+try:
+    save_checkpoint({{"w": torch.zeros(1_000_000)}}, {str(tmp_path / 'ckpt.pth.tar')!r})
+except PCLError as e:
+    print("PCLError:", e)
+"""
+    out = subprocess.run([_sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "PCLError: could not save checkpoint" in out.stdout, out.stdout + out.stderr
+    assert "disk full?" in out.stdout
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
+    from pcl.checkpoint import remove_stale_temps
+
+    (tmp_path / ".tmp_ckpt_crashed").write_bytes(b"partial")
+    assert remove_stale_temps(str(tmp_path)) == [".tmp_ckpt_crashed"]
