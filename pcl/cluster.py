@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -260,11 +260,13 @@ def run_kmeans(
     niter: int = 20,
     nredo: int = 5,
     backend: str = "auto",
+    should_stop: Callable[[], bool] | None = None,
 ) -> ClusterResult:
     """k-means at each granularity (seed + granularity index, as official), then phi.
 
     features: N x d (the momentum features; the official code uses unit rows). Returns a ClusterResult on
-    the device of ``features`` with L2-normalised centroids.
+    the device of ``features`` with L2-normalised centroids. ``should_stop`` is asked before each granularity;
+    when it says yes the result holds only the granularities done so far.
     """
     ks = [num_clusters] if isinstance(num_clusters, int) else list(num_clusters)
     x = torch.as_tensor(features).detach().float().contiguous()
@@ -273,6 +275,9 @@ def run_kmeans(
     logger.info("k-means backend: %s (%s)", backend, why)
     result = ClusterResult()
     for g, k in enumerate(ks):
+        if should_stop is not None and should_stop():
+            logger.warning("k-means stopped before k=%d: a stop was requested", k)
+            break
         start = time.perf_counter()
         c, dist2, assign = kmeans(x, k, seed + g, niter, nredo, backend)
         seconds = time.perf_counter() - start

@@ -57,12 +57,13 @@ def _autocast(args: argparse.Namespace, device: torch.device):
 
 @torch.no_grad()
 def compute_features(model: nn.Module, loader, device: torch.device, num_samples: int,
-                     progress: bool = True) -> torch.Tensor:
+                     progress: bool = True, stop: "StopRequest | None" = None) -> torch.Tensor | None:
     """Momentum-encoder features (eval mode, center crop) of the whole training set: N x C on ``device``,
     each sample computed once by one rank and gathered exactly.
 
     Memory: with one process every batch is written straight into the N x C result (one copy); with several,
     a rank's own rows plus the gathered buffer and the result (see ``gather_rows_exact``).
+    With ``stop``, a stop request (agreed over ranks) is checked after every batch: then None on every rank.
     """
     moco = model.module if hasattr(model, "module") else model
     moco.eval()
@@ -75,24 +76,37 @@ def compute_features(model: nn.Module, loader, device: torch.device, num_samples
             if out is None:
                 out = torch.zeros(num_samples, rows.shape[1], device=device)
             out[index.to(device)] = rows
+            if stop is not None and stop.requested(device):
+                return None
         return out
     rows, idx = [], []
     for images, index in bar:
         rows.append(moco.encode_key(images.to(device, non_blocking=True)).float())
         idx.append(index.to(device))
+        if stop is not None and stop.requested(device):
+            return None
     return dist_utils.gather_rows_exact(torch.cat(rows), torch.cat(idx), num_samples)
 
 
 def e_step(model: nn.Module, data: PretrainData, args: argparse.Namespace, device: torch.device,
-           epoch: int) -> ClusterResult:
-    """Features, k-means per granularity and phi on rank 0, broadcast so every rank holds the same result."""
+           epoch: int, stop: "StopRequest | None" = None) -> ClusterResult | None:
+    """Features, k-means per granularity and phi on rank 0, broadcast so every rank holds the same result.
+    None on every rank when ``stop`` was requested during it (checked per feature batch and, on rank 0,
+    between granularities): the caller saves the epoch boundary and stops."""
     start = time.perf_counter()
-    features = compute_features(model, data.eval_loader, device, data.num_samples, _progress(args))
+    features = compute_features(model, data.eval_loader, device, data.num_samples, _progress(args), stop)
+    if features is None:
+        return None
     feat_seconds = time.perf_counter() - start
+    interrupted = torch.zeros(1, device=device)
     if dist_utils.is_main():
         result = run_kmeans(features, args.num_cluster, args.temperature, seed=0, niter=args.kmeans_niter,
-                            nredo=args.kmeans_nredo, backend=args.kmeans_backend)
-    else:
+                            nredo=args.kmeans_nredo, backend=args.kmeans_backend,
+                            should_stop=(lambda: stop.signal_name is not None) if stop is not None else None)
+        interrupted += len(result.im2cluster) < len(args.num_cluster)
+    if dist_utils.broadcast_(interrupted, 0).item():  # every rank learns whether rank 0 stopped early
+        return None
+    if not dist_utils.is_main():
         check_features(features, args.num_cluster)
         n, d = features.shape
         result = ClusterResult([torch.empty(n, dtype=torch.long, device=device) for _ in args.num_cluster],
@@ -140,6 +154,8 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signal_name = signal.Signals(signum).name
+        logger.warning("%s received: stopping at the next safe point (after this step, feature batch or "
+                       "k-means granularity), then saving", self.signal_name)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -389,7 +405,12 @@ def _train(args: argparse.Namespace, on_step: Callable[[int, int], None] | None)
                 torch.set_rng_state(resume_state["torch_rng"])
             else:
                 torch.manual_seed(_seed(args, epoch, 0))  # worker-less PIL augmentation draws from here
-                cluster = e_step(model, data, args, device, epoch) if epoch >= args.warmup_epoch else None
+                cluster = e_step(model, data, args, device, epoch, stop) if epoch >= args.warmup_epoch else None
+                if epoch >= args.warmup_epoch and cluster is None:  # stopped during the E-step: save the boundary
+                    path = ckpt_io.preempt_path(args.exp_dir)
+                    if dist_utils.is_main():
+                        ckpt_io.save_checkpoint(_checkpoint_state(model, optimizer, epoch - 1, args, None), path)
+                    _raise_preempted(args, path, epoch, 0, stop.signal_name or "signal on another rank")
             lr = adjust_learning_rate(optimizer, epoch, args)
             data.train_loader.set_epoch(epoch)
             if resume_state is not None:
@@ -510,12 +531,23 @@ def launch(args: argparse.Namespace, fn: Callable[[argparse.Namespace], Any] = f
     nprocs = args.nproc or (torch.cuda.device_count() if use_cuda else 1)
     args.nproc = nprocs  # the workers split -j among the node's processes
     args.world_size = nprocs * max(args.world_size, 1)
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:  # the parent ignores preemption signals; each worker finishes its step, saves and exits 75
-        torch.multiprocessing.spawn(_worker, nprocs=nprocs, args=(nprocs, args, fn))
+    context = torch.multiprocessing.start_processes(_worker, args=(nprocs, args, fn), nprocs=nprocs, join=False,
+                                                    start_method="spawn")
+
+    def forward(signum: int, frame: Any) -> None:  # `kill PID` and many schedulers signal only the launcher
+        logger.warning("%s received by the launcher: forwarded to its %d workers", signal.Signals(signum).name,
+                       nprocs)
+        for proc in context.processes:
+            if proc.is_alive():
+                os.kill(proc.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:  # each worker finishes its step (or feature batch), rank 0 saves, all exit 75
+        while not context.join():
+            pass
     except torch.multiprocessing.ProcessExitedException as e:
         if e.exit_code == EXIT_PREEMPTED:
-            raise Preempted(ckpt_io.preempt_path(args.exp_dir), -1, -1, "preemption signal") from None
+            raise _preempted_from_marker(args.exp_dir) from None
         if e.exit_code == EXIT_INPUT:
             raise PCLError(f"a worker stopped on bad input (its message is above); exit code {e.exit_code}") from None
         raise
@@ -523,6 +555,18 @@ def launch(args: argparse.Namespace, fn: Callable[[argparse.Namespace], Any] = f
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return None
+
+
+def _preempted_from_marker(exp_dir: str) -> Preempted:
+    """The workers' Preempted, rebuilt in the launcher from the PREEMPTED file rank 0 wrote (epoch, step, path)."""
+    import re
+
+    marker = os.path.join(exp_dir, "PREEMPTED")
+    text = open(marker).read() if os.path.exists(marker) else ""
+    m = re.search(r"(\S+) received: stopped after epoch (\d+) step (\d+) and saved (.+?); rerun", text)
+    if m is None:
+        return Preempted(ckpt_io.preempt_path(exp_dir), -1, -1, "preemption signal")
+    return Preempted(m.group(4), int(m.group(2)), int(m.group(3)), m.group(1))
 
 
 def monitor_scores(encoder: nn.Module | None, data: PretrainData, args: argparse.Namespace, device: torch.device,

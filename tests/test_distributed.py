@@ -138,3 +138,26 @@ def test_official_multiprocessing_distributed_form(tmp_path):
                 "--multiprocessing-distributed", "--world-size", "1", "--rank", "0", "--nproc", "2", *TINY_CLI,
                 "--exp-dir", str(tmp_path / "exp")], tmp_path)
     assert "2 processes" in err
+
+
+def test_sigterm_to_the_launcher_only_reaches_the_workers(tmp_path):
+    """`kill PID` of the official launcher (--multiprocessing-distributed): the workers get it, rank 0 saves,
+    the launcher exits 75 naming the epoch and step it stopped at."""
+    import signal
+    import time
+
+    exp = tmp_path / "exp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "main_pcl.py", "--dist-url", f"tcp://127.0.0.1:{_free_port()}",
+           "--multiprocessing-distributed", "--world-size", "1", "--rank", "0", "--nproc", "2", *TINY_CLI,
+           "--epochs", "50", "--exp-dir", str(exp)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (exp / "log.txt").exists():  # the first epoch is done
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)  # the launcher only
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    assert "forwarded to its 2 workers" in err
+    line = [ln for ln in err.splitlines() if ln.startswith("preempted:")][0]
+    assert "SIGTERM received: stopped after epoch" in line and "epoch -1" not in line and "--resume auto" in line

@@ -180,3 +180,49 @@ except PCLError as e:
 
     (tmp_path / ".tmp_ckpt_crashed").write_bytes(b"partial")
     assert remove_stale_temps(str(tmp_path)) == [".tmp_ckpt_crashed"]
+
+
+@pytest.mark.parametrize("where", ["feature pass", "k-means"])
+def test_sigterm_during_the_e_step_stops_there_and_resumes_exactly(tmp_path, monkeypatch, where):
+    """The E-step is minutes at ImageNet scale: a stop is honoured between feature batches and between
+    granularities (not after the whole E-step), the epoch boundary is saved, and --resume auto redoes the E-step."""
+    import pcl.cluster as cluster_mod
+    from pcl.model import MoCo
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    fit(tiny_args(full))
+    calls = {"n": 0}
+    if where == "feature pass":
+        original = MoCo.encode_key
+
+        def encode_key(self, images):
+            calls["n"] += 1
+            if calls["n"] == 2:  # the second feature batch of the first E-step (epoch 1)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return original(self, images)
+
+        monkeypatch.setattr(MoCo, "encode_key", encode_key)
+    else:
+        original = cluster_mod.kmeans
+
+        def kmeans(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 1:  # during the first granularity
+                os.kill(os.getpid(), signal.SIGTERM)
+            return original(*a, **k)
+
+        monkeypatch.setattr(cluster_mod, "kmeans", kmeans)
+    with pytest.raises(Preempted) as stopped:
+        fit(tiny_args(cut))
+    monkeypatch.undo()
+    assert stopped.value.epoch == 1 and stopped.value.step == 0
+    saved = ckpt_io.load_checkpoint(stopped.value.path)
+    assert saved["epoch"] == 1 and saved["step"] == 0 and "cluster_result" not in saved
+    if where == "feature pass":
+        assert calls["n"] == 2  # stopped right after the batch in which the signal came
+    else:
+        assert calls["n"] == 1  # the second granularity was never clustered
+    fit(tiny_args(cut, "--resume", "auto"))
+    a, b = _state(full / "checkpoint_0001.pth.tar"), _state(cut / "checkpoint_0001.pth.tar")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
