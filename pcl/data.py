@@ -17,11 +17,12 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.datasets as tvd
 import torchvision.transforms as T
-from PIL import ImageFilter
+from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from pcl import PCLError, distributed as dist_utils
@@ -107,13 +108,31 @@ def read_class_list(path: str) -> list[str]:
     return names
 
 
+def load_image(path: str) -> Image.Image:
+    """An image file as 8-bit RGB. 16-bit and 32-bit grey images (PNG/TIFF modes I;16, I, F) are scaled to 8 bits
+    by their range (torchvision's loader clips them to 255: a white picture)."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray((arr / top * 255.0).round().clip(0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
+def printable(path: str) -> str:
+    """A file name that any log stream can write (undecodable bytes as \\x escapes)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 class ListedImageFolder(tvd.ImageFolder):
     """An ImageFolder restricted to the listed class folders, labelled 0..C-1 in the list's order (so the same
     list gives the same labels in every split); only those folders are scanned."""
 
     def __init__(self, root: str, classes: Sequence[str]) -> None:
         self.listed = list(classes)
-        super().__init__(root)
+        super().__init__(root, loader=load_image)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         missing = [c for c in self.listed if not os.path.isdir(os.path.join(directory, c))]
@@ -128,7 +147,8 @@ def _image_folder(root: str, split: str, bad_images: str = "fail", classes: Sequ
     if not os.path.isdir(path):
         raise PCLError(f"data folder not found: {path} (expected an ImageFolder root: DIR/{split}/<class>/<image>)")
     try:
-        return SafeImages(ListedImageFolder(path, classes) if classes else tvd.ImageFolder(path), bad_images)
+        return SafeImages(ListedImageFolder(path, classes) if classes else tvd.ImageFolder(path, loader=load_image),
+                          bad_images)
     except (FileNotFoundError, RuntimeError) as e:
         raise PCLError(f"no images in {path}: {e} (expected DIR/{split}/<class>/<image>)") from None
 
@@ -149,8 +169,8 @@ class SafeImages(Dataset):
             i = (index + attempt) % len(self.base)
             try:
                 return self.base[i]
-            except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for corrupt/truncated files
-                path = self.base.samples[i][0]
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # corrupt, truncated, bomb
+                path = printable(self.base.samples[i][0])
                 if self.policy != "skip":
                     raise PCLError(f"cannot read image {path} ({type(e).__name__}: {str(e)[:120]}); fix or remove "
                                    f"it, or pass --bad-images skip") from None

@@ -1,3 +1,6 @@
+import os
+
+import pytest
 import torch
 
 from pcl.data import ShardSampler, TensorAugment, TensorEvalLoader, TensorPairLoader, make_digits_demo
@@ -46,3 +49,51 @@ def test_pair_loader_replays_an_epoch_and_eval_loader_covers_all():
 def test_shard_sampler_partitions_without_padding():
     shards = [list(ShardSampler(10, r, 3)) for r in range(3)]
     assert sorted(sum(shards, [])) == list(range(10))
+
+
+def test_16_bit_png_keeps_its_contrast_instead_of_turning_white(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from pcl.data import load_image
+
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # 0 .. 63000 of 65535
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    rgb = np.asarray(load_image(str(tmp_path / "deep.png")))
+    assert rgb.shape == (8, 8, 3) and rgb.dtype == np.uint8
+    assert rgb[0, 0, 0] == 0 and 240 <= rgb[7, 7, 0] <= 246 and len(np.unique(rgb[..., 0])) > 50
+    Image.fromarray(np.full((4, 4), 200, dtype=np.uint8)).save(tmp_path / "plain.png")
+    assert np.asarray(load_image(str(tmp_path / "plain.png")))[0, 0, 0] == 200  # 8-bit unchanged
+
+
+def test_decompression_bomb_and_undecodable_names_are_handled(tmp_path, monkeypatch, capsys):
+    import io
+    import logging
+
+    import numpy as np
+    from PIL import Image
+
+    from pcl import PCLError
+    from pcl.data import SafeImages, _image_folder
+
+    for name in ("ok.png", "b\udcffad.png"):  # a file name that is not valid UTF-8
+        folder = tmp_path / "train" / "c"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(os.fsencode(str(folder / name)), format="PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # every 64 x 64 image is now a "bomb" (> 2x the limit)
+    strict = _image_folder(str(tmp_path), "train", "fail")
+    with pytest.raises(PCLError, match="DecompressionBombError"):
+        strict[0]
+    lenient = SafeImages(strict.base, "skip")
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")  # a strict UTF-8 log stream
+    handler = logging.StreamHandler(stream)
+    logging.getLogger("pcl").addHandler(handler)
+    try:
+        with pytest.raises(PCLError, match="no readable image"):
+            lenient[0]  # every file is skipped with a warning
+    finally:
+        logging.getLogger("pcl").removeHandler(handler)
+    assert lenient.skipped == 2
+    stream.flush()
+    assert "b\\xffad.png" in stream.buffer.getvalue().decode()  # the odd byte as an escape, not a logging error
+    assert "Logging error" not in capsys.readouterr().err
