@@ -45,7 +45,11 @@ def resolve_resume(resume: str, exp_dir: str, map_location: str | torch.device =
         return resume, load_checkpoint(resume, map_location)
     names = [n for n in os.listdir(exp_dir) if n.startswith("checkpoint_") and n.endswith(".pth.tar")] \
         if os.path.isdir(exp_dir) else []
-    paths = sorted((os.path.join(exp_dir, n) for n in names), key=os.path.getmtime, reverse=True)
+    paths = [os.path.join(exp_dir, n) for n in names]
+    dangling = [p for p in paths if not os.path.exists(p)]  # a symlink whose target is gone
+    for p in dangling:
+        logger.warning("--resume auto: skipping %s (a link to a file that no longer exists)", p)
+    paths = sorted((p for p in paths if p not in dangling), key=os.path.getmtime, reverse=True)
     for path in paths:
         try:
             ckpt = load_checkpoint(path, map_location)
@@ -218,6 +222,11 @@ def require_pretrain_checkpoint(ckpt: dict[str, Any], source: str) -> None:
     """--resume of pretraining takes a pretraining checkpoint; say what else a file is and which flag takes it."""
     kind = checkpoint_kind(ckpt)
     if kind == "pretrain":
+        if not isinstance(ckpt.get("epoch"), int) or isinstance(ckpt.get("epoch"), bool) or ckpt["epoch"] < 0:
+            raise PCLError(f"--resume {source}: its 'epoch' is {ckpt.get('epoch')!r}, not an epoch number")
+        if "optimizer" in ckpt and not isinstance(ckpt["optimizer"], dict):
+            raise PCLError(f"--resume {source}: its 'optimizer' is a {type(ckpt['optimizer']).__name__}, not an "
+                           f"optimizer state")
         return
     what = {"linear": "a linear-probe checkpoint of eval_linear.py (resume it with eval_linear.py --resume)",
             "weights": "a bare weights file (a backbone: give it to the evaluation commands' --pretrained)",
@@ -331,6 +340,8 @@ def detectron2_state(state: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 def export(path: str, out: str, fmt: str = "torchvision", arch: str | None = None) -> str:
     """Write the backbone of checkpoint ``path`` as a torchvision state_dict (.pth) or a detectron2 .pkl."""
+    if os.path.isdir(out):
+        raise PCLError(f"export output {out} is a directory: give a file name, e.g. {os.path.join(out, 'backbone.pth')}")
     state = torchvision_state(path, arch)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if fmt == "torchvision":

@@ -275,10 +275,25 @@ def _resume(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, devic
     ckpt = ckpt if ckpt is not None else ckpt_io.load_checkpoint(path, map_location=device)
     ckpt_io.require_pretrain_checkpoint(ckpt, path)
     ckpt_io.load_model_state(model, ckpt["state_dict"], path)
-    if "optimizer" in ckpt:
+    if ckpt.get("optimizer"):  # official files written without one hold {}
         ckpt_io.load_optimizer_state(optimizer, model, ckpt["optimizer"], path)
     logger.info("resumed from %s (epoch %d, step %d)", path, ckpt["epoch"], ckpt.get("step", 0))
     return ckpt
+
+
+def _check_mid_epoch_resume(ckpt: dict[str, Any], path: str, args: argparse.Namespace, data: PretrainData) -> None:
+    """A checkpoint saved mid-epoch continues that epoch's exact batches and cluster assignment: it needs the
+    same global batch and the same training set (an epoch-boundary checkpoint resumes with either changed)."""
+    if not ckpt.get("step"):
+        return
+    saved = ckpt.get("args") or {}
+    if saved.get("global_batch_size") not in (None, args.global_batch_size):
+        raise PCLError(f"--resume {path} was saved mid-epoch with --batch-size {saved['global_batch_size']}; resume "
+                       f"it with that batch size (now {args.global_batch_size})")
+    assign = (ckpt.get("cluster_result") or {}).get("im2cluster") or []
+    if assign and len(assign[0]) != data.num_samples:
+        raise PCLError(f"--resume {path} was saved mid-epoch on a training set of {len(assign[0])} images, this one "
+                       f"has {data.num_samples}: resume it on the same data")
 
 
 def setup(args: argparse.Namespace) -> tuple[torch.device, PretrainData, nn.Module, torch.optim.Optimizer]:
@@ -380,6 +395,7 @@ def _train(args: argparse.Namespace, on_step: Callable[[int, int], None] | None)
         path, ckpt = ckpt_io.resolve_resume(args.resume, args.exp_dir, device)
         if path is not None:
             resumed = _resume(path, model, optimizer, device, ckpt)
+            _check_mid_epoch_resume(resumed, path, args, data)
             args.start_epoch = int(resumed["epoch"])
             if args.start_epoch >= args.epochs and not resumed.get("step"):
                 logger.warning("nothing to train: %s finished epoch %d of --epochs %d (raise --epochs to go on)",

@@ -226,3 +226,31 @@ def test_sigterm_during_the_e_step_stops_there_and_resumes_exactly(tmp_path, mon
     a, b = _state(full / "checkpoint_0001.pth.tar"), _state(cut / "checkpoint_0001.pth.tar")
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_mid_epoch_checkpoint_refuses_another_batch_size_or_dataset(tmp_path):
+    def preempt(epoch, step):
+        if (epoch, step) == (1, 2):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Preempted):
+        fit(tiny_args(tmp_path), on_step=preempt)
+    with pytest.raises(PCLError, match="saved mid-epoch with --batch-size 64; resume it with that batch size"):
+        fit(tiny_args(tmp_path, "--resume", "auto", "-b", "32"))
+    with pytest.raises(PCLError, match="saved mid-epoch on a training set of 1438 images, this one has 2876"):
+        fit(tiny_args(tmp_path, "--resume", "auto", "--demo-renders", "2"))
+
+
+def test_resume_auto_skips_a_dangling_symlink_and_bad_value_types(tmp_path):
+    fit(tiny_args(tmp_path, "--epochs", "1"))
+    os.symlink(tmp_path / "gone.pth.tar", tmp_path / "checkpoint_9999.pth.tar")
+    path, ckpt = ckpt_io.resolve_resume("auto", str(tmp_path))
+    assert path.endswith("checkpoint_0000.pth.tar")
+    ckpt["epoch"] = [1]
+    with pytest.raises(PCLError, match=r"its 'epoch' is \[1\], not an epoch number"):
+        ckpt_io.require_pretrain_checkpoint(ckpt, "hand.pth.tar")
+
+
+def test_export_to_a_directory_is_refused(tmp_path):
+    with pytest.raises(PCLError, match="is a directory: give a file name"):
+        ckpt_io.export("unused.pth.tar", str(tmp_path))
