@@ -384,6 +384,11 @@ def fit(args: argparse.Namespace, on_step: Callable[[int, int], None] | None = N
 
 def _train(args: argparse.Namespace, on_step: Callable[[int, int], None] | None) -> dict[str, Any]:
     """The run itself: setup, resume, then E-step + M-step per epoch (see :func:`fit`)."""
+    path, ckpt = None, None
+    if args.resume:  # cheap input first: a wrong or unreadable file fails before the dataset is scanned
+        path, ckpt = ckpt_io.resolve_resume(args.resume, args.exp_dir, "cpu")
+        if ckpt is not None:
+            ckpt_io.require_pretrain_checkpoint(ckpt, path)
     device, data, model, optimizer = setup(args)
     logger.info("PCL: %s (width %d, stem %s) on %s, %d samples, %d processes, batch %d/process",
                 args.arch, args.width, args.stem, device, data.num_samples, dist_utils.world_size(), args.batch_size)
@@ -391,16 +396,14 @@ def _train(args: argparse.Namespace, on_step: Callable[[int, int], None] | None)
     marker = os.path.join(args.exp_dir, "PREEMPTED")
     if dist_utils.is_main() and os.path.exists(marker):
         os.remove(marker)  # this run continues the preempted one
-    if args.resume:
-        path, ckpt = ckpt_io.resolve_resume(args.resume, args.exp_dir, device)
-        if path is not None:
-            resumed = _resume(path, model, optimizer, device, ckpt)
-            _check_mid_epoch_resume(resumed, path, args, data)
-            args.start_epoch = int(resumed["epoch"])
-            if args.start_epoch >= args.epochs and not resumed.get("step"):
-                logger.warning("nothing to train: %s finished epoch %d of --epochs %d (raise --epochs to go on)",
-                               path, args.start_epoch, args.epochs)
-                return {}
+    if path is not None:
+        resumed = _resume(path, model, optimizer, device, ckpt)
+        _check_mid_epoch_resume(resumed, path, args, data)
+        args.start_epoch = int(resumed["epoch"])
+        if args.start_epoch >= args.epochs and not resumed.get("step"):
+            logger.warning("nothing to train: %s finished epoch %d of --epochs %d (raise --epochs to go on)",
+                           path, args.start_epoch, args.epochs)
+            return {}
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     run_log = RunLog(args.exp_dir)
     stop = StopRequest().install()

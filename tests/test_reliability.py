@@ -254,3 +254,37 @@ def test_resume_auto_skips_a_dangling_symlink_and_bad_value_types(tmp_path):
 def test_export_to_a_directory_is_refused(tmp_path):
     with pytest.raises(PCLError, match="is a directory: give a file name"):
         ckpt_io.export("unused.pth.tar", str(tmp_path))
+
+
+HTML = b"<!DOCTYPE html><html>sign in</html>"
+
+
+def test_pretraining_reports_a_bad_resume_before_scanning_the_data(tmp_path):
+    bad = tmp_path / "ckpt.pth.tar"
+    bad.write_bytes(HTML)
+    with pytest.raises(PCLError, match="is not a PyTorch checkpoint: it is an HTML"):
+        fit(tiny_args(tmp_path / "run", str(tmp_path / "no_such_data"), "--resume", str(bad)))
+
+
+@pytest.mark.parametrize("command", ["eval_linear.py", "eval_svm.py", "knn", "semisup"])
+def test_evaluations_report_a_bad_pretrained_before_scanning_the_data(tmp_path, command, capsys):
+    from pcl.config import build_linear_parser, build_svm_parser, run_cli
+
+    bad = tmp_path / "ckpt.pth.tar"
+    bad.write_bytes(HTML)
+    argv = ["--pretrained", str(bad), str(tmp_path / "no_such_data"), "--exp-dir", str(tmp_path / "out")]
+    if command == "eval_linear.py":
+        from pcl.evaluation.linear import fit_linear as run
+        parser = build_linear_parser
+    elif command == "eval_svm.py":
+        from pcl.evaluation.svm import run_svm as run
+        parser = build_svm_parser
+        argv += ["--dataset", "voc07"]
+    elif command == "knn":
+        from pcl.evaluation.knn import build_parser as parser, run
+    else:
+        from pcl.evaluation.semisup import build_parser as parser, fit_semisup as run
+        argv += ["--labels-perc", "1"]
+    code = run_cli(parser, run, argv)
+    err = capsys.readouterr().err
+    assert code == 2 and "is not a PyTorch checkpoint" in err, err

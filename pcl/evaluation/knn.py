@@ -63,8 +63,8 @@ def labelled_features(args, splits=("train", "val")):
     dist_utils.refuse_spawn(args, "the kNN and cluster-metrics commands")
     device = dist_utils.init(args)
     resolve_eval_dataset(args)
+    backbone = _backbone(args, device)  # cheap input first: a bad --pretrained fails before the dataset is scanned
     data = build_labelled_data(args)
-    backbone = _backbone(args, device)
     out = []
     for split in ("train", "val"):
         if split not in splits:

@@ -174,11 +174,18 @@ def prepare_eval(args: argparse.Namespace) -> torch.device:
     return device
 
 
+def check_pretrained(args: argparse.Namespace) -> None:
+    """Load --pretrained once up front (the model is built again later): its errors come before any data work."""
+    if args.pretrained:
+        ckpt_io.load_backbone(args.pretrained, args.arch, width=args.width, stem=args.stem)
+
+
 def fit_linear(args: argparse.Namespace) -> dict[str, Any]:
     """Run the linear evaluation the flags ask for; returns the final/best accuracies."""
     device = prepare_eval(args)
     if args.lr <= 0:
         raise PCLError("--lr must be positive")
+    check_pretrained(args)  # cheap input first: a bad --pretrained fails before the dataset is scanned
     torch.manual_seed(args.seed)
     data = build_labelled_data(args)
     num_classes = args.num_classes or data.num_classes

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from pcl import PCLError, checkpoint as ckpt_io, distributed as dist_utils
 from pcl.data import IN_MEMORY_SETS, build_labelled_data, per_class_fraction, read_subset
-from pcl.evaluation.linear import build_probe, prepare_eval, train_epoch, validate
+from pcl.evaluation.linear import build_probe, check_pretrained, prepare_eval, train_epoch, validate
 from pcl.log import RunLog
 
 logger = logging.getLogger("pcl")
@@ -70,6 +70,7 @@ def fit_semisup(args: argparse.Namespace) -> dict[str, Any]:
     lr, lr_head = SWAV_LR[args.labels_perc]
     args.lr = args.lr if args.lr is not None else lr
     args.lr_last_layer = args.lr_last_layer if args.lr_last_layer is not None else lr_head
+    check_pretrained(args)  # cheap input first
     torch.manual_seed(args.seed)
     data = build_labelled_data(args, _subset_picker(args))
     model, _ = build_probe(args, data.num_classes)

@@ -220,9 +220,9 @@ def run_svm(args: argparse.Namespace) -> dict[str, Any]:
     dist_utils.refuse_spawn(args, "eval_svm.py")
     device = dist_utils.init(args)
     start = time.perf_counter()
+    backbone = _backbone(args, device)  # cheap input first: a bad --pretrained fails before the dataset is read
     train_src, train_y, test_src, test_y, single_label = _svm_data(args)
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
-    backbone = _backbone(args, device)
     logger.info("SVM transfer on %s: %s from %s, %d train / %d test images, %d classes, costs %s", args.dataset,
                 args.arch, args.pretrained or "random init", len(train_y), len(test_y), train_y.shape[1], costs)
 
