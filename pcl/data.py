@@ -146,6 +146,12 @@ def _image_folder(root: str, split: str, bad_images: str = "fail", classes: Sequ
     path = os.path.join(root, split)
     if not os.path.isdir(path):
         raise PCLError(f"data folder not found: {path} (expected an ImageFolder root: DIR/{split}/<class>/<image>)")
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if entry.is_dir() and (classes is None or entry.name in classes):
+            try:
+                os.listdir(entry.path)
+            except PermissionError:
+                raise PCLError(f"class folder {printable(entry.path)} cannot be read (permission denied)") from None
     try:
         return SafeImages(ListedImageFolder(path, classes) if classes else tvd.ImageFolder(path, loader=load_image),
                           bad_images)
@@ -819,6 +825,16 @@ PLACES_LAYOUT = ("DIR/trainvalsplit_places205/{train,val}_places205.csv (lines '
                  "DIR/data/vision/torralba/deeplearning/images256/<relative path>")
 
 
+def _open_listed(path: str, dataset: str) -> Image.Image:
+    """An image named by a split list; a missing or unreadable one is one error naming it."""
+    try:
+        return load_image(path)
+    except FileNotFoundError:
+        raise PCLError(f"{dataset}: the split list names {printable(path)}, which does not exist") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise PCLError(f"{dataset}: cannot read {printable(path)} ({type(e).__name__}: {str(e)[:120]})") from None
+
+
 class VOC07(Dataset):
     """PASCAL VOC 2007 classification as the official ``voc.py`` reads it: for each class the file
     ``ImageSets/Main/{class}_{split}.txt`` gives 1 (present), -1 (absent) or 0 (difficult) per image.
@@ -838,10 +854,13 @@ class VOC07(Dataset):
             if not os.path.isfile(path):
                 raise PCLError(f"VOC2007 label file missing: {path} (expected {VOC_LAYOUT})")
             with open(path) as f:
-                for line in f:
+                for number, line in enumerate(f, 1):
                     parts = line.split()
                     if len(parts) < 2:
                         continue
+                    if parts[-1] not in ("1", "-1", "0"):
+                        raise PCLError(f"{path} line {number}: label '{parts[-1]}' is not 1, -1 or 0 "
+                                       f"(VOC: present, absent, difficult)")
                     if parts[0] not in table:
                         names.append(parts[0])
                         table[parts[0]] = [-1.0] * len(VOC_CLASSES)
@@ -857,8 +876,7 @@ class VOC07(Dataset):
     def __getitem__(self, index: int):
         from PIL import Image
 
-        with Image.open(os.path.join(self.image_dir, self.names[index] + ".jpg")) as im:
-            img = im.convert("RGB")
+        img = _open_listed(os.path.join(self.image_dir, self.names[index] + ".jpg"), "VOC2007")
         return (self.transform(img) if self.transform else img), self.labels[index], index
 
 
@@ -872,9 +890,11 @@ class Places205(Dataset):
             raise PCLError(f"Places205 not found under {root}: expected {PLACES_LAYOUT}")
         self.transform, self.files, labels = transform, [], []
         with open(csv) as f:
-            for line in f:
+            for number, line in enumerate(f, 1):
                 parts = line.split()
                 if len(parts) >= 2:
+                    if not parts[1].isdigit() or not 0 <= int(parts[1]) < 205:
+                        raise PCLError(f"{csv} line {number}: label '{parts[1]}' is not a class number 0-204")
                     self.files.append(parts[0])
                     labels.append(int(parts[1]))
         if not self.files:
@@ -888,8 +908,7 @@ class Places205(Dataset):
     def __getitem__(self, index: int):
         from PIL import Image
 
-        with Image.open(os.path.join(self.image_dir, self.files[index])) as im:
-            img = im.convert("RGB")
+        img = _open_listed(os.path.join(self.image_dir, self.files[index]), "Places205")
         return (self.transform(img) if self.transform else img), int(self.targets[index]), index
 
 

@@ -35,8 +35,15 @@ def setup_logging(exp_dir: str | None = None, debug: bool = False, rank: int | N
     handler.setFormatter(fmt)
     logger.addHandler(handler)
     if exp_dir and rank == 0:
-        os.makedirs(exp_dir, exist_ok=True)
-        fh = logging.FileHandler(os.path.join(exp_dir, "train.log"))
+        from pcl import PCLError
+
+        if os.path.exists(exp_dir) and not os.path.isdir(exp_dir):
+            raise PCLError(f"--exp-dir {exp_dir} is a file, not a folder")
+        try:
+            os.makedirs(exp_dir, exist_ok=True)
+            fh = logging.FileHandler(os.path.join(exp_dir, "train.log"))
+        except OSError as e:
+            raise PCLError(f"--exp-dir {exp_dir} is not writable ({e.strerror})") from None
         fh.setFormatter(fmt)
         logger.addHandler(fh)
     return logger

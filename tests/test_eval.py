@@ -206,3 +206,54 @@ def test_linear_probe_with_two_processes_official_launcher(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "sanity check passed" in proc.stderr and "linear probe done" in proc.stderr
     assert os.path.exists(tmp_path / "lin" / "linear_best.pth.tar")
+
+
+def test_voc_and_places_bad_labels_and_missing_images_are_one_line_errors(tmp_path):
+    from pcl import PCLError
+    from pcl.data import Places205
+
+    root = voc_folder(tmp_path / "voc")
+    main = os.path.join(root, "VOCdevkit", "VOC2007", "ImageSets", "Main")
+    os.remove(os.path.join(root, "VOCdevkit", "VOC2007", "JPEGImages", "000003.jpg"))
+    with pytest.raises(PCLError, match=r"VOC2007: the split list names .*000003.jpg, which does not exist"):
+        VOC07(root, "trainval")[3]
+    with open(os.path.join(main, "dog_trainval.txt"), "a") as f:
+        f.write("000001 yes\n")
+    with pytest.raises(PCLError, match=r"dog_trainval.txt line 31: label 'yes' is not 1, -1 or 0"):
+        VOC07(root, "trainval")
+    places = tmp_path / "places"
+    (places / "trainvalsplit_places205").mkdir(parents=True)
+    images = places / "data" / "vision" / "torralba" / "deeplearning" / "images256"
+    images.mkdir(parents=True)
+    (places / "trainvalsplit_places205" / "train_places205.csv").write_text("a/x.jpg 3\nb/y.jpg 999\n")
+    with pytest.raises(PCLError, match=r"train_places205.csv line 2: label '999' is not a class number 0-204"):
+        Places205(str(places), "train")
+    (places / "trainvalsplit_places205" / "train_places205.csv").write_text("a/x.jpg 3\n")
+    with pytest.raises(PCLError, match=r"Places205: the split list names .*a/x.jpg, which does not exist"):
+        Places205(str(places), "train")[0]
+
+
+def test_unreadable_class_folder_and_file_exp_dir_are_named(tmp_path, monkeypatch, capsys):
+    from pcl import PCLError
+    from pcl.config import run_cli
+    from pcl.data import _image_folder
+    from pcl.evaluation import knn
+
+    for c in ("a", "b"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "train" / c / "0.png")
+    real = os.listdir
+
+    def listdir(path="."):
+        if str(path).endswith(os.path.join("train", "b")):
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)  # root can read everything: simulate a chmod 000 folder
+    with pytest.raises(PCLError, match=r"class folder .*train/b cannot be read \(permission denied\)"):
+        _image_folder(str(tmp_path), "train")
+    monkeypatch.undo()
+    exp = tmp_path / "exp_file"
+    exp.write_text("x")
+    code = run_cli(knn.build_parser, knn.run, ["--dataset", "demo", "--exp-dir", str(exp)])
+    assert code == 2 and "is a file, not a folder" in capsys.readouterr().err
