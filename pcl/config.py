@@ -387,6 +387,17 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "runs": (lambda v: v >= 1, ">= 1"),
     "svm_max_iter": (lambda v: v >= 1, ">= 1"),
     "n_jobs": (lambda v: v != 0, "-1 (all cores) or a positive number"),
+    "world_size": (lambda v: v == -1 or v >= 1, "-1 (from the environment) or >= 1"),
+    "rank": (lambda v: v >= -1, "-1 (from the environment) or >= 0"),
+    "seed": (lambda v: v >= 0, ">= 0"),
+    "cached_views": (lambda v: v >= 0, ">= 0"),
+    "lr_last_layer": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "decay_epochs": (lambda v: all(m >= 0 for m in v), "epochs >= 0"),
+    "gamma": (lambda v: _finite(v) and 0 < v <= 1, "in (0, 1]"),
+    "gallery_rows": (lambda v: v >= 1, ">= 1"),
+    "columns": (lambda v: v >= 1, ">= 1"),
+    "tsne_samples": (lambda v: v >= 5, ">= 5"),
+    "queries": (lambda v: v >= 1, ">= 1"),
 }
 
 

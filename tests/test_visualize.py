@@ -122,7 +122,7 @@ def test_visualize_without_labels_colours_by_cluster_and_random_compare(tmp_path
 
 @pytest.mark.parametrize("argv, message", [
     (["--tsne-samples", "5000"], "--tsne-samples 5000 is larger than the 718"),
-    (["--queries", "0"], "--queries 0: must be at least 1"),
+    (["--queries", "0"], "--queries 0: must be >= 1"),
     (["--only", "pictures"], "--only 'pictures': choose from"),
 ])
 def test_visualize_bad_settings_are_one_line_errors(tiny_checkpoint, tmp_path, capsys, argv, message):
