@@ -280,6 +280,9 @@ def load_backbone(path: str, arch: str | None = None, map_location: str | torch.
     checkpoint's (official checkpoints: torchvision width 64, standard stem); given ones must match it."""
     ckpt = load_checkpoint(path, map_location)
     state = ckpt.get("state_dict", ckpt)
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise PCLError(f"checkpoint {path}: its state_dict is a {type(state).__name__} of the wrong shape, not a "
+                       f"mapping of parameter names to tensors")
     cfg = ckpt.get("model_config", {})
     arch = arch or ckpt.get("arch")
     if arch is None:

@@ -257,3 +257,19 @@ def test_unreadable_class_folder_and_file_exp_dir_are_named(tmp_path, monkeypatc
     exp.write_text("x")
     code = run_cli(knn.build_parser, knn.run, ["--dataset", "demo", "--exp-dir", str(exp)])
     assert code == 2 and "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_validation_classes_that_differ_from_training_are_refused(tmp_path):
+    """Labels are class positions: val/ with other class folders would be scored against the wrong labels."""
+    from types import SimpleNamespace
+
+    from pcl import PCLError
+    from pcl.data import _file_sets
+
+    for split, classes in (("train", ("cat", "dog")), ("val", ("cat", "eel"))):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / c / "0.png")
+    args = SimpleNamespace(dataset="imagefolder", data=str(tmp_path), class_list=None, bad_images="fail")
+    with pytest.raises(PCLError, match=r"train/ and val/ hold different classes \(2 vs 2; e.g. \['dog', 'eel'\]\)"):
+        _file_sets(args, labelled=True)

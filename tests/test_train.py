@@ -190,3 +190,10 @@ def test_nan_weights_in_a_pretrained_file_are_named_as_the_cause(tmp_path):
     torch.save(ckpt, tmp_path / "nan.pth.tar")
     with pytest.raises(PCLError, match=r"NaN/inf backbone weights in 1 tensors \(first: layer1.0.conv1.weight\)"):
         load_backbone(str(tmp_path / "nan.pth.tar"))
+
+
+def test_hand_made_checkpoint_with_a_wrong_state_dict_type_is_named(tmp_path):
+    path = tmp_path / "hand.pth.tar"
+    torch.save({"epoch": 1, "arch": "resnet18", "state_dict": [torch.zeros(2)]}, path)
+    with pytest.raises(PCLError, match="its state_dict is a list of the wrong shape"):
+        load_backbone(str(path))
