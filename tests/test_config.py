@@ -99,7 +99,7 @@ def test_yaml_values_convert_to_the_flag_types(tmp_path):
     (["--lr", "nan"], "--lr/--learning-rate nan: must be a finite number > 0"),
     (["--save-freq", "0"], "--save-freq 0: must be >= 1"),
     (["-p", "0"], "--print-freq 0: must be >= 1"),
-    (["--image-size", "0"], "--image-size 0: must be an integer >= 8"),
+    (["--image-size", "0"], "--image-size 0: must be >= 8 (pixels)"),
     (["--crop-min-scale", "2"], "--crop-min-scale 2.0: must be in (0, 1]"),
     (["-j", "-1"], "--workers -1: must be >= 0"),
     (["--kmeans-nredo", "0"], "--kmeans-nredo 0: must be >= 1"),
