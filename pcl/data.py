@@ -795,7 +795,9 @@ def build_labelled_data(args: Any, train_subset: Callable[[Any], list[int]] | No
         raise PCLError(f"the training or validation split in {args.data} is empty")
     check_expected(args, len(base_train), len(getattr(base_train, "classes", [])) or None)
     pin = torch.cuda.is_available()
-    make = lambda ds, b, train: FileLoader(ds, b, args.workers, args.seed, train, pin, drop_last=False)  # noqa: E731
+    make = lambda ds, b, train: FileLoader(ds, b, args.workers, args.seed, train, pin, drop_last=False,  # noqa: E731
+                                           prefetch_factor=args.prefetch_factor,
+                                           persistent_workers=args.persistent_workers)
     train_aug = LabelledDataset(base_train, linear_train_transform(size, args.crop_min_scale))
     train_center = LabelledDataset(base_train, eval_transform(size))
     train_labels = train_center.targets

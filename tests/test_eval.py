@@ -273,3 +273,19 @@ def test_validation_classes_that_differ_from_training_are_refused(tmp_path):
     args = SimpleNamespace(dataset="imagefolder", data=str(tmp_path), class_list=None, bad_images="fail")
     with pytest.raises(PCLError, match=r"train/ and val/ hold different classes \(2 vs 2; e.g. \['dog', 'eel'\]\)"):
         _file_sets(args, labelled=True)
+
+
+def test_evaluation_loaders_receive_prefetch_and_persistent_workers(tmp_path):
+    from pcl.config import build_linear_parser, parse_args
+    from pcl.data import build_labelled_data
+
+    for c in ("a", "b"):
+        for split in ("train", "val"):
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / c / "0.png")
+    args = parse_args(build_linear_parser(), [str(tmp_path), "-j", "1", "--prefetch-factor", "3",
+                                              "--persistent-workers", "--image-size", "8", "-b", "2"])
+    args.dataset = "imagefolder"
+    data = build_labelled_data(args)
+    for loader in (data.train_loader, data.train_eval_loader, data.val_loader):
+        assert loader.loader.prefetch_factor == 3 and loader.loader.persistent_workers

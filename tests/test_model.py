@@ -89,7 +89,7 @@ def test_split_batchnorm_normalises_each_interleaved_sub_batch():
     assert torch.allclose(bn(x), plain(x))
 
 
-def test_single_device_shuffle_bn_keys_do_not_depend_on_batch_order():
+def test_single_device_shuffle_bn_keys_depend_on_the_sub_batch_they_land_in():
     model = _tiny(bn_splits=2, m=1.0)  # m = 1: key encoder frozen, so both calls see the same weights
     model.train()
     x = torch.randn(8, 3, 16, 16)
