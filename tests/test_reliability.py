@@ -288,3 +288,15 @@ def test_evaluations_report_a_bad_pretrained_before_scanning_the_data(tmp_path, 
     code = run_cli(parser, run, argv)
     err = capsys.readouterr().err
     assert code == 2 and "is not a PyTorch checkpoint" in err, err
+
+
+def test_unwritable_exp_dir_is_one_line(tmp_path, monkeypatch):
+    """root may write anywhere: simulate a read-only folder by refusing the directory creation."""
+    from pcl.log import setup_logging
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "makedirs", refuse)
+    with pytest.raises(PCLError, match=r"--exp-dir .*/ro is not writable \(Permission denied\)"):
+        setup_logging(str(tmp_path / "ro"))
