@@ -562,8 +562,9 @@ def launch(args: argparse.Namespace, fn: Callable[[argparse.Namespace], Any] = f
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:  # each worker finishes its step (or feature batch), rank 0 saves, all exit 75
-        while not context.join():
-            pass
+        finished = False
+        while not finished:  # join() returns False while workers run (it wakes up for our signal handler)
+            finished = context.join()
     except torch.multiprocessing.ProcessExitedException as e:
         if e.exit_code == EXIT_PREEMPTED:
             raise _preempted_from_marker(args.exp_dir) from None

@@ -49,11 +49,9 @@ def test_gallery_rows_carry_size_phi_and_members():
 def test_render_gallery_shape_and_pixels():
     images = (torch.arange(4 * 3 * 8 * 8) % 256).to(torch.uint8).view(4, 3, 8, 8)
 
-    class Loader:  # an in-memory loader: .images
-        pass
+    from types import SimpleNamespace
 
-    loader = Loader()
-    loader.images = images
+    loader = SimpleNamespace(images=images)  # an in-memory loader: .images
     pics = display_images(loader, [2, 0], size=8)
     assert torch.equal(pics[0], images[2]) and torch.equal(pics[1], images[0])
     rows = gallery_rows(torch.eye(4), torch.tensor([0, 0, 1, 1]), torch.eye(4)[:2], torch.tensor([0.2, 0.3]),
