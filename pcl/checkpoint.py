@@ -126,9 +126,7 @@ class ExpDirLock:
         import socket
         import time
 
-        if os.path.exists(self.folder) and not os.path.isdir(self.folder):
-            raise PCLError(f"--exp-dir {self.folder} is a file, not a folder")
-        try:
+        try:  # a file in its place was refused by setup_logging, which every entry point calls first
             os.makedirs(self.folder, exist_ok=True)
             self.file = open(os.path.join(self.folder, ".lock"), "a+")
         except OSError as e:

@@ -426,8 +426,6 @@ def validate_pretrain_args(args: argparse.Namespace) -> argparse.Namespace:
         raise PCLError("--pcl-r must be positive")
     if args.width < 1 or args.low_dim < 1:
         raise PCLError("--width and --low-dim must be positive")
-    if os.path.exists(args.exp_dir) and not os.path.isdir(args.exp_dir):
-        raise PCLError(f"--exp-dir {args.exp_dir} is a file, not a folder")
     if not args.resume and args.start_epoch >= args.epochs:
         raise PCLError(f"--start-epoch {args.start_epoch} is not below --epochs {args.epochs}: nothing to train")
     if not getattr(args, "dist_timeout", 1) > 0:

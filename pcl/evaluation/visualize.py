@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from pcl import PCLError, distributed as dist_utils
 from pcl.gallery import GalleryRow, display_images, gallery_rows, render_gallery, render_grid
@@ -103,15 +102,13 @@ def load_splits(args: argparse.Namespace) -> tuple[_Split, _Split, bool]:
 
 @torch.no_grad()
 def features(encoder, split: _Split, device: torch.device, desc: str) -> torch.Tensor:
-    """L2-normalised pooled features (``encoder`` None: the pixels) of a split, in dataset order: N x d."""
-    out = None
-    for images, _, index in tqdm(split.loader, desc=desc, leave=False, disable=not sys.stderr.isatty()):
-        rows = images.flatten(1) if encoder is None else encoder(images.to(device))
-        rows = F.normalize(rows.float().flatten(1), dim=1).cpu()
-        if out is None:
-            out = torch.zeros(len(split), rows.shape[1])
-        out[torch.as_tensor(index)] = rows
-    return out
+    """L2-normalised pooled features (``encoder`` None: the pixels) of a split, in dataset order: N x d, on the CPU.
+    The one labelled-feature loop of the evaluations (:func:`pcl.evaluation.linear.extract_labelled`)."""
+    from pcl.evaluation.linear import extract_labelled
+
+    net = encoder if encoder is not None else torch.nn.Flatten()
+    out = extract_labelled(net, split.loader, device, len(split), progress=sys.stderr.isatty(), desc=desc)
+    return F.normalize(out.flatten(1), dim=1).cpu()
 
 
 def checkpoint_clusters(path: str, n: int) -> dict | None:
@@ -276,11 +273,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             path = os.path.join(args.exp_dir, f"gallery_k{k}.png")
             save_png(render_gallery(rows, train.loader, args.columns), path)
             out["files"][f"gallery_k{k}"] = path
-    gen = torch.Generator().manual_seed(args.seed)
     if "tsne" in only:
         from pcl.cluster import kmeans
 
-        pick = torch.randperm(len(test), generator=gen)[:n_tsne]
+        pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))[:n_tsne]
         k = int(torch.unique(test.labels).numel()) if labelled else 10
         clusters = kmeans(test_feats[pick], min(k, n_tsne), seed=args.seed, nredo=1)[2].cpu()
         path = os.path.join(args.exp_dir, "tsne.png")
@@ -288,7 +284,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     f"t-SNE of {n_tsne} {'training' if same_set else 'test'} images: {args.pretrained or 'random init'}")
         out["files"]["tsne"] = path
     if "retrieval" in only:
-        queries = torch.randperm(len(test), generator=gen)[:args.queries].tolist()
+        # its own stream: the queries do not depend on which other figures --only asks for
+        order = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed + 1))
+        queries = order[:args.queries].tolist()
         other = "raw pixels" if args.compare == "raw" else "random init"
         if args.compare == "raw":
             other_train, other_test = features(None, train, device, "pixels"), None
