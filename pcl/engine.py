@@ -20,7 +20,7 @@ from tqdm import tqdm
 from pcl import EXIT_INPUT, EXIT_PREEMPTED, PCLError, Preempted, checkpoint as ckpt_io, distributed as dist_utils
 from pcl.cluster import ClusterResult, check_features, kmeans, run_kmeans
 from pcl.config import validate_pretrain_args
-from pcl.data import PretrainData, build_pretrain_data
+from pcl.data import PretrainData, build_pretrain_data, stream_seed
 from pcl.evaluation.knn import extract_features, knn_accuracy
 from pcl.gallery import caption, gallery_rows, render_gallery
 from pcl.log import AverageMeter, RunLog, process_rank, setup_logging
@@ -45,7 +45,7 @@ def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: int, args: arg
 
 def _seed(args: argparse.Namespace, epoch: int, stream: int) -> int:
     """A distinct seed for each (run seed, epoch, rank, stream): resuming at an epoch replays it exactly."""
-    return ((args.seed * 1_000_003 + epoch) * 1009 + dist_utils.rank()) * 17 + stream
+    return stream_seed(args.seed, epoch, dist_utils.rank(), stream)
 
 
 def _autocast(args: argparse.Namespace, device: torch.device):

@@ -74,14 +74,14 @@ def test_decompression_bomb_and_undecodable_names_are_handled(tmp_path, monkeypa
     from PIL import Image
 
     from pcl import PCLError
-    from pcl.data import SafeImages, _image_folder
+    from pcl.data import SafeImages, image_folder
 
     for name in ("ok.png", "b\udcffad.png"):  # a file name that is not valid UTF-8
         folder = tmp_path / "train" / "c"
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(os.fsencode(str(folder / name)), format="PNG")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # every 64 x 64 image is now a "bomb" (> 2x the limit)
-    strict = _image_folder(str(tmp_path), "train", "fail")
+    strict = image_folder(str(tmp_path), "train", "fail")
     with pytest.raises(PCLError, match="DecompressionBombError"):
         strict[0]
     lenient = SafeImages(strict.base, "skip")

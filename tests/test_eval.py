@@ -236,7 +236,7 @@ def test_voc_and_places_bad_labels_and_missing_images_are_one_line_errors(tmp_pa
 def test_unreadable_class_folder_and_file_exp_dir_are_named(tmp_path, monkeypatch, capsys):
     from pcl import PCLError
     from pcl.config import run_cli
-    from pcl.data import _image_folder
+    from pcl.data import image_folder
     from pcl.evaluation import knn
 
     for c in ("a", "b"):
@@ -251,7 +251,7 @@ def test_unreadable_class_folder_and_file_exp_dir_are_named(tmp_path, monkeypatc
 
     monkeypatch.setattr(os, "listdir", listdir)  # root can read everything: simulate a chmod 000 folder
     with pytest.raises(PCLError, match=r"class folder .*train/b cannot be read \(permission denied\)"):
-        _image_folder(str(tmp_path), "train")
+        image_folder(str(tmp_path), "train")
     monkeypatch.undo()
     exp = tmp_path / "exp_file"
     exp.write_text("x")
@@ -264,7 +264,7 @@ def test_validation_classes_that_differ_from_training_are_refused(tmp_path):
     from types import SimpleNamespace
 
     from pcl import PCLError
-    from pcl.data import _file_sets
+    from pcl.data import file_sets
 
     for split, classes in (("train", ("cat", "dog")), ("val", ("cat", "eel"))):
         for c in classes:
@@ -272,7 +272,7 @@ def test_validation_classes_that_differ_from_training_are_refused(tmp_path):
             Image.new("RGB", (8, 8)).save(tmp_path / split / c / "0.png")
     args = SimpleNamespace(dataset="imagefolder", data=str(tmp_path), class_list=None, bad_images="fail")
     with pytest.raises(PCLError, match=r"train/ and val/ hold different classes \(2 vs 2; e.g. \['dog', 'eel'\]\)"):
-        _file_sets(args, labelled=True)
+        file_sets(args, labelled=True)
 
 
 def test_evaluation_loaders_receive_prefetch_and_persistent_workers(tmp_path):

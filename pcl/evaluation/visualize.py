@@ -71,7 +71,7 @@ class _Split:
 def load_splits(args: argparse.Namespace) -> tuple[_Split, _Split, bool]:
     """(train, test, labelled). Without a test split the training split serves as both (queries then never
     retrieve themselves). ``labelled``: the set has more than one class."""
-    from pcl.data import (IN_MEMORY_SETS, FileLoader, LabelledDataset, TensorLabelledLoader, _file_sets,
+    from pcl.data import (IN_MEMORY_SETS, FileLoader, LabelledDataset, TensorLabelledLoader, file_sets,
                           eval_transform, load_in_memory)
 
     if args.dataset == "auto":
@@ -85,7 +85,7 @@ def load_splits(args: argparse.Namespace) -> tuple[_Split, _Split, bool]:
     else:
         if args.data is None or not os.path.isdir(args.data):
             raise PCLError(f"data folder not found: {args.data}")
-        base_train, base_test = _file_sets(args, labelled=False)
+        base_train, base_test = file_sets(args, labelled=False)
         if len(base_train) == 0:
             raise PCLError(f"the training set in {args.data} is empty")
 

@@ -1,0 +1,346 @@
+"""Datasets: index wrappers, ImageFolder (safe, class lists), torchvision sets, the MNIST family's idx files,
+the in-memory sets, labelled subsets, and the start-up checks of a dataset."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import math
+import os
+import struct
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.datasets as tvd
+from PIL import Image
+from torch.utils.data import Dataset
+
+from pcl import PCLError
+from pcl.data.demo import make_digits_demo
+
+
+class IndexedDataset(Dataset):
+    """Wrap a (image, label) dataset: returns (view_1, view_2, index) with ``two_crops``, else (image, index)."""
+
+    def __init__(self, base: Dataset, transform: Callable, two_crops: bool = False) -> None:
+        self.base, self.transform, self.two_crops = base, transform, two_crops
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        img = self.base[index][0]
+        if self.two_crops:
+            return self.transform(img), self.transform(img), index
+        return self.transform(img), index
+
+    @property
+    def targets(self) -> torch.Tensor:
+        raw = getattr(self.base, "targets", None)
+        if raw is None:
+            raw = getattr(self.base, "labels")
+        return torch.as_tensor(list(raw), dtype=torch.long)
+
+
+def read_class_list(path: str) -> list[str]:
+    """Class folder names (e.g. ImageNet wnids), one per line, in label order; blank lines and '#' comments
+    are skipped. A missing or empty file, or a name listed twice, is a PCLError."""
+    if not os.path.isfile(path):
+        raise PCLError(f"--class-list {path}: file not found (one class folder name per line)")
+    with open(path) as f:
+        names = [line.split("#", 1)[0].strip() for line in f]
+    names = [n for n in names if n]
+    if not names:
+        raise PCLError(f"--class-list {path} lists no classes")
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise PCLError(f"--class-list {path} lists {n} twice")
+        seen.add(n)
+    return names
+
+
+def load_image(path: str) -> Image.Image:
+    """An image file as 8-bit RGB. 16-bit and 32-bit grey images (PNG/TIFF modes I;16, I, F) are scaled to 8 bits
+    by their range (torchvision's loader clips them to 255: a white picture)."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray((arr / top * 255.0).round().clip(0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
+def printable(path: str) -> str:
+    """A file name that any log stream can write (undecodable bytes as \\x escapes)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+class ListedImageFolder(tvd.ImageFolder):
+    """An ImageFolder restricted to the listed class folders, labelled 0..C-1 in the list's order (so the same
+    list gives the same labels in every split); only those folders are scanned."""
+
+    def __init__(self, root: str, classes: Sequence[str]) -> None:
+        self.listed = list(classes)
+        super().__init__(root, loader=load_image)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        missing = [c for c in self.listed if not os.path.isdir(os.path.join(directory, c))]
+        if missing:
+            raise PCLError(f"class {missing[0]} of the class list is not a folder in {directory} "
+                           f"({len(missing)} of the {len(self.listed)} listed classes are missing)")
+        return list(self.listed), {c: i for i, c in enumerate(self.listed)}
+
+
+def image_folder(root: str, split: str, bad_images: str = "fail", classes: Sequence[str] | None = None) -> Dataset:
+    path = os.path.join(root, split)
+    if not os.path.isdir(path):
+        raise PCLError(f"data folder not found: {path} (expected an ImageFolder root: DIR/{split}/<class>/<image>)")
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if entry.is_dir() and (classes is None or entry.name in classes):
+            try:
+                os.listdir(entry.path)
+            except PermissionError:
+                raise PCLError(f"class folder {printable(entry.path)} cannot be read (permission denied)") from None
+    try:
+        return SafeImages(ListedImageFolder(path, classes) if classes else tvd.ImageFolder(path, loader=load_image),
+                          bad_images)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise PCLError(f"no images in {path}: {e} (expected DIR/{split}/<class>/<image>)") from None
+
+
+class SafeImages(Dataset):
+    """An ImageFolder whose unreadable files either stop the run with the file's name (``fail``) or are
+    replaced by the next readable image with a warning and a running count (``skip``)."""
+
+    def __init__(self, base: tvd.ImageFolder, policy: str = "fail") -> None:
+        self.base, self.policy, self.skipped = base, policy, 0
+        self.targets, self.classes, self.samples = base.targets, base.classes, base.samples
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        for attempt in range(len(self.base)):
+            i = (index + attempt) % len(self.base)
+            try:
+                return self.base[i]
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # corrupt, truncated, bomb
+                path = printable(self.base.samples[i][0])
+                if self.policy != "skip":
+                    raise PCLError(f"cannot read image {path} ({type(e).__name__}: {str(e)[:120]}); fix or remove "
+                                   f"it, or pass --bad-images skip") from None
+                self.skipped += 1
+                logging.getLogger("pcl").warning("unreadable image %s skipped (%d so far in this process)",
+                                                 path, self.skipped)
+        raise PCLError(f"no readable image in {self.base.root}")
+
+
+def _torchvision_set(name: str, root: str, split: str, download: bool) -> Dataset:
+    """CIFAR-10/100 ('train'/'test') or STL-10 ('train'/'test'/'unlabeled') from disk."""
+    try:
+        if name == "stl10":
+            return tvd.STL10(root, split=split, download=download)
+        cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+        return cls(root, train=split == "train", download=download)
+    except RuntimeError as e:
+        raise PCLError(f"{name} not found under {root}: {e}; put the torchvision files there or pass --download") from None
+
+
+MNIST_FAMILY = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}  # --dataset -> torchvision
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+IN_MEMORY_SETS = ("demo", *MNIST_FAMILY)  # datasets augmented as batched tensors (TensorAugment)
+
+
+def read_idx(path: str) -> torch.Tensor:
+    """An idx file of unsigned bytes (gzipped when the name ends in .gz) as a uint8 tensor of its dimensions.
+
+    Format (LeCun's): two zero bytes, type 0x08 (ubyte), the number of dimensions n, n big-endian uint32
+    sizes, then the data. Anything else is a PCLError naming the file and what is wrong.
+    """
+    try:
+        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise PCLError(f"cannot read idx file {path}: {e}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] == 0:
+        raise PCLError(f"{path} is not an idx file of unsigned bytes (header {raw[:4].hex() or 'empty'}, expected "
+                       f"0000 08 then the number of dimensions); re-download it or check the folder")
+    ndim, start = raw[3], 4 + 4 * raw[3]
+    if len(raw) < start:
+        raise PCLError(f"{path} is truncated inside its header ({len(raw)} bytes)")
+    dims = struct.unpack(f">{ndim}I", raw[4:start])
+    if len(raw) - start != math.prod(dims):
+        raise PCLError(f"{path}: the header says {' x '.join(map(str, dims))} = {math.prod(dims)} bytes of data, "
+                       f"the file holds {len(raw) - start}; it is truncated or corrupt, re-download it")
+    return torch.frombuffer(bytearray(raw[start:]), dtype=torch.uint8).reshape(dims)
+
+
+def write_idx(path: str, array: torch.Tensor) -> None:
+    """Write a uint8 tensor as an idx file (gzipped when the name ends in .gz): the inverse of :func:`read_idx`."""
+    data = array.to(torch.uint8).contiguous()
+    header = bytes([0, 0, 0x08, data.dim()]) + struct.pack(f">{data.dim()}I", *data.shape)
+    with (gzip.open(path, "wb") if path.endswith(".gz") else open(path, "wb")) as f:
+        f.write(header + data.numpy().tobytes())
+
+
+def _find_idx(root: str, name: str, base: str) -> str | None:
+    """``base`` or ``base.gz`` in ``root`` (the original distribution, Debian's package) or in
+    ``root/<TorchvisionName>/raw`` (torchvision's layout); None if absent."""
+    for folder in (root, os.path.join(root, MNIST_FAMILY[name], "raw")):
+        for candidate in (base, base + ".gz"):
+            path = os.path.join(folder, candidate)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def load_mnist_family(name: str, root: str | None, download: bool = False) -> dict[str, torch.Tensor]:
+    """MNIST / Fashion-MNIST / KMNIST: {'train', 'test'} uint8 N x 1 x 28 x 28 and '{split}_labels' (long),
+    the official 60k/10k split. Reads the four idx files from ``root`` or ``root/<Name>/raw``; with
+    ``download`` torchvision fetches them into ``root`` first (never otherwise)."""
+    if root is None:
+        raise PCLError(f"--dataset {name} needs the folder of its idx files as DIR")
+    if download:
+        cls = getattr(tvd, MNIST_FAMILY[name])
+        cls(root, train=True, download=True)
+        cls(root, train=False, download=True)
+    out: dict[str, torch.Tensor] = {}
+    for split, (images_base, labels_base) in IDX_FILES.items():
+        images_path, labels_path = _find_idx(root, name, images_base), _find_idx(root, name, labels_base)
+        if images_path is None or labels_path is None:
+            missing = images_base if images_path is None else labels_base
+            hint = (" `apt-get install dataset-fashion-mnist` installs them in /usr/share/datasets/fashion-mnist;"
+                    if name == "fashion-mnist" else "")
+            raise PCLError(f"{name} not found under {root}: {missing}[.gz] is missing (expected the four idx files "
+                           f"in DIR or DIR/{MNIST_FAMILY[name]}/raw);{hint} or pass --download (torchvision)")
+        images, labels = read_idx(images_path), read_idx(labels_path)
+        if images.dim() != 3 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
+            raise PCLError(f"{name} {split} split: {images_path} holds {tuple(images.shape)} and {labels_path} "
+                           f"{tuple(labels.shape)}; expected N x H x W images and N labels")
+        out[split], out[f"{split}_labels"] = images[:, None], labels.long()
+    return out
+
+
+def load_in_memory(args: Any) -> dict[str, torch.Tensor]:
+    """The in-memory sets as 3-channel uint8 at ``args.image_size``: {'train', 'train_labels', 'test',
+    'test_labels'}. Grey images are expanded to 3 channels (a view: no copy) so the standard backbones and
+    checkpoints apply; a size other than the stored one is a bilinear (antialiased) resize, done once."""
+    if args.dataset == "demo":
+        return make_digits_demo(renders_train=args.demo_renders, size=args.image_size, seed=0)
+    sets = load_mnist_family(args.dataset, args.data, getattr(args, "download", False))
+    for split in ("train", "test"):
+        x = sets[split]
+        if x.shape[-1] != args.image_size or x.shape[-2] != args.image_size:
+            x = F.interpolate(x.float(), size=(args.image_size, args.image_size), mode="bilinear",
+                              antialias=True, align_corners=False).round().clamp(0, 255).to(torch.uint8)
+        sets[split] = x.expand(-1, 3, -1, -1)
+    return sets
+
+
+def check_expected(args: Any, num_images: int, num_classes: int | None) -> None:
+    """A preset's start-up check (--expect-images / --expect-classes): a wrong folder fails in seconds."""
+    where = args.data or args.dataset
+    expect_images, expect_classes = getattr(args, "expect_images", 0), getattr(args, "expect_classes", 0)
+    if expect_images and num_images != expect_images:
+        raise PCLError(f"{where}: {num_images} training images, the preset expects {expect_images}; is DIR the "
+                       f"right folder? (--expect-images 0 turns this check off)")
+    if expect_classes and num_classes is not None and num_classes != expect_classes:
+        raise PCLError(f"{where}: {num_classes} classes, the preset expects {expect_classes}; is DIR (or "
+                       f"--class-list) right? (--expect-classes 0 turns this check off)")
+
+
+def _same_classes(train: Dataset, val: Dataset, root: str) -> None:
+    """Labels are class positions: a validation folder with other classes would be scored against wrong labels."""
+    a, b = list(getattr(train, "classes", [])), list(getattr(val, "classes", []))
+    if a != b:
+        only = sorted(set(a) ^ set(b))[:3]
+        raise PCLError(f"{root}: train/ and val/ hold different classes ({len(a)} vs {len(b)}; e.g. {only or 'other order'}); "
+                       f"make them agree or give --class-list FILE")
+
+
+def file_sets(args: Any, labelled: bool) -> tuple[Dataset, Dataset | None]:
+    """(train, test) datasets of a file dataset: ImageFolder train/ and val/ (only the --class-list classes when
+    given) or torchvision's train/test. ``labelled``: for evaluation (val/ required; STL-10's labelled train
+    split) rather than pretraining (val/ optional, for the kNN monitor; STL-10's unlabeled split)."""
+    if args.dataset == "imagefolder":
+        classes = read_class_list(args.class_list) if getattr(args, "class_list", None) else None
+        train, test = image_folder(args.data, "train", args.bad_images, classes), None
+        if labelled or os.path.isdir(os.path.join(args.data, "val")):
+            test = image_folder(args.data, "val", args.bad_images, classes)
+            _same_classes(train, test, args.data)
+        return train, test
+    split = "unlabeled" if args.dataset == "stl10" and not labelled else "train"
+    return (_torchvision_set(args.dataset, args.data, split, args.download),
+            _torchvision_set(args.dataset, args.data, "test", args.download))
+
+
+class LabelledDataset(Dataset):
+    """(transformed image, label, index) from an (image, label) dataset."""
+
+    def __init__(self, base: Dataset, transform: Callable) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        img, label = self.base[index][:2]
+        return self.transform(img), label, index
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return IndexedDataset(self.base, self.transform).targets
+
+
+def read_subset(train_dir: str, samples: Sequence[tuple[str, int]], list_file: str) -> list[int]:
+    """Indices into an ImageFolder's ``samples`` of the images a subset file lists (one per line): a bare
+    ImageNet name ``n01440764_10026.JPEG`` (its class folder is the part before '_', the SimCLR/SwAV 1% and
+    10% files) or a path relative to the training folder. Every listed file must exist."""
+    if not os.path.isfile(list_file):
+        raise PCLError(f"subset file not found: {list_file} (one image name per line, e.g. SimCLR's 1percent.txt)")
+    where = {os.path.normpath(path): i for i, (path, _) in enumerate(samples)}
+    picked = []
+    with open(list_file) as f:
+        for line in f:
+            name = line.strip()
+            if not name:
+                continue
+            rel = name if "/" in name else os.path.join(name.split("_")[0], name)
+            path = os.path.normpath(os.path.join(train_dir, rel))
+            if path not in where:
+                raise PCLError(f"{list_file} lists {name}, which is not in {train_dir} (expected {path})")
+            picked.append(where[path])
+    if not picked:
+        raise PCLError(f"subset file {list_file} lists no images")
+    return picked
+
+
+def per_class_fraction(labels: torch.Tensor, percent: float, seed: int) -> torch.Tensor:
+    """Sorted indices of a seeded ``percent``% sample of each class (at least one image per class)."""
+    gen = torch.Generator().manual_seed(seed)
+    picked = []
+    for c in labels.unique():
+        members = torch.nonzero(labels == c).flatten()
+        take = max(1, int(round(len(members) * percent / 100)))
+        picked.append(members[torch.randperm(len(members), generator=gen)[:take]])
+    return torch.cat(picked).sort().values
+
+
+class Relabelled(Dataset):
+    """A subset of an (image, label, ...) dataset, re-indexed 0..n-1 (the index is the third item)."""
+
+    def __init__(self, base: Dataset, indices: Sequence[int]) -> None:
+        self.base, self.indices = base, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        img, label, _ = self.base[self.indices[i]]
+        return img, label, i

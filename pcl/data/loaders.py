@@ -1,0 +1,202 @@
+"""Seeded, resumable loaders: files (DataLoader workers) and in-memory tensors, the shard sampler, and the
+seed of every (run, epoch, rank) stream."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from pcl import distributed as dist_utils
+from pcl.data.tensor_augment import TensorAugment
+from pcl.data.transforms import MEAN, STD
+
+
+def epoch_seed(seed: int, epoch: int, rank: int | None = None, offset: int = 0) -> int:
+    """The seed of a loader's draws in one epoch: without ``rank`` the sample order (the same on every rank),
+    with it the rank's augmentation stream (``offset`` separates streams of one rank). Every loader seeds here,
+    so resuming at an epoch replays it exactly."""
+    base = seed * 100_003 + epoch
+    return base if rank is None else base * 1009 + rank + offset
+
+
+def stream_seed(seed: int, epoch: int, rank: int, stream: int) -> int:
+    """The seed of the training loop's generators (0: torch's global RNG, 1: shuffle-BN, 2: negative prototypes)
+    for one (run, epoch, rank). A separate formula from :func:`epoch_seed` on purpose: both are what earlier runs
+    and checkpoints were drawn with, and changing either would change every result."""
+    return ((seed * 1_000_003 + epoch) * 1009 + rank) * 17 + stream
+
+
+class ShardSampler(Sampler[int]):
+    """Indices rank, rank + W, ... in order: every sample on exactly one rank, no padding (exact gathers)."""
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        self.indices = list(range(rank, n, world))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class FileLoader:
+    """A DataLoader whose shuffling and worker seeds are a function of (seed, epoch): resumable exactly."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, workers: int, seed: int, train: bool,
+                 pin_memory: bool = False, drop_last: bool | None = None, prefetch_factor: int = 2,
+                 persistent_workers: bool = False) -> None:
+        rank, world = dist_utils.rank(), dist_utils.world_size()
+        self.seed = seed
+        drop_last = train if drop_last is None else drop_last
+        if train:
+            self.sampler: Sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                                       seed=seed, drop_last=drop_last)
+        else:
+            self.sampler = ShardSampler(len(dataset), rank, world)
+        self.generator = torch.Generator()
+        self.skip, self.step = _SkipSampler(self.sampler), 0
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.skip, num_workers=workers,
+                                 pin_memory=pin_memory, drop_last=drop_last, generator=self.generator,
+                                 persistent_workers=persistent_workers and workers > 0,
+                                 prefetch_factor=prefetch_factor if workers > 0 else None)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+        self.generator.manual_seed(epoch_seed(self.seed, epoch))
+        self.skip.count, self.step = 0, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue mid-epoch: the same sample order minus the batches already trained on. (Worker-side
+        augmentation draws are not replayed, so a file dataset resumes the order exactly, not the crops.)"""
+        self.step = int(state["step"])
+        self.skip.count = self.step * self.loader.batch_size
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        first = self.step
+        for i, batch in enumerate(self.loader):
+            self.step = first + i + 1
+            yield batch
+        self.skip.count, self.step = 0, 0
+
+
+class _SkipSampler(Sampler[int]):
+    """Wraps a sampler and drops its first ``count`` indices (set before iterating)."""
+
+    def __init__(self, inner: Sampler) -> None:
+        self.inner, self.count = inner, 0
+
+    def __iter__(self) -> Iterator[int]:
+        it = iter(self.inner)
+        for _ in range(self.count):
+            next(it, None)
+        return it
+
+    def __len__(self) -> int:
+        return max(len(self.inner) - self.count, 0)
+
+
+class TensorPairLoader:
+    """Yields (im_q, im_k, index) from an in-memory uint8 tensor; shuffling and augmentation are seeded by
+    (seed, epoch, rank), so an epoch is reproduced exactly on resume. Each rank takes its slice of every
+    global batch (batch_size is per process). ``state_dict``/``load_state_dict`` continue mid-epoch exactly."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int, augment: TensorAugment, seed: int) -> None:
+        self.images, self.batch_size, self.augment, self.seed = images, batch_size, augment, seed
+        self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
+        self.epoch, self.step, self._start = 0, 0, None
+        self._aug_gen: torch.Generator | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self._start = epoch, None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "aug_gen": self._aug_gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._start = state
+
+    def __len__(self) -> int:
+        total = self.images.shape[0] // (self.batch_size * self.world)
+        return total - (self._start["step"] if self._start else 0)
+
+    def __iter__(self):
+        order_gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        self._aug_gen = aug_gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, self.rank))
+        perm = torch.randperm(self.images.shape[0], generator=order_gen)
+        step = self.batch_size * self.world
+        first, total = 0, self.images.shape[0] // step
+        if self._start is not None:
+            first = self._start["step"]
+            aug_gen.set_state(self._start["aug_gen"])
+            self._start = None
+        for i in range(first, total):
+            idx = perm[i * step:(i + 1) * step][self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+            x = self.images[idx]
+            self.step = i + 1
+            yield self.augment(x, aug_gen), self.augment(x, aug_gen), idx
+
+
+class TensorEvalLoader:
+    """Yields (normalised images, index) in order over this rank's shard (no padding)."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int, shard: bool = True) -> None:
+        self.images, self.batch_size = images, batch_size
+        rank, world = (dist_utils.rank(), dist_utils.world_size()) if shard else (0, 1)
+        self.indices = torch.arange(rank, images.shape[0], world)
+        self.mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(STD).view(1, 3, 1, 1)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    def __iter__(self):
+        for s in range(0, len(self.indices), self.batch_size):
+            idx = self.indices[s:s + self.batch_size]
+            yield (self.images[idx].float() / 255.0 - self.mean) / self.std, idx
+
+
+class TensorLabelledLoader:
+    """(images, labels, index) batches from in-memory uint8 images. ``augment`` (a :class:`TensorAugment`)
+    and shuffling are seeded by (seed, epoch, rank); without it, normalised images in order. Every rank
+    takes every world-th sample (no padding)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                 augment: TensorAugment | None = None, seed: int = 0, shuffle: bool = False) -> None:
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        self.augment, self.seed, self.shuffle, self.epoch = augment, seed, shuffle, 0
+        self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
+        self.mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(STD).view(1, 3, 1, 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> torch.Tensor:
+        n = self.images.shape[0]
+        order = torch.arange(n)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch)))
+        return order[self.rank::self.world]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self._indices()) / self.batch_size)
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, self.rank, offset=7))
+        indices = self._indices()
+        for s in range(0, len(indices), self.batch_size):
+            idx = indices[s:s + self.batch_size]
+            x = self.images[idx]
+            x = self.augment(x, gen) if self.augment is not None else (x.float() / 255.0 - self.mean) / self.std
+            yield x, self.labels[idx], idx

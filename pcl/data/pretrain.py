@@ -1,0 +1,54 @@
+"""What pretraining gets: the two-crop training loader, the E-step's feature loader, the kNN monitor's sets."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pcl import PCLError
+from pcl.data.datasets import IN_MEMORY_SETS, IndexedDataset, check_expected, file_sets, load_in_memory
+from pcl.data.loaders import FileLoader, TensorEvalLoader, TensorPairLoader
+from pcl.data.tensor_augment import TensorAugment
+from pcl.data.transforms import eval_transform, pretrain_transform
+
+
+@dataclass
+class PretrainData:
+    train_loader: Any  # yields (im_q, im_k, index); has set_epoch
+    eval_loader: Any  # yields (images, index) over this rank's shard of the training set, eval transform
+    num_samples: int
+    knn: tuple[Any, torch.Tensor, Any, torch.Tensor] | None = None  # bank loader, labels, test loader, labels
+
+
+def build_pretrain_data(args: Any) -> PretrainData:
+    """Datasets and loaders for ``args.dataset`` with the per-process batch ``args.batch_size``."""
+    eval_bs = args.batch_size * 5  # as official: larger batches for the feature pass
+    if args.dataset in IN_MEMORY_SETS:
+        sets = load_in_memory(args)
+        check_expected(args, sets["train"].shape[0], int(sets["train_labels"].max()) + 1)
+        train = TensorPairLoader(sets["train"], args.batch_size, TensorAugment(args.image_size, args.aug_plus, args.crop_min_scale),
+                                 args.seed)
+        knn = (TensorEvalLoader(sets["train"], eval_bs, shard=False), sets["train_labels"],
+               TensorEvalLoader(sets["test"], eval_bs, shard=False), sets["test_labels"])
+        return PretrainData(train, TensorEvalLoader(sets["train"], eval_bs), sets["train"].shape[0], knn)
+
+    if args.data is None or not os.path.isdir(args.data):
+        raise PCLError(f"data folder not found: {args.data}")
+    size, pin = args.image_size, torch.cuda.is_available()
+    base_train, base_test = file_sets(args, labelled=False)
+    if len(base_train) == 0:
+        raise PCLError(f"the training set in {args.data} is empty")
+    check_expected(args, len(base_train), len(getattr(base_train, "classes", [])) or None)
+    train_set = IndexedDataset(base_train, pretrain_transform(args.aug_plus, size, args.crop_min_scale), two_crops=True)
+    eval_set = IndexedDataset(base_train, eval_transform(size))
+    make = lambda ds, bs, train: FileLoader(ds, bs, args.workers, args.seed, train, pin,  # noqa: E731
+                                            prefetch_factor=args.prefetch_factor,
+                                            persistent_workers=args.persistent_workers)
+    knn = None
+    if base_test is not None and args.dataset != "stl10":
+        test_set = IndexedDataset(base_test, eval_transform(size))
+        knn = (make(eval_set, eval_bs, False), eval_set.targets, make(test_set, eval_bs, False), test_set.targets)
+    return PretrainData(make(train_set, args.batch_size, True), make(eval_set, eval_bs, False), len(base_train), knn)
