@@ -7,9 +7,9 @@ Demo set:  python eval_linear.py -c configs/demo_linear.yaml --pretrained exp/de
 
 import sys
 
-from pcl.config import build_linear_parser, run_cli
-from pcl.engine import launch
+from pcl.config import build_linear_parser
 from pcl.evaluation.linear import fit_linear
+from pcl.launch import main
 
 if __name__ == "__main__":
-    sys.exit(run_cli(build_linear_parser, lambda args: launch(args, fit_linear)))
+    sys.exit(main(build_linear_parser, fit_linear))

@@ -7,8 +7,9 @@ VOC07 full + k = 1..16:  python eval_svm.py DIR --pretrained EXP/checkpoint_0199
 
 import sys
 
-from pcl.config import build_svm_parser, run_cli
+from pcl.config import build_svm_parser
 from pcl.evaluation.svm import run_svm
+from pcl.launch import main
 
 if __name__ == "__main__":
-    sys.exit(run_cli(build_svm_parser, run_svm))
+    sys.exit(main(build_svm_parser, run_svm, one_process="eval_svm.py"))

@@ -3,8 +3,9 @@
 
 import sys
 
-from pcl.config import build_pretrain_parser, run_cli
-from pcl.engine import launch
+from pcl.config import build_pretrain_parser
+from pcl.engine import fit
+from pcl.launch import main
 
 if __name__ == "__main__":
-    sys.exit(run_cli(build_pretrain_parser, launch))
+    sys.exit(main(build_pretrain_parser, fit))

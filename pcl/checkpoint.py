@@ -314,79 +314,9 @@ def query_backbone(model: nn.Module) -> nn.Module:
     return backbone.eval()
 
 
-# ----------------------------------------------------------------------------------------------------
-# export: python -m pcl.checkpoint export CKPT OUT [--format torchvision|detectron2]
-# ----------------------------------------------------------------------------------------------------
-def torchvision_state(path: str, arch: str | None = None) -> dict[str, torch.Tensor]:
-    """The query backbone as a plain torchvision ResNet state_dict (no ``fc``: load with strict=False, or
-    give the model ``fc = nn.Identity()`` and load with strict=True)."""
-    backbone = load_backbone(path, arch)
-    return {k: v.detach().clone() for k, v in backbone.state_dict().items()}
-
-
-def detectron2_state(state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """torchvision ResNet keys -> detectron2's (the mapping of MoCo's convert-pretrain-to-detectron2.py):
-    stem.conv1, resN for layerN-1, convK.norm for bnK, shortcut(.norm) for downsample.0/1; numpy values."""
-    model = {}
-    for key, value in state.items():
-        name = key if "layer" in key else "stem." + key
-        for t in (1, 2, 3, 4):
-            name = name.replace(f"layer{t}", f"res{t + 1}")
-        for t in (1, 2, 3):
-            name = name.replace(f"bn{t}", f"conv{t}.norm")
-        name = name.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
-        model[name] = value.cpu().numpy()
-    return {"model": model, "__author__": "PCL", "matching_heuristics": True}
-
-
-def export(path: str, out: str, fmt: str = "torchvision", arch: str | None = None) -> str:
-    """Write the backbone of checkpoint ``path`` as a torchvision state_dict (.pth) or a detectron2 .pkl."""
-    if os.path.isdir(out):
-        raise PCLError(f"export output {out} is a directory: give a file name, e.g. {os.path.join(out, 'backbone.pth')}")
-    state = torchvision_state(path, arch)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    if fmt == "torchvision":
-        save_checkpoint(state, out, last=None)
-    elif fmt == "detectron2":
-        import pickle
-
-        with open(out, "wb") as f:
-            pickle.dump(detectron2_state(state), f)
-    else:
-        raise PCLError(f"unknown export format '{fmt}': use torchvision or detectron2")
-    logger.info("exported %s (%d tensors) to %s as %s", path, len(state), out, fmt)
-    return out
-
-
-def _export_main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from pcl.config import run_cli
-
-    def parser() -> argparse.ArgumentParser:
-        p = argparse.ArgumentParser(prog="python -m pcl.checkpoint export",
-                                    description="Export a checkpoint's query backbone (projection head dropped)")
-        p.add_argument("checkpoint", help="ours or an official PCL/MoCo checkpoint")
-        p.add_argument("out", help="output file: .pth (torchvision) or .pkl (detectron2)")
-        p.add_argument("--format", default=None, choices=["torchvision", "detectron2"],
-                       help="default: detectron2 for a .pkl output, else torchvision")
-        p.add_argument("-a", "--arch", default=None, help="architecture (default: the checkpoint's)")
-        p.add_argument("--debug", action="store_true")
-        return p
-
-    def run(args) -> None:
-        fmt = args.format or ("detectron2" if args.out.endswith(".pkl") else "torchvision")
-        export(args.checkpoint, args.out, fmt, args.arch)
-        print(f"wrote {args.out} ({fmt})")
-
-    return run_cli(parser, run, argv)
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # the command line of earlier versions: python -m pcl.checkpoint export ...
     import sys
 
-    args = sys.argv[1:]
-    if not args or args[0] != "export":
-        print("usage: python -m pcl.checkpoint export CHECKPOINT OUT [--format torchvision|detectron2]", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(_export_main(args[1:]))
+    from pcl.export import cli
+
+    sys.exit(cli(sys.argv[1:]))

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from pcl import EXIT_INPUT, EXIT_PREEMPTED, PCLError, Preempted, error_line
+from pcl import PCLError
 
 ARCH_HELP = "any torchvision ResNet name (resnet18, resnet50, wide_resnet50_2, ...)"
 
@@ -435,27 +435,3 @@ def validate_pretrain_args(args: argparse.Namespace) -> argparse.Namespace:
     if getattr(args, "proto_chunks", 1) > 1 and getattr(args, "pauc", False):
         raise PCLError("--pauc needs one set of ProtoNCE columns per batch: use it with --proto-chunks 1")
     return args
-
-
-def run_cli(build_parser: Callable[[], argparse.ArgumentParser], run: Callable[[argparse.Namespace], Any],
-            argv: Sequence[str] | None = None) -> int:
-    """The entry points' shared main: parse, run, and turn input errors into one line and an exit code
-    (2: bad input; 75: preempted after saving; 130: Ctrl-C). ``--debug`` shows the traceback instead."""
-    import sys
-
-    args = None
-    try:
-        args = parse_args(build_parser(), argv)
-        run(args)
-    except PCLError as e:
-        if args is not None and args.debug:
-            raise
-        print(f"error: {error_line(e)}", file=sys.stderr)
-        return EXIT_INPUT
-    except Preempted as e:
-        print(f"preempted: {e}", file=sys.stderr)
-        return EXIT_PREEMPTED
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0

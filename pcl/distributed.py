@@ -89,16 +89,6 @@ def workers_per_process(workers: int, processes: int) -> int:
     return (workers + processes - 1) // processes
 
 
-def refuse_spawn(args: Any, command: str) -> None:
-    """For commands that do not spawn workers: --multiprocessing-distributed would otherwise fail on the missing
-    RANK (KeyError) or wait for processes that never come."""
-    if getattr(args, "multiprocessing_distributed", False):
-        from pcl import PCLError
-
-        raise PCLError(f"{command} does not spawn workers: drop --multiprocessing-distributed (it runs in one "
-                       f"process, or under torchrun --nproc_per_node N ... --dist-url env://)")
-
-
 def cleanup() -> None:
     if is_dist():
         dist.destroy_process_group()

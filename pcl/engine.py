@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import os
 import signal
 import threading
@@ -17,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pcl import EXIT_INPUT, EXIT_PREEMPTED, PCLError, Preempted, checkpoint as ckpt_io, distributed as dist_utils
+from pcl import PCLError, Preempted, checkpoint as ckpt_io, distributed as dist_utils
 from pcl.cluster import ClusterResult, check_features, kmeans, run_kmeans
 from pcl.config import validate_pretrain_args
 from pcl.data import PretrainData, build_pretrain_data, stream_seed
@@ -26,21 +25,9 @@ from pcl.gallery import caption, gallery_rows, render_gallery
 from pcl.log import AverageMeter, RunLog, process_rank, setup_logging
 from pcl.loss import accuracy, info_nce_logits, pauc_terms, proto_nce
 from pcl.model import MoCo, build_backbone
+from pcl.schedule import adjust_learning_rate
 
 logger = logging.getLogger("pcl")
-
-
-def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: int, args: argparse.Namespace) -> float:
-    """Per-epoch schedule as official: cosine over --epochs, or /10 at each --schedule milestone."""
-    lr = args.lr
-    if args.cos:
-        lr *= 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))
-    else:
-        for milestone in args.schedule:
-            lr *= 0.1 if epoch >= milestone else 1.0
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
 
 
 def _seed(args: argparse.Namespace, epoch: int, stream: int) -> int:
@@ -430,7 +417,7 @@ def _train(args: argparse.Namespace, on_step: Callable[[int, int], None] | None)
                     if dist_utils.is_main():
                         ckpt_io.save_checkpoint(_checkpoint_state(model, optimizer, epoch - 1, args, None), path)
                     _raise_preempted(args, path, epoch, 0, stop.signal_name or "signal on another rank")
-            lr = adjust_learning_rate(optimizer, epoch, args)
+            lr = adjust_learning_rate(optimizer, epoch, args.epochs, args.lr, args.cos, args.schedule)
             data.train_loader.set_epoch(epoch)
             if resume_state is not None:
                 data.train_loader.load_state_dict(resume_state["loader"])
@@ -520,73 +507,6 @@ def _log_galleries(run_log: RunLog, cluster: ClusterResult, data: PretrainData, 
         run_log.text(f"prototypes/k{k}", caption(k, rows), epoch)
     logger.info("prototype galleries: %.2f s", time.perf_counter() - start)
 
-
-def _worker(local_rank: int, nprocs: int, args: argparse.Namespace, fn: Callable = fit) -> None:
-    args.rank = max(args.rank, 0) * nprocs + local_rank
-    if torch.cuda.is_available() and not args.cpu:
-        args.gpu = local_rank
-    try:
-        fn(args)
-    except Preempted as e:  # saved already; tell the parent by the exit code
-        logger.warning("%s", e)
-        raise SystemExit(EXIT_PREEMPTED) from None
-    except PCLError as e:
-        logger.error("error: %s", e)
-        raise SystemExit(EXIT_INPUT) from None
-    finally:
-        dist_utils.cleanup()
-
-
-def launch(args: argparse.Namespace, fn: Callable[[argparse.Namespace], Any] = fit) -> Any:
-    """Run ``fn`` (default :func:`fit`) in this process, or, with --multiprocessing-distributed (the official
-    launcher), spawn one process per GPU (per --nproc on a CPU-only node) with global rank
-    node_rank * nprocs + i. Shared by pretraining and the linear probe."""
-    if not args.multiprocessing_distributed:
-        try:
-            return fn(args)
-        finally:
-            dist_utils.cleanup()
-    use_cuda = torch.cuda.is_available() and not args.cpu
-    nprocs = args.nproc or (torch.cuda.device_count() if use_cuda else 1)
-    args.nproc = nprocs  # the workers split -j among the node's processes
-    args.world_size = nprocs * max(args.world_size, 1)
-    context = torch.multiprocessing.start_processes(_worker, args=(nprocs, args, fn), nprocs=nprocs, join=False,
-                                                    start_method="spawn")
-
-    def forward(signum: int, frame: Any) -> None:  # `kill PID` and many schedulers signal only the launcher
-        logger.warning("%s received by the launcher: forwarded to its %d workers", signal.Signals(signum).name,
-                       nprocs)
-        for proc in context.processes:
-            if proc.is_alive():
-                os.kill(proc.pid, signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:  # each worker finishes its step (or feature batch), rank 0 saves, all exit 75
-        finished = False
-        while not finished:  # join() returns False while workers run (it wakes up for our signal handler)
-            finished = context.join()
-    except torch.multiprocessing.ProcessExitedException as e:
-        if e.exit_code == EXIT_PREEMPTED:
-            raise _preempted_from_marker(args.exp_dir) from None
-        if e.exit_code == EXIT_INPUT:
-            raise PCLError(f"a worker stopped on bad input (its message is above); exit code {e.exit_code}") from None
-        raise
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return None
-
-
-def _preempted_from_marker(exp_dir: str) -> Preempted:
-    """The workers' Preempted, rebuilt in the launcher from the PREEMPTED file rank 0 wrote (epoch, step, path)."""
-    import re
-
-    marker = os.path.join(exp_dir, "PREEMPTED")
-    text = open(marker).read() if os.path.exists(marker) else ""
-    m = re.search(r"(\S+) received: stopped after epoch (\d+) step (\d+) and saved (.+?); rerun", text)
-    if m is None:
-        return Preempted(ckpt_io.preempt_path(exp_dir), -1, -1, "preemption signal")
-    return Preempted(m.group(4), int(m.group(2)), int(m.group(3)), m.group(1))
 
 
 def monitor_scores(encoder: nn.Module | None, data: PretrainData, args: argparse.Namespace, device: torch.device,

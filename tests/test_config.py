@@ -108,7 +108,7 @@ def test_yaml_values_convert_to_the_flag_types(tmp_path):
     (["--moco-m", "1.5"], "--moco-m 1.5: must be in [0, 1]"),
 ])
 def test_out_of_range_settings_are_one_line_errors_before_any_work(argv, message, capsys):
-    from pcl.config import run_cli
+    from pcl.launch import run_cli
 
     ran = []
     code = run_cli(build_pretrain_parser, ran.append, ["--dataset", "demo", *argv])

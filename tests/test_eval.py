@@ -235,7 +235,7 @@ def test_voc_and_places_bad_labels_and_missing_images_are_one_line_errors(tmp_pa
 
 def test_unreadable_class_folder_and_file_exp_dir_are_named(tmp_path, monkeypatch, capsys):
     from pcl import PCLError
-    from pcl.config import run_cli
+    from pcl.launch import run_cli
     from pcl.data import image_folder
     from pcl.evaluation import knn
 

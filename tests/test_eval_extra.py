@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import official_checkpoint
 from pcl import PCLError
-from pcl.checkpoint import detectron2_state, export
+from pcl.export import detectron2_state, export
 from pcl.data import read_subset
 from pcl.evaluation.cluster_metrics import cluster_accuracy, clustering_scores
 from pcl.evaluation.knn import knn_accuracy

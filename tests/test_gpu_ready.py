@@ -154,21 +154,22 @@ def test_nothing_to_train_is_said_not_silent(tmp_path):
 def test_commands_without_a_launcher_refuse_multiprocessing_distributed(module, tmp_path, capsys):
     import importlib
 
-    from pcl.config import run_cli
+    from pcl.launch import main
 
     mod = importlib.import_module(module)
-    code = run_cli(mod.build_parser, mod.run, ["--dataset", "demo", "--multiprocessing-distributed",
-                                               "--exp-dir", str(tmp_path)])
+    code = main(mod.build_parser, mod.run, ["--dataset", "demo", "--multiprocessing-distributed",
+                                            "--exp-dir", str(tmp_path)], one_process=f"python -m {module}")
     err = capsys.readouterr().err.strip()
     assert code == 2 and "does not spawn workers" in err and len(err.splitlines()) == 1
 
 
 def test_eval_svm_refuses_multiprocessing_distributed(tmp_path, capsys):
-    from pcl.config import build_svm_parser, run_cli
+    from pcl.config import build_svm_parser
     from pcl.evaluation.svm import run_svm
+    from pcl.launch import main
 
-    code = run_cli(build_svm_parser, run_svm, ["--dataset", "demo", "--multiprocessing-distributed",
-                                               "--exp-dir", str(tmp_path)])
+    code = main(build_svm_parser, run_svm, ["--dataset", "demo", "--multiprocessing-distributed",
+                                            "--exp-dir", str(tmp_path)], one_process="eval_svm.py")
     assert code == 2 and "eval_svm.py does not spawn workers" in capsys.readouterr().err
 
 

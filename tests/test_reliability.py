@@ -253,7 +253,9 @@ def test_resume_auto_skips_a_dangling_symlink_and_bad_value_types(tmp_path):
 
 def test_export_to_a_directory_is_refused(tmp_path):
     with pytest.raises(PCLError, match="is a directory: give a file name"):
-        ckpt_io.export("unused.pth.tar", str(tmp_path))
+        from pcl.export import export
+
+        export("unused.pth.tar", str(tmp_path))
 
 
 HTML = b"<!DOCTYPE html><html>sign in</html>"
@@ -268,7 +270,8 @@ def test_pretraining_reports_a_bad_resume_before_scanning_the_data(tmp_path):
 
 @pytest.mark.parametrize("command", ["eval_linear.py", "eval_svm.py", "knn", "semisup"])
 def test_evaluations_report_a_bad_pretrained_before_scanning_the_data(tmp_path, command, capsys):
-    from pcl.config import build_linear_parser, build_svm_parser, run_cli
+    from pcl.config import build_linear_parser, build_svm_parser
+    from pcl.launch import run_cli
 
     bad = tmp_path / "ckpt.pth.tar"
     bad.write_bytes(HTML)

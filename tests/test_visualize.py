@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import image_folder, tiny_args
-from pcl.config import run_cli
+from pcl.launch import run_cli
 from pcl.engine import fit
 from pcl.evaluation import visualize
 from pcl.gallery import choose_prototypes, display_images, gallery_rows, nearest_members, render_gallery

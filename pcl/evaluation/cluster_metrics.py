@@ -21,9 +21,7 @@ import sys
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
-from pcl import PCLError
 
 logger = logging.getLogger("pcl")
 
@@ -83,7 +81,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = run_kmeans(feats, ks, 0.2, seed=0, niter=args.kmeans_niter, nredo=args.kmeans_nredo,
                         backend=args.kmeans_backend)
     rows = {k: clustering_scores(labels.numpy(), a.cpu().numpy()) for k, a in zip(ks, result.im2cluster)}
-    print(f"\n| k | NMI | AMI | cluster acc |\n|---|---|---|---|")
+    print("\n| k | NMI | AMI | cluster acc |\n|---|---|---|---|")
     for k, r in rows.items():
         print(f"| {k} | {r['nmi']:.2f} | {r.get('ami', float('nan')):.2f} | {r['acc']:.2f} |")
     os.makedirs(args.exp_dir, exist_ok=True)
@@ -93,6 +91,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from pcl.config import run_cli
+    from pcl.launch import main
 
-    sys.exit(run_cli(build_parser, run))
+    sys.exit(main(build_parser, run, one_process="python -m pcl.evaluation.cluster_metrics"))

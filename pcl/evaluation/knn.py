@@ -60,7 +60,6 @@ def labelled_features(args, splits=("train", "val")):
 
     from pcl.evaluation.linear import resolve_eval_dataset
 
-    dist_utils.refuse_spawn(args, "the kNN and cluster-metrics commands")
     device = dist_utils.init(args)
     resolve_eval_dataset(args)
     backbone = _backbone(args, device)  # cheap input first: a bad --pretrained fails before the dataset is scanned
@@ -117,6 +116,6 @@ def run(args) -> dict[int, float]:
 if __name__ == "__main__":
     import sys
 
-    from pcl.config import run_cli
+    from pcl.launch import main
 
-    sys.exit(run_cli(build_parser, run))
+    sys.exit(main(build_parser, run, one_process="python -m pcl.evaluation.knn"))

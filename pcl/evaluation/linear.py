@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import time
 from typing import Any
@@ -30,6 +29,7 @@ from pcl import PCLError, checkpoint as ckpt_io, distributed as dist_utils
 from pcl.data import LabelledData, build_labelled_data
 from pcl.log import AverageMeter, RunLog, setup_logging
 from pcl.model import build_backbone
+from pcl.schedule import adjust_learning_rate
 
 logger = logging.getLogger("pcl")
 
@@ -71,17 +71,6 @@ def sanity_check(model: nn.Module, frozen: dict[str, torch.Tensor]) -> None:
             raise PCLError(f"frozen weight '{key}' changed during linear training: the backbone must stay fixed "
                            f"(BatchNorm in eval mode, no gradient)")
     logger.info("sanity check passed: the %d frozen tensors are unchanged", len(frozen))
-
-
-def _adjust_lr(optimizer: torch.optim.Optimizer, epoch: int, args: argparse.Namespace) -> float:
-    lr = args.lr
-    if args.cos:
-        lr *= 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))
-    else:
-        lr *= 0.1 ** sum(epoch >= m for m in args.schedule)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
 
 
 def _topk_correct(output: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
@@ -219,7 +208,7 @@ def fit_linear(args: argparse.Namespace) -> dict[str, Any]:
     try:
         for epoch in range(args.start_epoch, args.epochs):
             start = time.perf_counter()
-            lr = _adjust_lr(optimizer, epoch, args)
+            lr = adjust_learning_rate(optimizer, epoch, args.epochs, args.lr, args.cos, args.schedule)
             data.train_loader.set_epoch(epoch)
             stats = train_epoch(model, data.train_loader, optimizer, epoch, device, progress, args.print_freq)
             stats.update(validate(model, data.val_loader, device))
@@ -270,7 +259,7 @@ def train_head(head: nn.Linear, train_views: torch.Tensor, train_labels: torch.T
     rows = torch.arange(n, device=train_views.device)
     history = []
     for epoch in range(start_epoch, args.epochs):
-        lr = _adjust_lr(optimizer, epoch, args)
+        lr = adjust_learning_rate(optimizer, epoch, args.epochs, args.lr, args.cos, args.schedule)
         view = torch.randint(v, (n,), generator=gen, device=train_views.device)
         feats = train_views[view, rows]  # N x d
         perm = torch.randperm(n, generator=gen, device=train_views.device)

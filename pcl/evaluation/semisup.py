@@ -27,6 +27,7 @@ from pcl import PCLError, checkpoint as ckpt_io, distributed as dist_utils
 from pcl.data import IN_MEMORY_SETS, build_labelled_data, per_class_fraction, read_subset
 from pcl.evaluation.linear import build_probe, check_pretrained, prepare_eval, train_epoch, validate
 from pcl.log import RunLog
+from pcl.schedule import adjust_learning_rate
 
 logger = logging.getLogger("pcl")
 
@@ -85,7 +86,6 @@ def fit_semisup(args: argparse.Namespace) -> dict[str, Any]:
     trunk = [p for n, p in inner.named_parameters() if not n.startswith("fc.")]
     optimizer = torch.optim.SGD([{"params": trunk}, {"params": head, "lr": args.lr_last_layer}], lr=args.lr,
                                 momentum=args.momentum, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.decay_epochs, gamma=args.gamma)
     logger.info("fine-tuning %s from %s on %d labelled images (%d%%), %d classes; lr %g / head %g",
                 args.arch, args.pretrained or "random init", len(data.train_labels), args.labels_perc,
                 data.num_classes, args.lr, args.lr_last_layer)
@@ -96,12 +96,13 @@ def fit_semisup(args: argparse.Namespace) -> dict[str, Any]:
     try:
         for epoch in range(args.epochs):
             start = time.perf_counter()
+            adjust_learning_rate(optimizer, epoch, args.epochs, [args.lr, args.lr_last_layer],
+                                 milestones=args.decay_epochs, gamma=args.gamma)
             data.train_loader.set_epoch(epoch)
             stats = train_epoch(model, data.train_loader, optimizer, epoch, device, progress, args.print_freq,
                                 train_mode=True)
             stats.update(validate(model, data.val_loader, device))
             stats.update(epoch=epoch, lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - start)
-            scheduler.step()
             if stats["top1"] > best["top1"]:
                 best = {"top1": stats["top1"], "top5": stats["top5"]}
             run_log.record(stats)
@@ -119,7 +120,6 @@ def fit_semisup(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from pcl.config import run_cli
-    from pcl.engine import launch
+    from pcl.launch import main
 
-    sys.exit(run_cli(build_parser, lambda a: launch(a, fit_semisup)))
+    sys.exit(main(build_parser, fit_semisup))

@@ -217,7 +217,6 @@ def run_svm(args: argparse.Namespace) -> dict[str, Any]:
     shots = [int(k) for k in parse_floats(args.shots, "--shots")] if args.low_shot else []
     if args.runs < 1:
         raise PCLError("--runs must be at least 1")
-    dist_utils.refuse_spawn(args, "eval_svm.py")
     device = dist_utils.init(args)
     start = time.perf_counter()
     backbone = _backbone(args, device)  # cheap input first: a bad --pretrained fails before the dataset is read

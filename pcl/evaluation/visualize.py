@@ -237,8 +237,8 @@ def validate(args: argparse.Namespace) -> list[str]:
             raise PCLError(f"{flag} {value}: must be at least 1")
     if args.tsne_samples is not None and args.tsne_samples < 5:
         raise PCLError(f"--tsne-samples {args.tsne_samples}: t-SNE needs at least 5 points")
-    if getattr(args, "multiprocessing_distributed", False) or args.world_size > 1:
-        raise PCLError("visualize runs in one process: drop --multiprocessing-distributed / --world-size")
+    if args.world_size > 1:
+        raise PCLError("visualize runs in one process: drop --world-size")
     return only
 
 
@@ -316,6 +316,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from pcl.config import run_cli
+    from pcl.launch import main
 
-    sys.exit(run_cli(build_parser, run))
+    sys.exit(main(build_parser, run, one_process="python -m pcl.evaluation.visualize"))

@@ -1,0 +1,90 @@
+"""Export a checkpoint's query backbone for downstream use: a torchvision state_dict (.pth) or a detectron2
+pickle (.pkl), the conversion of MoCo's ``convert-pretrain-to-detectron2.py``.
+
+    python -m pcl.export CHECKPOINT OUT [--format torchvision|detectron2] [-a ARCH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pickle
+import sys
+from typing import Any
+
+import torch
+
+from pcl import PCLError
+from pcl.checkpoint import load_backbone, save_checkpoint
+
+logger = logging.getLogger("pcl")
+
+
+def torchvision_state(path: str, arch: str | None = None) -> dict[str, torch.Tensor]:
+    """The query backbone as a plain torchvision ResNet state_dict (no ``fc``: load with strict=False, or
+    give the model ``fc = nn.Identity()`` and load with strict=True)."""
+    backbone = load_backbone(path, arch)
+    return {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+
+
+def detectron2_state(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """torchvision ResNet keys -> detectron2's (the mapping of MoCo's convert-pretrain-to-detectron2.py):
+    stem.conv1, resN for layerN-1, convK.norm for bnK, shortcut(.norm) for downsample.0/1; numpy values."""
+    model = {}
+    for key, value in state.items():
+        name = key if "layer" in key else "stem." + key
+        for t in (1, 2, 3, 4):
+            name = name.replace(f"layer{t}", f"res{t + 1}")
+        for t in (1, 2, 3):
+            name = name.replace(f"bn{t}", f"conv{t}.norm")
+        name = name.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+        model[name] = value.cpu().numpy()
+    return {"model": model, "__author__": "PCL", "matching_heuristics": True}
+
+
+def export(path: str, out: str, fmt: str = "torchvision", arch: str | None = None) -> str:
+    """Write the backbone of checkpoint ``path`` as a torchvision state_dict (.pth) or a detectron2 .pkl."""
+    if os.path.isdir(out):
+        raise PCLError(f"export output {out} is a directory: give a file name, e.g. {os.path.join(out, 'backbone.pth')}")
+    state = torchvision_state(path, arch)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if fmt == "torchvision":
+        save_checkpoint(state, out, last=None)
+    elif fmt == "detectron2":
+        with open(out, "wb") as f:
+            pickle.dump(detectron2_state(state), f)
+    else:
+        raise PCLError(f"unknown export format '{fmt}': use torchvision or detectron2")
+    logger.info("exported %s (%d tensors) to %s as %s", path, len(state), out, fmt)
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pcl.export",
+                                description="Export a checkpoint's query backbone (projection head dropped)")
+    p.add_argument("checkpoint", help="ours or an official PCL/MoCo checkpoint")
+    p.add_argument("out", help="output file: .pth (torchvision) or .pkl (detectron2)")
+    p.add_argument("--format", default=None, choices=["torchvision", "detectron2"],
+                   help="default: detectron2 for a .pkl output, else torchvision")
+    p.add_argument("-a", "--arch", default=None, help="architecture (default: the checkpoint's)")
+    p.add_argument("--debug", action="store_true")
+    return p
+
+
+def _run(args: argparse.Namespace) -> None:
+    fmt = args.format or ("detectron2" if args.out.endswith(".pkl") else "torchvision")
+    export(args.checkpoint, args.out, fmt, args.arch)
+    print(f"wrote {args.out} ({fmt})")
+
+
+def cli(argv: list[str]) -> int:
+    """``export CHECKPOINT OUT ...`` (the word ``export`` first, as ``python -m pcl.checkpoint export`` took it)
+    or ``CHECKPOINT OUT ...``."""
+    from pcl.launch import run_cli
+
+    return run_cli(_parser, _run, argv[1:] if argv[:1] == ["export"] else argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))
