@@ -28,8 +28,8 @@ sys.path.insert(0, ROOT)
 
 from common import hardware, write_json  # noqa: E402
 from pcl.cluster import ClusterResult  # noqa: E402
-from pcl.config import build_pretrain_parser, parse_args  # noqa: E402
-from pcl.engine import apply_speed_options, build_optimizer, train_one_epoch  # noqa: E402
+from pcl.config import build_pretrain_parser, parse_args, validate_pretrain_args  # noqa: E402
+from pcl.engine import apply_speed_options, build_optimizer, channels_last, train_one_epoch  # noqa: E402
 from pcl.model import MoCo  # noqa: E402
 
 
@@ -52,9 +52,7 @@ def make_args(opts, extra: list[str]) -> argparse.Namespace:
     argv = ["--dataset", "demo", "-a", opts.arch, "--width", str(opts.width), "--stem", opts.stem,
             "--image-size", str(opts.image_size), "-b", str(opts.batch), "--pcl-r", str(opts.r),
             "--num-cluster", opts.ks, "--no-progress", "-p", "1000000", *extra]
-    args = parse_args(build_pretrain_parser(), argv)
-    args.num_cluster = [int(k) for k in opts.ks.split(",")]
-    return args
+    return validate_pretrain_args(parse_args(build_pretrain_parser(), argv))
 
 
 def timed_epoch(model, data, args, device, cluster) -> float:
@@ -111,7 +109,7 @@ def throughput(opts, device) -> dict:
     for name in opts.variants.split(","):
         args = make_args(opts, VARIANTS[name])
         model = build_model(args, device, opts.bn_splits)
-        if "--channels-last" in VARIANTS[name] and not args.channels_last:
+        if "--channels-last" in VARIANTS[name] and not channels_last(args, device):
             print(f"skipping {name}: --channels-last is ignored on the CPU (see pcl.engine.apply_speed_options)")
             continue
         timed_epoch(model, ListLoader(data[:2]), args, device, None)  # warm-up (and compilation)

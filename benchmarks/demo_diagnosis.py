@@ -16,7 +16,6 @@ drawn independently of the digit. For each checkpoint given, this script:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 

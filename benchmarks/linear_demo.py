@@ -14,7 +14,6 @@ import os
 import sys
 import time
 
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

@@ -25,7 +25,7 @@ from common import hardware, write_json, use_cores  # noqa: E402
 from pcl import PCLError  # noqa: E402
 from pcl.checkpoint import LAST, load_checkpoint, load_model_state  # noqa: E402
 from pcl.cluster import run_kmeans  # noqa: E402
-from pcl.config import build_pretrain_parser, parse_args  # noqa: E402
+from pcl.config import build_pretrain_parser, parse_args, validate_pretrain_args  # noqa: E402
 from pcl.data import build_pretrain_data  # noqa: E402
 from pcl.engine import compute_features, fit  # noqa: E402
 from pcl.model import MoCo  # noqa: E402
@@ -42,8 +42,7 @@ def spread(args) -> dict:
     ckpt = load_checkpoint(os.path.join(args.exp_dir, LAST))
     model = MoCo(args.arch, args.low_dim, args.pcl_r, args.moco_m, args.mlp, args.width, args.stem, 8)
     load_model_state(model, ckpt["state_dict"], args.exp_dir)
-    args.batch_size = 128
-    data = build_pretrain_data(args)
+    data = build_pretrain_data(args.replace(batch_size=128))
     feats = compute_features(model, data.eval_loader, torch.device("cpu"), data.num_samples, progress=False)
     result = run_kmeans(feats, args.num_cluster, args.temperature, niter=args.kmeans_niter, nredo=1)
     return {k: float((feats - c[a]).norm(dim=1).mean()) for k, a, c in zip(args.num_cluster, result.im2cluster,
@@ -66,7 +65,7 @@ def main() -> None:
                 str(opts.warmup_epoch), "--no-progress", "--no-knn-eval", "--knn-every", str(opts.epochs),
                 "--save-freq", str(opts.epochs), "--exp-dir", os.path.join(opts.exp_root, name.replace(" ", "_")),
                 *ROWS[name], *opts.overrides]
-        args = parse_args(build_pretrain_parser(), argv)
+        args = validate_pretrain_args(parse_args(build_pretrain_parser(), argv))
         start = time.perf_counter()
         try:
             stats = fit(args)

@@ -42,7 +42,8 @@ from pcl.config import build_pretrain_parser, parse_args, validate_pretrain_args
 from pcl.data import TensorLabelledLoader, load_in_memory, one_vs_rest  # noqa: E402
 from pcl.evaluation.cluster_metrics import clustering_scores  # noqa: E402
 from pcl.evaluation.knn import knn_accuracy  # noqa: E402
-from pcl.evaluation.linear import extract_labelled, train_head  # noqa: E402
+from pcl.evaluation.linear import train_head  # noqa: E402
+from pcl.evaluation.metrics import extract_features  # noqa: E402
 from pcl.evaluation.svm import l2_normalize, low_shot_indices, score_report, svm_scores  # noqa: E402
 from pcl.model import build_backbone  # noqa: E402
 
@@ -76,7 +77,7 @@ def features(encoder: nn.Module | None, images: torch.Tensor, labels: torch.Tens
     loader = TensorLabelledLoader(images, labels, batch)
     if encoder is None:
         return torch.cat([x.flatten(1) for x, _, _ in loader])
-    return extract_labelled(encoder, loader, torch.device("cpu"), images.shape[0])
+    return extract_features(encoder, loader, torch.device("cpu"), images.shape[0], normalize=False)
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -88,7 +89,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     head.bias.data.zero_()
     probe = argparse.Namespace(lr=opts.linear_lr, momentum=0.9, weight_decay=0.0, epochs=opts.linear_epochs,
                                schedule=[int(opts.linear_epochs * 0.6), int(opts.linear_epochs * 0.8)], cos=False,
-                               seed=opts.seed, global_batch_size=256)
+                               seed=opts.seed, batch_size=256)
     train_head(head, train_x[None], train_y, probe)
     with torch.no_grad():
         return float((head(test_x).argmax(1) == test_y).float().mean() * 100)

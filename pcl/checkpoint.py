@@ -202,6 +202,19 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {"module." + k: v for k, v in inner.state_dict().items()}
 
 
+def checkpoint_state(model: nn.Module, epoch: int, arch: str, optimizer: torch.optim.Optimizer | None = None,
+                     model_config: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """A checkpoint dict in the official layout: ``epoch`` (the epoch to resume at), ``arch``, ``state_dict``
+    (``module.*`` keys), ``optimizer`` (when given), then ``model_config`` (what rebuilds the backbone: width,
+    stem, ...) and the caller's ``extra`` keys. Every writer of a checkpoint builds it here."""
+    state: dict[str, Any] = {"epoch": epoch, "arch": arch, "state_dict": model_state(model)}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    state["model_config"] = dict(model_config or {})
+    state.update(extra)
+    return state
+
+
 def checkpoint_kind(ckpt: dict[str, Any]) -> str:
     """'pretrain' (ours or official PCL/MoCo: encoder_q, encoder_k and queue), 'linear' (eval_linear.py's),
     'weights' (a bare state_dict, e.g. torchvision's or an export) or 'unknown'."""

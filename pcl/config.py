@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import yaml
 
@@ -199,12 +199,21 @@ def _add_eval_common(p: argparse.ArgumentParser) -> None:
     p.set_defaults(arch=None, width=None, stem=None, crop_min_scale=0.08)
 
 
+def eval_command_parser(description: str, batch: int | None = 256) -> argparse.ArgumentParser:
+    """The parser every evaluation command starts from: the shared data / model / distributed flags,
+    -c/--config, --pretrained, --exp-dir, and (``batch`` not None) -b/--batch-size for the feature pass."""
+    p = argparse.ArgumentParser(description=description, parents=[data_parser(), model_parser(), dist_parser()],
+                                formatter_class=_formatter)
+    _add_eval_common(p)
+    if batch is not None:
+        p.add_argument("-b", "--batch-size", default=batch, type=int, help="feature-extraction batch")
+    return p
+
+
 def build_linear_parser() -> argparse.ArgumentParser:
     """eval_linear.py: the official linear-classification protocol (eval_cls_imagenet.py) and a cached mode."""
-    p = argparse.ArgumentParser(
-        description="Linear probe on frozen features (official protocol: SGD lr 5, wd 0, 100 epochs, /10 at 60, 80)",
-        parents=[data_parser(), model_parser(), dist_parser()], formatter_class=_formatter)
-    _add_eval_common(p)
+    p = eval_command_parser("Linear probe on frozen features (official protocol: SGD lr 5, wd 0, 100 epochs, /10 at "
+                            "60, 80)", batch=None)
     g = p.add_argument_group("linear classifier (official defaults)")
     _add_sgd_args(g, epochs=100, lr=5.0, schedule=[60, 80], weight_decay=0.0)
     g.add_argument("--cos", action=argparse.BooleanOptionalAction, default=False, help="cosine lr schedule instead")
@@ -225,10 +234,8 @@ def build_linear_parser() -> argparse.ArgumentParser:
 
 def build_svm_parser() -> argparse.ArgumentParser:
     """eval_svm.py: linear SVMs on frozen features, VOC07 full and low-shot (official eval_svm_voc.py)."""
-    p = argparse.ArgumentParser(
-        description="Low-shot transfer: one linear SVM per class on frozen, L2-normalised features (VOC07 mAP)",
-        parents=[data_parser(), model_parser(), dist_parser()], formatter_class=_formatter)
-    _add_eval_common(p)
+    p = eval_command_parser("Low-shot transfer: one linear SVM per class on frozen, L2-normalised features (VOC07 "
+                            "mAP)", batch=None)
     p.set_defaults(dataset="voc07")
     for action in p._actions:  # the SVM benchmarks have their own dataset list
         if action.dest == "dataset":
@@ -247,6 +254,63 @@ def build_svm_parser() -> argparse.ArgumentParser:
 
 
 CONFIG_RELATIVE_PATHS = ("class_list",)  # a relative path in a YAML file is relative to that file's folder
+
+
+class RunConfig(Mapping[str, Any]):
+    """The settings of one run: every flag of its command, resolved once after parsing and validation, then
+    read-only. Read them as attributes (``cfg.lr``); a derived setting is a new object (``cfg.replace(...)``), so
+    no value changes meaning on the way through the code. What resolution guarantees:"""
+
+    batch_size: int  # the total over all processes, always (one process's share: distributed.per_process)
+    seed: int  # 0 when --seed was not given (seed_given tells which)
+    seed_given: bool
+    dataset: str  # after validation never 'auto'
+    num_cluster: tuple[int, ...]  # pretraining, after validation: the k of each granularity
+    arch: str | None  # evaluations: None until the backbone is loaded, then the checkpoint's (cfg.replace)
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Mapping[str, Any] | None = None, **more: Any) -> None:
+        object.__setattr__(self, "_values", {**dict(values or {}), **more})
+
+    @classmethod
+    def of(cls, args: Any) -> "RunConfig":
+        """A RunConfig of parsed flags (argparse/SimpleNamespace, a mapping, or a RunConfig: returned as is)."""
+        if isinstance(args, RunConfig):
+            return args
+        return cls(args if isinstance(args, Mapping) else vars(args))
+
+    def __getattr__(self, name: str) -> Any:
+        values = object.__getattribute__(self, "_values")
+        if name in values:
+            return values[name]
+        raise AttributeError(f"the run's settings have no '{name}'")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"the run's settings are read-only: derive new ones with .replace({name}=...)")
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __reduce__(self):  # pickled to the spawned workers
+        return RunConfig, (dict(self._values),)
+
+    def __repr__(self) -> str:
+        return "RunConfig(" + ", ".join(f"{k}={v!r}" for k, v in sorted(self._values.items())) + ")"
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return RunConfig(self._values, **changes)
+
+    def plain(self) -> dict[str, Any]:
+        """The settings of plain types (tuples as lists), as a checkpoint's ``args`` stores them."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self._values.items()
+                if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
 
 
 def load_config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
@@ -325,8 +389,9 @@ def yaml_scalar(action: argparse.Action, value: Any, where: str) -> Any:
     return value
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse ``argv`` with YAML defaults from ``-c/--config`` applied first."""
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> RunConfig:
+    """Parse ``argv`` with YAML defaults from ``-c/--config`` applied first; every value checked against its
+    range (:data:`RANGES`); the seed resolved. Returns the read-only :class:`RunConfig`."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("-c", "--config", default=None)
     known, _ = pre.parse_known_args(argv)
@@ -334,10 +399,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
         parser.set_defaults(**load_config_defaults(parser, known.config))
     args = parser.parse_args(argv)
     check_ranges(parser, args)
-    if hasattr(args, "seed"):  # official: cudnn.deterministic only when a seed is given; our streams need one
-        args.seed_given = args.seed is not None
-        args.seed = 0 if args.seed is None else args.seed
-    return args
+    values = vars(args)
+    if "seed" in values:  # official: cudnn.deterministic only when a seed is given; our streams need one
+        values.update(seed_given=args.seed is not None, seed=0 if args.seed is None else args.seed)
+    return RunConfig(values)
 
 
 def _finite(v: float) -> bool:
@@ -396,42 +461,41 @@ def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
             raise PCLError(f"{flag} {value}: must be {words}")
 
 
-def parse_num_cluster(value: Any) -> list[int]:
-    """'25000,50000,100000' (or a YAML list) -> [25000, 50000, 100000]; clear error otherwise."""
+def parse_list(value: Any, flag: str, kind: Callable[[str], Any] = int, example: str = "1,2,4",
+               valid: Callable[[Any], bool] = lambda v: True, must: str = "") -> list[Any]:
+    """A comma-separated flag ('1,2,4', or a YAML list) -> its items converted by ``kind``; an empty, malformed
+    or invalid list is one PCLError naming the flag, the value and an example."""
     items = value if isinstance(value, (list, tuple)) else str(value).split(",")
     try:
-        ks = [int(str(v).strip()) for v in items if str(v).strip() != ""]
+        out = [kind(str(v).strip()) for v in items if str(v).strip() != ""]
     except ValueError:
-        raise PCLError(f"--num-cluster '{value}' is malformed: give comma-separated positive integers, "
-                       f"e.g. 25000,50000,100000") from None
-    if not ks or any(k < 2 for k in ks):
-        raise PCLError(f"--num-cluster '{value}' is malformed: each k must be an integer >= 2")
-    return ks
+        raise PCLError(f"{flag} '{value}' is malformed: give comma-separated values, e.g. {example}") from None
+    if not out or not all(valid(v) for v in out):
+        raise PCLError(f"{flag} '{value}'{must or ' is empty: give at least one value'} (e.g. {example})")
+    return out
 
 
-def validate_pretrain_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Normalise and check what argparse cannot; raise PCLError naming the flag and the fix."""
-    args.num_cluster = parse_num_cluster(args.num_cluster)
-    if args.dataset == "auto":
-        if args.data is None:
+def parse_num_cluster(value: Any) -> tuple[int, ...]:
+    """'25000,50000,100000' (or a YAML list) -> (25000, 50000, 100000); clear error otherwise."""
+    return tuple(parse_list(value, "--num-cluster", int, "25000,50000,100000", lambda k: k >= 2,
+                            " is malformed: each k must be an integer >= 2"))
+
+
+def validate_pretrain_args(args: Any) -> RunConfig:
+    """Resolve and check what argparse cannot (the granularities, the dataset); raise PCLError naming the flag and
+    the fix. Returns the resolved, read-only settings."""
+    cfg = RunConfig.of(args)
+    dataset = cfg.dataset
+    if dataset == "auto":
+        if cfg.data is None:
             raise PCLError("no data: give a dataset root DIR (ImageFolder with train/), or --dataset demo")
-        args.dataset = "imagefolder"
-    elif args.dataset == "demo" and args.data is not None:
-        args.dataset = "imagefolder"  # a positional DIR overrides the demo data
-    elif args.dataset in ("mnist", "fashion-mnist", "kmnist") and args.data is None:
-        raise PCLError(f"--dataset {args.dataset} needs the folder of its idx files as DIR (or DIR plus --download)")
-    if args.batch_size <= 0 or args.epochs <= 0:
-        raise PCLError("--batch-size and --epochs must be positive")
-    if args.pcl_r <= 0:
-        raise PCLError("--pcl-r must be positive")
-    if args.width < 1 or args.low_dim < 1:
-        raise PCLError("--width and --low-dim must be positive")
-    if not args.resume and args.start_epoch >= args.epochs:
-        raise PCLError(f"--start-epoch {args.start_epoch} is not below --epochs {args.epochs}: nothing to train")
-    if not getattr(args, "dist_timeout", 1) > 0:
-        raise PCLError(f"--dist-timeout {args.dist_timeout}: give the minutes a collective may wait (> 0)")
-    if getattr(args, "proto_chunks", 1) < 1:
-        raise PCLError(f"--proto-chunks {args.proto_chunks}: give a positive number of blocks (1 = whole batch)")
-    if getattr(args, "proto_chunks", 1) > 1 and getattr(args, "pauc", False):
+        dataset = "imagefolder"
+    elif dataset == "demo" and cfg.data is not None:
+        dataset = "imagefolder"  # a positional DIR overrides the demo data
+    elif dataset in ("mnist", "fashion-mnist", "kmnist") and cfg.data is None:
+        raise PCLError(f"--dataset {dataset} needs the folder of its idx files as DIR (or DIR plus --download)")
+    if not cfg.resume and cfg.start_epoch >= cfg.epochs:
+        raise PCLError(f"--start-epoch {cfg.start_epoch} is not below --epochs {cfg.epochs}: nothing to train")
+    if cfg.get("proto_chunks", 1) > 1 and cfg.get("pauc", False):
         raise PCLError("--pauc needs one set of ProtoNCE columns per batch: use it with --proto-chunks 1")
-    return args
+    return cfg.replace(num_cluster=parse_num_cluster(cfg.num_cluster), dataset=dataset)

@@ -35,18 +35,41 @@ def barrier() -> None:
         dist.barrier()
 
 
+def layout(args: Any) -> tuple[int, int, bool]:
+    """(world size, global rank, distributed?) of this process, from the flags and the launcher's environment,
+    without changing the flags: torchrun's WORLD_SIZE/RANK with ``--dist-url env://``; with the official launcher
+    (``--multiprocessing-distributed``) ``--world-size`` nodes of ``nproc`` processes, this one being
+    ``--rank`` * nproc + ``local_rank`` (``launch`` sets nproc and local_rank in the settings it spawns with)."""
+    world, rank = args.world_size, args.rank
+    if args.dist_url == "env://" and world == -1 and "WORLD_SIZE" in os.environ:
+        world = int(os.environ["WORLD_SIZE"])
+    spawned = bool(getattr(args, "multiprocessing_distributed", False))
+    if spawned:
+        nproc = getattr(args, "nproc", None) or 1
+        world, rank = nproc * max(world, 1), max(rank, 0) * nproc + getattr(args, "local_rank", 0)
+    elif args.dist_url == "env://" and rank == -1 and "RANK" in os.environ:
+        rank = int(os.environ["RANK"])
+    return world, rank, world > 1 or spawned
+
+
+def spawned_rank(args: Any) -> int | None:
+    """The global rank of a worker of the official launcher (None otherwise: torchrun's RANK is read directly)."""
+    return layout(args)[1] if getattr(args, "multiprocessing_distributed", False) else None
+
+
 def init(args: Any) -> torch.device:
     """Join the process group the launcher asked for and return this process's device.
 
     Single process when neither torchrun's environment nor ``--world-size > 1`` /
     ``--multiprocessing-distributed`` asks for more. nccl on GPU, gloo on CPU.
     """
-    if args.dist_url == "env://" and args.world_size == -1 and "WORLD_SIZE" in os.environ:
-        args.world_size = int(os.environ["WORLD_SIZE"])
-    distributed = args.world_size > 1 or args.multiprocessing_distributed
+    world, global_rank, distributed = layout(args)
     use_cuda = torch.cuda.is_available() and not args.cpu
     if use_cuda:
-        local = args.gpu if args.gpu is not None else int(os.environ.get("LOCAL_RANK", 0))
+        if getattr(args, "multiprocessing_distributed", False):
+            local = getattr(args, "local_rank", 0)
+        else:
+            local = args.gpu if args.gpu is not None else int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
         torch.backends.cudnn.benchmark = True  # as official (main_worker)
@@ -55,8 +78,6 @@ def init(args: Any) -> torch.device:
     else:
         device = torch.device("cpu")
     if distributed and not is_dist():
-        if args.dist_url == "env://" and args.rank == -1:
-            args.rank = int(os.environ["RANK"])
         backend = args.dist_backend or ("nccl" if use_cuda else "gloo")
         # a collective waits this long before the run is declared hung: the other ranks wait in one while rank 0
         # clusters (minutes per E-step at ImageNet scale); NCCL's default of 10 minutes would kill the run there
@@ -64,14 +85,20 @@ def init(args: Any) -> torch.device:
         import logging
 
         logging.getLogger("pcl").info("rank %d joining %d processes at %s (waits up to --dist-timeout %g min for "
-                                      "the others)", args.rank, args.world_size, args.dist_url,
-                                      timeout.total_seconds() / 60)
-        dist.init_process_group(
-            backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank, timeout=timeout
-        )
-        if hasattr(args, "workers"):  # once per process, when it joins
-            args.workers = workers_per_process(args.workers, local_processes(args))
+                                      "the others)", global_rank, world, args.dist_url, timeout.total_seconds() / 60)
+        dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=world, rank=global_rank,
+                                timeout=timeout)
     return device
+
+
+def per_process(total: int) -> int:
+    """One process's share of a total over all processes (e.g. --batch-size), as official: total // world."""
+    return max(total // world_size(), 1)
+
+
+def loader_workers(args: Any) -> int:
+    """Loader workers of this process: -j/--workers is per node and shared among the node's processes."""
+    return workers_per_process(args.workers, local_processes(args)) if is_dist() else args.workers
 
 
 def local_processes(args: Any) -> int:

@@ -11,25 +11,25 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import signal
 import sys
 from typing import Any, Callable, Sequence
 
 import torch
 
-from pcl import EXIT_INPUT, EXIT_PREEMPTED, PCLError, Preempted, checkpoint as ckpt_io, distributed as dist_utils, error_line
-from pcl.config import parse_args
+from pcl import EXIT_INPUT, EXIT_PREEMPTED, PCLError, Preempted, distributed as dist_utils, error_line
+from pcl.config import RunConfig, parse_args
+from pcl.preemption import preempted_from_marker
 
 logger = logging.getLogger("pcl")
 
 
-def main(build_parser: Callable[[], argparse.ArgumentParser], fn: Callable[[argparse.Namespace], Any],
+def main(build_parser: Callable[[], argparse.ArgumentParser], fn: Callable[[RunConfig], Any],
          argv: Sequence[str] | None = None, one_process: str | None = None) -> int:
     """Parse with ``build_parser``, then run ``fn`` through :func:`launch`; the exit code. ``one_process``: the
     command's name when it cannot spawn workers (then --multiprocessing-distributed is refused in one line)."""
 
-    def run(args: argparse.Namespace) -> Any:
+    def run(args: RunConfig) -> Any:
         if one_process and getattr(args, "multiprocessing_distributed", False):
             raise PCLError(f"{one_process} does not spawn workers: drop --multiprocessing-distributed (it runs in one "
                            f"process, or under torchrun --nproc_per_node N ... --dist-url env://)")
@@ -38,7 +38,7 @@ def main(build_parser: Callable[[], argparse.ArgumentParser], fn: Callable[[argp
     return run_cli(build_parser, run, argv)
 
 
-def run_cli(build_parser: Callable[[], argparse.ArgumentParser], run: Callable[[argparse.Namespace], Any],
+def run_cli(build_parser: Callable[[], argparse.ArgumentParser], run: Callable[[RunConfig], Any],
             argv: Sequence[str] | None = None) -> int:
     """The entry points' shared main: parse, run, and turn input errors into one line and an exit code
     (2: bad input; 75: preempted after saving; 130: Ctrl-C). ``--debug`` shows the traceback instead."""
@@ -60,12 +60,9 @@ def run_cli(build_parser: Callable[[], argparse.ArgumentParser], run: Callable[[
     return 0
 
 
-def _worker(local_rank: int, nprocs: int, args: argparse.Namespace, fn: Callable) -> None:
-    args.rank = max(args.rank, 0) * nprocs + local_rank
-    if torch.cuda.is_available() and not args.cpu:
-        args.gpu = local_rank
+def _worker(local_rank: int, nprocs: int, args: Any, fn: Callable) -> None:
     try:
-        fn(args)
+        fn(args.replace(local_rank=local_rank))
     except Preempted as e:  # saved already; tell the parent by the exit code
         logger.warning("%s", e)
         raise SystemExit(EXIT_PREEMPTED) from None
@@ -76,7 +73,7 @@ def _worker(local_rank: int, nprocs: int, args: argparse.Namespace, fn: Callable
         dist_utils.cleanup()
 
 
-def launch(args: argparse.Namespace, fn: Callable[[argparse.Namespace], Any]) -> Any:
+def launch(args: RunConfig, fn: Callable[[RunConfig], Any]) -> Any:
     """Run ``fn`` in this process, or, with --multiprocessing-distributed (the official
     launcher), spawn one process per GPU (per --nproc on a CPU-only node) with global rank
     node_rank * nprocs + i. Shared by pretraining and the linear probe."""
@@ -87,8 +84,7 @@ def launch(args: argparse.Namespace, fn: Callable[[argparse.Namespace], Any]) ->
             dist_utils.cleanup()
     use_cuda = torch.cuda.is_available() and not args.cpu
     nprocs = args.nproc or (torch.cuda.device_count() if use_cuda else 1)
-    args.nproc = nprocs  # the workers split -j among the node's processes
-    args.world_size = nprocs * max(args.world_size, 1)
+    args = RunConfig.of(args).replace(nproc=nprocs)  # the workers' ranks, and their share of -j, follow from it
     context = torch.multiprocessing.start_processes(_worker, args=(nprocs, args, fn), nprocs=nprocs, join=False,
                                                     start_method="spawn")
 
@@ -106,7 +102,7 @@ def launch(args: argparse.Namespace, fn: Callable[[argparse.Namespace], Any]) ->
             finished = context.join()
     except torch.multiprocessing.ProcessExitedException as e:
         if e.exit_code == EXIT_PREEMPTED:
-            raise _preempted_from_marker(args.exp_dir) from None
+            raise preempted_from_marker(args.exp_dir) from None
         if e.exit_code == EXIT_INPUT:
             raise PCLError(f"a worker stopped on bad input (its message is above); exit code {e.exit_code}") from None
         raise
@@ -114,13 +110,3 @@ def launch(args: argparse.Namespace, fn: Callable[[argparse.Namespace], Any]) ->
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return None
-
-
-def _preempted_from_marker(exp_dir: str) -> Preempted:
-    """The workers' Preempted, rebuilt in the launcher from the PREEMPTED file rank 0 wrote (epoch, step, path)."""
-    marker = os.path.join(exp_dir, "PREEMPTED")
-    text = open(marker).read() if os.path.exists(marker) else ""
-    m = re.search(r"(\S+) received: stopped after epoch (\d+) step (\d+) and saved (.+?); rerun", text)
-    if m is None:
-        return Preempted(ckpt_io.preempt_path(exp_dir), -1, -1, "preemption signal")
-    return Preempted(m.group(4), int(m.group(2)), int(m.group(3)), m.group(1))

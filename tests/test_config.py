@@ -22,7 +22,7 @@ def test_official_command_line_parses():
     assert args.dist_url == "tcp://localhost:10001" and args.world_size == 1 and args.rank == 0
     assert args.data == "/data/imagenet" and args.dataset == "imagefolder"
     # the official defaults
-    assert args.num_cluster == [25000, 50000, 100000] and args.pcl_r == 16384 and args.moco_m == 0.999
+    assert args.num_cluster == (25000, 50000, 100000) and args.pcl_r == 16384 and args.moco_m == 0.999
     assert args.warmup_epoch == 20 and args.epochs == 200 and args.schedule == [120, 160]
     assert args.weight_decay == 1e-4 and args.momentum == 0.9 and args.low_dim == 128 and args.save_freq == 5
 
@@ -39,7 +39,7 @@ def test_yaml_sets_defaults_and_command_line_wins(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("lr: 0.5\nepochs: 7\nnum-cluster: [3, 6]\nmlp: true\n")
     args = validate_pretrain_args(parse_args(build_pretrain_parser(), ["-c", str(cfg), "--lr", "0.1", "d"]))
-    assert args.lr == 0.1 and args.epochs == 7 and args.num_cluster == [3, 6] and args.mlp
+    assert args.lr == 0.1 and args.epochs == 7 and args.num_cluster == (3, 6) and args.mlp
 
 
 def test_unknown_config_key_is_an_error(tmp_path):

@@ -45,7 +45,7 @@ def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
     args = tiny_args(os.path.join(out_dir, "exp"), "--dist-url", f"tcp://127.0.0.1:{port}", "--world-size", "2",
                      "--rank", str(rank))
-    validate_pretrain_args(args)
+    args = validate_pretrain_args(args)
     device, data, model, optimizer = setup(args)
     rec = {"state": {k: v.clone() for k, v in model.module.state_dict().items()},
            "features": compute_features(model, data.eval_loader, device, data.num_samples, False)}
@@ -93,7 +93,7 @@ def test_two_gloo_processes_agree_and_match_single_process(tmp_path):
     assert r0["ptr_after"] == 2 * r0["k"].shape[0]
     # the gathered features equal a single-process pass with the same weights, each sample once
     args = tiny_args(tmp_path / "single")
-    validate_pretrain_args(args)
+    args = validate_pretrain_args(args)
     _, data, model, _ = setup(args)
     assert isinstance(model, MoCo)
     model.load_state_dict(r0["state"])

@@ -285,7 +285,6 @@ def test_evaluation_loaders_receive_prefetch_and_persistent_workers(tmp_path):
             Image.new("RGB", (8, 8)).save(tmp_path / split / c / "0.png")
     args = parse_args(build_linear_parser(), [str(tmp_path), "-j", "1", "--prefetch-factor", "3",
                                               "--persistent-workers", "--image-size", "8", "-b", "2"])
-    args.dataset = "imagefolder"
-    data = build_labelled_data(args)
+    data = build_labelled_data(args.replace(dataset="imagefolder"))
     for loader in (data.train_loader, data.train_eval_loader, data.val_loader):
         assert loader.loader.prefetch_factor == 3 and loader.loader.persistent_workers

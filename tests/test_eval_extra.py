@@ -93,5 +93,5 @@ def test_semisup_fine_tuning_one_epoch_on_the_demo(tmp_path):
                                        "-b", "32", "--labels-perc", "10", "--pretrained", str(tmp_path / "p.pth.tar"),
                                        "--workers", "0", "--no-progress", "--exp-dir", str(tmp_path / "ss")])
     out = fit_semisup(args)
-    assert args.lr == 0.01 and args.lr_last_layer == 0.2  # SwAV's 10% setting
+    assert out["lr"] == 0.01 and out["lr_last_layer"] == 0.2  # SwAV's 10% setting
     assert 0.0 <= out["top1"] <= 100.0 and out["best"]["top1"] >= out["top1"] - 1e-9

@@ -41,8 +41,7 @@ def test_in_memory_set_is_three_channel_uint8_at_the_image_size(tmp_path):
     x = sets["train"]
     assert x.shape == (20, 3, 28, 28) and x.dtype == torch.uint8
     assert torch.equal(x[:, 0], x[:, 2])  # grey: the same values in every channel
-    args.image_size = 32
-    assert load_in_memory(args)["test"].shape == (10, 3, 32, 32)
+    assert load_in_memory(args.replace(image_size=32))["test"].shape == (10, 3, 32, 32)
 
 
 def _corrupt(path, payload):

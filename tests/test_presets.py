@@ -22,8 +22,7 @@ def test_class_list_selects_and_orders_classes_the_same_in_every_split(tmp_path)
     (tmp_path / "list.txt").write_text("# two of four\nn03\n\nn01  # comment\n")
     args = parse_args(build_linear_parser(), [root, "--class-list", str(tmp_path / "list.txt"), "-b", "4",
                                               "--workers", "0"])
-    args.dataset = "imagefolder"
-    data = build_labelled_data(args)
+    data = build_labelled_data(args.replace(dataset="imagefolder"))
     assert sorted(data.train_labels.tolist()) == [0, 0, 1, 1] and data.val_labels.tolist() == data.train_labels.tolist()
     folder = ListedImageFolder(os.path.join(root, "val"), read_class_list(str(tmp_path / "list.txt")))
     assert folder.classes == ["n03", "n01"]
@@ -36,7 +35,7 @@ def test_bad_class_lists_are_one_line_errors(tmp_path, text, message):
     root = image_folder(tmp_path / "data", ["n01", "n02"], per_class=1)
     (tmp_path / "list.txt").write_text(text)
     args = parse_args(build_pretrain_parser(), [root, "--class-list", str(tmp_path / "list.txt"), *TINY])
-    validate_pretrain_args(args)
+    args = validate_pretrain_args(args)
     with pytest.raises(PCLError, match=message):
         build_pretrain_data(args)
     with pytest.raises(PCLError, match="file not found"):

@@ -77,7 +77,7 @@ def test_query_backbone_matches_loaded_backbone(tmp_path):
     from pcl.config import validate_pretrain_args
     from pcl.engine import _resume
 
-    validate_pretrain_args(args)
+    args = validate_pretrain_args(args)
     device, _, model, opt = setup(args)
     _resume(path, model, opt, device)
     x = torch.randn(4, 3, 16, 16)
@@ -116,8 +116,7 @@ def test_image_folder_pipeline_with_pil_augmentations(tmp_path):
         Image.fromarray(pixels).save(folder / f"{i}.png")
     args = tiny_args(tmp_path / "exp", "--dataset", "imagefolder", "--aug-plus", "-b", "16", "--pcl-r", "64",
                      "--num-cluster", "3,4", "--bn-splits", "2")
-    args.data = str(tmp_path / "data")
-    stats = fit(args)
+    stats = fit(args.replace(data=str(tmp_path / "data")))
     assert stats["epoch"] == 1 and "loss_proto" in stats
 
 
@@ -126,9 +125,8 @@ def test_missing_torchvision_dataset_names_the_fix(tmp_path):
     from pcl.data import build_pretrain_data
 
     args = validate_pretrain_args(tiny_args(tmp_path / "exp", "--dataset", "cifar10"))
-    args.data = str(tmp_path)
     with pytest.raises(PCLError, match="cifar10 not found .* --download"):
-        build_pretrain_data(args)
+        build_pretrain_data(args.replace(data=str(tmp_path)))
 
 
 def test_speed_options_keep_the_checkpoint_layout(tmp_path):

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from pcl import PCLError
+from pcl import PCLError, distributed as dist_utils
 from pcl.data.datasets import (IN_MEMORY_SETS, LabelledDataset, Relabelled, check_expected, file_sets,
                                load_in_memory)
 from pcl.data.loaders import FileLoader, TensorLabelledLoader
@@ -31,9 +31,9 @@ class LabelledData:
 
 
 def build_labelled_data(args: Any, train_subset: Callable[[Any], list[int]] | None = None) -> LabelledData:
-    """Labelled train/val loaders for the linear probe and fine-tuning; ``args.batch_size`` is per process.
+    """Labelled train/val loaders for the linear probe and fine-tuning; each process gets its share of ``args.batch_size``.
     ``train_subset(base_train)`` (optional) picks the training images (e.g. the 1% / 10% ImageNet subsets)."""
-    bs, size = args.batch_size, args.image_size
+    bs, size = dist_utils.per_process(args.batch_size), args.image_size
     if args.dataset in IN_MEMORY_SETS:
         sets = load_in_memory(args)
         augment = TensorAugment(size, aug_plus=False, min_scale=args.crop_min_scale, color=False)
@@ -57,8 +57,8 @@ def build_labelled_data(args: Any, train_subset: Callable[[Any], list[int]] | No
         raise PCLError(f"the training or validation split in {args.data} is empty")
     check_expected(args, len(base_train), len(getattr(base_train, "classes", [])) or None)
     pin = torch.cuda.is_available()
-    make = lambda ds, b, train: FileLoader(ds, b, args.workers, args.seed, train, pin, drop_last=False,  # noqa: E731
-                                           prefetch_factor=args.prefetch_factor,
+    make = lambda ds, b, train: FileLoader(ds, b, dist_utils.loader_workers(args), args.seed, train,  # noqa: E731
+                                           pin, drop_last=False, prefetch_factor=args.prefetch_factor,
                                            persistent_workers=args.persistent_workers)
     train_aug = LabelledDataset(base_train, linear_train_transform(size, args.crop_min_scale))
     train_center = LabelledDataset(base_train, eval_transform(size))

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from pcl import PCLError
+from pcl import PCLError, distributed as dist_utils
 from pcl.data.datasets import IN_MEMORY_SETS, IndexedDataset, check_expected, file_sets, load_in_memory
 from pcl.data.loaders import FileLoader, TensorEvalLoader, TensorPairLoader
 from pcl.data.tensor_augment import TensorAugment
@@ -24,12 +24,13 @@ class PretrainData:
 
 
 def build_pretrain_data(args: Any) -> PretrainData:
-    """Datasets and loaders for ``args.dataset`` with the per-process batch ``args.batch_size``."""
-    eval_bs = args.batch_size * 5  # as official: larger batches for the feature pass
+    """Datasets and loaders for ``args.dataset``; each process gets its share of the total ``args.batch_size``."""
+    batch = dist_utils.per_process(args.batch_size)
+    eval_bs = batch * 5  # as official: larger batches for the feature pass
     if args.dataset in IN_MEMORY_SETS:
         sets = load_in_memory(args)
         check_expected(args, sets["train"].shape[0], int(sets["train_labels"].max()) + 1)
-        train = TensorPairLoader(sets["train"], args.batch_size, TensorAugment(args.image_size, args.aug_plus, args.crop_min_scale),
+        train = TensorPairLoader(sets["train"], batch, TensorAugment(args.image_size, args.aug_plus, args.crop_min_scale),
                                  args.seed)
         knn = (TensorEvalLoader(sets["train"], eval_bs, shard=False), sets["train_labels"],
                TensorEvalLoader(sets["test"], eval_bs, shard=False), sets["test_labels"])
@@ -44,11 +45,11 @@ def build_pretrain_data(args: Any) -> PretrainData:
     check_expected(args, len(base_train), len(getattr(base_train, "classes", [])) or None)
     train_set = IndexedDataset(base_train, pretrain_transform(args.aug_plus, size, args.crop_min_scale), two_crops=True)
     eval_set = IndexedDataset(base_train, eval_transform(size))
-    make = lambda ds, bs, train: FileLoader(ds, bs, args.workers, args.seed, train, pin,  # noqa: E731
-                                            prefetch_factor=args.prefetch_factor,
+    make = lambda ds, bs, train: FileLoader(ds, bs, dist_utils.loader_workers(args), args.seed, train,  # noqa: E731
+                                            pin, prefetch_factor=args.prefetch_factor,
                                             persistent_workers=args.persistent_workers)
     knn = None
     if base_test is not None and args.dataset != "stl10":
         test_set = IndexedDataset(base_test, eval_transform(size))
         knn = (make(eval_set, eval_bs, False), eval_set.targets, make(test_set, eval_bs, False), test_set.targets)
-    return PretrainData(make(train_set, args.batch_size, True), make(eval_set, eval_bs, False), len(base_train), knn)
+    return PretrainData(make(train_set, batch, True), make(eval_set, eval_bs, False), len(base_train), knn)

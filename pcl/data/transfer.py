@@ -1,16 +1,20 @@
-"""Transfer benchmarks read from disk, never downloaded: VOC07 (multi-label) and Places205 (single-label)."""
+"""Transfer benchmarks read from disk, never downloaded: VOC07 (multi-label) and Places205 (single-label), and
+the SVM benchmark's splits and loaders (also over the in-memory sets)."""
 
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from pcl import PCLError
-from pcl.data.datasets import load_image, printable
+from pcl.data.datasets import IN_MEMORY_SETS, load_image, load_in_memory, printable
+from pcl.data.loaders import FileLoader, TensorLabelledLoader
+from pcl.data.transforms import eval_transform
 
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -111,3 +115,55 @@ def one_vs_rest(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     out = torch.full((labels.shape[0], num_classes), -1.0)
     out[torch.arange(labels.shape[0]), labels] = 1.0
     return out
+
+
+class TensorSplit(NamedTuple):
+    """An in-memory labelled split (uint8 images N x 3 x H x W, labels N)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+def svm_sets(args: Any) -> tuple[Any, torch.Tensor, Any, torch.Tensor, bool]:
+    """The SVM benchmark's splits: (train source, N x C train labels, test source, M x C test labels,
+    single_label) for --dataset voc07 / places205 (center-crop datasets) or an in-memory set (a TensorSplit)."""
+    if args.dataset in IN_MEMORY_SETS:
+        sets = load_in_memory(args)
+        tr, te = sets["train_labels"], sets["test_labels"]
+        return (TensorSplit(sets["train"], tr), one_vs_rest(tr, 10), TensorSplit(sets["test"], te),
+                one_vs_rest(te, 10), True)
+    if args.data is None:
+        raise PCLError(f"no data: give the {args.dataset} root DIR, or --dataset demo")
+    transform = eval_transform(args.image_size)
+    if args.dataset == "voc07":
+        train, test = VOC07(args.data, "trainval", transform), VOC07(args.data, "test", transform)
+        return train, train.labels, test, test.labels, False
+    train, test = Places205(args.data, "train", transform), Places205(args.data, "val", transform)
+    return train, one_vs_rest(train.targets, 205), test, one_vs_rest(test.targets, 205), True
+
+
+def svm_loader(source: Any, rows: np.ndarray, args: Any, pin_memory: bool = False) -> Any:
+    """A loader over ``rows`` of a split from :func:`svm_sets`, in that order, yielding (images, labels,
+    position in ``rows``)."""
+    if isinstance(source, TensorSplit):
+        keep = torch.as_tensor(rows)
+        return TensorLabelledLoader(source.images[keep], source.labels[keep], args.batch_size)
+    loader = FileLoader(Subset(source, rows.tolist()), args.batch_size, args.workers, args.seed, train=False,
+                        pin_memory=pin_memory)
+    return _SubsetIndex(loader)
+
+
+class _SubsetIndex:
+    """A Subset yields the base dataset's index in its items; map it back to the position in the subset."""
+
+    def __init__(self, loader: FileLoader) -> None:
+        self.loader = loader
+        rows = loader.loader.dataset.indices
+        self.position = {int(r): i for i, r in enumerate(rows)}
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, labels, index in self.loader:
+            yield images, labels, torch.tensor([self.position[int(i)] for i in index])

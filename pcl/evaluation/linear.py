@@ -14,7 +14,6 @@ Two modes, both on the shared parser (``pcl.config.build_linear_parser``):
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import time
@@ -26,9 +25,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pcl import PCLError, checkpoint as ckpt_io, distributed as dist_utils
+from pcl.config import RunConfig
 from pcl.data import LabelledData, build_labelled_data
-from pcl.log import AverageMeter, RunLog, setup_logging
-from pcl.model import build_backbone
+from pcl.evaluation.common import eval_backbone, prepare_eval, resolve_eval_dataset
+from pcl.evaluation.metrics import extract_features
+from pcl.log import AverageMeter, RunLog
 from pcl.schedule import adjust_learning_rate
 
 logger = logging.getLogger("pcl")
@@ -40,17 +41,12 @@ LINEAR_BEST = "linear_best.pth.tar"
 # ----------------------------------------------------------------------------------------------------
 # model
 # ----------------------------------------------------------------------------------------------------
-def build_probe(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def build_probe(args: Any, num_classes: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """A torchvision ResNet: the pretrained query backbone (frozen) with a fresh ``fc`` (num_classes).
 
-    Returns the model (on the CPU) and a copy of the frozen weights for :func:`sanity_check`.
+    Returns the model (on the CPU; ``.arch`` names it) and a copy of the frozen weights for :func:`sanity_check`.
     """
-    if args.pretrained:
-        model = ckpt_io.load_backbone(args.pretrained, args.arch, width=args.width, stem=args.stem)
-        args.arch = model.arch
-    else:
-        args.arch = args.arch or "resnet50"
-        model = build_backbone(args.arch, args.width or 64, args.stem or "standard")
+    model = eval_backbone(args)
     frozen = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.fc = nn.Linear(model.feature_dim, num_classes)
     model.fc.weight.data.normal_(mean=0.0, std=0.01)
@@ -58,6 +54,12 @@ def build_probe(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, 
     for name, param in model.named_parameters():
         param.requires_grad = name in ("fc.weight", "fc.bias")
     return model.eval(), frozen
+
+
+def backbone_settings(model: nn.Module) -> dict[str, Any]:
+    """arch / width / stem of a built backbone: what the evaluation's settings resolve to."""
+    stem = "small" if isinstance(model.maxpool, nn.Identity) else "standard"
+    return {"arch": model.arch, "width": model.conv1.out_channels, "stem": stem}
 
 
 def sanity_check(model: nn.Module, frozen: dict[str, torch.Tensor]) -> None:
@@ -125,11 +127,10 @@ def validate(model: nn.Module, loader, device: torch.device, progress: bool = Fa
             "top5": 100.0 * totals[2].item() / n}
 
 
-def _state(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, args: argparse.Namespace,
-           best: float, num_classes: int) -> dict[str, Any]:
-    return {"epoch": epoch + 1, "arch": args.arch, "state_dict": ckpt_io.model_state(model),
-            "optimizer": optimizer.state_dict(), "best_acc1": best, "num_classes": num_classes,
-            "pretrained": args.pretrained, "model_config": {"width": args.width, "stem": args.stem}}
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None, epoch: int, cfg: RunConfig, best: float,
+           num_classes: int, **extra: Any) -> dict[str, Any]:
+    return ckpt_io.checkpoint_state(model, epoch + 1, cfg.arch, optimizer, {"width": cfg.width, "stem": cfg.stem},
+                                    best_acc1=best, num_classes=num_classes, pretrained=cfg.pretrained, **extra)
 
 
 def _resume(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[int, float]:
@@ -141,76 +142,54 @@ def _resume(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None
     return int(ckpt["epoch"]), float(ckpt.get("best_acc1", 0.0))
 
 
-def resolve_eval_dataset(args: argparse.Namespace) -> None:
-    """--dataset auto means an ImageFolder root with train/ and val/; without DIR, an error naming the fix."""
-    if args.dataset == "auto":
-        if args.data is None:
-            raise PCLError("no data: give a dataset root DIR (ImageFolder with train/ and val/), or --dataset demo")
-        args.dataset = "imagefolder"
-
-
-def prepare_eval(args: argparse.Namespace) -> torch.device:
-    """Logging, process group and device, per-process batch (``args.global_batch_size`` keeps the total)."""
-    setup_logging(args.exp_dir, args.debug, args.rank if args.multiprocessing_distributed else None)
-    device = dist_utils.init(args)
-    world = dist_utils.world_size()
-    if args.batch_size % world:
-        raise PCLError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-    args.global_batch_size, args.batch_size = args.batch_size, args.batch_size // world
-    if args.epochs <= 0:
-        raise PCLError("--epochs must be positive")
-    resolve_eval_dataset(args)
-    return device
-
-
-def check_pretrained(args: argparse.Namespace) -> None:
-    """Load --pretrained once up front (the model is built again later): its errors come before any data work."""
-    if args.pretrained:
-        ckpt_io.load_backbone(args.pretrained, args.arch, width=args.width, stem=args.stem)
-
-
-def fit_linear(args: argparse.Namespace) -> dict[str, Any]:
+def fit_linear(args: Any) -> dict[str, Any]:
     """Run the linear evaluation the flags ask for; returns the final/best accuracies."""
-    device = prepare_eval(args)
-    if args.lr <= 0:
-        raise PCLError("--lr must be positive")
-    check_pretrained(args)  # cheap input first: a bad --pretrained fails before the dataset is scanned
-    torch.manual_seed(args.seed)
-    data = build_labelled_data(args)
-    num_classes = args.num_classes or data.num_classes
-    model, frozen = build_probe(args, num_classes)
-    width, stem = model.conv1.out_channels, ("small" if isinstance(model.maxpool, nn.Identity) else "standard")
-    args.width, args.stem = width, stem
+    cfg = RunConfig.of(args)
+    cfg = cfg.replace(dataset=resolve_eval_dataset(cfg))
+    device = prepare_eval(cfg)
+    eval_backbone(cfg)  # cheap input first: a bad --pretrained fails before the dataset is scanned
+    torch.manual_seed(cfg.seed)
+    data = build_labelled_data(cfg)
+    num_classes = cfg.num_classes or data.num_classes
+    model, frozen = build_probe(cfg, num_classes)
+    cfg = cfg.replace(**backbone_settings(model))
     model = model.to(device)
     logger.info("linear probe: %s (width %d, stem %s) from %s, %d classes, %d train / %d val images, %s",
-                args.arch, width, stem, args.pretrained or "random init", num_classes, len(data.train_labels),
-                len(data.val_labels), "cached features (NOT the paper's protocol)" if args.cached_features
+                cfg.arch, cfg.width, cfg.stem, cfg.pretrained or "random init", num_classes, len(data.train_labels),
+                len(data.val_labels), "cached features (NOT the paper's protocol)" if cfg.cached_features
                 else "official protocol")
-    if args.cached_features:
-        return fit_cached(model, frozen, data, args, device)
+    if cfg.cached_features:
+        return fit_cached(model, frozen, data, cfg, device)
     if dist_utils.world_size() > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
     assert len(params) == 2, "only fc.weight and fc.bias are trained"
-    optimizer = torch.optim.SGD(params, args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    best = 0.0
-    if args.resume:
-        args.start_epoch, best = _resume(args.resume, model, None if args.evaluate else optimizer)
-    progress = dist_utils.is_main() and not args.no_progress
-    if args.evaluate:
-        if not args.resume:
+    optimizer = torch.optim.SGD(params, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    start_epoch, best = cfg.start_epoch, 0.0
+    if cfg.resume:
+        start_epoch, best = _resume(cfg.resume, model, None if cfg.evaluate else optimizer)
+    if cfg.evaluate:
+        if not cfg.resume:
             raise PCLError("--evaluate needs a trained linear head: pass --resume EXP/linear_best.pth.tar")
-        result = validate(model, data.val_loader, device, progress)
+        result = validate(model, data.val_loader, device, dist_utils.is_main() and not cfg.no_progress)
         logger.info("evaluate: top1 %.2f top5 %.2f", result["top1"], result["top5"])
         return result
-    run_log = RunLog(os.path.join(args.exp_dir, f"linear{('_' + args.id) if args.id else ''}"))
+    return _linear_epochs(model, frozen, optimizer, data, cfg, device, start_epoch, best, num_classes)
+
+
+def _linear_epochs(model: nn.Module, frozen: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                   data: LabelledData, cfg: RunConfig, device: torch.device, start_epoch: int, best: float,
+                   num_classes: int) -> dict[str, Any]:
+    """The official protocol's epochs: train, validate, keep the last and the best head."""
+    progress = dist_utils.is_main() and not cfg.no_progress
+    run_log = RunLog(os.path.join(cfg.exp_dir, f"linear{('_' + cfg.id) if cfg.id else ''}"))
     stats: dict[str, Any] = {}
     try:
-        for epoch in range(args.start_epoch, args.epochs):
+        for epoch in range(start_epoch, cfg.epochs):
             start = time.perf_counter()
-            lr = adjust_learning_rate(optimizer, epoch, args.epochs, args.lr, args.cos, args.schedule)
+            lr = adjust_learning_rate(optimizer, epoch, cfg.epochs, cfg.lr, cfg.cos, cfg.schedule)
             data.train_loader.set_epoch(epoch)
-            stats = train_epoch(model, data.train_loader, optimizer, epoch, device, progress, args.print_freq)
+            stats = train_epoch(model, data.train_loader, optimizer, epoch, device, progress, cfg.print_freq)
             stats.update(validate(model, data.val_loader, device))
             best = max(best, stats["top1"])
             stats.update(epoch=epoch, lr=lr, best_top1=best, seconds=time.perf_counter() - start)
@@ -218,11 +197,11 @@ def fit_linear(args: argparse.Namespace) -> dict[str, Any]:
             run_log.scalars(epoch, {f"linear/{k}": v for k, v in stats.items() if k != "epoch"})
             logger.info("linear epoch %d: %s", epoch, " ".join(f"{k}={v:.4g}" for k, v in stats.items() if k != "epoch"))
             if dist_utils.is_main():
-                state = _state(model, optimizer, epoch, args, best, num_classes)
-                ckpt_io.save_checkpoint(state, os.path.join(args.exp_dir, LINEAR_LAST), last=None)
+                state = _state(model, optimizer, epoch, cfg, best, num_classes)
+                ckpt_io.save_checkpoint(state, os.path.join(cfg.exp_dir, LINEAR_LAST), last=None)
                 if stats["top1"] >= best:
-                    ckpt_io.save_checkpoint(state, os.path.join(args.exp_dir, LINEAR_BEST), last=None)
-            if epoch == args.start_epoch:
+                    ckpt_io.save_checkpoint(state, os.path.join(cfg.exp_dir, LINEAR_BEST), last=None)
+            if epoch == start_epoch:
                 sanity_check(model, frozen)
     finally:
         run_log.close()
@@ -233,24 +212,12 @@ def fit_linear(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------
 # cached features (fast mode, not the paper's protocol)
 # ----------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def extract_labelled(backbone: nn.Module, loader, device: torch.device, num_samples: int,
-                     progress: bool = False, desc: str = "features") -> torch.Tensor:
-    """Pooled features (N x d, unnormalised: the linear head's input) of every sample, gathered exactly."""
-    backbone.eval()
-    rows, idx = [], []
-    for images, _, index in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        rows.append(backbone(images.to(device, non_blocking=True)).float())
-        idx.append(torch.as_tensor(index).to(device))
-    return dist_utils.gather_rows_exact(torch.cat(rows), torch.cat(idx), num_samples)
-
-
-def train_head(head: nn.Linear, train_views: torch.Tensor, train_labels: torch.Tensor, args: argparse.Namespace,
+def train_head(head: nn.Linear, train_views: torch.Tensor, train_labels: torch.Tensor, args: RunConfig,
                evaluate=None, start_epoch: int = 0) -> list[dict[str, float]]:
     """SGD on cached features with the protocol's optimiser and schedule.
 
     train_views: V x N x d (V >= 1 views per image; each epoch draws one view per image), train_labels: N.
-    Batches of the global batch size, shuffled by a seeded generator. ``evaluate(head) -> dict`` is called
+    Batches of --batch-size (the total), shuffled by a seeded generator. ``evaluate(head) -> dict`` is called
     after each epoch. Returns the per-epoch stats.
     """
     optimizer = torch.optim.SGD(head.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
@@ -264,8 +231,8 @@ def train_head(head: nn.Linear, train_views: torch.Tensor, train_labels: torch.T
         feats = train_views[view, rows]  # N x d
         perm = torch.randperm(n, generator=gen, device=train_views.device)
         loss_sum = 0.0
-        for s in range(0, n, args.global_batch_size):
-            idx = perm[s:s + args.global_batch_size]
+        for s in range(0, n, args.batch_size):
+            idx = perm[s:s + args.batch_size]
             loss = F.cross_entropy(head(feats[idx]), train_labels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -278,20 +245,21 @@ def train_head(head: nn.Linear, train_views: torch.Tensor, train_labels: torch.T
     return history
 
 
-def fit_cached(model: nn.Module, frozen: dict[str, torch.Tensor], data: LabelledData, args: argparse.Namespace,
+def fit_cached(model: nn.Module, frozen: dict[str, torch.Tensor], data: LabelledData, args: RunConfig,
                device: torch.device) -> dict[str, Any]:
     progress = dist_utils.is_main() and not args.no_progress
     start = time.perf_counter()
     head = model.fc
     model.fc = nn.Identity()
     n_train, n_val = len(data.train_labels), len(data.val_labels)
-    views = [extract_labelled(model, data.train_eval_loader, device, n_train, progress, "train features")]
+    extract = lambda loader, n, desc: extract_features(model, loader, device, n, False, progress, desc)  # noqa: E731
+    views = [extract(data.train_eval_loader, n_train, "train features")]
     for i in range(args.cached_views):
         if data.augment_loader is None:
             raise PCLError("--cached-views needs a dataset with an augmented training pass")
-        views.append(extract_labelled(model, data.augment_loader(i), device, n_train, progress, f"view {i + 1}"))
+        views.append(extract(data.augment_loader(i), n_train, f"view {i + 1}"))
     train_views = torch.stack(views[1:] if args.cached_views else views)  # V x N x d
-    val_feats = extract_labelled(model, data.val_loader, device, n_val, progress, "val features")
+    val_feats = extract(data.val_loader, n_val, "val features")
     extract_seconds = time.perf_counter() - start
     model.fc = head
     sanity_check(model, frozen)
@@ -312,9 +280,7 @@ def fit_cached(model: nn.Module, frozen: dict[str, torch.Tensor], data: Labelled
         run_log.scalars(h["epoch"], {f"linear_cached/{k}": v for k, v in h.items() if k != "epoch"})
     run_log.close()
     if dist_utils.is_main():
-        state = {"epoch": args.epochs, "arch": args.arch, "state_dict": ckpt_io.model_state(model), "best_acc1": best,
-                 "num_classes": head.out_features, "pretrained": args.pretrained, "cached_features": True,
-                 "model_config": {"width": args.width, "stem": args.stem}}
+        state = _state(model, None, args.epochs - 1, args, best, head.out_features, cached_features=True)
         ckpt_io.save_checkpoint(state, os.path.join(args.exp_dir, "linear_cached.pth.tar"), last=None)
     last = history[-1]
     logger.info("cached linear probe (NOT the paper's protocol; %d train view(s)): top1 %.2f (best %.2f) top5 %.2f "

@@ -25,7 +25,9 @@ import torch.nn as nn
 
 from pcl import PCLError, checkpoint as ckpt_io, distributed as dist_utils
 from pcl.data import IN_MEMORY_SETS, build_labelled_data, per_class_fraction, read_subset
-from pcl.evaluation.linear import build_probe, check_pretrained, prepare_eval, train_epoch, validate
+from pcl.config import RunConfig
+from pcl.evaluation.common import eval_backbone, prepare_eval, resolve_eval_dataset
+from pcl.evaluation.linear import backbone_settings, build_probe, train_epoch, validate
 from pcl.log import RunLog
 from pcl.schedule import adjust_learning_rate
 
@@ -35,11 +37,9 @@ SWAV_LR = {1: (0.02, 5.0), 10: (0.01, 0.2)}  # labels percent -> (backbone lr, l
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pcl.config import _add_eval_common, _formatter, data_parser, dist_parser, model_parser
+    from pcl.config import eval_command_parser
 
-    p = argparse.ArgumentParser(description="Fine-tune the whole network on 1% / 10% of ImageNet labels (SwAV settings)",
-                                parents=[data_parser(), model_parser(), dist_parser()], formatter_class=_formatter)
-    _add_eval_common(p)
+    p = eval_command_parser("Fine-tune the whole network on 1% / 10% of ImageNet labels (SwAV settings)", batch=None)
     g = p.add_argument_group("fine-tuning (SwAV eval_semisup.py defaults)")
     g.add_argument("--labels-perc", default=10, type=int, choices=[1, 10], help="which subset (sets the lrs)")
     g.add_argument("--subset", default=None, help="the subset list file (SimCLR's 1percent.txt / 10percent.txt)")
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _subset_picker(args: argparse.Namespace):
+def _subset_picker(args: RunConfig):
     if args.dataset in IN_MEMORY_SETS:
         return lambda labels: per_class_fraction(labels, args.labels_perc, args.seed).tolist()
     if not args.subset:
@@ -65,22 +65,28 @@ def _subset_picker(args: argparse.Namespace):
     return lambda base: read_subset(train_dir, base.samples, args.subset)
 
 
-def fit_semisup(args: argparse.Namespace) -> dict[str, Any]:
-    device = prepare_eval(args)
-    world = dist_utils.world_size()
-    lr, lr_head = SWAV_LR[args.labels_perc]
-    args.lr = args.lr if args.lr is not None else lr
-    args.lr_last_layer = args.lr_last_layer if args.lr_last_layer is not None else lr_head
-    check_pretrained(args)  # cheap input first
-    torch.manual_seed(args.seed)
-    data = build_labelled_data(args, _subset_picker(args))
-    model, _ = build_probe(args, data.num_classes)
+def fit_semisup(args: Any) -> dict[str, Any]:
+    cfg = RunConfig.of(args)
+    lr, lr_head = SWAV_LR[cfg.labels_perc]
+    cfg = cfg.replace(dataset=resolve_eval_dataset(cfg), lr=cfg.lr if cfg.lr is not None else lr,
+                      lr_last_layer=cfg.lr_last_layer if cfg.lr_last_layer is not None else lr_head)
+    device = prepare_eval(cfg)
+    eval_backbone(cfg)  # cheap input first
+    torch.manual_seed(cfg.seed)
+    data = build_labelled_data(cfg, _subset_picker(cfg))
+    model, _ = build_probe(cfg, data.num_classes)
+    cfg = cfg.replace(**backbone_settings(model))
     for param in model.parameters():
         param.requires_grad = True
     model = model.to(device)
-    if world > 1:
+    if dist_utils.world_size() > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return _finetune(model, data, cfg, device)
+
+
+def _finetune(model: nn.Module, data: Any, args: RunConfig, device: torch.device) -> dict[str, Any]:
+    """SwAV's fine-tuning epochs: two lrs (backbone, head), step decay, best top-1 kept."""
     inner = model.module if hasattr(model, "module") else model
     head = [inner.fc.weight, inner.fc.bias]
     trunk = [p for n, p in inner.named_parameters() if not n.startswith("fc.")]
@@ -109,14 +115,16 @@ def fit_semisup(args: argparse.Namespace) -> dict[str, Any]:
             run_log.scalars(epoch, {f"semisup/{k}": v for k, v in stats.items() if k != "epoch"})
             logger.info("fine-tune epoch %d: %s", epoch, " ".join(f"{k}={v:.4g}" for k, v in stats.items() if k != "epoch"))
             if dist_utils.is_main():
-                ckpt_io.save_checkpoint({"epoch": epoch + 1, "arch": args.arch, "state_dict": ckpt_io.model_state(model),
-                                         "optimizer": optimizer.state_dict(), "best": best},
-                                        os.path.join(args.exp_dir, f"semisup_{args.labels_perc}pct.pth.tar"), last=None)
+                state = ckpt_io.checkpoint_state(model, epoch + 1, args.arch, optimizer,
+                                                 {"width": args.width, "stem": args.stem}, best=best)
+                ckpt_io.save_checkpoint(state, os.path.join(args.exp_dir, f"semisup_{args.labels_perc}pct.pth.tar"),
+                                        last=None)
     finally:
         run_log.close()
     logger.info("fine-tuning with %d%% of labels: top-1 %.2f top-5 %.2f (last epoch), best top-1 %.2f",
                 args.labels_perc, stats.get("top1", 0), stats.get("top5", 0), best["top1"])
-    return {"top1": stats.get("top1"), "top5": stats.get("top5"), "best": best}
+    return {"top1": stats.get("top1"), "top5": stats.get("top5"), "best": best, "lr": args.lr,
+            "lr_last_layer": args.lr_last_layer}
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ rather than a shared ``random`` stream; SVMs for different classes run in parall
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -25,11 +24,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import Subset
 
-from pcl import PCLError, checkpoint as ckpt_io, distributed as dist_utils
+from pcl import distributed as dist_utils
+from pcl.config import RunConfig, parse_list
+from pcl.data.transfer import svm_loader, svm_sets
+from pcl.evaluation.common import eval_backbone
+from pcl.evaluation.metrics import extract_features
 from pcl.log import setup_logging
-from pcl.model import build_backbone
 
 logger = logging.getLogger("pcl")
 
@@ -131,96 +132,29 @@ def score_report(scores: np.ndarray, test_y: np.ndarray, single_label: bool) -> 
 
 
 # ----------------------------------------------------------------------------------------------------
-# data and features
+# features
 # ----------------------------------------------------------------------------------------------------
-def _svm_data(args: argparse.Namespace):
-    """(train dataset, N x C train labels, test dataset, M x C test labels, single_label) for args.dataset."""
-    from pcl.data import IN_MEMORY_SETS, VOC07, Places205, TensorLabelledLoader, eval_transform, load_in_memory, one_vs_rest
-
-    if args.dataset in IN_MEMORY_SETS:
-        sets = load_in_memory(args)
-        tr, te = sets["train_labels"], sets["test_labels"]
-        make = lambda images, labels: TensorLabelledLoader(images, labels, args.batch_size)  # noqa: E731
-        return (("tensor", make, sets["train"], tr), one_vs_rest(tr, 10), ("tensor", make, sets["test"], te),
-                one_vs_rest(te, 10), True)
-    if args.data is None:
-        raise PCLError(f"no data: give the {args.dataset} root DIR, or --dataset demo")
-    transform = eval_transform(args.image_size)
-    if args.dataset == "voc07":
-        train, test = VOC07(args.data, "trainval", transform), VOC07(args.data, "test", transform)
-        return train, train.labels, test, test.labels, False
-    train, test = Places205(args.data, "train", transform), Places205(args.data, "val", transform)
-    return train, one_vs_rest(train.targets, 205), test, one_vs_rest(test.targets, 205), True
-
-
-def _extract(backbone: nn.Module, source, rows: np.ndarray, args: argparse.Namespace, device: torch.device,
-             desc: str) -> np.ndarray:
-    """Normalised features of ``rows`` of a dataset (or of an in-memory demo split), in that order."""
-    from pcl.data import FileLoader
-    from pcl.evaluation.linear import extract_labelled
-
-    if isinstance(source, tuple) and source[0] == "tensor":
-        _, make, images, labels = source
-        loader = make(images[torch.as_tensor(rows)], labels[torch.as_tensor(rows)])
-    else:
-        loader = FileLoader(Subset(source, rows.tolist()), args.batch_size, args.workers, args.seed, train=False,
-                            pin_memory=device.type == "cuda")
-        loader = _SubsetIndex(loader)
-    feats = extract_labelled(backbone, loader, device, len(rows), not args.no_progress, desc)
+def _extract(backbone: nn.Module, source, rows: np.ndarray, args: Any, device: torch.device, desc: str) -> np.ndarray:
+    """Normalised features (the official x / (||x|| + 1e-5)) of ``rows`` of a split, in that order."""
+    loader = svm_loader(source, rows, args, pin_memory=device.type == "cuda")
+    feats = extract_features(backbone, loader, device, len(rows), False, not args.no_progress, desc)
     return l2_normalize(feats)
-
-
-class _SubsetIndex:
-    """A Subset yields the base dataset's index in its items; map it back to the position in the subset."""
-
-    def __init__(self, loader) -> None:
-        self.loader = loader
-        rows = loader.loader.dataset.indices
-        self.position = {int(r): i for i, r in enumerate(rows)}
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        for images, labels, index in self.loader:
-            yield images, labels, torch.tensor([self.position[int(i)] for i in index])
-
-
-def _backbone(args: argparse.Namespace, device: torch.device) -> nn.Module:
-    if args.pretrained:
-        model = ckpt_io.load_backbone(args.pretrained, args.arch, width=args.width, stem=args.stem)
-        args.arch = model.arch
-    else:
-        torch.manual_seed(args.seed)
-        args.arch = args.arch or "resnet50"
-        model = build_backbone(args.arch, args.width or 64, args.stem or "standard")
-    return model.to(device).eval()
-
-
-def parse_floats(value: str, flag: str) -> list[float]:
-    try:
-        out = [float(v) for v in str(value).split(",") if v.strip()]
-    except ValueError:
-        raise PCLError(f"{flag} '{value}' is malformed: give comma-separated numbers, e.g. 0.5,1.0") from None
-    if not out or any(v <= 0 for v in out):
-        raise PCLError(f"{flag} '{value}': every value must be positive")
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------
 # the evaluation
 # ----------------------------------------------------------------------------------------------------
-def run_svm(args: argparse.Namespace) -> dict[str, Any]:
+def run_svm(args: Any) -> dict[str, Any]:
     """Full-set (and with --low-shot, k-shot) SVM transfer; prints a markdown table, writes JSON + markdown."""
     setup_logging(args.exp_dir, args.debug)
-    costs = parse_floats(args.cost, "--cost")
-    shots = [int(k) for k in parse_floats(args.shots, "--shots")] if args.low_shot else []
-    if args.runs < 1:
-        raise PCLError("--runs must be at least 1")
+    positive = dict(valid=lambda v: v > 0, must=" is malformed: every value must be positive")
+    costs = parse_list(args.cost, "--cost", float, "0.5,1.0", **positive)
+    shots = parse_list(args.shots, "--shots", int, "1,2,4,8,16", **positive) if args.low_shot else []
     device = dist_utils.init(args)
     start = time.perf_counter()
-    backbone = _backbone(args, device)  # cheap input first: a bad --pretrained fails before the dataset is read
-    train_src, train_y, test_src, test_y, single_label = _svm_data(args)
+    backbone = eval_backbone(args, device)  # cheap input first: a bad --pretrained fails before the data is read
+    args = RunConfig.of(args).replace(arch=backbone.arch)
+    train_src, train_y, test_src, test_y, single_label = svm_sets(args)
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
     logger.info("SVM transfer on %s: %s from %s, %d train / %d test images, %d classes, costs %s", args.dataset,
                 args.arch, args.pretrained or "random init", len(train_y), len(test_y), train_y.shape[1], costs)

@@ -29,21 +29,20 @@ import sys
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from pcl import PCLError, distributed as dist_utils
+from pcl.config import RunConfig, parse_list, parse_num_cluster
+from pcl.evaluation.common import eval_backbone, resolve_eval_dataset
+from pcl.evaluation.metrics import extract_features
 from pcl.gallery import GalleryRow, display_images, gallery_rows, render_gallery, render_grid
 
 logger = logging.getLogger("pcl")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pcl.config import _add_eval_common, _formatter, data_parser, dist_parser, model_parser
+    from pcl.config import eval_command_parser
 
-    p = argparse.ArgumentParser(description="Prototype galleries, t-SNE and retrieval grids of a checkpoint (PNGs)",
-                                parents=[data_parser(), model_parser(), dist_parser()], formatter_class=_formatter)
-    _add_eval_common(p)
-    p.add_argument("-b", "--batch-size", default=256, type=int, help="feature-extraction batch")
+    p = eval_command_parser("Prototype galleries, t-SNE and retrieval grids of a checkpoint (PNGs)")
     p.add_argument("--num-cluster", default="", type=str,
                    help="k of a fresh k-means when the checkpoint holds no cluster result for this set "
                         "(comma-separated; default the number of classes, else 10)")
@@ -74,10 +73,6 @@ def load_splits(args: argparse.Namespace) -> tuple[_Split, _Split, bool]:
     from pcl.data import (IN_MEMORY_SETS, FileLoader, LabelledDataset, TensorLabelledLoader, file_sets,
                           eval_transform, load_in_memory)
 
-    if args.dataset == "auto":
-        if args.data is None:
-            raise PCLError("no data: give a dataset root DIR (ImageFolder with train/), or --dataset demo")
-        args.dataset = "imagefolder"
     if args.dataset in IN_MEMORY_SETS:
         sets = load_in_memory(args)
         train = _Split(TensorLabelledLoader(sets["train"], sets["train_labels"], args.batch_size), sets["train_labels"])
@@ -102,13 +97,8 @@ def load_splits(args: argparse.Namespace) -> tuple[_Split, _Split, bool]:
 
 @torch.no_grad()
 def features(encoder, split: _Split, device: torch.device, desc: str) -> torch.Tensor:
-    """L2-normalised pooled features (``encoder`` None: the pixels) of a split, in dataset order: N x d, on the CPU.
-    The one labelled-feature loop of the evaluations (:func:`pcl.evaluation.linear.extract_labelled`)."""
-    from pcl.evaluation.linear import extract_labelled
-
-    net = encoder if encoder is not None else torch.nn.Flatten()
-    out = extract_labelled(net, split.loader, device, len(split), progress=sys.stderr.isatty(), desc=desc)
-    return F.normalize(out.flatten(1), dim=1).cpu()
+    """L2-normalised pooled features (``encoder`` None: the pixels) of a split, in dataset order: N x d, on the CPU."""
+    return extract_features(encoder, split.loader, device, len(split), progress=sys.stderr.isatty(), desc=desc).cpu()
 
 
 def checkpoint_clusters(path: str, n: int) -> dict | None:
@@ -136,7 +126,7 @@ def galleries(feats: torch.Tensor, train: _Split, args: argparse.Namespace, labe
             means = sums / torch.bincount(assign, minlength=k).clamp_min(1)[:, None]  # backbone-space centroids
             out[k] = gallery_rows(feats, assign, means, phi, args.gallery_rows, args.columns, args.seed)
         return out
-    ks = ([int(k) for k in args.num_cluster.split(",") if k.strip()] if args.num_cluster
+    ks = (list(parse_num_cluster(args.num_cluster)) if args.num_cluster
           else [int(torch.unique(train.labels).numel()) if labelled else 10])
     result = run_kmeans(feats, ks, 0.2, seed=args.seed, niter=20, nredo=1)
     for k, assign, cent, phi in zip(ks, result.im2cluster, result.centroids, result.concentration):
@@ -227,32 +217,23 @@ def save_png(image: torch.Tensor, path: str) -> None:
 
 
 def validate(args: argparse.Namespace) -> list[str]:
-    only = [w.strip() for w in args.only.split(",") if w.strip()]
-    unknown = set(only) - {"gallery", "tsne", "retrieval"}
-    if unknown or not only:
-        raise PCLError(f"--only '{args.only}': choose from gallery, tsne, retrieval")
-    for flag, value in (("--columns", args.columns), ("--queries", args.queries), ("--gallery-rows", args.gallery_rows),
-                        ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise PCLError(f"{flag} {value}: must be at least 1")
-    if args.tsne_samples is not None and args.tsne_samples < 5:
-        raise PCLError(f"--tsne-samples {args.tsne_samples}: t-SNE needs at least 5 points")
+    figures = ("gallery", "tsne", "retrieval")
+    only = parse_list(args.only, "--only", str, ",".join(figures), lambda w: w in figures,
+                      ": choose from gallery, tsne, retrieval")
     if args.world_size > 1:
         raise PCLError("visualize runs in one process: drop --world-size")
     return only
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from pcl.evaluation.svm import _backbone
     from pcl.log import setup_logging
 
+    args = RunConfig.of(args)
+    args = args.replace(dataset=resolve_eval_dataset(args))
     only = validate(args)
     setup_logging(args.exp_dir, args.debug)
-    if args.pretrained:  # cheap input first: a bad checkpoint fails before the dataset is read
-        from pcl.checkpoint import load_backbone
-
-        load_backbone(args.pretrained, args.arch, width=args.width, stem=args.stem)
     device = dist_utils.init(args)
+    encoder = eval_backbone(args, device)  # cheap input first: a bad checkpoint fails before the dataset is read
     train, test, labelled = load_splits(args)
     same_set = test is train
     n_tsne = args.tsne_samples if args.tsne_samples is not None else min(2000, len(test))
@@ -263,7 +244,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise PCLError(f"--queries {args.queries} is larger than the {len(test)} images to query from")
     if not labelled:
         logger.info("the set has no class labels: plots are coloured by cluster only, no retrieval precision")
-    encoder = _backbone(args, device)
     os.makedirs(args.exp_dir, exist_ok=True)
     train_feats = features(encoder, train, device, "features (train)")
     test_feats = train_feats if same_set else features(encoder, test, device, "features (test)")

@@ -1,0 +1,119 @@
+"""The E-step: momentum features of the whole training set, k-means per granularity and the concentration phi
+on rank 0, broadcast so that every rank holds the same :class:`ClusterResult`; and what each E-step logs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from pcl import distributed as dist_utils
+from pcl.cluster import ClusterResult, check_features, run_kmeans
+from pcl.config import RunConfig
+from pcl.data import PretrainData
+from pcl.evaluation.metrics import clustering_scores, extract_features
+from pcl.gallery import caption, gallery_rows, render_gallery
+from pcl.log import RunLog
+from pcl.preemption import StopRequest
+
+logger = logging.getLogger("pcl")
+
+
+@torch.no_grad()
+def compute_features(model: nn.Module, loader, device: torch.device, num_samples: int,
+                     progress: bool = True, stop: StopRequest | None = None) -> torch.Tensor | None:
+    """Momentum-encoder features (eval mode, center crop) of the whole training set: N x C on ``device``,
+    each sample computed once by one rank and gathered exactly (memory: see ``extract_features``).
+    With ``stop``, a stop request (agreed over ranks) is checked after every batch: then None on every rank.
+    """
+    moco = model.module if hasattr(model, "module") else model
+    moco.eval()
+    dist_utils.broadcast_buffers(moco.encoder_k)  # rank 0's BN statistics on every rank, as DDP's forward would
+    return extract_features(moco.encode_key, loader, device, num_samples, normalize=False, progress=progress,
+                            should_stop=(lambda: stop.requested(device)) if stop is not None else None)
+
+
+def _cluster_on_rank0(features: torch.Tensor, cfg: RunConfig, device: torch.device,
+                      stop: StopRequest | None) -> ClusterResult | None:
+    """k-means + phi on rank 0, broadcast to every rank; None on every rank when rank 0 stopped early."""
+    interrupted = torch.zeros(1, device=device)
+    if dist_utils.is_main():
+        result = run_kmeans(features, cfg.num_cluster, cfg.temperature, seed=0, niter=cfg.kmeans_niter,
+                            nredo=cfg.kmeans_nredo, backend=cfg.kmeans_backend,
+                            should_stop=(lambda: stop.signal_name is not None) if stop is not None else None)
+        interrupted += len(result.im2cluster) < len(cfg.num_cluster)
+    if dist_utils.broadcast_(interrupted, 0).item():  # every rank learns whether rank 0 stopped early
+        return None
+    if not dist_utils.is_main():
+        check_features(features, cfg.num_cluster)
+        n, d = features.shape
+        result = ClusterResult([torch.empty(n, dtype=torch.long, device=device) for _ in cfg.num_cluster],
+                               [torch.empty(k, d, device=device) for k in cfg.num_cluster],
+                               [torch.empty(k, device=device) for k in cfg.num_cluster])
+    for tensors in (result.im2cluster, result.centroids, result.concentration):
+        for t in tensors:
+            dist_utils.broadcast_(t, 0)
+    result.kmeans_seconds = dist_utils.broadcast_object(result.kmeans_seconds)
+    return result.to(device)
+
+
+def e_step(model: nn.Module, data: PretrainData, cfg: RunConfig, device: torch.device,
+           epoch: int, stop: StopRequest | None = None) -> ClusterResult | None:
+    """Features, k-means per granularity and phi on rank 0, broadcast so every rank holds the same result.
+    None on every rank when ``stop`` was requested during it (checked per feature batch and, on rank 0,
+    between granularities): the caller saves the epoch boundary and stops."""
+    start = time.perf_counter()
+    progress = dist_utils.is_main() and not cfg.no_progress
+    features = compute_features(model, data.eval_loader, device, data.num_samples, progress, stop)
+    if features is None:
+        return None
+    feat_seconds = time.perf_counter() - start
+    result = _cluster_on_rank0(features, cfg, device, stop)
+    if result is None:
+        return None
+    if cfg.get("fixed_concentration", False):  # ablation: one temperature for every prototype
+        result.concentration = [torch.full_like(phi, cfg.temperature) for phi in result.concentration]
+    if cfg.get("prototype_gallery", False) and dist_utils.is_main():  # O(N) + the shown clusters' rows
+        result.gallery = [gallery_rows(features, a, c, phi, seed=cfg.seed)
+                          for a, c, phi in zip(result.im2cluster, result.centroids, result.concentration)]
+    result.estep_seconds = time.perf_counter() - start
+    logger.info("E-step epoch %d: features %.1f s, k-means %s s, total %.1f s", epoch, feat_seconds,
+                "/".join(f"{s:.1f}" for s in result.kmeans_seconds), result.estep_seconds)
+    return result
+
+
+def log_clusters(run_log: RunLog, stats: dict[str, Any], cluster: ClusterResult | None, cfg: RunConfig,
+               epoch: int, labels: torch.Tensor | None = None) -> None:
+    """E-step timings and cluster statistics into the stats (NMI/AMI per granularity against the training
+    labels when the set has them), and everything to TensorBoard (with cluster-size and phi histograms)."""
+    if cluster is not None and labels is not None and dist_utils.is_main():
+        for k_, assign in zip(cfg.num_cluster, cluster.im2cluster):
+            # rank 0 only, while the others wait: NMI is O(N), AMI is skipped above 200k samples, and the
+            # Hungarian accuracy (a dense k x classes table: 0.8 GB at ImageNet's k = 100k) is not computed
+            scores = clustering_scores(labels.numpy(), assign.cpu().numpy(), with_acc=False)
+            stats.update({f"{m}_k{k_}": v for m, v in scores.items()})
+    if cluster is not None:
+        stats["estep_seconds"] = cluster.estep_seconds
+        for k_, sec in zip(cfg.num_cluster, cluster.kmeans_seconds):
+            stats[f"kmeans_seconds_k{k_}"] = sec
+        sizes = [torch.bincount(a, minlength=len(c)).float() for a, c in zip(cluster.im2cluster, cluster.centroids)]
+        for k, s, phi in zip(cfg.num_cluster, sizes, cluster.concentration):
+            run_log.scalars(epoch, {f"cluster/k{k}_size_max": s.max().item(),
+                                    f"cluster/k{k}_empty": (s == 0).sum().item(),
+                                    f"cluster/k{k}_phi_std": phi.std().item()})
+            run_log.histogram(f"cluster/k{k}_phi", phi, epoch)
+            run_log.histogram(f"cluster/k{k}_sizes", s, epoch)
+    run_log.scalars(epoch, {f"train/{k}": v for k, v in stats.items() if k != "epoch"})
+
+
+def log_galleries(run_log: RunLog, cluster: ClusterResult, data: PretrainData, cfg: RunConfig,
+                  epoch: int) -> None:
+    """One prototype gallery per granularity into TensorBoard (rank 0): ~80 pictures decoded per granularity."""
+    start = time.perf_counter()
+    for k, rows in zip(cfg.num_cluster, cluster.gallery):
+        run_log.image(f"prototypes/k{k}", render_gallery(rows, data.eval_loader), epoch)
+        run_log.text(f"prototypes/k{k}", caption(k, rows), epoch)
+    logger.info("prototype galleries: %.2f s", time.perf_counter() - start)

@@ -1,0 +1,144 @@
+"""What a frozen encoder's features score: the one feature extractor, weighted kNN, clustering scores (NMI, AMI,
+Hungarian accuracy), and the pretraining's kNN/NMI monitor. The training loop may import this module; it
+imports no command line and no protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pcl import distributed as dist_utils
+
+logger = logging.getLogger("pcl")
+
+AMI_MAX_SAMPLES = 200_000  # scikit-learn's expected-MI term grows with N x clusters; skipped above this
+
+
+@torch.no_grad()
+def extract_features(encoder: Callable[[torch.Tensor], torch.Tensor] | None, loader, device: torch.device,
+                     num_samples: int, normalize: bool = True, progress: bool = False, desc: str = "features",
+                     should_stop: Callable[[], bool] | None = None) -> torch.Tensor | None:
+    """Features of every sample, N x d in dataset order, each computed once by one rank and gathered exactly.
+
+    ``loader`` yields ``(images, index)`` or ``(images, labels, index)``; ``encoder`` maps images to rows
+    (None: the flattened pixels, the raw-pixel baseline); ``normalize`` L2-normalises each row. With one process
+    every batch is written straight into the result (one copy of it); with several, a rank's own rows plus the
+    gathered buffer (see ``gather_rows_exact``). ``should_stop()`` is asked after every batch: True -> None.
+    """
+    out, rows, idx = None, [], []
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        images, index = batch[0].to(device, non_blocking=True), torch.as_tensor(batch[-1]).to(device)
+        feats = (images if encoder is None else encoder(images)).float().flatten(1)
+        if normalize:
+            feats = F.normalize(feats, dim=1)
+        if dist_utils.is_dist():
+            rows.append(feats)
+            idx.append(index)
+        else:
+            if out is None:
+                out = torch.zeros(num_samples, feats.shape[1], device=device)
+            out[index] = feats
+        if should_stop is not None and should_stop():
+            return None
+    if dist_utils.is_dist():
+        return dist_utils.gather_rows_exact(torch.cat(rows), torch.cat(idx), num_samples)
+    return out
+
+
+@torch.no_grad()
+def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                k: int = 20, temperature: float = 0.07, num_classes: int | None = None,
+                chunk: int = 1024) -> torch.Tensor:
+    """Class scores of each test sample: sum over its k nearest (cosine) training samples of
+    exp(sim / T) one-hot(label). train_features: N x d, test_features: M x d (unit rows) -> M x C."""
+    num_classes = num_classes or int(train_labels.max()) + 1
+    k = min(k, train_features.shape[0])
+    scores = []
+    for s in range(0, test_features.shape[0], chunk):
+        sim = test_features[s:s + chunk] @ train_features.t()  # m x N
+        top_sim, top_idx = sim.topk(k, dim=1)  # m x k
+        weights = (top_sim / temperature).exp()
+        onehot = F.one_hot(train_labels[top_idx], num_classes).to(weights.dtype)  # m x k x C
+        scores.append((onehot * weights[..., None]).sum(dim=1))
+    return torch.cat(scores)
+
+
+def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                 test_labels: torch.Tensor, k: int = 20, temperature: float = 0.07) -> float:
+    """Top-1 accuracy (percent) of the weighted kNN classifier."""
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    pred = knn_predict(train_features, train_labels.to(train_features.device), test_features, k, temperature,
+                       num_classes).argmax(dim=1)
+    return (pred.cpu() == test_labels.cpu()).float().mean().item() * 100.0
+
+
+def cluster_accuracy(labels: Sequence[int] | np.ndarray, assignments: Sequence[int] | np.ndarray) -> float:
+    """Percent of samples whose cluster maps to their class under the best one-to-one cluster-class matching."""
+    from scipy.optimize import linear_sum_assignment
+
+    labels, assignments = np.asarray(labels), np.asarray(assignments)
+    _, y = np.unique(labels, return_inverse=True)
+    _, c = np.unique(assignments, return_inverse=True)
+    table = np.zeros((c.max() + 1, y.max() + 1), dtype=np.int64)  # clusters x classes
+    np.add.at(table, (c, y), 1)
+    rows, cols = linear_sum_assignment(-table)
+    return float(table[rows, cols].sum() / len(labels) * 100.0)
+
+
+def clustering_scores(labels: Sequence[int] | np.ndarray, assignments: Sequence[int] | np.ndarray,
+                      with_ami: bool | None = None, with_acc: bool = True) -> dict[str, float]:
+    """{'nmi', 'ami', 'acc'} in percent (AMI omitted for more than AMI_MAX_SAMPLES samples unless asked; the
+    Hungarian accuracy only with ``with_acc``: its dense clusters x classes table is 0.8 GB at k = 100k)."""
+    from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
+
+    labels, assignments = np.asarray(labels), np.asarray(assignments)
+    out = {"nmi": float(normalized_mutual_info_score(labels, assignments) * 100)}
+    if with_ami or (with_ami is None and len(labels) <= AMI_MAX_SAMPLES):
+        out["ami"] = float(adjusted_mutual_info_score(labels, assignments) * 100)
+    if with_acc:
+        out["acc"] = cluster_accuracy(labels, assignments)
+    return out
+
+
+def monitor_scores(encoder: nn.Module | None, knn_sets: tuple[Any, torch.Tensor, Any, torch.Tensor],
+                   device: torch.device, k: int = 20, temperature: float = 0.07, with_nmi: bool = True,
+                   kmeans_backend: str = "auto") -> dict[str, float]:
+    """On a labelled test split: weighted kNN top-1 (percent; the training split as the memory bank) and, with
+    ``with_nmi``, ``test_nmi``: NMI (percent) of k-means with k = the number of classes on the L2-normalised
+    test features (one k-means of a few thousand points: milliseconds). ``knn_sets``: (bank loader, bank
+    labels, test loader, test labels), as ``PretrainData.knn`` holds them."""
+    from pcl.cluster import kmeans
+
+    bank_loader, bank_labels, test_loader, test_labels = knn_sets
+    if encoder is not None:
+        dist_utils.broadcast_buffers(encoder)  # one set of BN statistics for every rank's shard
+    bank = extract_features(encoder, bank_loader, device, len(bank_labels))
+    test = extract_features(encoder, test_loader, device, len(test_labels))
+    scores = {"knn_top1": knn_accuracy(bank, bank_labels, test, test_labels, k, temperature)}
+    if with_nmi:
+        num_classes = int(max(bank_labels.max(), test_labels.max())) + 1
+        assign = kmeans(test, num_classes, seed=0, niter=20, nredo=1, backend=kmeans_backend)[2]
+        scores["test_nmi"] = clustering_scores(test_labels.numpy(), assign.cpu().numpy(), with_ami=False)["nmi"]
+    return scores
+
+
+def knn_report(encoders: dict[str, nn.Module | None], knn_sets: tuple[Any, torch.Tensor, Any, torch.Tensor],
+               device: torch.device, k: int = 20, temperature: float = 0.07) -> dict[str, float]:
+    """kNN top-1 of each named encoder (None: raw pixels) on the labelled test split, logged and, on rank 0,
+    printed as a markdown table."""
+    report = {name: monitor_scores(enc, knn_sets, device, k, temperature, with_nmi=False)["knn_top1"]
+              for name, enc in encoders.items()}
+    logger.info("kNN top-1 (k=%d, T=%g) on the test split: %s", k, temperature,
+                ", ".join(f"{n} {v:.2f}%" for n, v in report.items()))
+    if dist_utils.is_main():
+        print("\n| features | kNN top-1 |\n|---|---|")
+        for name, acc in report.items():
+            print(f"| {name} | {acc:.2f}% |")
+    return report

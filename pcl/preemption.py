@@ -1,0 +1,91 @@
+"""Stopping a run on SIGTERM / SIGUSR1 (SLURM preemption, ``kill``) at a safe point, and telling the launcher.
+
+The training loop asks :class:`StopRequest` after every step, feature batch and k-means granularity; on a
+request it saves and calls :func:`raise_preempted`, which leaves ``EXP_DIR/PREEMPTED`` for the launch scripts
+(they requeue) and for the official launcher's parent process (:func:`preempted_from_marker`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import threading
+from typing import Any
+
+import torch
+
+from pcl import Preempted, checkpoint as ckpt_io, distributed as dist_utils
+
+logger = logging.getLogger("pcl")
+
+MARKER = "PREEMPTED"
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (SLURM preemption) set a flag; the training loop finishes its step, saves, and stops.
+
+    ``requested`` is agreed over ranks (a one-element all-reduce), so every rank stops at the same step.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal_name = signal.Signals(signum).name
+        logger.warning("%s received: stopping at the next safe point (after this step, feature batch or "
+                       "k-means granularity), then saving", self.signal_name)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def requested(self, device: torch.device) -> bool:
+        if not dist_utils.is_dist():
+            return self.signal_name is not None
+        flag = torch.tensor([1.0 if self.signal_name else 0.0], device=device)
+        return bool(dist_utils.all_reduce_sum(flag).item() > 0)
+
+    @property
+    def name(self) -> str:
+        return self.signal_name or "signal on another rank"
+
+
+def raise_preempted(exp_dir: str, path: str, epoch: int, step: int, signal_name: str) -> None:
+    """All ranks stop together; rank 0 leaves EXP_DIR/PREEMPTED for the launch scripts (they requeue)."""
+    err = Preempted(path, epoch, step, signal_name)
+    if dist_utils.is_main():
+        with open(os.path.join(exp_dir, MARKER), "w") as f:
+            f.write(str(err) + "\n")
+    dist_utils.barrier()
+    raise err
+
+
+def clear_marker(exp_dir: str) -> None:
+    """A run that starts continues the preempted one: its marker goes (rank 0)."""
+    marker = os.path.join(exp_dir, MARKER)
+    if dist_utils.is_main() and os.path.exists(marker):
+        os.remove(marker)
+
+
+def preempted_from_marker(exp_dir: str) -> Preempted:
+    """The workers' Preempted, rebuilt in the launcher from the PREEMPTED file rank 0 wrote (epoch, step, path)."""
+    marker = os.path.join(exp_dir, MARKER)
+    text = open(marker).read() if os.path.exists(marker) else ""
+    m = re.search(r"(\S+) received: stopped after epoch (\d+) step (\d+) and saved (.+?); rerun", text)
+    if m is None:
+        return Preempted(ckpt_io.preempt_path(exp_dir), -1, -1, "preemption signal")
+    return Preempted(m.group(4), int(m.group(2)), int(m.group(3)), m.group(1))
