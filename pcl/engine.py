@@ -21,12 +21,12 @@ from pcl.estep import compute_features, e_step, log_clusters, log_galleries
 from pcl.evaluation.metrics import knn_report, monitor_scores
 from pcl.log import AverageMeter, RunLog, process_rank, setup_logging
 from pcl.loss import accuracy, info_nce_logits, pauc_terms, proto_nce
-from pcl.model import MoCo, build_backbone
+from pcl.model import MoCo, apply_speed_options, build_backbone, channels_last
 from pcl.preemption import StopRequest, clear_marker, raise_preempted
 from pcl.schedule import adjust_learning_rate
 
 __all__ = ["fit", "setup", "train_one_epoch", "e_step", "compute_features", "build_optimizer",
-           "apply_speed_options", "StopRequest"]
+           "apply_speed_options", "channels_last", "StopRequest"]
 
 logger = logging.getLogger("pcl")
 
@@ -41,11 +41,6 @@ def _autocast(cfg: RunConfig, device: torch.device):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def channels_last(cfg: Any, device: torch.device) -> bool:
-    """--channels-last takes effect on GPUs only (see :func:`apply_speed_options`)."""
-    return bool(getattr(cfg, "channels_last", False)) and device.type != "cpu"
 
 
 def _proto_terms(q: torch.Tensor, k: torch.Tensor, index: torch.Tensor, cluster: ClusterResult, cfg: RunConfig,
@@ -246,28 +241,6 @@ def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
     kernel = {"auto": {}, "foreach": {"foreach": True}, "fused": {"fused": True}, "loop": {"foreach": False}}[impl]
     return torch.optim.SGD(model.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                            **kernel)
-
-
-def apply_speed_options(model: MoCo, cfg: Any) -> bool:
-    """--channels-last and --compile on the encoders (numerics unchanged up to kernel choice); returns whether
-    channels-last is in effect.
-
-    --channels-last is ignored on the CPU (with a warning): it is slower there (ResNet-50: 2.0 vs 2.4 images/s
-    on our 2-core test machine), and oneDNN's NHWC 1x1 stride-2 weight-gradient kernel hangs, crashes or
-    computes wrong gradients when the conv has fewer input channels than its register block (8 on AVX2, 16 on
-    AVX-512; uxlfoundation/oneDNN#6035) -- the downsampling convs of narrow ResNets. We saw it hang here.
-    """
-    device = next(model.parameters()).device
-    if getattr(cfg, "channels_last", False) and not channels_last(cfg, device):
-        logger.warning("--channels-last is ignored on the CPU: slower there, and oneDNN's NHWC 1x1 stride-2 "
-                       "weight-gradient kernel can hang or give wrong gradients on narrow convs "
-                       "(uxlfoundation/oneDNN#6035); it is meant for GPUs")
-    if channels_last(cfg, device):
-        model.to(memory_format=torch.channels_last)
-    if getattr(cfg, "compile", False):  # in place: parameter names (and checkpoints) stay the official ones
-        model.encoder_q.compile()
-        model.encoder_k.compile()
-    return channels_last(cfg, device)
 
 
 def fit(args: Any, on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:

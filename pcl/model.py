@@ -6,12 +6,17 @@ Parameter names follow the official code (``encoder_q.*``, ``encoder_k.*``, ``qu
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models import resnet as tv_resnet
 
 from pcl import PCLError, distributed as dist_utils
+
+logger = logging.getLogger("pcl")
 
 
 def _resnet_factory(arch: str):
@@ -180,3 +185,30 @@ class MoCo(nn.Module):
     def encode_key(self, images: torch.Tensor) -> torch.Tensor:
         """Momentum-encoder features for the E-step (call in eval mode): B x C, L2-normalised."""
         return F.normalize(self.encoder_k(images), dim=1)
+
+
+def channels_last(cfg: Any, device: torch.device) -> bool:
+    """--channels-last takes effect on GPUs only (see :func:`apply_speed_options`)."""
+    return bool(getattr(cfg, "channels_last", False)) and device.type != "cpu"
+
+
+def apply_speed_options(model: MoCo, cfg: Any) -> bool:
+    """--channels-last and --compile on the encoders (numerics unchanged up to kernel choice); returns whether
+    channels-last is in effect.
+
+    --channels-last is ignored on the CPU (with a warning): it is slower there (ResNet-50: 2.0 vs 2.4 images/s
+    on our 2-core test machine), and oneDNN's NHWC 1x1 stride-2 weight-gradient kernel hangs, crashes or
+    computes wrong gradients when the conv has fewer input channels than its register block (8 on AVX2, 16 on
+    AVX-512; uxlfoundation/oneDNN#6035) -- the downsampling convs of narrow ResNets. We saw it hang here.
+    """
+    device = next(model.parameters()).device
+    if getattr(cfg, "channels_last", False) and not channels_last(cfg, device):
+        logger.warning("--channels-last is ignored on the CPU: slower there, and oneDNN's NHWC 1x1 stride-2 "
+                       "weight-gradient kernel can hang or give wrong gradients on narrow convs "
+                       "(uxlfoundation/oneDNN#6035); it is meant for GPUs")
+    if channels_last(cfg, device):
+        model.to(memory_format=torch.channels_last)
+    if getattr(cfg, "compile", False):  # in place: parameter names (and checkpoints) stay the official ones
+        model.encoder_q.compile()
+        model.encoder_k.compile()
+    return channels_last(cfg, device)

@@ -91,7 +91,7 @@ def test_yaml_values_convert_to_the_flag_types(tmp_path):
     cfg.write_text("epochs: 3\nlr: 1\nmlp: true\nschedule: [2, 4]\nnum_cluster: [10, 20]\nexp_dir: 7\n")
     args = parse_args(build_pretrain_parser(), ["-c", str(cfg), "--dataset", "demo"])
     assert (args.epochs, args.lr, args.mlp, args.schedule, args.exp_dir) == (3, 1.0, True, [2, 4], "7")
-    assert isinstance(args.lr, float) and parse_num_cluster(args.num_cluster) == [10, 20]
+    assert isinstance(args.lr, float) and parse_num_cluster(args.num_cluster) == (10, 20)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -225,6 +225,43 @@ def validate(args: argparse.Namespace) -> list[str]:
     return only
 
 
+def _tsne(test_feats: torch.Tensor, test: _Split, n_tsne: int, args: RunConfig, labelled: bool,
+          same_set: bool) -> str:
+    """tsne.png of n_tsne seeded test images, coloured by label (if any) and by a k-means of them."""
+    from pcl.cluster import kmeans
+
+    pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))[:n_tsne]
+    k = int(torch.unique(test.labels).numel()) if labelled else 10
+    clusters = kmeans(test_feats[pick], min(k, n_tsne), seed=args.seed, nredo=1)[2].cpu()
+    path = os.path.join(args.exp_dir, "tsne.png")
+    tsne_figure(test_feats[pick], test.labels[pick] if labelled else None, clusters, path, args.seed,
+                f"t-SNE of {n_tsne} {'training' if same_set else 'test'} images: {args.pretrained or 'random init'}")
+    return path
+
+
+def _retrieval(encoder: torch.nn.Module, train: _Split, test: _Split, train_feats: torch.Tensor,
+               test_feats: torch.Tensor, args: RunConfig, labelled: bool, same_set: bool,
+               device: torch.device) -> tuple[str, dict[str, float]]:
+    """retrieval.png: learned features next to raw pixels or a random init; (its path, precision per set)."""
+    # its own stream: the queries do not depend on which other figures --only asks for
+    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed + 1))
+    queries = order[:args.queries].tolist()
+    other = "raw pixels" if args.compare == "raw" else "random init"
+    net = None
+    if args.compare != "raw":
+        net = copy.deepcopy(encoder)  # the same architecture, freshly initialised (seeded)
+        torch.manual_seed(args.seed + 1)
+        for module in net.modules():
+            if module is not net and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    other_train = features(net, train, device, other)
+    other_test = other_train if same_set else features(net, test, device, f"{other} (test)")
+    path = os.path.join(args.exp_dir, "retrieval.png")
+    precision = retrieval({"learned": test_feats, other: other_test}, {"learned": train_feats, other: other_train},
+                          train, test, queries, args, labelled, same_set, path)
+    return path, precision
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from pcl.log import setup_logging
 
@@ -254,34 +291,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             save_png(render_gallery(rows, train.loader, args.columns), path)
             out["files"][f"gallery_k{k}"] = path
     if "tsne" in only:
-        from pcl.cluster import kmeans
-
-        pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))[:n_tsne]
-        k = int(torch.unique(test.labels).numel()) if labelled else 10
-        clusters = kmeans(test_feats[pick], min(k, n_tsne), seed=args.seed, nredo=1)[2].cpu()
-        path = os.path.join(args.exp_dir, "tsne.png")
-        tsne_figure(test_feats[pick], test.labels[pick] if labelled else None, clusters, path, args.seed,
-                    f"t-SNE of {n_tsne} {'training' if same_set else 'test'} images: {args.pretrained or 'random init'}")
-        out["files"]["tsne"] = path
+        out["files"]["tsne"] = _tsne(test_feats, test, n_tsne, args, labelled, same_set)
     if "retrieval" in only:
-        # its own stream: the queries do not depend on which other figures --only asks for
-        order = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed + 1))
-        queries = order[:args.queries].tolist()
-        other = "raw pixels" if args.compare == "raw" else "random init"
-        if args.compare == "raw":
-            other_train, other_test = features(None, train, device, "pixels"), None
-            other_test = other_train if same_set else features(None, test, device, "pixels (test)")
-        else:
-            rand = copy.deepcopy(encoder)  # the same architecture, freshly initialised (seeded)
-            torch.manual_seed(args.seed + 1)
-            for module in rand.modules():
-                if module is not rand and hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
-            other_train = features(rand, train, device, "random init")
-            other_test = other_train if same_set else features(rand, test, device, "random init (test)")
-        path = os.path.join(args.exp_dir, "retrieval.png")
-        precision = retrieval({"learned": test_feats, other: other_test}, {"learned": train_feats, other: other_train},
-                              train, test, queries, args, labelled, same_set, path)
+        path, precision = _retrieval(encoder, train, test, train_feats, test_feats, args, labelled, same_set, device)
         if precision:  # only with labels
             out["retrieval_precision"] = precision
         out["files"]["retrieval"] = path

@@ -1,0 +1,219 @@
+"""The run's settings once parsed: the read-only RunConfig, YAML defaults typed like the command line, the
+range of every numeric flag, and comma-separated lists. :mod:`pcl.config` builds the parsers on top."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from typing import Any, Callable, Iterator, Mapping
+
+import yaml
+
+from pcl import PCLError
+
+
+CONFIG_RELATIVE_PATHS = ("class_list",)  # a relative path in a YAML file is relative to that file's folder
+
+
+class RunConfig(Mapping[str, Any]):
+    """The settings of one run: every flag of its command, resolved once after parsing and validation, then
+    read-only. Read them as attributes (``cfg.lr``); a derived setting is a new object (``cfg.replace(...)``), so
+    no value changes meaning on the way through the code. What resolution guarantees:"""
+
+    batch_size: int  # the total over all processes, always (one process's share: distributed.per_process)
+    seed: int  # 0 when --seed was not given (seed_given tells which)
+    seed_given: bool
+    dataset: str  # after validation never 'auto'
+    num_cluster: tuple[int, ...]  # pretraining, after validation: the k of each granularity
+    arch: str | None  # evaluations: None until the backbone is loaded, then the checkpoint's (cfg.replace)
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Mapping[str, Any] | None = None, **more: Any) -> None:
+        object.__setattr__(self, "_values", {**dict(values or {}), **more})
+
+    @classmethod
+    def of(cls, args: Any) -> "RunConfig":
+        """A RunConfig of parsed flags (argparse/SimpleNamespace, a mapping, or a RunConfig: returned as is)."""
+        if isinstance(args, RunConfig):
+            return args
+        return cls(args if isinstance(args, Mapping) else vars(args))
+
+    def __getattr__(self, name: str) -> Any:
+        values = object.__getattribute__(self, "_values")
+        if name in values:
+            return values[name]
+        raise AttributeError(f"the run's settings have no '{name}'")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"the run's settings are read-only: derive new ones with .replace({name}=...)")
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __reduce__(self):  # pickled to the spawned workers
+        return RunConfig, (dict(self._values),)
+
+    def __repr__(self) -> str:
+        return "RunConfig(" + ", ".join(f"{k}={v!r}" for k, v in sorted(self._values.items())) + ")"
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return RunConfig(self._values, **changes)
+
+    def plain(self) -> dict[str, Any]:
+        """The settings of plain types (tuples as lists), as a checkpoint's ``args`` stores them."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self._values.items()
+                if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
+
+
+def load_config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    """Read a YAML file into parser defaults; unknown keys raise :class:`PCLError`."""
+    if not os.path.isfile(path):
+        raise PCLError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise PCLError(f"config {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise PCLError(f"config {path} must be a mapping of flag names to values")
+    actions = {a.dest: a for a in parser._actions}
+    defaults = {}
+    for key, value in raw.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if dest not in actions or dest in ("help", "config"):
+            raise PCLError(f"config {path}: unknown key '{key}' (valid keys are the command-line flags, "
+                           f"see --help)")
+        value = yaml_value(actions[dest], value, f"config {path}: key '{key}'")
+        if dest in CONFIG_RELATIVE_PATHS and isinstance(value, str) and not os.path.isabs(value):
+            value = os.path.join(os.path.dirname(os.path.abspath(path)), value)
+        defaults[dest] = value
+    return defaults
+
+
+LIST_KEYS = ("num_cluster",)  # str flags that also take a YAML list
+
+
+def yaml_value(action: argparse.Action, value: Any, where: str) -> Any:
+    """A YAML value checked and converted as argparse would the flag's text (YAML bypasses ``type`` and
+    ``choices``): switches take true/false only, int flags integers only (1.5 is not 1), lists for nargs flags,
+    and the value must be one of the choices. Raises PCLError naming the key and what it takes."""
+    if value is None:
+        return None
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            raise PCLError(f"{where} is a switch: write true or false (unquoted), not {value!r}")
+        return value
+    if action.nargs in ("*", "+") or isinstance(action.nargs, int):
+        items = value if isinstance(value, list) else [value]
+        return [yaml_scalar(action, v, where) for v in items]
+    if isinstance(value, list) and action.dest in LIST_KEYS:
+        return [yaml_scalar(action, v, where) for v in value]
+    return yaml_scalar(action, value, where)
+
+
+def yaml_scalar(action: argparse.Action, value: Any, where: str) -> Any:
+    kind = action.type
+    if isinstance(value, (list, dict)):
+        raise PCLError(f"{where} takes one value, not {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and
+                                                                        value.strip().lstrip("-").isdigit())):
+            raise PCLError(f"{where} takes an integer, not {value!r}")
+        value = int(value)
+    elif kind is float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            value = float(value)
+        except ValueError:
+            raise PCLError(f"{where} takes a number, not {value!r}") from None
+    elif kind is str or kind is None:
+        if isinstance(value, bool):
+            raise PCLError(f"{where} takes text, not {value!r}")
+        value = str(value)
+    elif callable(kind):
+        try:
+            value = kind(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            raise PCLError(f"{where}: {value!r} is not valid ({e})") from None
+    if action.choices is not None and value not in action.choices:
+        raise PCLError(f"{where} must be one of {', '.join(map(str, action.choices))}, not {value!r}")
+    return value
+
+
+def _finite(v: float) -> bool:
+    return math.isfinite(v)
+
+
+def _at_least(low: int, note: str = "") -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f">= {low}{note}"
+
+
+_POSITIVE = (lambda v: _finite(v) and v > 0), "a finite number > 0"
+_NON_NEGATIVE = (lambda v: _finite(v) and v >= 0), "a finite number >= 0"
+_EPOCH_LIST = (lambda v: all(m >= 0 for m in v)), "epochs >= 0"
+
+# dest -> (valid?, the valid range in words); a value of None (flag unset) is always valid
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **dict.fromkeys(("workers", "start_epoch", "warmup_epoch", "cached_views", "seed", "gpu"), _at_least(0)),
+    **dict.fromkeys(("prefetch_factor", "demo_renders", "width", "low_dim", "nproc", "epochs", "batch_size",
+                     "print_freq", "pcl_r", "kmeans_niter", "kmeans_nredo", "bn_splits", "knn_k", "runs",
+                     "svm_max_iter", "gallery_rows", "columns", "queries"), _at_least(1)),
+    **dict.fromkeys(("expect_images", "expect_classes", "knn_every"), _at_least(0, " (0: off)")),
+    **dict.fromkeys(("lr", "temperature", "knn_t", "pauc_alpha", "pauc_t", "lr_last_layer", "dist_timeout"),
+                    _POSITIVE),
+    **dict.fromkeys(("weight_decay", "pauc_align", "pauc_uniform", "pauc_corr"), _NON_NEGATIVE),
+    **dict.fromkeys(("schedule", "decay_epochs"), _EPOCH_LIST),
+    "image_size": _at_least(8, " (pixels)"),
+    "save_freq": _at_least(1, " (epochs between checkpoints; the last epoch is always saved)"),
+    "proto_chunks": _at_least(1, " (1 = the whole batch)"),
+    "num_classes": _at_least(2),
+    "tsne_samples": _at_least(5),
+    "crop_min_scale": ((lambda v: 0 < v <= 1), "in (0, 1]"),
+    "momentum": ((lambda v: 0 <= v < 1), "in [0, 1)"),
+    "moco_m": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
+    "gamma": ((lambda v: _finite(v) and 0 < v <= 1), "in (0, 1]"),
+    "n_jobs": ((lambda v: v != 0), "-1 (all cores) or a positive number"),
+    "world_size": ((lambda v: v == -1 or v >= 1), "-1 (from the environment) or >= 1"),
+    "rank": ((lambda v: v >= -1), "-1 (from the environment) or >= 0"),
+}
+
+
+def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every numeric setting against its meaning, once, before any work: one line naming the flag, the value
+    and the valid range (values from a YAML file are checked the same way)."""
+    for action in parser._actions:
+        rule = RANGES.get(action.dest)
+        value = getattr(args, action.dest, None)
+        if rule is None or value is None or isinstance(value, (str, bool)):
+            continue  # str: a flag of the same name that takes a list elsewhere (e.g. the kNN command's --knn-k)
+        ok, words = rule
+        try:
+            valid = ok(value)
+        except TypeError:
+            valid = False
+        if not valid:
+            flag = "/".join(o for o in action.option_strings if o.startswith("--")) or action.dest
+            raise PCLError(f"{flag} {value}: must be {words}")
+
+
+def parse_list(value: Any, flag: str, kind: Callable[[str], Any] = int, example: str = "1,2,4",
+               valid: Callable[[Any], bool] = lambda v: True, must: str = "") -> list[Any]:
+    """A comma-separated flag ('1,2,4', or a YAML list) -> its items converted by ``kind``; an empty, malformed
+    or invalid list is one PCLError naming the flag, the value and an example."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    try:
+        out = [kind(str(v).strip()) for v in items if str(v).strip() != ""]
+    except ValueError:
+        raise PCLError(f"{flag} '{value}' is malformed: give comma-separated values, e.g. {example}") from None
+    if not out or not all(valid(v) for v in out):
+        raise PCLError(f"{flag} '{value}'{must or ' is empty: give at least one value'} (e.g. {example})")
+    return out
