@@ -64,7 +64,40 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main() -> None:
+def phi_rows(res: dict, features: torch.Tensor, result, ks: list[int], dim: int, device: torch.device) -> None:
+    """phi alone, ours vs original, on the same k-means output (distances recomputed from the centroids)."""
+    res["phi_ours_s"], res["post_original_s"], res["phi_max_abs_diff"] = [], [], []
+    x = features.float()
+    for k, assign in zip(ks, result.im2cluster):
+        cent = torch.zeros(k, dim, device=device).index_add_(0, assign, x)
+        cent /= torch.bincount(assign, minlength=k).clamp_min(1)[:, None].float()
+        dist2 = ((x - cent[assign]) ** 2).sum(1)
+        t0 = time.perf_counter()
+        ours = estimate_concentration(dist2.sqrt(), assign, k, 0.2)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        res["phi_ours_s"].append(time.perf_counter() - t0)
+        D, I = dist2.cpu().numpy()[:, None], assign.cpu().numpy()[:, None]
+        t0 = time.perf_counter()
+        orig = original_phi(D, I, k, 0.2)  # list conversion of the assignments, then the loops
+        res["post_original_s"].append(time.perf_counter() - t0)
+        res["phi_max_abs_diff"].append(float((orig.double() - ours.cpu().double()).abs().max()))
+
+
+def print_table(res: dict, opts, ks: list[int]) -> None:
+    print(f"\nE-step, N = {opts.n:,} x {opts.dim}, k = {opts.ks}, niter {opts.niter}, nredo {opts.nredo}, {res['hardware']}")
+    print("| part | ours | original approach |\n|---|---|---|")
+    print(f"| feature pass | {res['feature_pass_s']:.2f} s | same |")
+    for k, km, po, pr in zip(ks, res["kmeans_s"], res["phi_ours_s"], res["post_original_s"]):
+        print(f"| k = {k}: k-means | {km:.2f} s | same |")
+        print(f"| k = {k}: assignments + phi | {po * 1000:.1f} ms | {pr * 1000:.1f} ms |")
+    print("| broadcast (one process) | 0 | 0 |")
+    print(f"| **E-step total** | **{res['estep_ours_s']:.2f} s** | **{res['estep_original_s']:.2f} s** |")
+    print(f"\nphi equal to the original to {max(res['phi_max_abs_diff']):.1e}; peak memory {res['peak_memory_mib']:.0f} MiB "
+          f"(the N x d features are {res['features_mib']:.0f} MiB)")
+
+
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=100_000)
     p.add_argument("--ks", default="1000,2000,4000")
@@ -77,7 +110,7 @@ def main() -> None:
                    help="demo: the demo's MoCo (ResNet-18 width 8, small stem) over N synthetic 32 px images")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)
-    opts = p.parse_args()
+    opts = p.parse_args(argv)
     device = torch.device(opts.device)
     ks = [int(k) for k in opts.ks.split(",")]
     res = {"n": opts.n, "ks": ks, "niter": opts.niter, "nredo": opts.nredo, "device": str(device)}
@@ -97,40 +130,16 @@ def main() -> None:
     res["kmeans_s"] = result.kmeans_seconds
     res["estep_ours_s"] = res["feature_pass_s"] + res["kmeans_plus_phi_s"]
 
-    # phi alone, ours vs original, on the same k-means output (distances recomputed from the centroids)
-    res["phi_ours_s"], res["post_original_s"], res["phi_max_abs_diff"] = [], [], []
-    x = features.float()
-    for k, assign in zip(ks, result.im2cluster):
-        cent = torch.zeros(k, opts.dim, device=device).index_add_(0, assign, x)
-        cent /= torch.bincount(assign, minlength=k).clamp_min(1)[:, None].float()
-        dist2 = ((x - cent[assign]) ** 2).sum(1)
-        t0 = time.perf_counter()
-        ours = estimate_concentration(dist2.sqrt(), assign, k, 0.2)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        res["phi_ours_s"].append(time.perf_counter() - t0)
-        D, I = dist2.cpu().numpy()[:, None], assign.cpu().numpy()[:, None]
-        t0 = time.perf_counter()
-        orig = original_phi(D, I, k, 0.2)  # list conversion of the assignments, then the loops
-        res["post_original_s"].append(time.perf_counter() - t0)
-        res["phi_max_abs_diff"].append(float((orig.double() - ours.cpu().double()).abs().max()))
+    phi_rows(res, features, result, ks, opts.dim, device)
     res["estep_original_s"] = res["feature_pass_s"] + sum(res["kmeans_s"]) + sum(res["post_original_s"])
     res["peak_memory_mib"] = peak_memory_mib(device)
     res["features_mib"] = opts.n * opts.dim * 4 / 2**20
     res.update(hardware=hardware(device), torch=torch.__version__)
 
-    print(f"\nE-step, N = {opts.n:,} x {opts.dim}, k = {opts.ks}, niter {opts.niter}, nredo {opts.nredo}, {res['hardware']}")
-    print("| part | ours | original approach |\n|---|---|---|")
-    print(f"| feature pass | {res['feature_pass_s']:.2f} s | same |")
-    for k, km, po, pr in zip(ks, res["kmeans_s"], res["phi_ours_s"], res["post_original_s"]):
-        print(f"| k = {k}: k-means | {km:.2f} s | same |")
-        print(f"| k = {k}: assignments + phi | {po * 1000:.1f} ms | {pr * 1000:.1f} ms |")
-    print("| broadcast (one process) | 0 | 0 |")
-    print(f"| **E-step total** | **{res['estep_ours_s']:.2f} s** | **{res['estep_original_s']:.2f} s** |")
-    print(f"\nphi equal to the original to {max(res['phi_max_abs_diff']):.1e}; peak memory {res['peak_memory_mib']:.0f} MiB "
-          f"(the N x d features are {res['features_mib']:.0f} MiB)")
+    print_table(res, opts, ks)
     out = opts.out or os.path.join(ROOT, "benchmarks", "results", f"estep_{device.type}_n{opts.n}.json")
     write_json(res, out)
+    return res
 
 
 if __name__ == "__main__":

@@ -98,28 +98,11 @@ def timed(fn, repeats, device=torch.device("cpu")):
     return statistics.median(times)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=N_IMAGENET)
-    p.add_argument("--ks", default="25000,50000,100000")
-    p.add_argument("--r", type=int, default=16384)
-    p.add_argument("--repeats-original", type=int, default=3)
-    p.add_argument("--repeats-ours", type=int, default=7)
-    p.add_argument("--device", default="cpu", help="device for the per-step rows (phi is always timed on the CPU)")
-    p.add_argument("--skip-phi", action="store_true", help="only the per-step rows")
-    p.add_argument("--out", default=None, help="JSON path (default: results/estep_math[_cuda].json)")
-    opts = p.parse_args()
-    ks = [int(k) for k in opts.ks.split(",")]
-    rng = np.random.default_rng(0)
-    device = torch.device(opts.device)
-    hw = hardware(device)
-    out = {"hardware": hw, "device": str(device), "n": opts.n, "phi": [], "sampling": []}
-
-    print(f"Hardware: {hw}\n")
-    if not opts.skip_phi:
-        print(f"### 1. Concentration phi, N = {opts.n:,}\n")
-        print("| k | original loops | ours | speed-up | max abs diff |\n|---|---|---|---|---|")
-    for k in ([] if opts.skip_phi else ks):
+def phi_section(out: dict, opts, ks: list[int], rng: np.random.Generator) -> None:
+    """1. The concentration phi: the original loops vs ours on the same random distances, per k."""
+    print(f"### 1. Concentration phi, N = {opts.n:,}\n")
+    print("| k | original loops | ours | speed-up | max abs diff |\n|---|---|---|---|---|")
+    for k in ks:
         D = (rng.random((opts.n, 1)) * 2).astype(np.float32)
         I = rng.integers(0, k, (opts.n, 1), dtype=np.int64)
         ref, mine = original_phi(D, I, k, 0.2), ours_phi(D, I, k, 0.2)
@@ -133,6 +116,9 @@ def main() -> None:
         worst = min(r["speedup"] for r in out["phi"])
         print(f"\ngoal >= 50x on CPU: slowest speed-up {worst:.0f}x ({'met' if worst >= 50 else 'NOT met'})")
 
+
+def sampling_section(out: dict, opts, ks: list[int], rng: np.random.Generator, device: torch.device) -> dict:
+    """2. Negative sampling + prototype logits per step and granularity; returns the goals' worst rows."""
     print(f"\n### 2. Negative sampling + prototype logits per step and granularity, r = {opts.r}, {device}\n")
     print("| k | B | sampling: original | ours | speed-up | sampling + logits: original | ours | speed-up "
           "| matmul alone (floor) | original / floor |")
@@ -168,11 +154,35 @@ def main() -> None:
         slowest = max(r["step_ours_ms"] for r in rows)
         print(f"goal < 1 ms on a GPU (sampling + logits, per granularity): slowest {slowest:.2f} ms "
               f"({'met' if slowest < 1 else 'NOT met'})")
-    out["goals"] = {"sampling_speedup_min": worst_s, "step_speedup_min": worst_t, "matmul_bound_min": bound}
+    return {"sampling_speedup_min": worst_s, "step_speedup_min": worst_t, "matmul_bound_min": bound}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=N_IMAGENET)
+    p.add_argument("--ks", default="25000,50000,100000")
+    p.add_argument("--r", type=int, default=16384)
+    p.add_argument("--repeats-original", type=int, default=3)
+    p.add_argument("--repeats-ours", type=int, default=7)
+    p.add_argument("--device", default="cpu", help="device for the per-step rows (phi is always timed on the CPU)")
+    p.add_argument("--skip-phi", action="store_true", help="only the per-step rows")
+    p.add_argument("--out", default=None, help="JSON path (default: results/estep_math[_cuda].json)")
+    opts = p.parse_args(argv)
+    ks = [int(k) for k in opts.ks.split(",")]
+    rng = np.random.default_rng(0)
+    device = torch.device(opts.device)
+    hw = hardware(device)
+    out = {"hardware": hw, "device": str(device), "n": opts.n, "phi": [], "sampling": []}
+
+    print(f"Hardware: {hw}\n")
+    if not opts.skip_phi:
+        phi_section(out, opts, ks, rng)
+    out["goals"] = sampling_section(out, opts, ks, rng, device)
     if opts.out is None:
         name = "estep_math.json" if device.type == "cpu" else f"estep_math_{device.type}.json"
         opts.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
     write_json(out, opts.out)
+    return out
 
 
 if __name__ == "__main__":

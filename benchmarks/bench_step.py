@@ -122,7 +122,7 @@ def throughput(opts, device) -> dict:
             "speedup_vs_fp32": {k: v / out["fp32"] for k, v in out.items()} if "fp32" in out else {}}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["overhead", "throughput"], default="overhead")
     p.add_argument("-a", "--arch", default="resnet18")
@@ -139,7 +139,7 @@ def main() -> None:
     p.add_argument("--variants", default="fp32,bf16,channels_last,bf16+channels_last,fused_sgd")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)
-    opts = p.parse_args()
+    opts = p.parse_args(argv)
     device = torch.device(opts.device)
     hw = hardware(device)
     res = overhead(opts, device) if opts.mode == "overhead" else throughput(opts, device)
@@ -158,6 +158,7 @@ def main() -> None:
             print(f"| {name} | {ips:.1f} | {res['speedup_vs_fp32'].get(name, float('nan')):.2f}x |")
     out = opts.out or os.path.join(ROOT, "benchmarks", "results", f"step_{opts.mode}_{device.type}_{opts.arch}.json")
     write_json(res, out)
+    return res
 
 
 if __name__ == "__main__":

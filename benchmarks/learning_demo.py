@@ -26,7 +26,7 @@ def run(name: str, argv: list[str]) -> dict:
             "final": stats["knn"]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--warmup-epoch", type=int, default=10, help="PCL's warm-up (InfoNCE only) epochs")
@@ -34,8 +34,7 @@ def main() -> None:
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "learning_demo.json"))
     p.add_argument("--exp-root", default="exp/bench_learning")
     p.add_argument("overrides", nargs="*", help="extra main_pcl flags, after --")
-    opts = p.parse_args()
-    use_cores()
+    opts = p.parse_args(argv)
     base = ["-c", os.path.join(ROOT, "configs", "demo.yaml"), "--epochs", str(opts.epochs), "--knn-every",
             str(opts.knn_every), "--no-progress", "--save-freq", str(opts.epochs), *opts.overrides]
     results = [
@@ -55,8 +54,11 @@ def main() -> None:
     print("|---|" + "---|---|" * len(results))
     for rows in zip(*(r["curve"] for r in results)):
         print(f"| {rows[0]['epoch']} | " + " | ".join(f"{c['train_seconds']} | {c['knn_top1']:.2f}%" for c in rows) + " |")
-    write_json({"hardware": hw, "epochs": opts.epochs, "results": results}, opts.out)
+    out = {"hardware": hw, "epochs": opts.epochs, "results": results}
+    write_json(out, opts.out)
+    return out
 
 
 if __name__ == "__main__":
+    use_cores()
     main()

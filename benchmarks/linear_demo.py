@@ -31,15 +31,16 @@ def run(name: str, argv: list[str]) -> dict:
             "top1": round(out["top1"], 2), "best_top1": round(out["best_top1"], 2), "top5": round(out["top5"], 2)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained", default="exp/demo/checkpoint_last.pth.tar")
     p.add_argument("--views", type=int, default=10, help="augmented views per image for the second cached run")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "linear_demo.json"))
     p.add_argument("--exp-root", default="exp/bench_linear")
-    opts = p.parse_args()
-    use_cores()
-    base = ["-c", os.path.join(ROOT, "configs", "demo_linear.yaml"), "--pretrained", opts.pretrained, "--no-progress"]
+    p.add_argument("overrides", nargs="*", help="extra eval_linear flags, after --")
+    opts = p.parse_args(argv)
+    base = ["-c", os.path.join(ROOT, "configs", "demo_linear.yaml"), "--pretrained", opts.pretrained, "--no-progress",
+            *opts.overrides]
     results = [run("official protocol", base + ["--exp-dir", f"{opts.exp_root}/full"]),
                run("cached, center crops", base + ["--cached-features", "--exp-dir", f"{opts.exp_root}/cached"]),
                run(f"cached, {opts.views} views", base + ["--cached-features", "--cached-views", str(opts.views),
@@ -54,8 +55,11 @@ def main() -> None:
         r["gap"] = round(r["top1"] - ref["top1"], 2)
         print(f"| {r['name']} | {r['top1']:.2f} | {r['best_top1']:.2f} | {r['top5']:.2f} | {r['seconds']:.1f} | "
               f"{r['speedup']}x | {r['gap']:+.2f} |")
-    write_json({"hardware": hw, "pretrained": opts.pretrained, "results": results}, opts.out)
+    out = {"hardware": hw, "pretrained": opts.pretrained, "results": results}
+    write_json(out, opts.out)
+    return out
 
 
 if __name__ == "__main__":
+    use_cores()
     main()

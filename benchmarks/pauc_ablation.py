@@ -49,7 +49,7 @@ def spread(args) -> dict:
                                                                         result.centroids)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--warmup-epoch", type=int, default=5)
@@ -57,8 +57,7 @@ def main() -> None:
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "pauc_ablation.json"))
     p.add_argument("--exp-root", default="exp/pauc_ablation")
     p.add_argument("overrides", nargs="*", help="extra main_pcl flags, after --")
-    opts = p.parse_args()
-    use_cores()
+    opts = p.parse_args(argv)
     results = []
     for name in opts.rows.split(","):
         argv = ["-c", os.path.join(ROOT, "configs", "demo.yaml"), "--epochs", str(opts.epochs), "--warmup-epoch",
@@ -90,8 +89,11 @@ def main() -> None:
             continue
         print(f"| {r['name']} | {r['knn_top1']:.2f}% | " + " | ".join(f"{r['spread'][k]:.4f}" for k in ks)
               + f" | {r['seconds'] / 60:.1f} min |")
-    write_json({"hardware": hw, "epochs": opts.epochs, "warmup_epoch": opts.warmup_epoch, "rows": results}, opts.out)
+    out = {"hardware": hw, "epochs": opts.epochs, "warmup_epoch": opts.warmup_epoch, "rows": results}
+    write_json(out, opts.out)
+    return out
 
 
 if __name__ == "__main__":
+    use_cores()
     main()
