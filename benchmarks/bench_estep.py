@@ -138,8 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     print_table(res, opts, ks)
     out = opts.out or os.path.join(ROOT, "benchmarks", "results", f"estep_{device.type}_n{opts.n}.json")
-    write_json(res, out)
-    return res
+    return write_json(res, out)
 
 
 if __name__ == "__main__":

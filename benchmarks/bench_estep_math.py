@@ -181,8 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     if opts.out is None:
         name = "estep_math.json" if device.type == "cpu" else f"estep_math_{device.type}.json"
         opts.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
-    write_json(out, opts.out)
-    return out
+    return write_json(out, opts.out)
 
 
 if __name__ == "__main__":

@@ -157,8 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name, ips in res["images_per_s"].items():
             print(f"| {name} | {ips:.1f} | {res['speedup_vs_fp32'].get(name, float('nan')):.2f}x |")
     out = opts.out or os.path.join(ROOT, "benchmarks", "results", f"step_{opts.mode}_{device.type}_{opts.arch}.json")
-    write_json(res, out)
-    return res
+    return write_json(res, out)
 
 
 if __name__ == "__main__":

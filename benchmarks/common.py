@@ -24,12 +24,13 @@ def hardware(device: torch.device | str = "cpu") -> str:
     return text
 
 
-def write_json(obj, path: str) -> None:
-    """Write ``obj`` to ``path`` (folders created), and say where."""
+def write_json(obj, path: str):
+    """Write ``obj`` to ``path`` (folders created), say where, and return ``obj`` (a script's result)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
     print(f"\nwrote {path}")
+    return obj
 
 
 def fit_with_curve(argv: list[str]) -> tuple[dict, dict]:

@@ -54,9 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("|---|" + "---|---|" * len(results))
     for rows in zip(*(r["curve"] for r in results)):
         print(f"| {rows[0]['epoch']} | " + " | ".join(f"{c['train_seconds']} | {c['knn_top1']:.2f}%" for c in rows) + " |")
-    out = {"hardware": hw, "epochs": opts.epochs, "results": results}
-    write_json(out, opts.out)
-    return out
+    return write_json({"hardware": hw, "epochs": opts.epochs, "results": results}, opts.out)
 
 
 if __name__ == "__main__":

@@ -55,9 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         r["gap"] = round(r["top1"] - ref["top1"], 2)
         print(f"| {r['name']} | {r['top1']:.2f} | {r['best_top1']:.2f} | {r['top5']:.2f} | {r['seconds']:.1f} | "
               f"{r['speedup']}x | {r['gap']:+.2f} |")
-    out = {"hardware": hw, "pretrained": opts.pretrained, "results": results}
-    write_json(out, opts.out)
-    return out
+    return write_json({"hardware": hw, "pretrained": opts.pretrained, "results": results}, opts.out)
 
 
 if __name__ == "__main__":

@@ -89,9 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         print(f"| {r['name']} | {r['knn_top1']:.2f}% | " + " | ".join(f"{r['spread'][k]:.4f}" for k in ks)
               + f" | {r['seconds'] / 60:.1f} min |")
-    out = {"hardware": hw, "epochs": opts.epochs, "warmup_epoch": opts.warmup_epoch, "rows": results}
-    write_json(out, opts.out)
-    return out
+    return write_json({"hardware": hw, "epochs": opts.epochs, "warmup_epoch": opts.warmup_epoch, "rows": results},
+                      opts.out)
 
 
 if __name__ == "__main__":

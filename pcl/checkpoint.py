@@ -328,8 +328,9 @@ def query_backbone(model: nn.Module) -> nn.Module:
 
 
 if __name__ == "__main__":  # the command line of earlier versions: python -m pcl.checkpoint export ...
+    import runpy
     import sys
 
-    from pcl.export import cli
-
-    sys.exit(cli(sys.argv[1:]))
+    if sys.argv[1:2] == ["export"]:
+        del sys.argv[1]
+    runpy.run_module("pcl.export", run_name="__main__", alter_sys=True)

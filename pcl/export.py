@@ -78,13 +78,7 @@ def _run(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} ({fmt})")
 
 
-def cli(argv: list[str]) -> int:
-    """``export CHECKPOINT OUT ...`` (the word ``export`` first, as ``python -m pcl.checkpoint export`` took it)
-    or ``CHECKPOINT OUT ...``."""
+if __name__ == "__main__":
     from pcl.launch import run_cli
 
-    return run_cli(_parser, _run, argv[1:] if argv[:1] == ["export"] else argv)
-
-
-if __name__ == "__main__":
-    sys.exit(cli(sys.argv[1:]))
+    sys.exit(run_cli(_parser, _run))

@@ -10,7 +10,6 @@ import textwrap
 
 import pytest
 import torch
-from PIL import Image
 
 from conftest import ROOT, tiny_args
 from pcl import PCLError, Preempted

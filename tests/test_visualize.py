@@ -1,7 +1,6 @@
 """Prototype galleries (pure functions, TensorBoard at each E-step) and the visualize command's PNGs and errors."""
 
 import json
-import os
 
 import pytest
 import torch

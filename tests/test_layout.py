@@ -1,0 +1,117 @@
+"""The layout holds: small files and functions, imports only downward, no repeated blocks, read-only settings.
+
+The layers (bottom up) are the README's "Layout" table; a module may import its own layer and the ones below.
+``if __name__ == "__main__":`` blocks are entry points and may import anything (e.g. :mod:`pcl.launch`).
+"""
+
+import ast
+import collections
+import os
+import pickle
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+
+LAYERS = {
+    0: ["pcl"],
+    1: ["pcl.distributed", "pcl.loss", "pcl.settings", "pcl.schedule", "pcl.data.transforms", "pcl.data.demo"],
+    2: ["pcl.config", "pcl.model", "pcl.cluster", "pcl.log", "pcl.data", "pcl.data.datasets", "pcl.data.tensor_augment",
+        "pcl.data.loaders", "pcl.data.pretrain", "pcl.data.labelled", "pcl.data.transfer"],
+    3: ["pcl.gallery", "pcl.checkpoint", "pcl.evaluation", "pcl.evaluation.metrics"],
+    4: ["pcl.preemption", "pcl.evaluation.common", "pcl.export"],
+    5: ["pcl.estep", "pcl.evaluation.linear"],
+    6: ["pcl.engine", "pcl.evaluation.knn", "pcl.evaluation.cluster_metrics", "pcl.evaluation.svm",
+        "pcl.evaluation.semisup", "pcl.evaluation.visualize"],
+    7: ["pcl.launch"],
+}
+HEADER = ("import ", "from ", "ROOT = ", "sys.path.insert(")
+LAYER = {module: level for level, modules in LAYERS.items() for module in modules}
+
+
+def python_files() -> list[str]:
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split()
+    return [f for f in listed if os.path.exists(os.path.join(ROOT, f))]
+
+
+def module_name(path: str) -> str:
+    name = path[:-3].replace("/", ".")
+    return name[: -len(".__init__")] if name.endswith(".__init__") else name
+
+
+def pcl_imports(path: str) -> set[str]:
+    """The pcl modules a file imports (module level and inside functions), outside its __main__ block."""
+    tree = ast.parse(open(os.path.join(ROOT, path)).read())
+    skip = {id(n) for block in tree.body if isinstance(block, ast.If) and "__main__" in ast.unparse(block.test)
+            for n in ast.walk(block)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "pcl":
+            names = [f"{node.module}.{a.name}" for a in node.names]
+            found |= {n for n in names if n in LAYER} or {node.module}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "pcl"}
+    return found
+
+
+def test_every_package_module_has_a_layer():
+    modules = {module_name(f) for f in python_files() if f.startswith("pcl/")}
+    assert modules == set(LAYER), f"add to LAYERS (and the README's Layout): {sorted(modules ^ set(LAYER))}"
+
+
+def test_no_module_imports_a_higher_layer():
+    upward = [f"{module_name(f)} (layer {LAYER[module_name(f)]}) imports {dep} (layer {LAYER[dep]})"
+              for f in python_files() if f.startswith("pcl/")
+              for dep in pcl_imports(f) if LAYER[dep] > LAYER[module_name(f)]]
+    assert not upward, "\n".join(upward)
+
+
+def test_evaluation_never_imports_the_engine():
+    offenders = [f for f in python_files() if f.startswith("pcl/evaluation/")
+                 if any(d in ("pcl.engine", "pcl.estep") for d in pcl_imports(f))]
+    assert not offenders
+
+
+def test_files_and_functions_stay_small():
+    big_files, big_functions = [], []
+    for f in python_files():
+        text = open(os.path.join(ROOT, f)).read()
+        if len(text.splitlines()) > 400:
+            big_files.append(f"{f}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                big_functions.append(f"{f}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not big_files and not big_functions, "\n".join(big_files + big_functions)
+
+
+def test_no_block_of_six_lines_is_repeated():
+    """Six consecutive code lines occur once in the repo (blank lines and comments left out, and runs of only
+    imports and the scripts' sys.path set-up: every script starts with those)."""
+    seen = collections.defaultdict(list)
+    for f in python_files():
+        lines = [(i + 1, line.strip()) for i, line in enumerate(open(os.path.join(ROOT, f)).read().splitlines())]
+        lines = [(i, s) for i, s in lines if s and not s.startswith("#")]
+        for k in range(len(lines) - 5):
+            block = tuple(s for _, s in lines[k:k + 6])
+            if all(s.startswith(HEADER) for s in block) or sum(map(len, block)) < 120:
+                continue
+            seen[block].append(f"{f}:{lines[k][0]}")
+    repeated = [" and ".join(places) for places in seen.values() if len(places) > 1]
+    assert not repeated, "\n".join(repeated)
+
+
+def test_run_config_is_read_only_and_travels_to_spawned_workers():
+    from pcl.config import build_pretrain_parser, parse_args, validate_pretrain_args
+
+    cfg = validate_pretrain_args(parse_args(build_pretrain_parser(), ["--dataset", "demo"]))
+    with pytest.raises(AttributeError, match="read-only"):
+        cfg.batch_size = 1
+    derived = cfg.replace(local_rank=3)
+    assert derived.local_rank == 3 and "local_rank" not in cfg and cfg.num_cluster == (25000, 50000, 100000)
+    assert pickle.loads(pickle.dumps(derived)) == derived
+    with pytest.raises(AttributeError, match="no 'nonexistent'"):
+        cfg.nonexistent
