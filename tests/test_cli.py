@@ -1,5 +1,7 @@
 """Bad input: one clear line naming the problem, non-zero exit, no traceback."""
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -13,10 +15,16 @@ TINY = ["-a", "resnet18", "--width", "4", "--stem", "small", "--image-size", "16
         "--bn-splits", "2"]
 
 
-def run(*argv, cwd=None):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "main_pcl.py"), *argv], capture_output=True,
-                          text=True, cwd=cwd, timeout=300)
-    return proc.returncode, proc.stderr
+def run(*argv):
+    """main_pcl.py's main in this process (the script is one line around it; --help below runs the script)."""
+    from pcl.config import build_pretrain_parser
+    from pcl.engine import fit
+    from pcl.launch import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(build_pretrain_parser, fit, list(argv))
+    return code, err.getvalue()
 
 
 def image_folder(root, n=12):

@@ -21,13 +21,15 @@ from pcl.evaluation.svm import average_precision, low_shot_indices, run_svm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_wrong_arch_checkpoint_fails_clearly_from_the_command_line(tmp_path):
+def test_wrong_arch_checkpoint_fails_clearly_from_the_command_line(tmp_path, capsys):
     official_checkpoint(tmp_path / "r18.pth.tar")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval_linear.py"), "--dataset", "demo", "-a", "resnet50",
-                           "--pretrained", str(tmp_path / "r18.pth.tar"), "--exp-dir", str(tmp_path / "e")],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "does not fit architecture 'resnet50'" in proc.stderr
+    from pcl.config import build_linear_parser
+    from pcl.launch import main
+
+    code = main(build_linear_parser, fit_linear, ["--dataset", "demo", "-a", "resnet50", "--pretrained",
+                                                  str(tmp_path / "r18.pth.tar"), "--exp-dir", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "does not fit architecture 'resnet50'" in err
 
 
 def test_checkpoint_without_backbone_keys_is_refused(tmp_path):
@@ -185,12 +187,15 @@ def test_voc_end_to_end_full_and_low_shot(tmp_path):
     assert "| k=1 | k=2 | full |" in table and "±" in table
 
 
-def test_missing_voc_folder_names_the_layout(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval_svm.py"), str(tmp_path / "none"),
-                           "-a", "resnet18", "--exp-dir", str(tmp_path / "e")], capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "VOCdevkit/VOC2007" in proc.stderr and "download_voc07.sh" in proc.stderr
+def test_missing_voc_folder_names_the_layout(tmp_path, capsys):
+    from pcl.config import build_svm_parser
+    from pcl.evaluation.svm import run_svm
+    from pcl.launch import main
+
+    code = main(build_svm_parser, run_svm, [str(tmp_path / "none"), "-a", "resnet18", "--exp-dir", str(tmp_path / "e")],
+                one_process="eval_svm.py")
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "VOCdevkit/VOC2007" in err and "download_voc07.sh" in err
 
 
 def test_linear_probe_with_two_processes_official_launcher(tmp_path):
