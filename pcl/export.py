@@ -17,6 +17,7 @@ import torch
 
 from pcl import PCLError
 from pcl.checkpoint import load_backbone, save_checkpoint
+from pcl.settings import RunConfig
 
 logger = logging.getLogger("pcl")
 
@@ -72,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run(args: argparse.Namespace) -> None:
+def _run(args: RunConfig) -> None:
     fmt = args.format or ("detectron2" if args.out.endswith(".pkl") else "torchvision")
     export(args.checkpoint, args.out, fmt, args.arch)
     print(f"wrote {args.out} ({fmt})")

@@ -4,7 +4,6 @@ random initialisation) and the labelled feature pass. Protocols and command line
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 import torch
@@ -12,13 +11,14 @@ import torch.nn as nn
 
 from pcl import PCLError, checkpoint as ckpt_io, distributed as dist_utils
 from pcl.evaluation.metrics import extract_features
+from pcl.settings import RunConfig
 from pcl.log import setup_logging
 from pcl.model import build_backbone
 
 logger = logging.getLogger("pcl")
 
 
-def resolve_eval_dataset(args: argparse.Namespace) -> str:
+def resolve_eval_dataset(args: RunConfig) -> str:
     """--dataset auto means an ImageFolder root with train/ (and val/); without DIR, an error naming the fix."""
     if args.dataset != "auto":
         return args.dataset
@@ -27,7 +27,7 @@ def resolve_eval_dataset(args: argparse.Namespace) -> str:
     return "imagefolder"
 
 
-def eval_backbone(args: argparse.Namespace, device: torch.device | str = "cpu") -> nn.Module:
+def eval_backbone(args: RunConfig, device: torch.device | str = "cpu") -> nn.Module:
     """The frozen backbone an evaluation measures, in eval mode on ``device``: the query encoder of --pretrained
     (ours or official; -a/--width/--stem default to the checkpoint's and must match it when given), or with no
     --pretrained a random initialisation seeded by --seed (the baseline). ``.arch`` names its architecture."""
@@ -40,7 +40,7 @@ def eval_backbone(args: argparse.Namespace, device: torch.device | str = "cpu") 
     return model.to(device).eval()
 
 
-def prepare_eval(args: argparse.Namespace) -> torch.device:
+def prepare_eval(args: RunConfig) -> torch.device:
     """Logging, process group and device of an evaluation run (the batch is divided among the processes where
     the data is built)."""
     setup_logging(args.exp_dir, args.debug, args.rank if args.multiprocessing_distributed else None)
@@ -51,7 +51,7 @@ def prepare_eval(args: argparse.Namespace) -> torch.device:
     return device
 
 
-def labelled_features(args: argparse.Namespace, splits: tuple[str, ...] = ("train", "val")
+def labelled_features(args: RunConfig, splits: tuple[str, ...] = ("train", "val")
                       ) -> tuple[torch.Tensor | None, ...]:
     """L2-normalised frozen features and labels of the labelled train (and val) split of --dataset:
     (train_feats, train_labels, val_feats, val_labels) on the CPU, None for a split not asked for."""

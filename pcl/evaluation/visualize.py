@@ -67,7 +67,7 @@ class _Split:
         return len(self.labels)
 
 
-def load_splits(args: argparse.Namespace) -> tuple[_Split, _Split, bool]:
+def load_splits(args: RunConfig) -> tuple[_Split, _Split, bool]:
     """(train, test, labelled). Without a test split the training split serves as both (queries then never
     retrieve themselves). ``labelled``: the set has more than one class."""
     from pcl.data import (IN_MEMORY_SETS, FileLoader, LabelledDataset, TensorLabelledLoader, file_sets,
@@ -113,7 +113,7 @@ def checkpoint_clusters(path: str, n: int) -> dict | None:
     return result
 
 
-def galleries(feats: torch.Tensor, train: _Split, args: argparse.Namespace, labelled: bool) -> dict[int, list[GalleryRow]]:
+def galleries(feats: torch.Tensor, train: _Split, args: RunConfig, labelled: bool) -> dict[int, list[GalleryRow]]:
     """Gallery rows per k, from the checkpoint's clusters or a fresh k-means on the backbone features."""
     from pcl.cluster import run_kmeans
 
@@ -178,7 +178,7 @@ def frame(pics: torch.Tensor, good: list[bool] | None) -> torch.Tensor:
 
 
 def retrieval(query_feats: dict[str, torch.Tensor], bank_feats: dict[str, torch.Tensor], train: _Split,
-              test: _Split, queries: list[int], args: argparse.Namespace, labelled: bool, same_set: bool,
+              test: _Split, queries: list[int], args: RunConfig, labelled: bool, same_set: bool,
               path: str) -> dict[str, float]:
     """Grid: each query, then its nearest training images by each feature set; returns the precision of each."""
     rows, labels, precision = [], [], {}
@@ -216,7 +216,7 @@ def save_png(image: torch.Tensor, path: str) -> None:
     Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
 
 
-def validate(args: argparse.Namespace) -> list[str]:
+def validate(args: RunConfig) -> list[str]:
     figures = ("gallery", "tsne", "retrieval")
     only = parse_list(args.only, "--only", str, ",".join(figures), lambda w: w in figures,
                       ": choose from gallery, tsne, retrieval")
@@ -262,7 +262,7 @@ def _retrieval(encoder: torch.nn.Module, train: _Split, test: _Split, train_feat
     return path, precision
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: RunConfig) -> dict[str, Any]:
     from pcl.log import setup_logging
 
     args = RunConfig.of(args)
