@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The E-step end to end: feature pass + k-means at three granularities + phi (+ broadcast), ours vs original.
 
-Ours: ``pcl.engine.compute_features`` (a MoCo momentum encoder over N synthetic images; skipped with
+Ours: ``pcl.estep.compute_features`` (a MoCo momentum encoder over N synthetic images; skipped with
 ``--feature-pass none``) and ``pcl.cluster.run_kmeans`` (faiss or the PyTorch backend, the official settings
 niter 20 / nredo 5 unless changed). The original approach runs the same faiss k-means, then converts the
 assignments with a Python list comprehension and computes phi with per-sample / per-cluster Python loops
@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from bench_estep_math import original_phi  # noqa: E402
 from common import hardware, write_json  # noqa: E402
 from pcl.cluster import estimate_concentration, resolve_backend, run_kmeans  # noqa: E402
-from pcl.engine import compute_features  # noqa: E402
+from pcl.estep import compute_features  # noqa: E402
 from pcl.model import MoCo  # noqa: E402
 
 

@@ -110,7 +110,7 @@ def throughput(opts, device) -> dict:
         args = make_args(opts, VARIANTS[name])
         model = build_model(args, device, opts.bn_splits)
         if "--channels-last" in VARIANTS[name] and not channels_last(args, device):
-            print(f"skipping {name}: --channels-last is ignored on the CPU (see pcl.engine.apply_speed_options)")
+            print(f"skipping {name}: --channels-last is ignored on the CPU (see pcl.model.apply_speed_options)")
             continue
         timed_epoch(model, ListLoader(data[:2]), args, device, None)  # warm-up (and compilation)
         models[name], rows[name] = (model, args), []

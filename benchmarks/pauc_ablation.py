@@ -27,7 +27,8 @@ from pcl.checkpoint import LAST, load_checkpoint, load_model_state  # noqa: E402
 from pcl.cluster import run_kmeans  # noqa: E402
 from pcl.config import build_pretrain_parser, parse_args, validate_pretrain_args  # noqa: E402
 from pcl.data import build_pretrain_data  # noqa: E402
-from pcl.engine import compute_features, fit  # noqa: E402
+from pcl.engine import fit  # noqa: E402
+from pcl.estep import compute_features  # noqa: E402
 from pcl.model import MoCo  # noqa: E402
 
 ROWS = {"PCL": [], "PCL + align": ["--pauc", "--pauc-uniform", "0", "--pauc-corr", "0"],
