@@ -33,6 +33,7 @@ from common import hardware, write_json  # noqa: E402
 from pcl.cluster import estimate_concentration, resolve_backend, run_kmeans  # noqa: E402
 from pcl.estep import compute_features  # noqa: E402
 from pcl.model import MoCo  # noqa: E402
+from pcl.settings import parse_list  # noqa: E402
 
 
 def synthetic_features(n: int, dim: int, centres: int, seed: int = 0) -> torch.Tensor:
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None)
     opts = p.parse_args(argv)
     device = torch.device(opts.device)
-    ks = [int(k) for k in opts.ks.split(",")]
+    ks = parse_list(opts.ks, "--ks")
     res = {"n": opts.n, "ks": ks, "niter": opts.niter, "nredo": opts.nredo, "device": str(device)}
 
     start = time.perf_counter()

@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import hardware, write_json  # noqa: E402
 from pcl.cluster import estimate_concentration  # noqa: E402
 from pcl.loss import prototype_logits, sample_negative_prototypes  # noqa: E402
+from pcl.settings import parse_list  # noqa: E402
 
 N_IMAGENET = 1_281_167
 
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--skip-phi", action="store_true", help="only the per-step rows")
     p.add_argument("--out", default=None, help="JSON path (default: results/estep_math[_cuda].json)")
     opts = p.parse_args(argv)
-    ks = [int(k) for k in opts.ks.split(",")]
+    ks = parse_list(opts.ks, "--ks")
     rng = np.random.default_rng(0)
     device = torch.device(opts.device)
     hw = hardware(device)

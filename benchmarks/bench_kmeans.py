@@ -32,6 +32,7 @@ from bench_estep import synthetic_features  # noqa: E402
 from common import hardware, use_cores, write_json  # noqa: E402
 import pcl.cluster as cluster  # noqa: E402
 from pcl.evaluation.cluster_metrics import clustering_scores  # noqa: E402
+from pcl.settings import parse_list  # noqa: E402
 
 
 def counting_splits():
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     opts = p.parse_args(argv)
     x = load(opts).to(opts.device)
     rows = []
-    for k in [int(v) for v in opts.ks.split(",")]:
+    for k in parse_list(opts.ks, "--ks"):
         start = time.perf_counter()
         c_f, _, a_f = cluster.kmeans(x, k, seed=0, niter=opts.niter, nredo=opts.nredo, backend="faiss")
         t_f = time.perf_counter() - start

@@ -31,6 +31,7 @@ from pcl.cluster import ClusterResult  # noqa: E402
 from pcl.config import build_pretrain_parser, parse_args, validate_pretrain_args  # noqa: E402
 from pcl.engine import apply_speed_options, build_optimizer, channels_last, train_one_epoch  # noqa: E402
 from pcl.model import MoCo  # noqa: E402
+from pcl.settings import parse_list  # noqa: E402
 
 
 def synthetic_cluster(n: int, ks: list[int], dim: int, device: torch.device, seed: int = 0) -> ClusterResult:
@@ -106,7 +107,7 @@ def throughput(opts, device) -> dict:
     data = ListLoader(batches(opts, device, opts.steps, 1000))
     rows = {}
     models = {}
-    for name in opts.variants.split(","):
+    for name in parse_list(opts.variants, "--variants", str):
         args = make_args(opts, VARIANTS[name])
         model = build_model(args, device, opts.bn_splits)
         if "--channels-last" in VARIANTS[name] and not channels_last(args, device):

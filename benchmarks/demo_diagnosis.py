@@ -31,6 +31,7 @@ from pcl.cluster import kmeans  # noqa: E402
 from pcl.data import TensorEvalLoader, make_digits_demo  # noqa: E402
 from pcl.evaluation.knn import knn_accuracy  # noqa: E402
 from pcl.model import MoCo  # noqa: E402
+from pcl.settings import parse_list  # noqa: E402
 
 
 def nuisance_bins(nuisance: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out", default=None, help="JSON file for the results")
     opts = p.parse_args(argv)
     demo = make_digits_demo(renders_train=opts.demo_renders, size=opts.image_size, seed=0)
-    ks = [int(k) for k in opts.num_cluster.split(",")]
+    ks = parse_list(opts.num_cluster, "--num-cluster")
     results = [diagnose(path, demo, ks) for path in opts.checkpoints]
     names = list(results[0]["knn_top1"])
     print("\nAMI (%) of the E-step's clusters with each variable of the training renders:\n")

@@ -48,6 +48,7 @@ from bench_step import overhead, throughput  # noqa: E402
 from common import hardware, write_json  # noqa: E402
 from pcl.cluster import kmeans, resolve_backend  # noqa: E402
 from pcl.loss import prototype_logits, sample_negative_prototypes  # noqa: E402
+from pcl.settings import parse_list  # noqa: E402
 
 FULL = dict(arch="resnet50", width=64, stem="standard", image_size=224, batch=64, r=16384,
             ks="25000,50000,100000", n=1_281_167, steps=10, rounds=3, kmeans_n=1_281_167, kmeans_nredo=(1, 5),
@@ -125,7 +126,7 @@ def section_sampling(device: torch.device, sizes: dict) -> dict:
 
 
 def section_kmeans(device: torch.device, sizes: dict) -> dict:
-    ks = [int(v) for v in sizes["ks"].split(",")]
+    ks = parse_list(sizes["ks"], "ks")
     x = synthetic_features(sizes["kmeans_n"], 128, centres=max(ks) // 4).to(device)
     backend, why = resolve_backend("auto", device)
     out = {"backend": backend, "why": why, "n": x.shape[0]}
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = TOY if opts.cpu else FULL
     results: dict = {"hardware": hardware(device), "torch": torch.__version__, "device": str(device),
                      "sizes": {k: list(v) if isinstance(v, tuple) else v for k, v in sizes.items()}, "sections": {}}
-    for name in opts.sections.split(","):
+    for name in parse_list(opts.sections, "--sections", str):
         start = time.perf_counter()
         try:
             res = SECTIONS[name](device, sizes)

@@ -46,6 +46,7 @@ from pcl.evaluation.linear import train_head  # noqa: E402
 from pcl.evaluation.metrics import extract_features  # noqa: E402
 from pcl.evaluation.svm import l2_normalize, low_shot_indices, score_report, svm_scores  # noqa: E402
 from pcl.model import build_backbone  # noqa: E402
+from pcl.settings import parse_list  # noqa: E402
 
 PUBLISHED = [  # (features, kNN top-1, NMI, accuracy, source) -- reported elsewhere, NOT measured here
     ("raw pixels, k-means (published)", None, 0.51, 0.47, "as tabulated in the N2D paper (McConville et al. 2019)"),
@@ -194,8 +195,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "small_scale_fmnist.json"))
     p.add_argument("overrides", nargs="*", help="extra main_pcl flags, after --")
     opts = p.parse_args(argv)
-    opts.shots = [int(k) for k in opts.shots.split(",")]
-    opts.svm_costs = [float(c) for c in opts.svm_costs.split(",")]
+    opts.shots = parse_list(opts.shots, "--shots")
+    opts.svm_costs = parse_list(opts.svm_costs, "--svm-costs", float)
     base = ["-c", opts.config, "--no-progress", "--no-knn-eval", "--seed", str(opts.seed)]
     base += [opts.data] if opts.data else []
     cfg = validate_pretrain_args(parse_args(build_pretrain_parser(), base + opts.overrides))
