@@ -20,7 +20,6 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -31,6 +30,7 @@ from pcl.cluster import kmeans  # noqa: E402
 from pcl.data import TensorEvalLoader, make_digits_demo  # noqa: E402
 from pcl.evaluation.knn import knn_accuracy  # noqa: E402
 from pcl.model import MoCo  # noqa: E402
+from pcl.evaluation.metrics import extract_features  # noqa: E402
 from pcl.settings import parse_list  # noqa: E402
 
 
@@ -54,13 +54,14 @@ def key_features(ckpt: dict, images: torch.Tensor) -> torch.Tensor:
                  cfg.get("width", 64), cfg.get("stem", "standard"), 1)
     ckpt_io.load_model_state(model, ckpt["state_dict"], "checkpoint")
     model.eval()
-    return torch.cat([model.encode_key(x) for x, _ in TensorEvalLoader(images, 512, shard=False)])
+    loader = TensorEvalLoader(images, 512, shard=False)
+    return extract_features(model.encode_key, loader, torch.device("cpu"), images.shape[0], normalize=False)
 
 
 @torch.no_grad()
 def backbone_features(path: str, images: torch.Tensor) -> torch.Tensor:
-    backbone = ckpt_io.load_backbone(path)
-    return F.normalize(torch.cat([backbone(x) for x, _ in TensorEvalLoader(images, 512, shard=False)]), dim=1)
+    loader = TensorEvalLoader(images, 512, shard=False)
+    return extract_features(ckpt_io.load_backbone(path), loader, torch.device("cpu"), images.shape[0])
 
 
 def diagnose(path: str, demo: dict, ks: list[int]) -> dict:

@@ -76,8 +76,6 @@ def train(name: str, argv: list[str]) -> tuple[dict, str]:
 def features(encoder: nn.Module | None, images: torch.Tensor, labels: torch.Tensor, batch: int) -> torch.Tensor:
     """Pooled backbone features (or the normalised pixels when ``encoder`` is None) of every image, in order."""
     loader = TensorLabelledLoader(images, labels, batch)
-    if encoder is None:
-        return torch.cat([x.flatten(1) for x, _, _ in loader])
     return extract_features(encoder, loader, torch.device("cpu"), images.shape[0], normalize=False)
 
 
