@@ -1,1 +1,2 @@
-"""Evaluation protocols on frozen features (kNN; linear probe and SVMs build on the same loaders)."""
+"""Evaluation of frozen features: ``metrics`` (what the training loop may import), ``common`` (what every
+evaluation shares), then one module per protocol with its command line."""
