@@ -74,9 +74,10 @@ def _worker(local_rank: int, nprocs: int, args: Any, fn: Callable) -> None:
 
 
 def launch(args: RunConfig, fn: Callable[[RunConfig], Any]) -> Any:
-    """Run ``fn`` in this process, or, with --multiprocessing-distributed (the official
-    launcher), spawn one process per GPU (per --nproc on a CPU-only node) with global rank
-    node_rank * nprocs + i. Shared by pretraining and the linear probe."""
+    """Run ``fn`` in this process, or, with --multiprocessing-distributed (the official launcher), spawn one
+    process per GPU (per --nproc on a CPU-only node); each gets the settings plus its ``local_rank``, and its
+    global rank node_rank * nprocs + local_rank follows (``distributed.layout``). SIGTERM/SIGUSR1 to this
+    process are forwarded to the workers; a worker's exit code 75 / 2 becomes Preempted / PCLError here."""
     if not args.multiprocessing_distributed:
         try:
             return fn(args)
