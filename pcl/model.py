@@ -93,16 +93,54 @@ class SplitBatchNorm(nn.BatchNorm2d):
         n, c, h, w = x.shape
         if n % self.num_splits:
             raise PCLError(f"batch of {n} is not divisible by --bn-splits {self.num_splits}")
+        with torch.no_grad():
+            self.num_batches_tracked += 1  # first, as nn.BatchNorm: momentum None averages over it
+        factor = self._average_factor()
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            return self._forward_channels_last(x, factor)
         s = self.num_splits
         mean_split = self.running_mean.repeat(s)
         var_split = self.running_var.repeat(s)
         out = F.batch_norm(x.reshape(-1, c * s, h, w), mean_split, var_split, self.weight.repeat(s),
-                           self.bias.repeat(s), True, self.momentum, self.eps).reshape(n, c, h, w)
+                           self.bias.repeat(s), True, factor, self.eps).reshape(n, c, h, w)
         with torch.no_grad():
             self.running_mean.copy_(mean_split.view(s, c).mean(dim=0))
             self.running_var.copy_(var_split.view(s, c).mean(dim=0))
-            self.num_batches_tracked += 1
         return out
+
+    def _average_factor(self) -> float:
+        """The running-average weight, as nn.BatchNorm: ``momentum``, or 1 / num_batches_tracked (a cumulative
+        mean) when momentum is None -- F.batch_norm takes a float only, so that case reads the counter (a host
+        sync on a GPU, as in nn.BatchNorm; the default momentum 0.1 has none)."""
+        if self.momentum is None:
+            return 1.0 / float(self.num_batches_tracked)
+        return self.momentum
+
+    def _forward_channels_last(self, x: torch.Tensor, factor: float) -> torch.Tensor:
+        """The training forward for a channels-last (NHWC) input, returning NHWC.
+
+        Why not the NCHW path's reshape: with NHWC strides ``x.reshape(-1, C*s, H, W)`` is not a view, so it
+        copies the batch to NCHW and returns NCHW; on a GPU each BatchNorm would then pay two layout copies and
+        hand the next conv an NCHW tensor, which cudnn converts back to NHWC (more transposes, and the NHWC
+        tensor-core kernels that --channels-last is for are lost). Here the split is a view that moves no
+        memory, the statistics are a reduction over it and the normalisation is one broadcast multiply-add,
+        which keeps the input's strides. Same numbers as the NCHW path up to float rounding (~1e-6).
+        """
+        n, c, h, w = x.shape
+        s = self.num_splits
+        count = n // s * h * w  # values per (split, channel)
+        if count == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+        x5 = x.view(n // s, s, c, h, w)  # N/s x s x C x H x W: sample i in split i % s; a view for NHWC strides
+        var, mean = torch.var_mean(x5, dim=(0, 3, 4), unbiased=False)  # s x C each (biased: normalisation)
+        scale = self.weight * torch.rsqrt(var + self.eps)  # s x C
+        shift = self.bias - mean * scale  # s x C
+        out = torch.addcmul(shift.to(x.dtype)[:, :, None, None], x5, scale.to(x.dtype)[:, :, None, None])
+        with torch.no_grad():  # as F.batch_norm on the s repeated copies: per split, unbiased var, then the mean
+            var_unbiased = var * (count / (count - 1))  # s x C
+            self.running_mean.copy_(((1 - factor) * self.running_mean + factor * mean).mean(dim=0))
+            self.running_var.copy_(((1 - factor) * self.running_var + factor * var_unbiased).mean(dim=0))
+        return out.view(n, c, h, w)  # N x C x H x W with x's NHWC strides (view: no copy)
 
 
 def convert_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
@@ -150,13 +188,16 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
         """Write the keys of all ranks (B_global x C) at the pointer; wraps around the ring of size r."""
-        keys = dist_utils.all_gather_cat(keys)
+        keys = dist_utils.all_gather_cat(keys)  # B_global x C
         b = keys.shape[0]
-        ptr = int(self.queue_ptr)
         if self.r % b:
             raise PCLError(f"queue size --pcl-r {self.r} must be a multiple of the global batch {b}")
-        self.queue[:, ptr:ptr + b] = keys.t()
-        self.queue_ptr[0] = (ptr + b) % self.r
+        # The pointer stays on the device: reading it (``int(self.queue_ptr)``, then slicing) would be a
+        # device-to-host sync every step that stalls the CPU until the GPU has finished the step so far. The
+        # columns ptr .. ptr + b - 1 (mod r) are computed and written on the device instead.
+        cols = (self.queue_ptr + torch.arange(b, device=self.queue_ptr.device)) % self.r  # B_global
+        self.queue.index_copy_(1, cols, keys.t().to(self.queue.dtype))  # queue: C x r
+        self.queue_ptr.add_(b).remainder_(self.r)
 
     @torch.no_grad()
     def _shuffled_keys(self, im_k: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

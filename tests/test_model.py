@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
+from torch.overrides import TorchFunctionMode
 
 from pcl import PCLError
 from pcl.model import MoCo, SplitBatchNorm, build_backbone, build_encoder
@@ -101,3 +102,98 @@ def test_single_device_shuffle_bn_keys_depend_on_the_sub_batch_they_land_in():
     # same shuffle applied to a permuted batch: different sub-batches, so outputs differ from k1[perm]
     assert k2.shape == k1.shape
     assert not torch.allclose(k2, k1[perm])
+
+
+class HostSyncRecorder(TorchFunctionMode):
+    """Records the tensor methods that copy a value to the host: on CUDA each one is a device-to-host sync that
+    stalls the CPU until the GPU catches up, so a CPU test can still prove a code path makes none.
+
+    All of these pass through ``__torch_function__`` in torch 2.14 (checked: ``int(t)``, ``bool(t)``,
+    ``float(t)``, ``range(t)``, ``lst[t]`` and slicing with a tensor are all seen).
+    """
+
+    SYNCS = {torch.Tensor.item, torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.__bool__,
+             torch.Tensor.__float__, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.SYNCS:
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _old_enqueue(queue: torch.Tensor, ptr: int, keys: torch.Tensor) -> int:
+    """The formula dequeue_and_enqueue had (and the official code has), on host ints: the reference."""
+    queue[:, ptr:ptr + keys.shape[0]] = keys.t()
+    return (ptr + keys.shape[0]) % queue.shape[1]
+
+
+def test_enqueue_matches_the_slice_formula_over_a_wrap_around():
+    model = _tiny(r=12)
+    queue, ptr = model.queue.clone(), 0
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):  # 5 x 4 keys into a ring of 12: wraps after the third
+        keys = torch.randn(4, 8, generator=gen)
+        model.dequeue_and_enqueue(keys)
+        ptr = _old_enqueue(queue, ptr, keys)
+        assert torch.equal(model.queue, queue) and model.queue_ptr.tolist() == [ptr]
+    assert model.queue.shape == (8, 12) and model.queue_ptr.shape == (1,) and model.queue_ptr.dtype == torch.long
+
+
+def test_enqueue_makes_no_host_sync():
+    model = _tiny(r=8)
+    with HostSyncRecorder() as probe:  # the recorder sees the old code's read of the pointer
+        int(model.queue_ptr)
+    assert probe.calls == ["__int__"]
+    with HostSyncRecorder() as rec:
+        for _ in range(3):
+            model.dequeue_and_enqueue(torch.randn(4, 8))
+    assert rec.calls == []
+
+
+def _bn_pair(num_splits: int) -> tuple[SplitBatchNorm, SplitBatchNorm]:
+    torch.manual_seed(0)
+    bn = SplitBatchNorm(5, num_splits=num_splits)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    twin = SplitBatchNorm(5, num_splits=num_splits)
+    twin.load_state_dict(bn.state_dict())
+    return bn, twin
+
+
+@pytest.mark.parametrize("num_splits,n", [(2, 8), (4, 8), (4, 4)])
+def test_split_batchnorm_keeps_channels_last_and_matches_the_nchw_path(num_splits, n):
+    bn, ref = _bn_pair(num_splits)
+    x = (torch.randn(n, 5, 3, 4) * 2 + 0.5).requires_grad_()
+    x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    grad_out = torch.randn(n, 5, 3, 4)
+    for step in range(2):  # two steps: the running statistics compound
+        out, out_cl = ref(x), bn(x_cl)
+        assert out_cl.is_contiguous(memory_format=torch.channels_last) and not out_cl.is_contiguous()
+        assert torch.allclose(out_cl, out, atol=1e-5)
+        (out * grad_out).sum().backward()
+        (out_cl * grad_out).sum().backward()
+    assert torch.allclose(x_cl.grad, x.grad, atol=1e-5)
+    assert torch.allclose(bn.weight.grad, ref.weight.grad, atol=1e-5)
+    assert torch.allclose(bn.bias.grad, ref.bias.grad, atol=1e-5)
+    assert torch.allclose(bn.running_mean, ref.running_mean, atol=1e-6)
+    assert torch.allclose(bn.running_var, ref.running_var, atol=1e-5)
+    assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked) == 2
+    bn.eval(), ref.eval()
+    assert torch.allclose(bn(x_cl), ref(x), atol=1e-6)
+
+
+def test_split_batchnorm_momentum_none_is_a_cumulative_average_in_both_layouts():
+    torch.manual_seed(0)
+    xs = [torch.randn(8, 3, 2, 2) * (i + 1) + i for i in range(3)]
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        bn = SplitBatchNorm(3, num_splits=2, momentum=None)
+        for x in xs:
+            bn(x.to(memory_format=fmt))
+        means = [torch.stack([x[s::2].mean(dim=(0, 2, 3)) for s in range(2)]).mean(0) for x in xs]
+        assert torch.allclose(bn.running_mean, torch.stack(means).mean(0), atol=1e-5)
+        assert int(bn.num_batches_tracked) == 3
