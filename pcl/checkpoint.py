@@ -116,12 +116,14 @@ def remove_stale_temps(folder: str) -> list[str]:
 
 class ExpDirLock:
     """An exclusive lock on an experiment folder for one run (flock on EXP_DIR/.lock, released by the OS when
-    the process dies): a second run in the same folder is refused instead of overwriting its checkpoints."""
+    the process dies): a second run in the same folder is refused instead of overwriting its checkpoints. On a
+    filesystem without flock (Lustre/NFS mounted without it) the run goes on unlocked, with one warning."""
 
     def __init__(self, folder: str) -> None:
-        self.folder, self.file = folder, None
+        self.folder, self.file, self.locked = folder, None, False
 
     def __enter__(self) -> "ExpDirLock":
+        import errno
         import fcntl
         import socket
         import time
@@ -133,12 +135,19 @@ class ExpDirLock:
             raise PCLError(f"--exp-dir {self.folder} is not writable ({e.strerror})") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.file.seek(0)
-            owner = self.file.read().strip() or "another process"
-            self.file.close()
-            raise PCLError(f"--exp-dir {self.folder} is in use by another run ({owner}): give another --exp-dir, "
-                           f"or stop that run first") from None
+            self.locked = True
+        except OSError as e:
+            if self._busy(e):
+                self.file.seek(0)
+                owner = self.file.read().strip() or "another process"
+                self.file.close()
+                self.file = None
+                raise PCLError(f"--exp-dir {self.folder} is in use by another run ({owner}): give another "
+                               f"--exp-dir, or stop that run first") from None
+            # the filesystem cannot lock at all (Lustre/NFS without flock: ENOSYS, EOPNOTSUPP, ENOLCK, EINVAL)
+            logger.warning("--exp-dir %s: the filesystem does not support file locks (flock failed with %s): "
+                           "running without the lock, so there is no protection against a second run in this "
+                           "folder", self.folder, errno.errorcode.get(e.errno, f"errno {e.errno}"))
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -147,7 +156,16 @@ class ExpDirLock:
 
     def __exit__(self, *exc: Any) -> None:
         if self.file is not None:
-            self.file.close()  # releases the flock
+            self.file.close()  # releases the flock (when there was one)
+            self.file, self.locked = None, False
+
+    @staticmethod
+    def _busy(e: OSError) -> bool:
+        """Whether a failed non-blocking flock means another holder: "would block" (EWOULDBLOCK/EAGAIN), or
+        EACCES which some systems return instead; any other errno means the filesystem cannot lock at all."""
+        import errno
+
+        return isinstance(e, BlockingIOError) or e.errno in (errno.EACCES, errno.EAGAIN, errno.EWOULDBLOCK)
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:

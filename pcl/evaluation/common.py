@@ -40,10 +40,17 @@ def eval_backbone(args: RunConfig, device: torch.device | str = "cpu") -> nn.Mod
     return model.to(device).eval()
 
 
+def setup_eval_logging(args: RunConfig) -> logging.Logger:
+    """Logging of an evaluation process, as pretraining's: a worker of the spawn launcher
+    (--multiprocessing-distributed) logs as its global rank (--rank * nproc + local_rank), so only global rank 0
+    logs INFO and writes EXP_DIR/train.log, the others WARNING and above with their own rank in the prefix."""
+    return setup_logging(args.exp_dir, args.debug, dist_utils.spawned_rank(args))
+
+
 def prepare_eval(args: RunConfig) -> torch.device:
     """Logging, process group and device of an evaluation run (the batch is divided among the processes where
     the data is built)."""
-    setup_logging(args.exp_dir, args.debug, args.rank if args.multiprocessing_distributed else None)
+    setup_eval_logging(args)
     device = dist_utils.init(args)
     world = dist_utils.world_size()
     if args.batch_size % world:
