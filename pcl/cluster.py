@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -91,8 +92,10 @@ def check_features(features: torch.Tensor, num_clusters: Sequence[int]) -> None:
 
 def _faiss_kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, gpu_device: int | None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Official settings; returns (centroids k x d, squared distances N, assignments N). On a GPU node the
-    flat L2 index is sharded over every visible GPU (centroids split across them; exact search either way)."""
+    """Official settings; returns (centroids k x d, squared distances N, assignments N). The flat L2 index lives
+    on ``gpu_device`` alone, the calling process's own GPU (the official code shards it over every visible GPU:
+    on a node with one process per GPU, rank 0 would then use the other ranks' GPUs too, which fails where GPUs
+    are in exclusive-process mode and contends with their work elsewhere); None: on the CPU."""
     import faiss
 
     d = x.shape[1]
@@ -103,11 +106,7 @@ def _faiss_kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, gpu_
     clus.seed = seed
     clus.max_points_per_centroid = 1000
     clus.min_points_per_centroid = 10
-    if gpu_device is not None and faiss.get_num_gpus() > 1:
-        options = faiss.GpuMultipleClonerOptions()
-        options.shard, options.useFloat16 = True, False
-        index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(d), co=options)
-    elif gpu_device is not None:
+    if gpu_device is not None:
         res = faiss.StandardGpuResources()
         cfg = faiss.GpuIndexFlatConfig()
         cfg.useFloat16 = False
@@ -119,6 +118,33 @@ def _faiss_kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, gpu_
     dist2, assign = index.search(x, 1)
     centroids = faiss.vector_to_array(clus.centroids).reshape(k, d)
     return centroids, dist2[:, 0], assign[:, 0]
+
+
+def interruptible(fn: Callable[[], Any], should_stop: Callable[[], bool] | None, poll_seconds: float = 0.5) -> Any:
+    """``fn()``, or None as soon as ``should_stop()`` says so while it runs (asked every ``poll_seconds``).
+
+    For work that cannot look for a stop itself (faiss trains all its Lloyd iterations in one call, ~75 s at
+    k = 100k on a GPU, longer than the 30 s torchrun grants after SIGTERM): it runs in a daemon thread (faiss
+    releases the GIL) and is abandoned on a stop, to finish in the background or end with the process."""
+    if should_stop is None:
+        return fn()
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["out"] = fn()
+        except BaseException as e:  # re-raised in the caller's thread
+            box["err"] = e
+
+    worker = threading.Thread(target=target, name="pcl-kmeans", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(poll_seconds)
+        if worker.is_alive() and should_stop():
+            return None
+    if "err" in box:
+        raise box["err"]
+    return box["out"]
 
 
 @torch.no_grad()
@@ -168,11 +194,13 @@ def split_empty_clusters(c: torch.Tensor, counts: torch.Tensor, gen: torch.Gener
 
 
 @torch.no_grad()
-def _torch_kmeans(x: torch.Tensor, k: int, seed: int, niter: int, nredo: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _torch_kmeans(x: torch.Tensor, k: int, seed: int, niter: int, nredo: int,
+                  should_stop: Callable[[], bool] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Lloyd k-means with faiss's semantics: random init from (a subsample of at most 1000 k) points,
     niter iterations, empty clusters refilled by :func:`split_empty_clusters`, the best of nredo runs by
-    objective. Not bit-equal to faiss (its RNG), equal in distribution (measured: benchmarks/bench_kmeans.py)."""
+    objective. Not bit-equal to faiss (its RNG), equal in distribution (measured: benchmarks/bench_kmeans.py).
+    ``should_stop`` is asked after every Lloyd iteration: True -> None."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
     n, d = x.shape
     train = x
@@ -188,6 +216,8 @@ def _torch_kmeans(x: torch.Tensor, k: int, seed: int, niter: int, nredo: int
             nonempty = counts > 0
             c[nonempty] = sums[nonempty] / counts[nonempty, None].to(c.dtype)
             split_empty_clusters(c, counts, gen)
+            if should_stop is not None and should_stop():
+                return None
         obj = float(_nearest(train, c)[0].sum())
         if obj < best_obj:
             best_obj, best_c = obj, c
@@ -240,15 +270,17 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu") -> tuple[s
     return "torch", "auto: features on the CPU, faiss is not installed: the torch k-means"
 
 
-def kmeans(x: torch.Tensor, k: int, seed: int = 0, niter: int = 20, nredo: int = 5, backend: str = "auto"
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def kmeans(x: torch.Tensor, k: int, seed: int = 0, niter: int = 20, nredo: int = 5, backend: str = "auto",
+           should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """One k-means on x: N x d with the resolved backend: (centroids k x d, squared distances N, assignments N),
-    on the device of x (unnormalised centroids; no concentration)."""
+    on the device of x (unnormalised centroids; no concentration). On CUDA it uses x's GPU only. None when
+    ``should_stop()`` said so (asked between Lloyd iterations, or every half second while faiss runs)."""
     backend = resolve_backend(backend, x.device)[0]
     if backend == "faiss":
-        c, dist2, assign = _faiss_kmeans(x.detach().float().cpu().numpy(), k, seed, niter, nredo, _faiss_gpu_device(x))
-        return tuple(torch.from_numpy(a).to(x.device) for a in (c, dist2, assign))
-    return _torch_kmeans(x.detach().float(), k, seed, niter, nredo)
+        host = x.detach().float().cpu().numpy()
+        out = interruptible(lambda: _faiss_kmeans(host, k, seed, niter, nredo, _faiss_gpu_device(x)), should_stop)
+        return None if out is None else tuple(torch.from_numpy(a).to(x.device) for a in out)
+    return _torch_kmeans(x.detach().float(), k, seed, niter, nredo, should_stop)
 
 
 def run_kmeans(
@@ -265,8 +297,8 @@ def run_kmeans(
     """k-means at each granularity (seed + granularity index, as official), then phi.
 
     features: N x d (the momentum features; the official code uses unit rows). Returns a ClusterResult on
-    the device of ``features`` with L2-normalised centroids. ``should_stop`` is asked before each granularity;
-    when it says yes the result holds only the granularities done so far.
+    the device of ``features`` with L2-normalised centroids. ``should_stop`` is asked before each granularity
+    and during each (see :func:`kmeans`); when it says yes the result holds only the granularities done so far.
     """
     ks = [num_clusters] if isinstance(num_clusters, int) else list(num_clusters)
     x = torch.as_tensor(features).detach().float().contiguous()
@@ -279,7 +311,11 @@ def run_kmeans(
             logger.warning("k-means stopped before k=%d: a stop was requested", k)
             break
         start = time.perf_counter()
-        c, dist2, assign = kmeans(x, k, seed + g, niter, nredo, backend)
+        out = kmeans(x, k, seed + g, niter, nredo, backend, should_stop)
+        if out is None:
+            logger.warning("k-means stopped during k=%d: a stop was requested", k)
+            break
+        c, dist2, assign = out
         seconds = time.perf_counter() - start
         phi = estimate_concentration(dist2.clamp_min(0).sqrt(), assign, k, temperature)
         degenerate = int((~torch.isfinite(phi) | (phi <= 0)).sum())

@@ -7,8 +7,9 @@ so training, feature extraction and clustering take the same code path in CPU te
 from __future__ import annotations
 
 import datetime
+import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -82,8 +83,6 @@ def init(args: Any) -> torch.device:
         # a collective waits this long before the run is declared hung: the other ranks wait in one while rank 0
         # clusters (minutes per E-step at ImageNet scale); NCCL's default of 10 minutes would kill the run there
         timeout = datetime.timedelta(minutes=getattr(args, "dist_timeout", 120))
-        import logging
-
         logging.getLogger("pcl").info("rank %d joining %d processes at %s (waits up to --dist-timeout %g min for "
                                       "the others)", global_rank, world, args.dist_url, timeout.total_seconds() / 60)
         dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=world, rank=global_rank,
@@ -175,13 +174,36 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return holder[0]
 
 
+def _all_gather_into(out: torch.Tensor, tensor: torch.Tensor) -> None:
+    """``out`` (world * n x ...) <- every rank's ``tensor`` (n x ...) in rank order, in one buffer (no list + cat
+    copy); ``all_gather_single`` where torch has it (``all_gather_into_tensor`` warns there)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, tensor.contiguous())
+
+
 @torch.no_grad()
-def gather_rows_exact(rows: torch.Tensor, index: torch.Tensor, num_rows: int) -> torch.Tensor:
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest ``value`` of any rank (one all_reduce; ``value`` with one process). For loops that issue a
+    collective per iteration: every rank runs that many iterations, whatever its own share."""
+    if not is_dist():
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+@torch.no_grad()
+def gather_rows_exact(rows: torch.Tensor, index: torch.Tensor, num_rows: int,
+                      dst: int | None = None) -> torch.Tensor | None:
     """Assemble an N x d matrix from per-rank rows and their dataset indices.
 
     Each rank passes the rows it computed (``rows``: n_local x d) and their sample indices. Ranks may
     hold different counts (an unpadded sharded sampler) or duplicates (a padded one); every index is
     written once, by the value computed for it, so the result equals a single-process pass exactly.
+    ``dst`` None: the matrix on every rank (all-gather; world x the shard in transit and N x d on each rank);
+    ``dst`` = r: on rank r only (gather), None on the others, which then hold no N x d buffer.
+    Collectives: one all_gather of the counts, then two (all-)gathers of equal-sized padded buffers, the
+    same on every rank whatever its count.
     """
     if not is_dist():
         out = torch.zeros(num_rows, rows.shape[1], dtype=rows.dtype, device=rows.device)
@@ -195,11 +217,43 @@ def gather_rows_exact(rows: torch.Tensor, index: torch.Tensor, num_rows: int) ->
     pad_idx[: rows.shape[0]] = index
     del rows
     world = world_size()
-    all_rows = torch.empty(world * size, pad_rows.shape[1], dtype=pad_rows.dtype, device=pad_rows.device)
-    dist.all_gather_into_tensor(all_rows, pad_rows)  # one buffer, no list + cat copy
+    here = dst is None or rank() == dst
+    all_rows = torch.empty(world * size if here else 0, pad_rows.shape[1], dtype=pad_rows.dtype,
+                           device=pad_rows.device)
+    all_idx = torch.empty(world * size if here else 0, dtype=torch.long, device=pad_idx.device)
+    if dst is None:
+        _all_gather_into(all_rows, pad_rows)
+        _all_gather_into(all_idx, pad_idx)
+    else:
+        dist.gather(pad_rows, list(all_rows.chunk(world)) if here else None, dst=dst)
+        dist.gather(pad_idx, list(all_idx.chunk(world)) if here else None, dst=dst)
     del pad_rows
-    all_idx = torch.empty(world * size, dtype=torch.long, device=pad_idx.device)
-    dist.all_gather_into_tensor(all_idx, pad_idx)
+    if not here:
+        return None
     out = torch.zeros(num_rows + 1, all_rows.shape[1], dtype=all_rows.dtype, device=all_rows.device)
     out[all_idx] = all_rows  # padded rows land in the spare last row
     return out[:num_rows]
+
+
+def main_only(fn: Callable[[], Any], what: str) -> Any:
+    """Run ``fn`` on rank 0 alone and tell every rank how it went: its result on rank 0 (None elsewhere), or the
+    same :class:`PCLError` on every rank when it failed there. Without this, an error raised on rank 0 alone
+    (a full disk at a save, collapsed features in k-means) leaves the other ranks waiting in their next
+    collective until --dist-timeout (2 h on NCCL) instead of stopping with its message."""
+    from pcl import PCLError, error_line
+
+    result, failure = None, None
+    if is_main():
+        try:
+            result = fn()
+        except PCLError as e:
+            failure = error_line(e)
+        except Exception as e:  # not an input error: rank 0 logs its traceback, every rank stops
+            if not is_dist():
+                raise
+            logging.getLogger("pcl").exception("%s failed on rank 0", what)
+            failure = f"{what} failed on rank 0: {type(e).__name__}: {e} (traceback in rank 0's log)"
+    failure = broadcast_object(failure)
+    if failure is not None:
+        raise PCLError(failure)
+    return result

@@ -32,8 +32,8 @@ def build_pretrain_data(args: Any) -> PretrainData:
         check_expected(args, sets["train"].shape[0], int(sets["train_labels"].max()) + 1)
         train = TensorPairLoader(sets["train"], batch, TensorAugment(args.image_size, args.aug_plus, args.crop_min_scale),
                                  args.seed)
-        knn = (TensorEvalLoader(sets["train"], eval_bs, shard=False), sets["train_labels"],
-               TensorEvalLoader(sets["test"], eval_bs, shard=False), sets["test_labels"])
+        knn = (TensorEvalLoader(sets["train"], eval_bs), sets["train_labels"],  # sharded: each rank its part
+               TensorEvalLoader(sets["test"], eval_bs), sets["test_labels"])
         return PretrainData(train, TensorEvalLoader(sets["train"], eval_bs), sets["train"].shape[0], knn)
 
     if args.data is None or not os.path.isdir(args.data):
