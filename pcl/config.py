@@ -182,6 +182,9 @@ def _add_pauc_and_monitor_args(p: argparse.ArgumentParser) -> None:
                    help="every N epochs, log kNN top-1 of the learned backbone on the labelled test split (0: off)")
     g.add_argument("--knn-k", default=20, type=int, help="neighbours of the kNN classifier")
     g.add_argument("--knn-t", default=0.07, type=float, help="temperature of the weighted kNN vote")
+    g.add_argument("--knn-max-bank-gb", default=8.0, type=float, metavar="GB",
+                   help="the kNN monitor's feature bank on rank 0 at most (x2 while it is gathered): a larger one keeps "
+                        "every m-th training image, and the raw-pixel baseline pools its images (both logged)")
 
 
 def build_pretrain_parser() -> argparse.ArgumentParser:

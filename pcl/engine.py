@@ -17,10 +17,10 @@ from pcl import PCLError, checkpoint as ckpt_io, distributed as dist_utils
 from pcl.cluster import ClusterResult
 from pcl.config import RunConfig, validate_pretrain_args
 from pcl.data import PretrainData, build_pretrain_data, stream_seed
-from pcl.estep import compute_features, e_step, log_clusters, log_galleries
+from pcl.estep import compute_features, e_step, log_clusters, log_galleries, self_check
 from pcl.evaluation.metrics import knn_report, monitor_scores
-from pcl.log import AverageMeter, RunLog, process_rank, setup_logging
-from pcl.loss import accuracy, info_nce_logits, pauc_terms, proto_nce
+from pcl.log import FiniteGuard, RunLog, StepMeters, process_rank, setup_logging
+from pcl.loss import info_nce_logits, pauc_terms, proto_nce, top1_percent
 from pcl.model import MoCo, apply_speed_options, build_backbone, channels_last
 from pcl.preemption import StopRequest, clear_marker, raise_preempted
 from pcl.schedule import adjust_learning_rate
@@ -44,33 +44,34 @@ def _autocast(cfg: RunConfig, device: torch.device):
 
 
 def _proto_terms(q: torch.Tensor, k: torch.Tensor, index: torch.Tensor, cluster: ClusterResult, cfg: RunConfig,
-                 negative_gen: torch.Generator, meters: dict[str, AverageMeter]) -> list[torch.Tensor]:
+                 negative_gen: torch.Generator, meters: StepMeters) -> list[torch.Tensor]:
     """ProtoNCE, then the optional weighted PAUC terms, of one batch (each added to the loss in turn); meters
-    updated."""
+    updated on the device."""
     b = q.shape[0]
     loss_proto, proto_out, proto_labels, proto_ids = proto_nce(
         q, index, cluster.im2cluster, cluster.centroids, cluster.concentration, cfg.pcl_r, negative_gen,
         return_ids=True, unique_prototypes=cfg.get("unique_prototypes", False), chunks=cfg.get("proto_chunks", 1))
     terms_out = [loss_proto]
-    meters["loss_proto"].update(loss_proto.item(), b)
+    meters.update("loss_proto", loss_proto, b)
     if cfg.get("pauc", False):
         terms = pauc_terms(q, k.detach(), index, cluster.im2cluster, cluster.centroids, cluster.concentration,
                            proto_out, proto_ids, cfg.pauc_alpha, cfg.pauc_t)
         for name, weight in (("align", cfg.pauc_align), ("uniform", cfg.pauc_uniform), ("corr", cfg.pauc_corr)):
             if weight:
                 terms_out.append(weight * terms[name])
-            meters.setdefault(f"loss_{name}", AverageMeter()).update(terms[name].item(), b)
+            meters.update(f"loss_{name}", terms[name], b)
     for k_, out, tgt in zip(cfg.num_cluster, proto_out, proto_labels):
-        acc = accuracy(out, tgt)[0]
-        meters["acc_proto"].update(acc, b)  # averaged over granularities, as official
-        meters.setdefault(f"acc_proto_k{k_}", AverageMeter()).update(acc, b)
+        acc = top1_percent(out, tgt)
+        meters.update("acc_proto", acc, b)  # averaged over granularities, as official
+        meters.update(f"acc_proto_k{k_}", acc, b)
     return terms_out
 
 
 def _train_step(model: nn.Module, batch: tuple, optimizer: torch.optim.Optimizer, cfg: RunConfig,
                 device: torch.device, cluster: ClusterResult | None, gens: tuple[torch.Generator, torch.Generator],
-                meters: dict[str, AverageMeter], scaler: torch.amp.GradScaler | None, where: str) -> None:
-    """One SGD step on (im_q, im_k, index): InfoNCE + ProtoNCE, the queue refilled, meters updated."""
+                meters: StepMeters, scaler: torch.amp.GradScaler | None, guard: FiniteGuard, step: int) -> None:
+    """One SGD step on (im_q, im_k, index): InfoNCE + ProtoNCE, the queue refilled, meters updated. No host sync:
+    the loss is checked by ``guard`` on the device and read later."""
     moco = model.module if hasattr(model, "module") else model
     fmt = torch.channels_last if channels_last(cfg, device) else torch.contiguous_format
     im_q, im_k, index = batch
@@ -88,10 +89,7 @@ def _train_step(model: nn.Module, batch: tuple, optimizer: torch.optim.Optimizer
         loss_proto = terms[0]
         for term in terms:
             loss = loss + term
-    if not torch.isfinite(loss):
-        raise PCLError(f"non-finite loss at {where}: loss_inst={loss_inst.item():.4g}"
-                       + (f" loss_proto={loss_proto.item():.4g}" if loss_proto is not None else "")
-                       + f" lr={optimizer.param_groups[0]['lr']:.4g}; lower --lr (last checkpoint kept)")
+    guard.watch(step, loss, loss_inst, loss_proto, optimizer.param_groups[0]["lr"])
     moco.dequeue_and_enqueue(k)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
@@ -102,9 +100,9 @@ def _train_step(model: nn.Module, batch: tuple, optimizer: torch.optim.Optimizer
         loss.backward()
         optimizer.step()
     b = q.shape[0]
-    meters["loss"].update(loss.item(), b)
-    meters["loss_inst"].update(loss_inst.item(), b)
-    meters["acc_inst"].update(accuracy(logits, labels)[0], b)
+    meters.update("loss", loss, b)
+    meters.update("loss_inst", loss_inst, b)
+    meters.update("acc_inst", top1_percent(logits, labels), b)
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epoch: int,
@@ -116,34 +114,38 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
 
     ``start_step``/``resume_state`` continue an epoch interrupted by :class:`StopRequest`; when a stop is
     requested the returned dict holds ``interrupted_step`` and the ``resume_state`` (RNG streams, loader
-    position, running meters) instead of finishing the epoch.
+    position, running meters) instead of finishing the epoch. The meters and the loss check stay on the device
+    and are read every --print-freq steps (see :class:`FiniteGuard`).
     """
     cfg = RunConfig.of(cfg)
     model.train()
     shuffle_gen = torch.Generator(device=device).manual_seed(_seed(cfg, epoch, 1))
     negative_gen = torch.Generator(device=device).manual_seed(_seed(cfg, epoch, 2))
-    meters = {name: AverageMeter() for name in ("loss", "loss_inst", "loss_proto", "acc_inst", "acc_proto")}
+    meters, guard = StepMeters(device), FiniteGuard(device)
     if resume_state is not None:
         shuffle_gen.set_state(resume_state["shuffle_gen"])
         negative_gen.set_state(resume_state["negative_gen"])
-        for name, (total, count) in resume_state["meters"].items():
-            meters.setdefault(name, AverageMeter()).sum, meters[name].count = total, count
+        meters.load(resume_state["meters"])
     last_step = start_step + len(loader) - 1
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not dist_utils.is_main() or cfg.no_progress, leave=False)
     for step, batch in enumerate(bar, start=start_step):
         _train_step(model, batch, optimizer, cfg, device, cluster, (shuffle_gen, negative_gen), meters, scaler,
-                    f"epoch {epoch} step {step}")
+                    guard, step)
         if step % cfg.print_freq == 0:
-            bar.set_postfix(loss=f"{meters['loss'].avg:.3f}", acc_inst=f"{meters['acc_inst'].avg:.1f}")
+            guard.check(epoch, step, cluster is not None)
+            avg = meters.averages()
+            bar.set_postfix(loss=f"{avg['loss']:.3f}", acc_inst=f"{avg['acc_inst']:.1f}")
         if on_step is not None:
             on_step(epoch, step)
-        if stop is not None and step < last_step and stop.requested(device):
+        if stop is not None and step < last_step and stop.poll(device):
+            guard.check(epoch, step, cluster is not None)  # nothing non-finite is saved
             bar.close()
             return {"interrupted_step": step + 1, "signal": stop.name,
                     "resume_state": {"shuffle_gen": shuffle_gen.get_state(), "negative_gen": negative_gen.get_state(),
-                                     "meters": {n: [m.sum, m.count] for n, m in meters.items()},
-                                     "loader": loader.state_dict(), "torch_rng": torch.get_rng_state()}}
-    return {name: m.avg for name, m in meters.items() if m.count}
+                                     "meters": meters.state(), "loader": loader.state_dict(),
+                                     "torch_rng": torch.get_rng_state()}}
+    guard.check(epoch, last_step, cluster is not None)
+    return meters.averages()
 
 
 def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, cfg: RunConfig,
@@ -272,9 +274,8 @@ class _Run:
 
     def save(self, epoch: int, cluster: ClusterResult | None, path: str, step: int = 0,
              states: list[dict[str, Any]] | None = None) -> None:
-        if dist_utils.is_main():
-            ckpt_io.save_checkpoint(_checkpoint_state(self.model, self.optimizer, epoch, self.cfg, cluster, step,
-                                                      states), path)
+        dist_utils.main_only(lambda: ckpt_io.save_checkpoint(_checkpoint_state(
+            self.model, self.optimizer, epoch, self.cfg, cluster, step, states), path), f"saving {path}")
 
     def clusters(self, epoch: int, resumed: dict[str, Any], start_step: int) -> tuple[ClusterResult | None, Any]:
         """This epoch's E-step result (and, mid-epoch, the rank's resume state from the checkpoint)."""
@@ -318,7 +319,7 @@ class _Run:
         last = epoch + 1 == cfg.epochs
         if cfg.knn_every and data.knn is not None and ((epoch + 1) % cfg.knn_every == 0 or last):
             scores = monitor_scores(ckpt_io.query_backbone(self.model), data.knn, self.device, cfg.knn_k, cfg.knn_t,
-                                    kmeans_backend=cfg.kmeans_backend)
+                                    kmeans_backend=cfg.kmeans_backend, **self.bank_budget())
             stats.update(scores)
             self.run_log.scalars(epoch, {f"train/{k}": v for k, v in scores.items()})
         self.run_log.record(stats)
@@ -337,7 +338,11 @@ class _Run:
         encoders = {"learned": ckpt_io.query_backbone(self.model),
                     "random_init": build_backbone(cfg.arch, cfg.width, cfg.stem).to(self.device).eval(),
                     "raw_pixels": None}
-        return knn_report(encoders, self.data.knn, self.device, cfg.knn_k, cfg.knn_t)
+        return knn_report(encoders, self.data.knn, self.device, cfg.knn_k, cfg.knn_t, **self.bank_budget())
+
+    def bank_budget(self) -> dict[str, int]:
+        """What the kNN monitor may hold on rank 0 (--knn-max-bank-gb) and the raw-pixel baseline's image size."""
+        return {"budget_bytes": int(self.cfg.knn_max_bank_gb * 2 ** 30), "image_size": self.cfg.image_size}
 
 
 def _train(cfg: RunConfig, on_step: Callable[[int, int], None] | None) -> dict[str, Any]:
@@ -348,9 +353,14 @@ def _train(cfg: RunConfig, on_step: Callable[[int, int], None] | None) -> dict[s
         if ckpt is not None:
             ckpt_io.require_pretrain_checkpoint(ckpt, path)
     run = _Run(cfg, on_step)
-    logger.info("PCL: %s (width %d, stem %s) on %s, %d samples, %d processes, batch %d/process",
-                cfg.arch, cfg.width, cfg.stem, run.device, run.data.num_samples, dist_utils.world_size(),
-                dist_utils.per_process(cfg.batch_size))
+    world = dist_utils.world_size()
+    logger.info("PCL: %s (width %d, stem %s) on %s, %d samples, %d processes, global batch %d, %d per %s%s",
+                cfg.arch, cfg.width, cfg.stem, run.device, run.data.num_samples, world, cfg.batch_size,
+                dist_utils.per_process(cfg.batch_size), "GPU" if run.device.type == "cuda" else "process",
+                " (-b/--batch-size is the total over all nodes here; the official code's -b is per node)"
+                if world > dist_utils.local_processes(cfg) else "")
+    if cfg.warmup_epoch < cfg.epochs:  # the E-step's backend and collectives, now rather than at --warmup-epoch
+        self_check(cfg, run.device, cfg.low_dim)
     clear_marker(cfg.exp_dir)  # this run continues the preempted one
     resumed: dict[str, Any] = {}
     start_epoch = cfg.start_epoch

@@ -8,7 +8,9 @@ import os
 import sys
 from typing import Any
 
-from pcl import distributed as dist_utils
+import torch
+
+from pcl import PCLError, distributed as dist_utils
 
 
 def process_rank(hint: int | None = None) -> int:
@@ -103,3 +105,67 @@ class AverageMeter:
     @property
     def avg(self) -> float:
         return self.sum / max(self.count, 1)
+
+
+class StepMeters:
+    """Running weighted sums of a training step's scalars, kept on the device: updating them costs no host sync
+    (a GPU step that reads ``loss.item()`` waits for its own kernels and stops the host from queueing the next
+    step). Read them every --print-freq steps and at the epoch's end: one sync for all. Sums are float64, as the
+    host-side AverageMeter's, so the averages are the same numbers."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        self.sums: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+
+    def update(self, name: str, value: Any, n: int = 1) -> None:
+        """Add ``value`` (a 0-dim tensor on the device, or a number) with weight ``n``."""
+        value = value.detach().to(torch.float64) if torch.is_tensor(value) else float(value)
+        self.sums[name] = self.sums[name] + value * n if name in self.sums else value * n
+        self.counts[name] = self.counts.get(name, 0) + n
+
+    def state(self) -> dict[str, list[float]]:
+        """{name: [sum, count]} as plain floats (one host sync), as checkpoints store the meters."""
+        names = list(self.sums)
+        values = torch.stack([torch.as_tensor(self.sums[n], dtype=torch.float64, device=self.device)
+                              for n in names]).tolist() if names else []
+        return {n: [v, self.counts[n]] for n, v in zip(names, values)}
+
+    def load(self, state: dict[str, list[float]]) -> None:
+        for name, (total, count) in state.items():
+            self.sums[name], self.counts[name] = float(total), int(count)
+
+    def averages(self) -> dict[str, float]:
+        return {n: total / max(count, 1) for n, (total, count) in self.state().items() if count}
+
+
+class FiniteGuard:
+    """Watches every step's loss on the device (no host sync) and stops the run at the next check when one was
+    NaN/inf: every --print-freq steps, at the epoch's end and before any save, agreed over ranks (one
+    all-reduce), so that every rank raises the same error at the same step and nothing is saved."""
+
+    def __init__(self, device: Any) -> None:
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.first = torch.zeros(4, dtype=torch.float64, device=device)  # step, loss_inst, loss_proto, lr
+
+    def watch(self, step: int, loss: Any, loss_inst: Any, loss_proto: Any, lr: float) -> None:
+        """Record this step's total loss (0-dim tensors; ``loss_proto`` None before the first E-step)."""
+        now = ~torch.isfinite(loss.detach())
+        full = lambda v: torch.full((), v, dtype=torch.float64, device=loss.device)  # noqa: E731  (a kernel, no copy)
+        values = torch.stack([full(float(step)), loss_inst.detach().double(),
+                              loss_proto.detach().double() if loss_proto is not None else full(0.0), full(lr)])
+        self.first = torch.where(now & ~self.bad, values, self.first)
+        self.bad |= now
+
+    def check(self, epoch: int, step: int, proto: bool) -> None:
+        """Raise a PCLError on every rank (at the same ``step``) when any rank saw a non-finite loss."""
+        flag = dist_utils.all_reduce_sum(self.bad.to(torch.float32).reshape(1))
+        if float(flag) == 0:
+            return
+        if not bool(self.bad):
+            raise PCLError(f"non-finite loss on another rank by epoch {epoch} step {step} (its log has the values); "
+                           f"lower --lr (last checkpoint kept)")
+        first, inst, loss_proto, lr = self.first.tolist()
+        raise PCLError(f"non-finite loss at epoch {epoch} step {int(first)}: loss_inst={inst:.4g}"
+                       + (f" loss_proto={loss_proto:.4g}" if proto else "")
+                       + f" lr={lr:.4g}; lower --lr (last checkpoint kept)")

@@ -236,6 +236,12 @@ def pauc_terms(
 
 
 @torch.no_grad()
+def top1_percent(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Top-1 accuracy in percent as a 0-dim tensor on the device (no host sync): :func:`accuracy`'s number."""
+    return output.topk(1, dim=1).indices[:, 0].eq(target).float().mean().double() * 100.0
+
+
+@torch.no_grad()
 def accuracy(output: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (1,)) -> list[float]:
     """Top-k accuracy in percent, as the official ``accuracy`` (acc_inst / acc_proto)."""
     maxk = min(max(topk), output.shape[1])

@@ -34,6 +34,9 @@ class StopRequest:
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self._previous: dict[int, Any] = {}
+        self._flag: torch.Tensor | None = None  # poll(): this step's flag, its host copy and the copy's event
+        self._host: torch.Tensor | None = None
+        self._event: Any = None
 
     def install(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
@@ -58,6 +61,28 @@ class StopRequest:
             return self.signal_name is not None
         flag = torch.tensor([1.0 if self.signal_name else 0.0], device=device)
         return bool(dist_utils.all_reduce_sum(flag).item() > 0)
+
+    def poll(self, device: torch.device) -> bool:
+        """:meth:`requested` for a loop that polls at every step, without stalling a CUDA device: the flag is
+        reduced on the device and copied to pinned memory asynchronously, and each call returns the agreed flag
+        of the previous call (waiting only for that one's copy, not for the work queued since). So a stop is
+        seen one step later, at the same step on every rank. Off CUDA, or with one process, it is
+        :meth:`requested` (one process: a Python flag; gloo: a synchronous one-element all-reduce)."""
+        if device.type != "cuda" or not dist_utils.is_dist():
+            return self.requested(device)
+        if self._flag is None:
+            self._flag = torch.zeros(1, device=device)
+            self._host = torch.zeros(1, pin_memory=True)
+        seen = False
+        if self._event is not None:
+            self._event.synchronize()
+            seen = bool(self._host[0] > 0)
+        self._flag.fill_(1.0 if self.signal_name else 0.0)  # a kernel, not a host-to-device copy
+        dist_utils.all_reduce_sum(self._flag)
+        self._host.copy_(self._flag, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+        return seen
 
     @property
     def name(self) -> str:

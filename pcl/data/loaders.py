@@ -29,6 +29,18 @@ def stream_seed(seed: int, epoch: int, rank: int, stream: int) -> int:
     return ((seed * 1_000_003 + epoch) * 1009 + rank) * 17 + stream
 
 
+RANK_STRIDE = 1_000_003  # more than any run's epochs: rank r's worker streams never meet rank 0's of another epoch
+
+
+def worker_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of a file loader's worker augmentation streams (the DataLoader draws its workers' base seed from a
+    generator seeded here) in one epoch on one rank. Not as official, on purpose: the official code seeds every
+    rank alike, so sample p of every rank's batch gets the same crop, flip, colour jitter and blur (and so did
+    this code before); here rank r's seed is offset by r x RANK_STRIDE. Rank 0 keeps epoch_seed(seed, epoch), so
+    one-process runs draw exactly what they drew before."""
+    return epoch_seed(seed, epoch) + rank * RANK_STRIDE
+
+
 class ShardSampler(Sampler[int]):
     """Indices rank, rank + W, ... in order: every sample on exactly one rank, no padding (exact gathers)."""
 
@@ -49,7 +61,7 @@ class FileLoader:
                  pin_memory: bool = False, drop_last: bool | None = None, prefetch_factor: int = 2,
                  persistent_workers: bool = False) -> None:
         rank, world = dist_utils.rank(), dist_utils.world_size()
-        self.seed = seed
+        self.seed, self.rank = seed, rank
         drop_last = train if drop_last is None else drop_last
         if train:
             self.sampler: Sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
@@ -67,7 +79,7 @@ class FileLoader:
     def set_epoch(self, epoch: int) -> None:
         if isinstance(self.sampler, DistributedSampler):
             self.sampler.set_epoch(epoch)
-        self.generator.manual_seed(epoch_seed(self.seed, epoch))
+        self.generator.manual_seed(worker_seed(self.seed, epoch, self.rank))  # the workers' augmentation draws
         self.skip.count, self.step = 0, 0
 
     def state_dict(self) -> dict[str, Any]:
