@@ -6,7 +6,9 @@
     k = 25k/50k/100k, r = 16384, random assignments and unit centroids). Rounds are interleaved; the median
     time per step is reported with the overhead of the prototype term.
 (b) ``--mode throughput``: images/s of the full pretraining step (query fwd+bwd, key fwd, InfoNCE, SGD) for
-    fp32 and the speed options (--amp bf16/fp16, --channels-last, --compile, --sgd-impl fused), same data.
+    fp32 and the speed options (--amp bf16/fp16, --channels-last, --compile, --sgd-impl fused), same data; the
+    ``bn_splits8`` variants use SplitBatchNorm with 8 splits (the single-GPU default) whatever --bn-splits says.
+(c) :func:`host_syncs` (no CLI mode; the GPU check's ``syncs`` section): device-to-host syncs per training step.
 
 Synthetic images live in memory (no loader cost). Prints a markdown table, writes JSON to --out.
 
@@ -16,12 +18,17 @@ Synthetic images live in memory (no loader cost). Prints a markdown table, write
 """
 
 import argparse
+import collections
+import itertools
 import os
 import statistics
 import sys
 import time
+import warnings
+from types import SimpleNamespace
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -29,6 +36,7 @@ sys.path.insert(0, ROOT)
 from common import hardware, write_json  # noqa: E402
 from pcl.cluster import ClusterResult  # noqa: E402
 from pcl.config import build_pretrain_parser, parse_args, validate_pretrain_args  # noqa: E402
+from pcl.engine import StopRequest, e_step, setup  # noqa: E402
 from pcl.engine import apply_speed_options, build_optimizer, channels_last, train_one_epoch  # noqa: E402
 from pcl.model import MoCo  # noqa: E402
 from pcl.settings import parse_list  # noqa: E402
@@ -100,7 +108,9 @@ def overhead(opts, device) -> dict:
 VARIANTS = {"fp32": [], "bf16": ["--amp", "bf16"], "fp16": ["--amp", "fp16"], "channels_last": ["--channels-last"],
             "bf16+channels_last": ["--amp", "bf16", "--channels-last"],
             "fp16+channels_last": ["--amp", "fp16", "--channels-last"], "fused_sgd": ["--sgd-impl", "fused"],
-            "compile": ["--compile"], "bf16+channels_last+compile": ["--amp", "bf16", "--channels-last", "--compile"]}
+            "compile": ["--compile"], "bf16+channels_last+compile": ["--amp", "bf16", "--channels-last", "--compile"],
+            "bn_splits8": ["--bn-splits", "8"],
+            "bf16+channels_last+bn_splits8": ["--amp", "bf16", "--channels-last", "--bn-splits", "8"]}
 
 
 def throughput(opts, device) -> dict:
@@ -109,7 +119,7 @@ def throughput(opts, device) -> dict:
     models = {}
     for name in parse_list(opts.variants, "--variants", str):
         args = make_args(opts, VARIANTS[name])
-        model = build_model(args, device, opts.bn_splits)
+        model = build_model(args, device, args.bn_splits or opts.bn_splits)
         if "--channels-last" in VARIANTS[name] and not channels_last(args, device):
             print(f"skipping {name}: --channels-last is ignored on the CPU (see pcl.model.apply_speed_options)")
             continue
@@ -121,6 +131,68 @@ def throughput(opts, device) -> dict:
     out = {name: statistics.median(v) for name, v in rows.items()}
     return {"mode": "throughput", "images_per_s": out, "rounds": rows,
             "speedup_vs_fp32": {k: v / out["fp32"] for k, v in out.items()} if "fp32" in out else {}}
+
+
+class HostCopies(TorchFunctionMode):
+    """The Tensor methods a step calls that copy a value to the host (on CUDA each is a device-to-host sync)."""
+
+    METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watched = {getattr(torch.Tensor, name) for name in self.METHODS}
+        self.names: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.watched:
+            self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def count_syncs(fn, device: torch.device) -> tuple[list[str], int | None]:
+    """(host-copy calls seen by :class:`HostCopies`, synchronizing CUDA calls reported by
+    ``torch.cuda.set_sync_debug_mode("warn")``: those of C++ code too; None off CUDA) while ``fn()`` runs."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with HostCopies() as copies:
+                fn()
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+                torch.cuda.synchronize(device)
+    return copies.names, sum("synchroniz" in str(w.message) for w in caught) if cuda else None
+
+
+def host_syncs(device: torch.device, exp_dir: str, extra: tuple[str, ...] = ()) -> dict:
+    """Host syncs per training step of train_one_epoch (demo set, ResNet-18 at width 4, 16 px, batch 64, with an
+    E-step result and a StopRequest polled per step, --print-freq out of reach): 2 warm-up steps, then epochs of
+    3 and of 6 steps; the difference over 3 steps is per step (what an epoch does once, at its end, cancels)."""
+    opts = SimpleNamespace(arch="resnet18", width=4, stem="small", image_size=16, batch=64, r=256, ks="10,20")
+    args = make_args(opts, ["--demo-renders", "1", "--kmeans-nredo", "1", "--kmeans-niter", "5", "--workers", "0",
+                            "--exp-dir", exp_dir, *(["--cpu"] if device.type == "cpu" else []), *extra])
+    _, data, model, optimizer = setup(args)
+    cluster = e_step(model, data, args, device, epoch=1)
+    data.train_loader.set_epoch(1)
+    steps = [tuple(t.to(device) for t in b) for b in itertools.islice(iter(data.train_loader), 6)]
+
+    def epoch(n: int) -> None:  # from step 1: step 0 is a --print-freq step
+        train_one_epoch(model, ListLoader(steps[:n]), optimizer, 1, args, device, cluster, start_step=1,
+                        stop=StopRequest())
+
+    epoch(2)
+    three, six = count_syncs(lambda: epoch(3), device), count_syncs(lambda: epoch(6), device)
+    python = (len(six[0]) - len(three[0])) / 3
+    cuda = None if six[1] is None else (six[1] - three[1]) / 3
+    per_step = python if cuda is None else cuda
+    return {"syncs_per_step": per_step, "host_copies_per_step": python, "cuda_syncs_per_step": cuda,
+            "per_epoch": (six[1] if cuda is not None else len(six[0])) - 6 * per_step,
+            "calls_in_6_steps": dict(collections.Counter(six[0])), "flags": list(extra)}
 
 
 def main(argv: list[str] | None = None) -> dict:

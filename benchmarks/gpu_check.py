@@ -1,32 +1,49 @@
 #!/usr/bin/env python
 """The prepared GPU check: everything the paper's run needs from a GPU, measured in one command.
 
-Sections (each timed and recorded on its own; a failing section is reported and the others still run):
-1. tests: the suite's cuda-marked tests (k-means, sampling, logits, chunked ProtoNCE, a 2-epoch run with an
+Sections (each timed and recorded on its own; a failing section is reported and the others still run). The times
+are projections for one H100 (5 to 6 minutes in all), not measurements; ``--cpu`` (toy sizes) takes 1 to 3 minutes
+on 2 CPU cores, most of it the tests section (nccl ~30 s, loader ~5 s, syncs, faiss and the rest a few seconds).
+1. tests (~60 s): the suite's cuda-marked tests (k-means, sampling, logits, chunked ProtoNCE, a 2-epoch run with an
    E-step, fp32 and bf16 + channels-last) on this device;
-2. throughput: the pretraining step (query fwd+bwd, key fwd, InfoNCE, SGD) on ImageNet-sized synthetic data
-   (ResNet-50, 224 px, batch 64), fp32 vs --amp bf16 --channels-last: images/s and the ratio (goal >= 2x);
-3. overhead: PCL step vs MoCo step at the paper's r = 16384 and k = 25k/50k/100k over N = 1.28M (goal <= 5 %);
-4. sampling: negative-prototype sampling + ProtoNCE logits for one granularity at r = 16384, k = 100k, per-GPU
-   batch 32 and 256 (goal < 1 ms);
-5. kmeans: the E-step's k-means on N = 1,281,167 x 128 at k = 25k/50k/100k, niter 20, nredo 1 and 5, with the
-   backend ``auto`` picks here (goal: all three with nredo 5 in < 60 s on one H100);
-6. pil: the official PIL augmentation (MoCo v2, 224 px) from synthesised ImageNet-sized JPEGs (500 x 375),
-   images/s on one CPU core: how many cores one GPU step needs.
+2. throughput (~40 s): the pretraining step (query fwd+bwd, key fwd, InfoNCE, SGD) on ImageNet-sized synthetic data
+   (ResNet-50, 224 px, batch 64), fp32 vs --amp bf16 --channels-last: images/s and the ratio (goal >= 2x); also
+   both with --bn-splits 8 (SplitBatchNorm, the single-GPU default; the others use plain BN as under DDP);
+3. overhead (~30 s): PCL step vs MoCo step at r = 16384 and k = 25k/50k/100k over N = 1.28M (goal <= 5 %);
+4. sampling (~5 s): negative-prototype sampling + ProtoNCE logits for one granularity at r = 16384, k = 100k,
+   per-GPU batch 32 and 256 (goal < 1 ms);
+5. kmeans (~90 s): the E-step's k-means on N = 1,281,167 x 128 at k = 25k/50k/100k, niter 20, nredo 1 and 5, with
+   the backend ``auto`` picks here, and the peak GPU memory per k, features included (goal: all three with nredo 5 in < 60 s);
+6. pil (~5 s): the official PIL augmentation (MoCo v2, 224 px) from synthesised ImageNet-sized JPEGs (500 x 375),
+   images/s on one CPU core: how many cores one GPU step needs;
+7. nccl (~60 s, bounded at 120 s): main_pcl.py in subprocesses through the official launcher
+   (--multiprocessing-distributed --nproc 1: a 1-process NCCL group over CUDA tensors; gloo on the CPU) with
+   --amp fp16 (GradScaler) and the torch k-means: 2 epochs (exit 0), then --epochs 50 stopped by SIGTERM to the
+   launcher after its first epoch (exit 75, a checkpoint saved), then --resume auto --epochs 3 (exit 0, log.txt
+   continued to 3 lines);
+8. loader (~20 s): main_pcl.py DIR for 1 epoch on a generated JPEG ImageFolder (2 classes of 64 x 48 px), 2 loader
+   workers, pinned memory and (GPU) --channels-last: images/s over the wall time, process start included;
+9. faiss (~10 s): faiss k-means on the GPU (N = 200k x 128, k = 10k, nredo 1) when faiss with GPU support is
+   installed, else recorded as untested (not a failure);
+10. syncs (~10 s): host syncs per training step (torch.cuda.set_sync_debug_mode("warn"); on the CPU the
+   host-copying Tensor calls) outside --print-freq steps (goal 0; ok at <= 1 per step).
 
 ``--cpu`` runs every section on the CPU at toy sizes (the suite runs it, so the script cannot rot).
 Writes one JSON (``--out``, default $OUT/gpu_check.json when $OUT is set) and prints a markdown table.
 
     scripts/gpu_check.sh            # on a GPU machine: PYTHONPATH=. python benchmarks/gpu_check.py
-    scripts/gpu_check.sh --cpu      # the CPU fallback, about a minute
+    scripts/gpu_check.sh --cpu      # the CPU fallback, 1 to 3 minutes
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import io
 import json
 import os
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -44,17 +61,23 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from bench_estep import synthetic_features  # noqa: E402
-from bench_step import overhead, throughput  # noqa: E402
+from bench_step import host_syncs, overhead, throughput  # noqa: E402
 from common import hardware, write_json  # noqa: E402
+from pcl.checkpoint import preempt_path  # noqa: E402
 from pcl.cluster import kmeans, resolve_backend  # noqa: E402
 from pcl.loss import prototype_logits, sample_negative_prototypes  # noqa: E402
 from pcl.settings import parse_list  # noqa: E402
 
 FULL = dict(arch="resnet50", width=64, stem="standard", image_size=224, batch=64, r=16384,
             ks="25000,50000,100000", n=1_281_167, steps=10, rounds=3, kmeans_n=1_281_167, kmeans_nredo=(1, 5),
-            pil_images=64, pil_size=(500, 375))
+            pil_images=64, pil_size=(500, 375), cli_timeout=120, nccl_budget=120, loader_per_class=256,
+            faiss_n=200_000, faiss_k=10_000)
 TOY = dict(arch="resnet18", width=8, stem="small", image_size=32, batch=16, r=256, ks="40,80,160", n=4096, steps=2,
-           rounds=1, kmeans_n=4096, kmeans_nredo=(1, 2), pil_images=8, pil_size=(500, 375))
+           rounds=1, kmeans_n=4096, kmeans_nredo=(1, 2), pil_images=8, pil_size=(500, 375), cli_timeout=240,
+           nccl_budget=400, loader_per_class=48, faiss_n=4096, faiss_k=64)
+TINY_CLI = ["--dataset", "demo", "--demo-renders", "1", "--image-size", "16", "-a", "resnet18", "--width", "4",
+            "--stem", "small", "--epochs", "2", "--warmup-epoch", "1", "-b", "64", "--pcl-r", "256",
+            "--num-cluster", "10,20", "--kmeans-nredo", "1", "--workers", "0", "--no-progress"]
 
 
 def sync(device: torch.device) -> None:
@@ -81,7 +104,8 @@ def _step_opts(sizes: dict, device: torch.device, **extra) -> SimpleNamespace:
 
 
 def section_throughput(device: torch.device, sizes: dict) -> dict:
-    variants = "fp32,bf16+channels_last" if device.type == "cuda" else "fp32,bf16"  # channels-last: GPU only
+    variants = ("fp32,bf16+channels_last,bn_splits8,bf16+channels_last+bn_splits8" if device.type == "cuda" else
+                "fp32,bf16,bn_splits8")  # channels-last: GPU only
     res = throughput(_step_opts(sizes, device, variants=variants), device)
     fast = "bf16+channels_last" if device.type == "cuda" else "bf16"
     return {"images_per_s": res["images_per_s"], "speedup": res["speedup_vs_fp32"].get(fast),
@@ -131,18 +155,32 @@ def section_kmeans(device: torch.device, sizes: dict) -> dict:
     backend, why = resolve_backend("auto", device)
     out = {"backend": backend, "why": why, "n": x.shape[0]}
     for nredo in sizes["kmeans_nredo"]:
-        per_k = []
+        per_k, peak = [], []
         for g, k in enumerate(ks):
             sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             start = time.perf_counter()
             kmeans(x, k, seed=g, niter=20, nredo=nredo, backend=backend)
             sync(device)
             per_k.append(time.perf_counter() - start)
+            peak.append(torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None)
         out[f"seconds_nredo{nredo}"] = dict(zip(map(str, ks), per_k))
+        out[f"peak_gpu_gb_nredo{nredo}"] = dict(zip(map(str, ks), peak))
         out[f"total_seconds_nredo{nredo}"] = sum(per_k)
     last = sizes["kmeans_nredo"][-1]
     out.update(goal=f"all three, nredo {last}: < 60 s", ok=out[f"total_seconds_nredo{last}"] < 60.0)
     return out
+
+
+def _write_jpeg(rng, size: tuple[int, int], path: str) -> None:
+    """A w x h JPEG with photo-like (smooth) content, not noise: JPEG sizes and decode times as for photos."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = size
+    smooth = rng.integers(0, 255, (max(h // 8, 1), max(w // 8, 1), 3), dtype=np.uint8)
+    Image.fromarray(smooth).resize((w, h), Image.BILINEAR).save(path, quality=90)
 
 
 def section_pil(device: torch.device, sizes: dict) -> dict:
@@ -154,14 +192,9 @@ def section_pil(device: torch.device, sizes: dict) -> dict:
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for i in range(sizes["pil_images"]):
-            w, h = sizes["pil_size"]
-            smooth = rng.integers(0, 255, (h // 8, w // 8, 3), dtype=np.uint8)  # JPEG-like content, not noise
-            img = Image.fromarray(smooth).resize((w, h), Image.BILINEAR)
-            path = os.path.join(tmp, f"{i}.jpg")
-            img.save(path, quality=90)
-            paths.append(path)
+        paths = [os.path.join(tmp, f"{i}.jpg") for i in range(sizes["pil_images"])]
+        for path in paths:
+            _write_jpeg(rng, sizes["pil_size"], path)
         transform = pretrain_transform(aug_plus=True, size=224)
         start = time.perf_counter()
         for path in paths:
@@ -173,8 +206,117 @@ def section_pil(device: torch.device, sizes: dict) -> dict:
     return {"images_per_s_per_core": len(paths) / seconds, "jpeg_size": list(sizes["pil_size"]), "ok": True}
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(argv: list[str], exp: str, timeout: float, stop_when: str | None = None) -> tuple[int | str, float]:
+    """``main_pcl.py ARGV --exp-dir EXP`` in a subprocess of its own process group, killed whole after
+    ``timeout`` s: (exit code, or "timeout", and seconds). ``stop_when``: SIGTERM the launcher only (as
+    ``kill PID`` / a scheduler does) once that file exists. Its output goes to EXP.out, printed on failure."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    start, signalled = time.perf_counter(), False
+    with open(exp + ".out", "a") as out:
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main_pcl.py"), *argv, "--exp-dir", exp], cwd=ROOT,
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        while proc.poll() is None and time.perf_counter() - start < timeout:
+            if stop_when is not None and not signalled and os.path.exists(stop_when):
+                proc.send_signal(signal.SIGTERM)
+                signalled = True
+            time.sleep(0.1)
+        timed_out = proc.poll() is None
+        if timed_out:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    code = "timeout" if timed_out else proc.returncode
+    if code not in (0, 75):
+        print(f"[gpu_check] main_pcl.py {' '.join(argv)}: exit {code}\n{open(exp + '.out').read()[-3000:]}")
+    return code, time.perf_counter() - start
+
+
+def _lines(path: str) -> int:
+    return len(open(path).read().splitlines()) if os.path.exists(path) else 0
+
+
+def section_nccl(device: torch.device, sizes: dict) -> dict:
+    cuda, deadline = device.type == "cuda", time.perf_counter() + sizes["nccl_budget"]
+    speed = ["--amp", "fp16", "--kmeans-backend", "torch"] if cuda else ["--amp", "none", "--cpu"]
+    out: dict = {"backend": "nccl" if cuda else "gloo", "flags": speed}
+    with tempfile.TemporaryDirectory() as tmp:
+        def run(name: str, *extra: str, stop_when: str | None = None) -> None:
+            launcher = ["--dist-url", f"tcp://127.0.0.1:{_free_port()}", "--multiprocessing-distributed",
+                        "--world-size", "1", "--rank", "0", "--nproc", "1"]
+            budget = max(min(sizes["cli_timeout"], deadline - time.perf_counter()), 1.0)
+            exp_dir = os.path.join(tmp, name.split("_")[0])  # sigterm_resume continues in sigterm/
+            out[f"{name}_exit"], out[f"{name}_seconds"] = _cli([*TINY_CLI, *launcher, *speed, *extra], exp_dir,
+                                                              budget, stop_when)
+
+        run("two_epochs")
+        exp = os.path.join(tmp, "sigterm")
+        log = os.path.join(exp, "log.txt")
+        run("sigterm", "--epochs", "50", stop_when=log)
+        out["log_lines_at_stop"] = stopped = _lines(log)
+        out["checkpoint_saved"] = os.path.exists(log) and (os.path.exists(preempt_path(exp)) or any(
+            os.path.getmtime(p) >= os.path.getmtime(log) for p in glob.glob(os.path.join(exp, "checkpoint_*.pth.tar"))))
+        out["resume_epochs"] = epochs = max(3, stopped + 1)  # 3 unless the stop came late (a fast GPU)
+        run("sigterm_resume", "--epochs", str(epochs), "--resume", "auto")
+        out["log_lines_after_resume"] = _lines(log)
+    out["ok"] = (out["two_epochs_exit"] == 0 and out["sigterm_exit"] == 75 and out["checkpoint_saved"]
+                 and out["sigterm_resume_exit"] == 0 and out["log_lines_after_resume"] == epochs > stopped)
+    return out
+
+
+def section_loader(device: torch.device, sizes: dict) -> dict:
+    import numpy as np
+
+    cuda, per_class, rng = device.type == "cuda", sizes["loader_per_class"], np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        for split, n in (("train", per_class), ("val", max(per_class // 4, 2))):
+            for c in range(2):
+                os.makedirs(os.path.join(tmp, "data", split, f"class{c}"))
+                for i in range(n):
+                    _write_jpeg(rng, (64, 48), os.path.join(tmp, "data", split, f"class{c}", f"{i}.jpg"))
+        flags = ["--channels-last", "--kmeans-backend", "torch"] if cuda else ["--cpu"]
+        code, seconds = _cli([os.path.join(tmp, "data"), "--epochs", "1", "--warmup-epoch", "0", "--workers", "2",
+                              "--image-size", "32", "-a", "resnet18", "--width", "4", "--stem", "small", "-b", "32",
+                              "--pcl-r", "64", "--num-cluster", "4,8", "--kmeans-nredo", "1", "--no-progress", *flags],
+                             os.path.join(tmp, "exp"), sizes["cli_timeout"])
+        saved = os.path.exists(os.path.join(tmp, "exp", "checkpoint_0000.pth.tar"))
+    return {"images": 2 * per_class, "images_per_s": 2 * per_class / seconds, "exit": code, "workers": 2,
+            "pin_memory": torch.cuda.is_available(), "flags": flags, "ok": code == 0 and saved}
+
+
+def section_faiss(device: torch.device, sizes: dict) -> dict:
+    try:
+        import faiss
+
+        gpus = int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
+    except Exception:  # not installed, or a build that cannot load here
+        return {"status": "faiss-GPU: untested (faiss is not installed here)", "ok": True}
+    if device.type == "cuda" and gpus == 0:
+        return {"status": "faiss-GPU: untested (this faiss has no GPU support)", "ok": True}
+    n, k = sizes["faiss_n"], sizes["faiss_k"]
+    x = synthetic_features(n, 128, centres=k // 4).to(device)
+    sync(device)
+    start = time.perf_counter()
+    kmeans(x, k, seed=0, niter=20, nredo=1, backend="faiss")
+    sync(device)
+    where = "GPU" if device.type == "cuda" else "CPU (the GPU run times it on the GPU)"
+    return {"status": f"faiss on the {where}", "kmeans_seconds": time.perf_counter() - start, "n": n, "k": k,
+            "ok": True}
+
+
+def section_syncs(device: torch.device, sizes: dict) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        res = host_syncs(device, tmp)
+    return {**res, "goal": "0 per step outside --print-freq steps", "ok": res["syncs_per_step"] <= 1}
+
+
 SECTIONS = {"tests": section_tests, "throughput": section_throughput, "overhead": section_overhead,
-            "sampling": section_sampling, "kmeans": section_kmeans, "pil": section_pil}
+            "sampling": section_sampling, "kmeans": section_kmeans, "pil": section_pil, "nccl": section_nccl,
+            "loader": section_loader, "faiss": section_faiss, "syncs": section_syncs}
 
 
 def row(name: str, r: dict) -> str:
@@ -190,10 +332,24 @@ def row(name: str, r: dict) -> str:
     elif name == "sampling":
         text = f"batch 32: {r['ms_per_granularity_b32']:.3f} ms, batch 256: {r['ms_per_granularity_b256']:.3f} ms"
     elif name == "kmeans":
+        peak = [v for key, per_k in r.items() if key.startswith("peak_gpu_gb") for v in per_k.values() if v is not None]
         text = f"{r['backend']} (N={r['n']}): " + "; ".join(
             f"nredo {key[len('total_seconds_nredo'):]}: {v:.1f} s" for key, v in r.items() if key.startswith("total_seconds"))
-    else:
+        text += f"; peak {max(peak):.1f} GB" if peak else ""
+    elif name == "pil":
         text = f"{r['images_per_s_per_core']:.1f} images/s per core (two 224 px crops each)"
+    elif name == "nccl":
+        text = (f"{r['backend']}, 1 process: 2 epochs exit {r['two_epochs_exit']}; SIGTERM exit {r['sigterm_exit']} "
+                f"(saved: {r['checkpoint_saved']}); resume exit {r['sigterm_resume_exit']}, log.txt "
+                f"{r['log_lines_at_stop']} -> {r['log_lines_after_resume']} lines")
+    elif name == "loader":
+        text = (f"{r['images']} JPEGs, {r['workers']} workers, pin_memory {r['pin_memory']}, {' '.join(r['flags'])}: "
+                f"{r['images_per_s']:.0f} images/s (wall, start-up included), exit {r['exit']}")
+    elif name == "faiss":
+        text = r["status"] + (f": N={r['n']}, k={r['k']}: {r['kmeans_seconds']:.1f} s" if "n" in r else "")
+    else:
+        cuda = "" if r["cuda_syncs_per_step"] is None else f", host copies {r['host_copies_per_step']:.2f}"
+        text = f"{r['syncs_per_step']:.2f} per step{cuda}; {r['per_epoch']:.0f} per epoch (its end)"
     goal = r.get("goal", "")
     return f"| {name} | {text} | {goal}{' ok' if r.get('ok') else ' MISSED' if goal else ''} | {r['seconds']:.0f} |"
 

@@ -121,7 +121,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     model.train()
     shuffle_gen = torch.Generator(device=device).manual_seed(_seed(cfg, epoch, 1))
     negative_gen = torch.Generator(device=device).manual_seed(_seed(cfg, epoch, 2))
-    meters, guard = StepMeters(device), FiniteGuard(device)
+    meters = StepMeters(device, ("loss", "loss_inst", "loss_proto", "acc_inst", "acc_proto"))
+    guard = FiniteGuard(device)
     if resume_state is not None:
         shuffle_gen.set_state(resume_state["shuffle_gen"])
         negative_gen.set_state(resume_state["negative_gen"])
@@ -359,8 +360,6 @@ def _train(cfg: RunConfig, on_step: Callable[[int, int], None] | None) -> dict[s
                 dist_utils.per_process(cfg.batch_size), "GPU" if run.device.type == "cuda" else "process",
                 " (-b/--batch-size is the total over all nodes here; the official code's -b is per node)"
                 if world > dist_utils.local_processes(cfg) else "")
-    if cfg.warmup_epoch < cfg.epochs:  # the E-step's backend and collectives, now rather than at --warmup-epoch
-        self_check(cfg, run.device, cfg.low_dim)
     clear_marker(cfg.exp_dir)  # this run continues the preempted one
     resumed: dict[str, Any] = {}
     start_epoch = cfg.start_epoch
@@ -375,6 +374,8 @@ def _train(cfg: RunConfig, on_step: Callable[[int, int], None] | None) -> dict[s
     run.run_log, run.stop = RunLog(cfg.exp_dir), StopRequest().install()
     stats: dict[str, Any] = {}
     try:
+        if cfg.warmup_epoch < cfg.epochs:  # the E-step's backend and collectives now, not at --warmup-epoch
+            self_check(cfg, run.device, cfg.low_dim)
         for epoch in range(start_epoch, cfg.epochs):
             stats = run.epoch(epoch, resumed, int(resumed.get("step", 0)) if epoch == start_epoch else 0)
         if cfg.knn_eval and run.data.knn is not None:

@@ -113,10 +113,11 @@ class StepMeters:
     step). Read them every --print-freq steps and at the epoch's end: one sync for all. Sums are float64, as the
     host-side AverageMeter's, so the averages are the same numbers."""
 
-    def __init__(self, device: Any) -> None:
+    def __init__(self, device: Any, names: tuple[str, ...] = ()) -> None:
+        """``names``: meters that come first in the logs (in this order), whether or not they are updated."""
         self.device = device
-        self.sums: dict[str, Any] = {}
-        self.counts: dict[str, int] = {}
+        self.sums: dict[str, Any] = dict.fromkeys(names, 0.0)
+        self.counts: dict[str, int] = dict.fromkeys(names, 0)
 
     def update(self, name: str, value: Any, n: int = 1) -> None:
         """Add ``value`` (a 0-dim tensor on the device, or a number) with weight ``n``."""

@@ -8,8 +8,10 @@ if [ $# -lt 5 ]; then echo "usage: $0 IMAGENET_DIR EXP_DIR NNODES NODE_RANK MAST
 DATA=$1; EXP=$2; NNODES=$3; NODE_RANK=$4; MASTER=$5; shift 5
 # torchrun passes SIGTERM (and, listed here, SLURM's SIGUSR1) on to its workers, then kills them after
 # TORCH_ELASTIC_SHUTDOWN_TIMEOUT s (torch's default 30 s is too short for the last step plus a ResNet-50 save on a
-# busy filesystem; 170 s fits inside SLURM's --signal lead of 180 s). Older torchrun versions ignore both.
-export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+# busy filesystem; 170 s fits inside SLURM's --signal lead of 180 s). PET_SIGNALS_TO_HANDLE is the default of
+# torchrun's --signals-to-handle (which overwrites TORCHELASTIC_SIGNALS_TO_HANDLE); older torchruns ignore these.
+export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+export TORCHELASTIC_SIGNALS_TO_HANDLE=$PET_SIGNALS_TO_HANDLE
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-170}
 root=$(cd "$(dirname "$0")/.." && pwd)
 CMD=(torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "${GPUS_PER_NODE:-8}"

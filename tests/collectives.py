@@ -32,6 +32,13 @@ def _sig(t: torch.Tensor) -> tuple:
     return tuple(t.shape), t.dtype, t.device.type
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equal, NaN equal to NaN (a diverged rank sends NaN)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return bool(((a == b) | (a != a) & (b != b)).all()) if a.is_floating_point() else torch.equal(a, b)
+
+
 class WorldAudit:
     """Run ``fn(rank)`` as each of ``world`` ranks in turn; see the module docstring."""
 
@@ -73,7 +80,7 @@ class WorldAudit:
         hold timings)."""
         if cls._signatures(calls) != cls._signatures(previous):
             return False
-        return all(not torch.is_tensor(a.payload) or torch.equal(a.payload, b.payload)
+        return all(not torch.is_tensor(a.payload) or _same(a.payload, b.payload)
                    for log, old in zip(calls, previous) for a, b in zip(log, old))
 
     @staticmethod

@@ -128,12 +128,22 @@ def test_gpu_check_cpu_fallback_runs_every_section(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     sections = res["sections"]
-    assert set(sections) == {"tests", "throughput", "overhead", "sampling", "kmeans", "pil"}
+    assert set(sections) == {"tests", "throughput", "overhead", "sampling", "kmeans", "pil", "nccl", "loader",
+                             "faiss", "syncs"}
     assert not any("error" in r for r in sections.values())
     assert sections["tests"]["ok"] and "passed" in sections["tests"]["summary"]
     assert sections["throughput"]["images_per_s"]["fp32"] > 0 and sections["pil"]["images_per_s_per_core"] > 0
+    assert sections["throughput"]["images_per_s"]["bn_splits8"] > 0
     assert sections["sampling"]["ms_per_granularity_b32"] > 0 and sections["kmeans"]["total_seconds_nredo1"] > 0
-    assert "| kmeans |" in proc.stdout
+    assert set(sections["kmeans"]["peak_gpu_gb_nredo1"].values()) == {None}  # GPU memory: CUDA only
+    nccl = sections["nccl"]
+    assert nccl["ok"] and (nccl["two_epochs_exit"], nccl["sigterm_exit"], nccl["sigterm_resume_exit"]) == (0, 75, 0)
+    assert nccl["checkpoint_saved"] and nccl["log_lines_after_resume"] > nccl["log_lines_at_stop"]
+    assert sections["loader"]["ok"] and sections["loader"]["images_per_s"] > 0
+    assert sections["faiss"]["ok"] and "faiss" in sections["faiss"]["status"]
+    assert sections["syncs"]["ok"] and sections["syncs"]["syncs_per_step"] >= 0
+    for name in ("kmeans", "nccl", "loader", "faiss", "syncs"):
+        assert f"| {name} |" in proc.stdout
 
 
 def test_batch_larger_than_the_dataset_is_refused(tmp_path):
