@@ -19,6 +19,9 @@ class Preempted(Exception):
         self.path, self.epoch, self.step = path, epoch, step
 
 
+ABANDONED_THREAD = "pcl-abandoned"  # the name of a worker thread left running after a stop (see launch.exit_now)
+
+
 def error_line(err: BaseException) -> str:
     """One line for a PCLError, also when a DataLoader worker re-raised it with the worker's traceback."""
     text = str(err).strip()

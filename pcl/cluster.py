@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from pcl import PCLError
+from pcl import ABANDONED_THREAD, PCLError
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,8 @@ def interruptible(fn: Callable[[], Any], should_stop: Callable[[], bool] | None,
 
     For work that cannot look for a stop itself (faiss trains all its Lloyd iterations in one call, ~75 s at
     k = 100k on a GPU, longer than the 30 s torchrun grants after SIGTERM): it runs in a daemon thread (faiss
-    releases the GIL) and is abandoned on a stop, to finish in the background or end with the process."""
+    releases the GIL) and is abandoned on a stop, renamed ``pcl.ABANDONED_THREAD``: the process then exits
+    without tearing CUDA down under it (:func:`pcl.launch.exit_now`)."""
     if should_stop is None:
         return fn()
     box: dict[str, Any] = {}
@@ -141,6 +142,7 @@ def interruptible(fn: Callable[[], Any], should_stop: Callable[[], bool] | None,
     while worker.is_alive():
         worker.join(poll_seconds)
         if worker.is_alive() and should_stop():
+            worker.name = ABANDONED_THREAD
             return None
     if "err" in box:
         raise box["err"]

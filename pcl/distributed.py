@@ -202,15 +202,17 @@ def gather_rows_exact(rows: torch.Tensor, index: torch.Tensor, num_rows: int,
     written once, by the value computed for it, so the result equals a single-process pass exactly.
     ``dst`` None: the matrix on every rank (all-gather; world x the shard in transit and N x d on each rank);
     ``dst`` = r: on rank r only (gather), None on the others, which then hold no N x d buffer.
-    Collectives: one all_gather of the counts, then two (all-)gathers of equal-sized padded buffers, the
-    same on every rank whatever its count.
+    Collectives: one all_gather of the shapes, then two (all-)gathers of equal-sized padded buffers, the
+    same on every rank whatever its count (an empty shard passes a 0 x 0 tensor).
     """
     if not is_dist():
         out = torch.zeros(num_rows, rows.shape[1], dtype=rows.dtype, device=rows.device)
         out[index] = rows
         return out
-    counts = all_gather_cat(torch.tensor([rows.shape[0]], device=rows.device))
-    size = int(counts.max())
+    shapes = all_gather_cat(torch.tensor([list(rows.shape)], device=rows.device))  # world x 2: (rows, d)
+    size, dim = int(shapes[:, 0].max()), int(shapes[:, 1].max())
+    if rows.shape[1] != dim:  # an empty shard (fewer samples than ranks) does not know d
+        rows = rows.new_zeros(0, dim)
     pad_rows = torch.zeros(size, rows.shape[1], dtype=rows.dtype, device=rows.device)
     pad_idx = torch.full((size,), num_rows, dtype=torch.long, device=rows.device)  # padding -> a spare row
     pad_rows[: rows.shape[0]] = rows
@@ -236,24 +238,27 @@ def gather_rows_exact(rows: torch.Tensor, index: torch.Tensor, num_rows: int,
 
 
 def main_only(fn: Callable[[], Any], what: str) -> Any:
-    """Run ``fn`` on rank 0 alone and tell every rank how it went: its result on rank 0 (None elsewhere), or the
-    same :class:`PCLError` on every rank when it failed there. Without this, an error raised on rank 0 alone
-    (a full disk at a save, collapsed features in k-means) leaves the other ranks waiting in their next
-    collective until --dist-timeout (2 h on NCCL) instead of stopping with its message."""
+    """Run ``fn`` on rank 0 alone and tell every rank how it went: its result on rank 0 (None elsewhere), or an
+    error on every rank when it failed there: the same :class:`PCLError` for bad input (exit code 2), otherwise
+    the original exception on rank 0 and a RuntimeError naming it on the others. Without this, an error raised on
+    rank 0 alone (a full disk at a save, collapsed features in k-means) leaves the other ranks waiting in their
+    next collective until --dist-timeout (2 h on NCCL) instead of stopping with its message."""
     from pcl import PCLError, error_line
 
-    result, failure = None, None
+    result, failure, original = None, None, None
     if is_main():
         try:
             result = fn()
         except PCLError as e:
-            failure = error_line(e)
-        except Exception as e:  # not an input error: rank 0 logs its traceback, every rank stops
+            failure = ("input", error_line(e))
+        except Exception as e:
             if not is_dist():
                 raise
-            logging.getLogger("pcl").exception("%s failed on rank 0", what)
-            failure = f"{what} failed on rank 0: {type(e).__name__}: {e} (traceback in rank 0's log)"
+            original = e
+            failure = ("error", f"{what} failed on rank 0: {type(e).__name__}: {e} (traceback in rank 0's output)")
     failure = broadcast_object(failure)
-    if failure is not None:
-        raise PCLError(failure)
-    return result
+    if failure is None:
+        return result
+    if original is not None:
+        raise original
+    raise PCLError(failure[1]) if failure[0] == "input" else RuntimeError(failure[1])

@@ -315,19 +315,21 @@ class _Run:
             raise_preempted(cfg.exp_dir, path, epoch, stats["interrupted_step"], stats["signal"])
         stats.update(epoch=epoch, lr=lr, seconds=time.perf_counter() - start)
         log_clusters(self.run_log, stats, cluster, cfg, epoch, data.knn[1] if data.knn is not None else None)
-        if cluster is not None and cluster.gallery and self.run_log.writer is not None:
-            log_galleries(self.run_log, cluster, data, cfg, epoch)
+        if cluster is not None and cfg.get("prototype_gallery", False):
+            dist_utils.main_only(lambda: self.run_log.writer is not None and cluster.gallery
+                                 and log_galleries(self.run_log, cluster, data, cfg, epoch), "the prototype galleries")
         last = epoch + 1 == cfg.epochs
         if cfg.knn_every and data.knn is not None and ((epoch + 1) % cfg.knn_every == 0 or last):
             scores = monitor_scores(ckpt_io.query_backbone(self.model), data.knn, self.device, cfg.knn_k, cfg.knn_t,
-                                    kmeans_backend=cfg.kmeans_backend, **self.bank_budget())
+                                    kmeans_backend=cfg.kmeans_backend, should_stop=lambda: self.stop.poll(self.device),
+                                    **self.bank_budget())  # {} when a stop came: saved below, then stopped
             stats.update(scores)
             self.run_log.scalars(epoch, {f"train/{k}": v for k, v in scores.items()})
+        stopping = not last and self.stop.requested(self.device)  # a signal during the last step or the monitor
+        if (epoch + 1) % cfg.save_freq == 0 or last or stopping:
+            self.save(epoch, cluster, ckpt_io.checkpoint_path(cfg.exp_dir, epoch))  # saved before it is logged
         self.run_log.record(stats)
         logger.info("epoch %d: %s", epoch, " ".join(f"{k}={v:.4g}" for k, v in stats.items() if k != "epoch"))
-        stopping = not last and self.stop.requested(self.device)  # a signal during the epoch's last step
-        if (epoch + 1) % cfg.save_freq == 0 or last or stopping:
-            self.save(epoch, cluster, ckpt_io.checkpoint_path(cfg.exp_dir, epoch))
         if stopping:
             raise_preempted(cfg.exp_dir, ckpt_io.checkpoint_path(cfg.exp_dir, epoch), epoch + 1, 0, self.stop.name)
         return stats

@@ -99,9 +99,10 @@ def e_step(model: nn.Module, data: PretrainData, cfg: RunConfig, device: torch.d
         return None
     if cfg.get("fixed_concentration", False):  # ablation: one temperature for every prototype
         result.concentration = [torch.full_like(phi, cfg.temperature) for phi in result.concentration]
-    if cfg.get("prototype_gallery", False) and dist_utils.is_main():  # O(N) + the shown clusters' rows
-        result.gallery = [gallery_rows(features, a, c, phi, seed=cfg.seed)
-                          for a, c, phi in zip(result.im2cluster, result.centroids, result.concentration)]
+    if cfg.get("prototype_gallery", False):  # rank 0: O(N) + the shown clusters' rows
+        result.gallery = dist_utils.main_only(lambda: [
+            gallery_rows(features, a, c, phi, seed=cfg.seed)
+            for a, c, phi in zip(result.im2cluster, result.centroids, result.concentration)], "the gallery") or []
     del features
     result.estep_seconds = time.perf_counter() - start
     logger.info("E-step epoch %d: features %.1f s, k-means %s s, total %.1f s", epoch, feat_seconds,
@@ -123,9 +124,13 @@ def self_check(cfg: RunConfig, device: torch.device, dim: int) -> float:
     x = torch.nn.functional.normalize(torch.randn(n, dim, generator=torch.Generator().manual_seed(0)), dim=1)
     mine = torch.arange(rank, n, world)
     gathered = dist_utils.gather_rows_exact(x[mine].to(device), mine.to(device), n, dst=0)
-    if gathered is not None and not torch.equal(gathered.cpu(), x):
-        raise PCLError("start-up check of the E-step: the features gathered on rank 0 differ from what the ranks "
-                       "sent (a collective is broken: check the NCCL/gloo setup)")
+
+    def verify() -> None:
+        if not torch.equal(gathered.cpu(), x):
+            raise PCLError("start-up check of the E-step: the features gathered on rank 0 differ from what the "
+                           "ranks sent (a collective is broken: check the NCCL/gloo setup)")
+
+    dist_utils.main_only(verify, "the start-up check")
     rehearsal = cfg.replace(num_cluster=tuple(min(k, 64) for k in cfg.num_cluster), kmeans_niter=2, kmeans_nredo=1)
     result = _cluster_on_rank0(gathered, (n, dim), rehearsal, device, None)
     digest = torch.stack([a.sum() for a in result.im2cluster]).to(torch.float64)  # same on every rank?
@@ -143,12 +148,13 @@ def log_clusters(run_log: RunLog, stats: dict[str, Any], cluster: ClusterResult 
                epoch: int, labels: torch.Tensor | None = None) -> None:
     """E-step timings and cluster statistics into the stats (NMI/AMI per granularity against the training
     labels when the set has them), and everything to TensorBoard (with cluster-size and phi histograms)."""
-    if cluster is not None and labels is not None and dist_utils.is_main():
-        for k_, assign in zip(cfg.num_cluster, cluster.im2cluster):
+    if cluster is not None and labels is not None:
+        def scores() -> dict[str, float]:
             # rank 0 only, while the others wait: NMI is O(N), AMI is skipped above 200k samples, and the
             # Hungarian accuracy (a dense k x classes table: 0.8 GB at ImageNet's k = 100k) is not computed
-            scores = clustering_scores(labels.numpy(), assign.cpu().numpy(), with_acc=False)
-            stats.update({f"{m}_k{k_}": v for m, v in scores.items()})
+            return {f"{m}_k{k_}": v for k_, assign in zip(cfg.num_cluster, cluster.im2cluster)
+                    for m, v in clustering_scores(labels.numpy(), assign.cpu().numpy(), with_acc=False).items()}
+        stats.update(dist_utils.main_only(scores, "the clustering scores") or {})
     if cluster is not None:
         stats["estep_seconds"] = cluster.estep_seconds
         for k_, sec in zip(cfg.num_cluster, cluster.kmeans_seconds):

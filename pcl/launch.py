@@ -13,11 +13,13 @@ import logging
 import os
 import signal
 import sys
+import threading
 from typing import Any, Callable, Sequence
 
 import torch
 
-from pcl import EXIT_INPUT, EXIT_PREEMPTED, PCLError, Preempted, distributed as dist_utils, error_line
+from pcl import (ABANDONED_THREAD, EXIT_INPUT, EXIT_PREEMPTED, PCLError, Preempted, distributed as dist_utils,
+                 error_line)
 from pcl.config import RunConfig, parse_args
 from pcl.preemption import preempted_from_marker
 
@@ -53,6 +55,7 @@ def run_cli(build_parser: Callable[[], argparse.ArgumentParser], run: Callable[[
         return EXIT_INPUT
     except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr)
+        exit_now(EXIT_PREEMPTED)
         return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -60,11 +63,24 @@ def run_cli(build_parser: Callable[[], argparse.ArgumentParser], run: Callable[[
     return 0
 
 
+def exit_now(code: int) -> None:
+    """Exit with ``code`` at once (no interpreter teardown) when a stop abandoned work in a thread (a faiss k-means
+    still running on the GPU, see ``pcl.cluster.interruptible``): tearing CUDA and faiss down under it can crash
+    the process and turn exit code 75 (preempted, saved) into a failure. Otherwise return: a normal exit."""
+    if any(t.name == ABANDONED_THREAD and t.is_alive() for t in threading.enumerate()):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def _worker(local_rank: int, nprocs: int, args: Any, fn: Callable) -> None:
     try:
         fn(args.replace(local_rank=local_rank))
     except Preempted as e:  # saved already; tell the parent by the exit code
         logger.warning("%s", e)
+        dist_utils.cleanup()
+        exit_now(EXIT_PREEMPTED)
         raise SystemExit(EXIT_PREEMPTED) from None
     except PCLError as e:
         logger.error("error: %s", e)

@@ -176,7 +176,8 @@ def uniformity(z: torch.Tensor, t: float = 2.0) -> torch.Tensor:
     z: B x C (unit rows), B >= 2. At most 0, reached when all z are equal (collapse); lower is more uniform.
     """
     sq = torch.pdist(z, p=2).pow(2)  # B(B-1)/2 pairwise squared distances
-    return torch.logsumexp(-t * sq, dim=0) - torch.log(torch.tensor(float(sq.numel()), dtype=z.dtype, device=z.device))
+    count = torch.full((), float(sq.numel()), dtype=z.dtype, device=z.device)  # a fill kernel: no host-to-device copy
+    return torch.logsumexp(-t * sq, dim=0) - torch.log(count)
 
 
 def prototype_features(logits: torch.Tensor, selected_centroids: torch.Tensor) -> torch.Tensor:

@@ -93,8 +93,11 @@ def raise_preempted(exp_dir: str, path: str, epoch: int, step: int, signal_name:
     """All ranks stop together; rank 0 leaves EXP_DIR/PREEMPTED for the launch scripts (they requeue)."""
     err = Preempted(path, epoch, step, signal_name)
     if dist_utils.is_main():
-        with open(os.path.join(exp_dir, MARKER), "w") as f:
-            f.write(str(err) + "\n")
+        try:  # the checkpoint is saved: a full disk here must not keep the other ranks waiting at the barrier
+            with open(os.path.join(exp_dir, MARKER), "w") as f:
+                f.write(str(err) + "\n")
+        except OSError as e:
+            logger.warning("could not write %s (%s): the launch scripts will not requeue", MARKER, e.strerror)
     dist_utils.barrier()
     raise err
 

@@ -275,3 +275,91 @@ def test_sigusr1_to_torchrun_reaches_the_workers_and_they_save(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert (exp / "PREEMPTED").exists(), err[-3000:]
     assert "SIGUSR1 received: stopped after epoch" in (exp / "PREEMPTED").read_text()
+
+
+def test_the_bank_stride_shares_no_factor_with_the_ranks():
+    from pcl.evaluation.metrics import coprime_stride
+
+    assert [coprime_stride(s, 8) for s in (1, 2, 3, 4, 8)] == [1, 3, 3, 5, 9]
+    assert coprime_stride(4, 6) == 5 and coprime_stride(2, 1) == 2
+
+
+def test_a_stop_during_the_knn_monitor_returns_nothing_on_every_rank():
+    bank = (torch.rand(40, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    knn = (TensorEvalLoader(bank, 7), torch.arange(40) % 2, TensorEvalLoader(bank, 7), torch.arange(40) % 2)
+    assert monitor_scores(None, knn, torch.device("cpu"), k=3, should_stop=lambda: True) == {}
+
+
+def test_a_rank_with_an_empty_shard_goes_through_the_same_gather():
+    from pcl import distributed as dist_utils
+
+    x = torch.arange(10.0).view(5, 2)
+
+    def fn(rank):  # 5 samples on 8 ranks: ranks 5-7 hold none and do not know d
+        mine = torch.arange(5)[rank::8]
+        return dist_utils.gather_rows_exact(x[mine] if len(mine) else torch.zeros(0, 0), mine, 5, dst=0)
+
+    audit = WorldAudit(8)
+    outcomes = audit.run(fn)
+    assert not audit.mismatches(), "\n".join(audit.mismatches())
+    assert torch.equal(outcomes[0], x) and outcomes[1:] == [None] * 7
+
+
+def test_an_unexpected_error_on_rank_0_keeps_its_type_there_and_is_named_elsewhere():
+    from pcl import distributed as dist_utils
+
+    def fn(rank):
+        def boom():
+            raise MemoryError("CUDA out of memory")
+        return dist_utils.main_only(boom, "the kNN monitor")
+
+    outcomes = WorldAudit(8).run(fn)
+    assert isinstance(outcomes[0], MemoryError)
+    assert all(type(o) is RuntimeError and "the kNN monitor failed on rank 0: MemoryError" in str(o)
+               for o in outcomes[1:])
+
+
+def test_a_stop_during_the_monitor_saves_the_epoch_before_logging_it(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import pcl.engine
+    from pcl import Preempted
+    from pcl.checkpoint import load_checkpoint
+
+    real = pcl.engine.monitor_scores
+
+    def signalled(*args, **kwargs):  # SLURM's signal arrives while the monitor encodes the bank
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pcl.engine, "monitor_scores", signalled)
+    exp = tmp_path / "exp"
+    with pytest.raises(Preempted) as stopped:
+        fit(tiny_args(exp, "--epochs", "3", "--warmup-epoch", "3", "--knn-every", "1", "--save-freq", "5"))
+    assert stopped.value.epoch == 1 and stopped.value.step == 0
+    assert load_checkpoint(exp / "checkpoint_0000.pth.tar")["epoch"] == 1
+    assert len((exp / "log.txt").read_text().splitlines()) == 1
+
+
+def test_a_stopped_process_with_abandoned_k_means_exits_75_at_once(tmp_path):
+    """faiss abandoned in its thread: the process leaves with os._exit(75), not through a CUDA teardown."""
+    import subprocess
+
+    from conftest import ROOT
+
+    code = f"""
+import atexit, sys, time
+sys.path.insert(0, {ROOT!r})
+from pcl import Preempted
+from pcl.cluster import interruptible
+from pcl.launch import run_cli
+atexit.register(lambda: print("teardown ran"))
+def run(args):
+    assert interruptible(lambda: time.sleep(30), lambda: True, 0.01) is None
+    raise Preempted("ckpt", 1, 2, "SIGTERM")
+import argparse
+sys.exit(run_cli(lambda: argparse.ArgumentParser(), run, []))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 75 and "preempted:" in out.stderr and "teardown ran" not in out.stdout, out

@@ -63,10 +63,10 @@ def extract_features(encoder: Callable[[torch.Tensor], torch.Tensor] | None, loa
                 out[index] = feats
         if should_stop is not None and should_stop():
             return None
-    if distributed:
-        if not rows:  # an empty shard (fewer samples than ranks): no rows, but the same collectives
-            raise ValueError("extract_features: this rank's shard is empty; use fewer processes than samples")
-        return dist_utils.gather_rows_exact(torch.cat(rows), torch.cat(idx), num_samples, dst)
+    if distributed:  # an empty shard (fewer samples than ranks) sends no rows, through the same collectives
+        empty = (torch.zeros(0, 0, device=device), torch.zeros(0, dtype=torch.long, device=device))
+        return dist_utils.gather_rows_exact(torch.cat(rows) if rows else empty[0], torch.cat(idx) if idx else empty[1],
+                                            num_samples, dst)
     return out
 
 
@@ -157,36 +157,59 @@ def _monitor_encoder(encoder: nn.Module | None, num_rows: int, image_size: int, 
     return encoder, stride, f"every {stride}th training image in the bank" if stride > 1 else ""
 
 
+def coprime_stride(stride: int, world: int) -> int:
+    """The smallest stride >= ``stride`` sharing no factor with the number of ranks: shards are round-robin (rank r
+    holds r, r + W, ...), so with a common factor g only 1/g of the ranks would keep rows and the gathered buffer,
+    padded to the largest shard, would be g times the planned bank."""
+    while math.gcd(stride, world) != 1:
+        stride += 1
+    return stride
+
+
 def monitor_scores(encoder: nn.Module | None, knn_sets: tuple[Any, torch.Tensor, Any, torch.Tensor],
                    device: torch.device, k: int = 20, temperature: float = 0.07, with_nmi: bool = True,
-                   kmeans_backend: str = "auto", budget_bytes: int = MONITOR_BANK_BYTES,
-                   image_size: int = 224) -> dict[str, float]:
+                   kmeans_backend: str = "auto", budget_bytes: int = MONITOR_BANK_BYTES, image_size: int = 224,
+                   should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """On a labelled test split: weighted kNN top-1 (percent; the training split as the memory bank) and, with
     ``with_nmi``, ``test_nmi``: NMI (percent) of k-means with k = the number of classes on the L2-normalised
     test features. ``knn_sets``: (bank loader, bank labels, test loader, test labels), as ``PretrainData.knn``
     holds them. Every rank encodes its shard; rank 0 alone gathers the features, runs the kNN and the k-means
-    (on its own GPU) and sends the scores to every rank. A bank that would not fit ``budget_bytes`` is cut to
-    fit, with a log line: every m-th training image, or for raw pixels (``encoder`` None) a pooled image."""
+    (on its own GPU) and sends the scores to every rank (an error there is raised on every rank). A bank that
+    would not fit ``budget_bytes`` is cut to fit, with a log line: every m-th training image, or for raw pixels
+    (``encoder`` None) a pooled image. ``should_stop`` (agreed over ranks) is asked after every batch: when it
+    says stop, {} on every rank."""
     from pcl.cluster import kmeans
 
     bank_loader, bank_labels, test_loader, test_labels = knn_sets
     if encoder is not None:
         dist_utils.broadcast_buffers(encoder)  # one set of BN statistics for every rank's shard
     encode, stride, cut = _monitor_encoder(encoder, len(bank_labels), image_size, budget_bytes)
+    stride = coprime_stride(stride, dist_utils.world_size())
     if cut:
         logger.info("kNN monitor: %s, to keep the bank within %.1f GB on rank 0", cut, budget_bytes / 2 ** 30)
-    bank = extract_features(encode, bank_loader, device, len(bank_labels), dst=0, stride=stride)
-    test = extract_features(encode, test_loader, device, len(test_labels), dst=0)
-    scores = None
-    if dist_utils.is_main():
-        labels = bank_labels[::stride]
-        scores = {"knn_top1": knn_accuracy(bank, labels, test, test_labels, k, temperature)}
-        del bank
+    stopped: list[bool] = []
+
+    def stop() -> bool:
+        if should_stop():
+            stopped.append(True)
+        return bool(stopped)
+
+    stop = stop if should_stop is not None else None
+    bank = extract_features(encode, bank_loader, device, len(bank_labels), dst=0, stride=stride, should_stop=stop)
+    test = None if stopped else extract_features(encode, test_loader, device, len(test_labels), dst=0,
+                                                 should_stop=stop)
+    if stopped:
+        return {}
+
+    def scores() -> dict[str, float]:
+        out = {"knn_top1": knn_accuracy(bank, bank_labels[::stride], test, test_labels, k, temperature)}
         if with_nmi:
             num_classes = int(max(bank_labels.max(), test_labels.max())) + 1
             assign = kmeans(test, num_classes, seed=0, niter=20, nredo=1, backend=kmeans_backend)[2]
-            scores["test_nmi"] = clustering_scores(test_labels.numpy(), assign.cpu().numpy(), with_ami=False)["nmi"]
-    return dist_utils.broadcast_object(scores)
+            out["test_nmi"] = clustering_scores(test_labels.numpy(), assign.cpu().numpy(), with_ami=False)["nmi"]
+        return out
+
+    return dist_utils.broadcast_object(dist_utils.main_only(scores, "the kNN monitor"))
 
 
 def knn_report(encoders: dict[str, nn.Module | None], knn_sets: tuple[Any, torch.Tensor, Any, torch.Tensor],
