@@ -7,6 +7,7 @@ tensors and plain Python types, loaded with ``torch.load(weights_only=True)``; w
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -32,15 +33,16 @@ def checkpoint_path(exp_dir: str, epoch: int) -> str:
 
 
 def preempt_path(exp_dir: str) -> str:
-    """Where a mid-epoch (SIGTERM/SIGUSR1) checkpoint goes; ``--resume auto`` prefers the newest file."""
+    """Where a mid-epoch (SIGTERM/SIGUSR1) checkpoint goes; ``--resume auto`` takes it when its (epoch, step) is
+    the highest."""
     return os.path.join(exp_dir, "checkpoint_preempt.pth.tar")
 
 
 def resolve_resume(resume: str, exp_dir: str, map_location: str | torch.device = "cpu"
                    ) -> tuple[str | None, dict[str, Any] | None]:
-    """``--resume PATH`` -> (PATH, its contents). ``--resume auto`` -> the newest readable
-    ``checkpoint_*.pth.tar`` in ``exp_dir`` (a truncated or unreadable one is skipped with a warning), or
-    (None, None) when there is none: a fresh start."""
+    """``--resume PATH`` -> (PATH, its contents). ``--resume auto`` -> the readable ``checkpoint_*.pth.tar`` in
+    ``exp_dir`` with the highest (epoch, step) stored in it, of equal ones the newest (a truncated or unreadable one
+    is skipped with a warning), or (None, None) when there is none: a fresh start."""
     if resume != "auto":
         return resume, load_checkpoint(resume, map_location)
     names = [n for n in os.listdir(exp_dir) if n.startswith("checkpoint_") and n.endswith(".pth.tar")] \
@@ -49,18 +51,29 @@ def resolve_resume(resume: str, exp_dir: str, map_location: str | torch.device =
     dangling = [p for p in paths if not os.path.exists(p)]  # a symlink whose target is gone
     for p in dangling:
         logger.warning("--resume auto: skipping %s (a link to a file that no longer exists)", p)
-    paths = sorted((p for p in paths if p not in dangling), key=os.path.getmtime, reverse=True)
-    for path in paths:
+    best: tuple[tuple[int, int], str, dict[str, Any]] | None = None
+    # newest file first, so that of equal (epoch, step) the newest wins; the mtime alone lies after cp -r or touch
+    for path in sorted((p for p in paths if p not in dangling), key=os.path.getmtime, reverse=True):
         try:
             ckpt = load_checkpoint(path, map_location)
         except PCLError as e:
             logger.warning("--resume auto: skipping %s (%s)", path, e)
             continue
-        if "state_dict" in ckpt and "epoch" in ckpt:
-            logger.info("--resume auto: newest readable checkpoint is %s", path)
-            return path, ckpt
-    logger.info("--resume auto: no readable checkpoint in %s, starting from scratch", exp_dir)
-    return None, None
+        if "state_dict" in ckpt and "epoch" in ckpt and (best is None or _progress(ckpt) > best[0]):
+            best = (_progress(ckpt), path, ckpt)
+    if best is None:
+        logger.info("--resume auto: no readable checkpoint in %s, starting from scratch", exp_dir)
+        return None, None
+    logger.info("--resume auto: chose %s, the highest epoch of the readable checkpoints (epoch %d, step %d)",
+                best[1], *best[0])
+    return best[1], best[2]
+
+
+def _progress(ckpt: dict[str, Any]) -> tuple[int, int]:
+    """(epoch, step) a checkpoint resumes at: a mid-epoch one holds (e, s > 0), the next epoch-boundary (e + 1, 0)."""
+    epoch, step = ckpt.get("epoch"), ckpt.get("step") or 0
+    number = lambda v: v if isinstance(v, int) and not isinstance(v, bool) else -1  # noqa: E731
+    return number(epoch), max(number(step), 0)
 
 
 def save_checkpoint(state: dict[str, Any], path: str, last: str | None = LAST) -> None:
@@ -70,6 +83,10 @@ def save_checkpoint(state: dict[str, Any], path: str, last: str | None = LAST) -
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_ckpt_")
+    umask = os.umask(0)
+    os.umask(umask)
+    with contextlib.suppress(OSError):  # mkstemp makes 0600: checkpoints get the umask like any other file
+        os.fchmod(fd, 0o666 & ~umask)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
@@ -148,10 +165,17 @@ class ExpDirLock:
             logger.warning("--exp-dir %s: the filesystem does not support file locks (flock failed with %s): "
                            "running without the lock, so there is no protection against a second run in this "
                            "folder", self.folder, errno.errorcode.get(e.errno, f"errno {e.errno}"))
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        self.file.flush()
+        try:
+            self.file.seek(0)
+            self.file.truncate()
+            self.file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            self.file.flush()
+        except OSError as e:  # a full disk (ENOSPC), a quota: nothing could be saved there either
+            with contextlib.suppress(OSError):
+                self.file.close()  # closes the file (and releases the lock) even when its flush fails again
+            self.file, self.locked = None, False
+            raise PCLError(f"--exp-dir {self.folder}: could not write its lock file .lock ({e.strerror or e}): free "
+                           f"space there (no checkpoint could be saved either) or give another --exp-dir") from None
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -335,6 +359,17 @@ def load_backbone(path: str, arch: str | None = None, map_location: str | torch.
                        f"pass the -a/--width/--stem it was trained with") from None
     backbone.arch = arch
     return backbone.eval()
+
+
+def refuse_other_runs(exp_dir: str) -> None:
+    """A fresh run (no --resume) must not write over another run's checkpoints: the official code overwrites them
+    epoch by epoch and mixes the two runs' logs, and users forget --resume auto once. Raise with the ways out."""
+    names = sorted(n for n in os.listdir(exp_dir) if n.startswith("checkpoint_") and n.endswith(".pth.tar")) \
+        if os.path.isdir(exp_dir) else []
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise PCLError(f"--exp-dir {exp_dir} holds another run's checkpoints ({shown}): continue it with --resume "
+                       f"auto, choose another --exp-dir, or pass --overwrite to start over there")
 
 
 def query_backbone(model: nn.Module) -> nn.Module:

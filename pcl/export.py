@@ -1,7 +1,7 @@
 """Export a checkpoint's query backbone for downstream use: a torchvision state_dict (.pth) or a detectron2
 pickle (.pkl), the conversion of MoCo's ``convert-pretrain-to-detectron2.py``.
 
-    python -m pcl.export CHECKPOINT OUT [--format torchvision|detectron2] [-a ARCH]
+    python -m pcl.export CHECKPOINT OUT [--format torchvision|detectron2] [-a ARCH] [--force]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from pcl import PCLError
-from pcl.checkpoint import load_backbone, save_checkpoint
+from pcl.checkpoint import load_backbone, load_checkpoint, save_checkpoint
 from pcl.settings import RunConfig
 
 logger = logging.getLogger("pcl")
@@ -44,10 +44,12 @@ def detectron2_state(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     return {"model": model, "__author__": "PCL", "matching_heuristics": True}
 
 
-def export(path: str, out: str, fmt: str = "torchvision", arch: str | None = None) -> str:
-    """Write the backbone of checkpoint ``path`` as a torchvision state_dict (.pth) or a detectron2 .pkl."""
+def export(path: str, out: str, fmt: str = "torchvision", arch: str | None = None, force: bool = False) -> str:
+    """Write the backbone of checkpoint ``path`` as a torchvision state_dict (.pth) or a detectron2 .pkl. OUT must
+    not be ``path`` itself, nor (unless ``force``) another pretraining checkpoint: the export would replace it."""
     if os.path.isdir(out):
         raise PCLError(f"export output {out} is a directory: give a file name, e.g. {os.path.join(out, 'backbone.pth')}")
+    _refuse_overwriting_a_checkpoint(path, out, force)
     state = torchvision_state(path, arch)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if fmt == "torchvision":
@@ -61,6 +63,25 @@ def export(path: str, out: str, fmt: str = "torchvision", arch: str | None = Non
     return out
 
 
+def _refuse_overwriting_a_checkpoint(path: str, out: str, force: bool) -> None:
+    """Refuse an OUT that is the input (also through a link) or, unless ``force``, a pretraining checkpoint."""
+    if not os.path.exists(out):
+        return
+    if os.path.realpath(path) == os.path.realpath(out) or (os.path.exists(path) and os.path.samefile(path, out)):
+        raise PCLError(f"export output {out} is the input checkpoint {path}: the backbone would replace the "
+                       f"pretraining checkpoint; give another output file, e.g. backbone.pth")
+    if force:
+        return
+    try:
+        state = load_checkpoint(out).get("state_dict")
+    except PCLError:  # not a checkpoint (an older export .pkl, another file): overwritten as before
+        return
+    keys = [k.removeprefix("module.") for k in state if isinstance(k, str)] if isinstance(state, dict) else []
+    if any(k.startswith("encoder_q.") for k in keys):
+        raise PCLError(f"export output {out} is a pretraining checkpoint (its state_dict holds encoder_q weights): "
+                       f"give another output file, or pass --force to replace it with the backbone")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pcl.export",
                                 description="Export a checkpoint's query backbone (projection head dropped)")
@@ -69,13 +90,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default=None, choices=["torchvision", "detectron2"],
                    help="default: detectron2 for a .pkl output, else torchvision")
     p.add_argument("-a", "--arch", default=None, help="architecture (default: the checkpoint's)")
+    p.add_argument("--force", action="store_true", help="replace an OUT that is a pretraining checkpoint")
     p.add_argument("--debug", action="store_true")
     return p
 
 
 def _run(args: RunConfig) -> None:
     fmt = args.format or ("detectron2" if args.out.endswith(".pkl") else "torchvision")
-    export(args.checkpoint, args.out, fmt, args.arch)
+    export(args.checkpoint, args.out, fmt, args.arch, args.force)
     print(f"wrote {args.out} ({fmt})")
 
 
