@@ -9,6 +9,7 @@ an error. Validation that argparse cannot express lives in :func:`validate_pretr
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from typing import Any, Sequence
 
@@ -118,6 +119,9 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", default="", type=str, metavar="PATH",
                    help="checkpoint to resume from; 'auto': the newest readable one in --exp-dir (none: start fresh)")
     g.add_argument("--save-freq", default=5, type=int, help="checkpoint every N epochs (and at the end)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --exp-dir that holds another run's checkpoints (they are overwritten); "
+                        "without it such a run is refused (continue it with --resume auto)")
     g.add_argument("--exp-dir", default="experiment_pcl", type=str, help="experiment directory")
     g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
                    help="autocast the encoders (loss stays fp32); changes numerics, off by default")
@@ -281,9 +285,26 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
 
 
 def parse_num_cluster(value: Any) -> tuple[int, ...]:
-    """'25000,50000,100000' (or a YAML list) -> (25000, 50000, 100000); clear error otherwise."""
-    return tuple(parse_list(value, "--num-cluster", int, "25000,50000,100000", lambda k: k >= 2,
-                            " is malformed: each k must be an integer >= 2"))
+    """'25000,50000,100000' (or a YAML list) -> (25000, 50000, 100000); clear error otherwise (a repeated k too:
+    the same granularity twice only doubles its ProtoNCE term)."""
+    ks = tuple(parse_list(value, "--num-cluster", int, "25000,50000,100000", lambda k: k >= 2,
+                          " is malformed: each k must be an integer >= 2"))
+    repeated = sorted({k for k in ks if ks.count(k) > 1})
+    if repeated:
+        raise PCLError(f"--num-cluster '{value}' repeats k={','.join(map(str, repeated))}: give each granularity "
+                       f"once (e.g. {','.join(map(str, sorted(set(ks))))})")
+    return ks
+
+
+def warn_idle_flags(cfg: RunConfig, dataset: str) -> None:
+    """One warning line per flag that has no effect in this combination (accepted, as the official code does)."""
+    log = logging.getLogger("pcl")
+    if cfg.get("nproc") is not None and not cfg.get("multiprocessing_distributed", False):
+        log.warning("--nproc %d has no effect without --multiprocessing-distributed (it sets how many processes "
+                    "that launcher spawns per node; torchrun takes --nproc_per_node)", cfg.nproc)
+    if cfg.get("class_list") and dataset != "imagefolder":
+        log.warning("--class-list %s has no effect with --dataset %s (it selects class folders of an ImageFolder "
+                    "root)", cfg.class_list, dataset)
 
 
 def validate_pretrain_args(args: Any) -> RunConfig:
@@ -303,4 +324,6 @@ def validate_pretrain_args(args: Any) -> RunConfig:
         raise PCLError(f"--start-epoch {cfg.start_epoch} is not below --epochs {cfg.epochs}: nothing to train")
     if cfg.get("proto_chunks", 1) > 1 and cfg.get("pauc", False):
         raise PCLError("--pauc needs one set of ProtoNCE columns per batch: use it with --proto-chunks 1")
-    return cfg.replace(num_cluster=parse_num_cluster(cfg.num_cluster), dataset=dataset)
+    num_cluster = parse_num_cluster(cfg.num_cluster)
+    warn_idle_flags(cfg, dataset)
+    return cfg.replace(num_cluster=num_cluster, dataset=dataset)

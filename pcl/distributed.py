@@ -9,10 +9,13 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import urllib.parse
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+
+from pcl import PCLError
 
 
 def is_dist() -> bool:
@@ -38,19 +41,34 @@ def barrier() -> None:
 
 def layout(args: Any) -> tuple[int, int, bool]:
     """(world size, global rank, distributed?) of this process, from the flags and the launcher's environment,
-    without changing the flags: torchrun's WORLD_SIZE/RANK with ``--dist-url env://``; with the official launcher
-    (``--multiprocessing-distributed``) ``--world-size`` nodes of ``nproc`` processes, this one being
+    without changing the flags: torchrun's WORLD_SIZE/RANK with ``--dist-url env://`` (RANK only together with
+    WORLD_SIZE, as torchrun sets them: a stray RANK alone is ignored, see :func:`stray_rank`); with the official
+    launcher (``--multiprocessing-distributed``) ``--world-size`` nodes of ``nproc`` processes, this one being
     ``--rank`` * nproc + ``local_rank`` (``launch`` sets nproc and local_rank in the settings it spawns with)."""
     world, rank = args.world_size, args.rank
-    if args.dist_url == "env://" and world == -1 and "WORLD_SIZE" in os.environ:
+    env = args.dist_url == "env://" and "WORLD_SIZE" in os.environ and stray_rank() is None
+    if env and world == -1:
         world = int(os.environ["WORLD_SIZE"])
     spawned = bool(getattr(args, "multiprocessing_distributed", False))
     if spawned:
         nproc = getattr(args, "nproc", None) or 1
         world, rank = nproc * max(world, 1), max(rank, 0) * nproc + getattr(args, "local_rank", 0)
-    elif args.dist_url == "env://" and rank == -1 and "RANK" in os.environ:
+    elif env and rank == -1 and "RANK" in os.environ:
         rank = int(os.environ["RANK"])
     return world, rank, world > 1 or spawned
+
+
+def stray_rank() -> str | None:
+    """Why the environment's RANK is not to be trusted (None when it is, or there is none): torchrun sets RANK
+    and WORLD_SIZE together, so a RANK without WORLD_SIZE (or not an integer) is left over from elsewhere."""
+    value = os.environ.get("RANK")
+    if value is None:
+        return None
+    if "WORLD_SIZE" not in os.environ:
+        return f"RANK={value} is set but WORLD_SIZE is not (torchrun sets both)"
+    if not value.strip().isdigit() or not os.environ["WORLD_SIZE"].strip().isdigit():
+        return f"RANK={value} / WORLD_SIZE={os.environ['WORLD_SIZE']} are not integers"
+    return None
 
 
 def spawned_rank(args: Any) -> int | None:
@@ -62,10 +80,12 @@ def init(args: Any) -> torch.device:
     """Join the process group the launcher asked for and return this process's device.
 
     Single process when neither torchrun's environment nor ``--world-size > 1`` /
-    ``--multiprocessing-distributed`` asks for more. nccl on GPU, gloo on CPU.
+    ``--multiprocessing-distributed`` asks for more. nccl on GPU, gloo on CPU. Inconsistent flags and a port
+    already in use are one :class:`~pcl.PCLError` line, before anyone waits for the others.
     """
     world, global_rank, distributed = layout(args)
     use_cuda = torch.cuda.is_available() and not args.cpu
+    _check_group_flags(args, world, global_rank, distributed, use_cuda)
     if use_cuda:
         if getattr(args, "multiprocessing_distributed", False):
             local = getattr(args, "local_rank", 0)
@@ -85,9 +105,49 @@ def init(args: Any) -> torch.device:
         timeout = datetime.timedelta(minutes=getattr(args, "dist_timeout", 120))
         logging.getLogger("pcl").info("rank %d joining %d processes at %s (waits up to --dist-timeout %g min for "
                                       "the others)", global_rank, world, args.dist_url, timeout.total_seconds() / 60)
-        dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=world, rank=global_rank,
-                                timeout=timeout)
+        try:
+            dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=world, rank=global_rank,
+                                    timeout=timeout)
+        except RuntimeError as e:  # DistNetworkError (a RuntimeError) when rank 0 cannot listen on the port
+            if global_rank == 0 and ("EADDRINUSE" in str(e) or "address already in use" in str(e).lower()):
+                raise PCLError(_port_in_use(args.dist_url)) from None
+            raise
     return device
+
+
+DIST_SCHEMES = ("tcp://", "env://", "file://")
+
+
+def _check_group_flags(args: Any, world: int, global_rank: int, distributed: bool, use_cuda: bool) -> None:
+    """Refuse, in one line naming the flags, what would fail inside init_process_group (a traceback) or wait
+    there for a process that never comes (--dist-timeout, 2 h by default)."""
+    url, spawned = args.dist_url, bool(getattr(args, "multiprocessing_distributed", False))
+    if not str(url).startswith(DIST_SCHEMES):
+        raise PCLError(f"--dist-url {url}: unknown scheme; use tcp://HOST:PORT, env:// (torchrun) or file://PATH")
+    if args.rank >= 0 and args.world_size >= 1 and args.rank >= args.world_size:
+        raise PCLError(f"--rank {args.rank} is not below --world-size {args.world_size}: ranks are 0 to "
+                       f"{args.world_size - 1} ({'nodes' if spawned else 'processes'})")
+    if not distributed:
+        return
+    if global_rank < 0:
+        raise PCLError(f"--dist-url {url} with {world} processes needs this process's rank: give --rank (0 to "
+                       f"{world - 1}), or start under torchrun with --dist-url env:// (it sets RANK and WORLD_SIZE)")
+    if global_rank >= world:
+        raise PCLError(f"rank {global_rank} (--rank or torchrun's RANK) is not below the world size {world} "
+                       f"(--world-size or WORLD_SIZE): ranks are 0 to {world - 1}")
+    if args.dist_backend == "nccl" and not use_cuda:
+        why = "--cpu is given" if args.cpu else "CUDA is not available"
+        raise PCLError(f"--dist-backend nccl needs CUDA GPUs but {why}: use --dist-backend gloo (or leave it unset)")
+
+
+def _port_in_use(url: str) -> str:
+    """The one line for a rendezvous port another process holds (two runs on the README's tcp://localhost:10001)."""
+    if url.startswith("tcp://"):
+        where = urllib.parse.urlsplit(url)
+        return (f"port {where.port} on {where.hostname} is in use (another run?): choose another --dist-url port "
+                f"(e.g. tcp://{where.hostname}:{(where.port or 10000) + 1})")
+    port, host = os.environ.get("MASTER_PORT", "?"), os.environ.get("MASTER_ADDR", "?")
+    return f"port {port} on {host} is in use (another run?): choose another MASTER_PORT (torchrun --master_port)"
 
 
 def per_process(total: int) -> int:

@@ -14,13 +14,16 @@ from pcl import PCLError, distributed as dist_utils
 
 
 def process_rank(hint: int | None = None) -> int:
-    """This process's global rank, also before the process group exists: the group's, else torchrun's RANK,
-    else ``hint`` (what the spawn launcher assigned), else 0."""
+    """This process's global rank, also before the process group exists: the group's, else ``hint`` (what the
+    spawn launcher assigned), else torchrun's RANK (trusted only with its WORLD_SIZE: a stray RANK alone would make
+    the process a silent rank > 0 with no train.log and no lock; see :func:`pcl.distributed.stray_rank`), else 0."""
     if dist_utils.is_dist():
         return dist_utils.rank()
-    if "RANK" in os.environ:
+    if hint is not None:
+        return max(hint, 0)
+    if "RANK" in os.environ and dist_utils.stray_rank() is None:
         return int(os.environ["RANK"])
-    return max(hint or 0, 0)
+    return 0
 
 
 def setup_logging(exp_dir: str | None = None, debug: bool = False, rank: int | None = None) -> logging.Logger:
@@ -36,6 +39,9 @@ def setup_logging(exp_dir: str | None = None, debug: bool = False, rank: int | N
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(fmt)
     logger.addHandler(handler)
+    stray = dist_utils.stray_rank() if not dist_utils.is_dist() else None
+    if stray:
+        logger.warning("%s: ignored, this process runs as rank %d (unset RANK, or launch with torchrun)", stray, rank)
     if exp_dir and rank == 0:
         from pcl import PCLError
 

@@ -1,0 +1,168 @@
+"""Issue 27: inputs that used to run silently wrong, hang or end in a traceback are one line (PCLError or warning).
+
+Every process-group test can only wait seconds: --dist-timeout 0.05 min, and the refusals come before any wait.
+"""
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, tiny_args, tiny_argv
+from pcl import PCLError
+from pcl import distributed as dist_utils
+from pcl.config import parse_num_cluster, validate_pretrain_args
+from pcl.log import process_rank, setup_logging
+
+SHORT = ("--dist-timeout", "0.05")  # 3 s: an init that would wait for the others gives up at once
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    yield
+    dist_utils.cleanup()
+
+
+@pytest.fixture
+def warnings_of_pcl():
+    """The WARNING lines logged to the 'pcl' logger (it does not propagate to caplog's root handler)."""
+    lines = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            if record.levelno >= logging.WARNING:
+                lines.append(record.getMessage())
+
+    keep = Keep()
+    logging.getLogger("pcl").addHandler(keep)
+    yield lines
+    logging.getLogger("pcl").removeHandler(keep)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# 1. a stray RANK
+
+
+def test_stray_rank_without_world_size_is_ignored_with_one_warning(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "3")
+    assert process_rank() == 0
+    logger = setup_logging(str(tmp_path / "exp"))
+    logger.info("visible")
+    assert (tmp_path / "exp" / "train.log").is_file()  # rank 0: its log file (and, in fit, the lock)
+    err = capsys.readouterr().err
+    assert "visible" in err and "[rank 0]" in err
+    warned = [ln for ln in err.splitlines() if "RANK=3" in ln]
+    assert len(warned) == 1 and "WORLD_SIZE" in warned[0] and "ignored" in warned[0], err
+    args = tiny_args(tmp_path / "exp")
+    assert dist_utils.layout(args) == (-1, -1, False)  # one process, not rank 3 of nothing
+    monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun sets both: trusted as before
+    assert process_rank() == 3 and dist_utils.layout(args) == (4, 3, True)
+    assert process_rank(1) == 1  # the spawn launcher's rank wins: it ignores the environment too
+
+
+def test_stray_rank_run_logs_and_writes_train_log(tmp_path):
+    """The command itself: before, RANK=3 alone gave a run with no console output, no train.log and no lock."""
+    argv = [a for a in tiny_argv(tmp_path / "exp") if a != "--cos"]
+    argv[argv.index("--epochs") + 1] = "1"
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "main_pcl.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=dict(env, RANK="3", OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "[rank 0] RANK=3 is set but WORLD_SIZE is not" in proc.stderr and "epoch 0:" in proc.stderr
+    assert "epoch 0:" in (tmp_path / "exp" / "train.log").read_text()
+
+
+# 2. process-group set-up
+
+
+@pytest.mark.parametrize("flags", [("--world-size", "2", "--rank", "2"),
+                                   ("--multiprocessing-distributed", "--nproc", "2", "--world-size", "1",
+                                    "--rank", "1")])
+def test_rank_not_below_world_size_is_refused_before_init(tmp_path, flags):
+    args = tiny_args(tmp_path / "exp", "--dist-url", f"tcp://127.0.0.1:{_free_port()}", *SHORT, *flags)
+    with pytest.raises(PCLError, match=r"--rank \d is not below --world-size \d"):
+        dist_utils.init(args)
+    assert not dist_utils.is_dist()
+
+
+def test_missing_rank_is_refused_before_init(tmp_path):
+    args = tiny_args(tmp_path / "exp", "--dist-url", f"tcp://127.0.0.1:{_free_port()}", "--world-size", "2", *SHORT)
+    with pytest.raises(PCLError, match="needs this process's rank: give --rank"):
+        dist_utils.init(args)
+
+
+@pytest.mark.parametrize("url", ["localhost:10001", "http://localhost:10001", "tcp:/localhost:10001"])
+def test_unknown_dist_url_scheme_is_refused(tmp_path, url):
+    args = tiny_args(tmp_path / "exp", "--dist-url", url, "--world-size", "2", "--rank", "0", *SHORT)
+    with pytest.raises(PCLError, match=rf"--dist-url {url}: unknown scheme; use tcp://HOST:PORT, env://"):
+        dist_utils.init(args)
+
+
+@pytest.mark.parametrize("flag", ["--cpu", None])
+def test_nccl_without_cuda_is_refused(tmp_path, flag, monkeypatch):
+    if flag is None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = tiny_args(tmp_path / "exp", "--dist-url", f"tcp://127.0.0.1:{_free_port()}", "--world-size", "2",
+                     "--rank", "0", "--dist-backend", "nccl", *SHORT, *([flag] if flag else []))
+    why = "--cpu is given" if flag else "CUDA is not available"
+    with pytest.raises(PCLError, match=f"--dist-backend nccl needs CUDA GPUs but {why}: use --dist-backend gloo"):
+        dist_utils.init(args)
+
+
+def test_port_in_use_for_rank_0_is_one_line(tmp_path):
+    """Two runs on the README's tcp://localhost:10001: torch raises DistNetworkError (EADDRINUSE) at once."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = tiny_args(tmp_path / "exp", "--dist-url", f"tcp://localhost:{port}", "--world-size", "2",
+                         "--rank", "0", "--cpu", *SHORT)
+        with pytest.raises(PCLError) as caught:
+            dist_utils.init(args)
+    assert str(caught.value).startswith(f"port {port} on localhost is in use (another run?): choose another "
+                                        f"--dist-url port")
+    assert not dist_utils.is_dist()
+
+
+# 3. --num-cluster
+
+
+def test_repeated_num_cluster_is_refused(tmp_path):
+    assert parse_num_cluster("10,20") == (10, 20)
+    with pytest.raises(PCLError, match=r"--num-cluster '100,100' repeats k=100: give each granularity once"):
+        parse_num_cluster("100,100")
+    with pytest.raises(PCLError, match=r"repeats k=10:"):
+        validate_pretrain_args(tiny_args(tmp_path / "exp", "--num-cluster", "10,20,10"))
+
+
+# 4. flags without effect
+
+
+def test_nproc_without_multiprocessing_distributed_warns_once(tmp_path, warnings_of_pcl):
+    validate_pretrain_args(tiny_args(tmp_path / "exp", "--nproc", "2"))
+    assert len(warnings_of_pcl) == 1, warnings_of_pcl
+    assert warnings_of_pcl[0].startswith("--nproc 2 has no effect without --multiprocessing-distributed")
+    validate_pretrain_args(tiny_args(tmp_path / "exp", "--nproc", "2", "--multiprocessing-distributed"))
+    validate_pretrain_args(tiny_args(tmp_path / "exp"))
+    assert len(warnings_of_pcl) == 1
+
+
+def test_class_list_with_a_builtin_dataset_warns_once(tmp_path, warnings_of_pcl):
+    classes = tmp_path / "classes.txt"
+    classes.write_text("n01\nn02\n")
+    validate_pretrain_args(tiny_args(tmp_path / "exp", "--class-list", str(classes)))  # --dataset demo
+    assert len(warnings_of_pcl) == 1, warnings_of_pcl
+    assert warnings_of_pcl[0].startswith(f"--class-list {classes} has no effect with --dataset demo")
+    validate_pretrain_args(tiny_args(tmp_path / "exp", "--class-list", str(classes), str(tmp_path)))  # ImageFolder
+    assert len(warnings_of_pcl) == 1
