@@ -5,6 +5,7 @@ random initialisation) and the labelled feature pass. Protocols and command line
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -71,7 +72,53 @@ def labelled_features(args: RunConfig, splits: tuple[str, ...] = ("train", "val"
     for split, loader, labels in (("train", data.train_eval_loader, data.train_labels),
                                   ("val", data.val_loader, data.val_labels)):
         if split in splits:
-            out += [extract_features(backbone, loader, device, len(labels)).cpu(), labels.cpu()]
+            feats = extract_features(backbone, loader, device, len(labels)).cpu()
+            check_finite_features(feats, args.pretrained, split)
+            out += [feats, labels.cpu()]
         else:
             out += [None, None]
     return tuple(out)
+
+
+def check_finite_features(feats: torch.Tensor, pretrained: str, split: str) -> None:
+    """Refuse features with NaN/inf rows (scores computed on them are silently wrong), naming the checkpoint."""
+    bad = int((~torch.isfinite(feats)).any(dim=1).sum()) if feats.numel() else 0
+    if bad:
+        source = f"checkpoint {pretrained}" if pretrained else "the random initialisation (no --pretrained)"
+        raise PCLError(f"{bad} of {feats.shape[0]} {split} features of {source} are NaN/inf: its weights or BatchNorm "
+                       f"statistics are broken (a diverged run?); take an earlier checkpoint")
+
+
+class LossGuard:
+    """Stops an evaluation's training loop at a non-finite loss instead of finishing at chance accuracy.
+
+    Each step's loss is folded into a device-side flag (no host sync); :meth:`check` runs every ``every`` steps
+    and at the epoch's end, sums the flag over ranks (one all-reduce, at the same steps on every rank), and
+    raises the same one-line PCLError on every rank before anything of the epoch is saved."""
+
+    def __init__(self, device: Any, every: int = 1, hint: str = "lower --lr") -> None:
+        self.every, self.hint = max(int(every), 1), hint
+        self.seen = torch.zeros((), dtype=torch.bool, device=device)
+        self.at = torch.zeros(2, dtype=torch.float64, device=device)  # first bad step, its loss
+
+    def watch(self, loss: torch.Tensor, epoch: int, step: int, lr: Any) -> None:
+        """Record this step's loss; check at every ``every``-th step."""
+        value = loss.detach().double().reshape(())
+        bad = ~torch.isfinite(value)
+        here = torch.stack([torch.full_like(value, float(step)), value])
+        self.at = torch.where(bad & ~self.seen, here, self.at)
+        self.seen |= bad
+        if step % self.every == 0:
+            self.check(epoch, step, lr)
+
+    def check(self, epoch: int, step: int, lr: Any) -> None:
+        """Raise on every rank when any rank has seen a non-finite loss (call at the same point on all ranks)."""
+        flag = dist_utils.all_reduce_sum(self.seen.to(torch.float32).reshape(1))
+        if float(flag) == 0:
+            return
+        lrs = "/".join(f"{x:.4g}" for x in (lr if isinstance(lr, (list, tuple)) else [lr]))
+        tail = f"; {self.hint} (no checkpoint was written for this epoch)"
+        if not bool(self.seen):
+            raise PCLError(f"non-finite loss on another rank by epoch {epoch} step {step} (lr={lrs}){tail}")
+        first, loss = self.at.tolist()
+        raise PCLError(f"non-finite loss at epoch {epoch} step {int(first)}: loss={loss:.4g} lr={lrs}{tail}")

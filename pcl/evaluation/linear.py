@@ -27,7 +27,7 @@ from tqdm import tqdm
 from pcl import PCLError, checkpoint as ckpt_io, distributed as dist_utils
 from pcl.config import RunConfig
 from pcl.data import LabelledData, build_labelled_data
-from pcl.evaluation.common import eval_backbone, prepare_eval, resolve_eval_dataset
+from pcl.evaluation.common import LossGuard, eval_backbone, prepare_eval, resolve_eval_dataset
 from pcl.evaluation.metrics import extract_features
 from pcl.log import AverageMeter, RunLog
 from pcl.schedule import adjust_learning_rate
@@ -62,16 +62,20 @@ def backbone_settings(model: nn.Module) -> dict[str, Any]:
     return {"arch": model.arch, "width": model.conv1.out_channels, "stem": stem}
 
 
-def sanity_check(model: nn.Module, frozen: dict[str, torch.Tensor]) -> None:
-    """Raise PCLError if any frozen tensor (everything but ``fc``) differs from its pretrained value."""
+def _changed_tensor(model: nn.Module, frozen: dict[str, torch.Tensor]) -> str | None:
+    """The first frozen tensor (everything but ``fc``) that differs from ``frozen``; None if none does."""
     inner = model.module if hasattr(model, "module") else model
     state = inner.state_dict()
-    for key, ref in frozen.items():
-        if key.startswith("fc."):
-            continue
-        if not torch.equal(state[key].cpu(), ref.cpu()):
-            raise PCLError(f"frozen weight '{key}' changed during linear training: the backbone must stay fixed "
-                           f"(BatchNorm in eval mode, no gradient)")
+    return next((k for k, ref in frozen.items() if not k.startswith("fc.") and not torch.equal(state[k].cpu(), ref.cpu())),
+                None)
+
+
+def sanity_check(model: nn.Module, frozen: dict[str, torch.Tensor]) -> None:
+    """Raise PCLError if any frozen tensor (everything but ``fc``) differs from its pretrained value."""
+    key = _changed_tensor(model, frozen)
+    if key is not None:
+        raise PCLError(f"frozen weight '{key}' changed during linear training: the backbone must stay fixed "
+                       f"(BatchNorm in eval mode, no gradient)")
     logger.info("sanity check passed: the %d frozen tensors are unchanged", len(frozen))
 
 
@@ -85,10 +89,14 @@ def _topk_correct(output: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...
 # official protocol
 # ----------------------------------------------------------------------------------------------------
 def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epoch: int, device: torch.device,
-                progress: bool = True, print_freq: int = 10, train_mode: bool = False) -> dict[str, float]:
+                progress: bool = True, print_freq: int = 10, train_mode: bool = False,
+                hint: str = "lower --lr") -> dict[str, float]:
     """One epoch. Linear probe: the whole model stays in eval mode (frozen BatchNorm statistics);
-    ``train_mode`` (fine-tuning) puts it in train mode."""
+    ``train_mode`` (fine-tuning) puts it in train mode. A non-finite loss stops it (:class:`LossGuard`)."""
     model.train(train_mode)
+    guard = LossGuard(device, print_freq, hint)
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    step = -1
     meters = {name: AverageMeter() for name in ("loss", "top1", "top5")}
     bar = tqdm(loader, desc=f"linear epoch {epoch}", disable=not progress, leave=False)
     for step, (images, target, _) in enumerate(bar):
@@ -96,6 +104,7 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epoc
         target = torch.as_tensor(target).to(device, non_blocking=True)
         output = model(images)
         loss = F.cross_entropy(output, target)
+        guard.watch(loss, epoch, step, lrs)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -106,6 +115,7 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epoc
         meters["top5"].update(100.0 * c5 / b, b)
         if step % print_freq == 0:
             bar.set_postfix(loss=f"{meters['loss'].avg:.3f}", top1=f"{meters['top1'].avg:.1f}")
+    guard.check(epoch, step, lrs)
     return {f"train_{k}": m.avg for k, m in meters.items()}
 
 
@@ -133,9 +143,49 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None, epoch: int
                                     best_acc1=best, num_classes=num_classes, pretrained=cfg.pretrained, **extra)
 
 
-def _resume(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[int, float]:
+def _same_path(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+def resume_settings(cfg: RunConfig) -> RunConfig:
+    """--resume LINEAR_CKPT: its head was trained on the backbone it records (``pretrained``), which must be
+    --pretrained's when both are given; -a/--width/--stem default to what it records and must agree with it."""
+    ckpt = ckpt_io.load_checkpoint(cfg.resume)
+    recorded = ckpt.get("pretrained") or ""
+    if cfg.pretrained and recorded and not _same_path(recorded, cfg.pretrained):
+        raise PCLError(f"--resume {cfg.resume} is a linear head trained on {recorded}, not on --pretrained "
+                       f"{cfg.pretrained}: give --pretrained {recorded}, or drop --resume to train a new head")
+    if cfg.pretrained and not recorded:
+        logger.warning("--resume %s does not record its pretrained checkpoint (official layout): its backbone "
+                       "weights are compared with --pretrained %s instead", cfg.resume, cfg.pretrained)
+    stored = {"arch": ckpt.get("arch"), **{k: (ckpt.get("model_config") or {}).get(k) for k in ("width", "stem")}}
+    fill = {}
+    for key, value in stored.items():
+        given = getattr(cfg, key)
+        if value is None or given == value:
+            continue
+        if given is not None:
+            flag = "-a/--arch" if key == "arch" else f"--{key}"
+            raise PCLError(f"{flag} {given} contradicts --resume {cfg.resume}, which was trained with {key} {value}: "
+                           f"drop {flag} (it defaults to the checkpoint's) or resume another head")
+        fill[key] = value
+    return cfg.replace(**fill)
+
+
+def _resume(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None, frozen: dict[str, torch.Tensor],
+            pretrained: str) -> tuple[int, float]:
+    """Load the head (and backbone) of a linear checkpoint; its backbone must be --pretrained's when that is
+    given, else it replaces ``frozen`` (what the sanity check compares with)."""
     ckpt = ckpt_io.load_checkpoint(path)
     ckpt_io.load_model_state(model, ckpt["state_dict"], path)
+    changed = _changed_tensor(model, frozen)
+    if changed is not None and pretrained:
+        raise PCLError(f"--resume {path} was not trained on --pretrained {pretrained}: its backbone weights differ "
+                       f"(first: {changed}); give the --pretrained it was trained on")
+    inner = model.module if hasattr(model, "module") else model
+    frozen.update({k: v.detach().cpu().clone() for k, v in inner.state_dict().items() if k in frozen})
     if optimizer is not None and "optimizer" in ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
     logger.info("resumed linear head from %s (epoch %d)", path, ckpt["epoch"])
@@ -147,6 +197,8 @@ def fit_linear(args: Any) -> dict[str, Any]:
     cfg = RunConfig.of(args)
     cfg = cfg.replace(dataset=resolve_eval_dataset(cfg))
     device = prepare_eval(cfg)
+    if cfg.resume:
+        cfg = resume_settings(cfg)
     eval_backbone(cfg)  # cheap input first: a bad --pretrained fails before the dataset is scanned
     torch.manual_seed(cfg.seed)
     data = build_labelled_data(cfg)
@@ -155,7 +207,8 @@ def fit_linear(args: Any) -> dict[str, Any]:
     cfg = cfg.replace(**backbone_settings(model))
     model = model.to(device)
     logger.info("linear probe: %s (width %d, stem %s) from %s, %d classes, %d train / %d val images, %s",
-                cfg.arch, cfg.width, cfg.stem, cfg.pretrained or "random init", num_classes, len(data.train_labels),
+                cfg.arch, cfg.width, cfg.stem, cfg.pretrained or (cfg.resume and f"--resume {cfg.resume}") or "random init",
+                num_classes, len(data.train_labels),
                 len(data.val_labels), "cached features (NOT the paper's protocol)" if cfg.cached_features
                 else "official protocol")
     if cfg.cached_features:
@@ -167,7 +220,7 @@ def fit_linear(args: Any) -> dict[str, Any]:
     optimizer = torch.optim.SGD(params, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     start_epoch, best = cfg.start_epoch, 0.0
     if cfg.resume:
-        start_epoch, best = _resume(cfg.resume, model, None if cfg.evaluate else optimizer)
+        start_epoch, best = _resume(cfg.resume, model, None if cfg.evaluate else optimizer, frozen, cfg.pretrained)
     if cfg.evaluate:
         if not cfg.resume:
             raise PCLError("--evaluate needs a trained linear head: pass --resume EXP/linear_best.pth.tar")
@@ -224,6 +277,7 @@ def train_head(head: nn.Linear, train_views: torch.Tensor, train_labels: torch.T
     gen = torch.Generator(device=train_views.device).manual_seed(args.seed)
     v, n, _ = train_views.shape
     rows = torch.arange(n, device=train_views.device)
+    guard = LossGuard(train_views.device, getattr(args, "print_freq", 10))
     history = []
     for epoch in range(start_epoch, args.epochs):
         lr = adjust_learning_rate(optimizer, epoch, args.epochs, args.lr, args.cos, args.schedule)
@@ -231,13 +285,15 @@ def train_head(head: nn.Linear, train_views: torch.Tensor, train_labels: torch.T
         feats = train_views[view, rows]  # N x d
         perm = torch.randperm(n, generator=gen, device=train_views.device)
         loss_sum = 0.0
-        for s in range(0, n, args.batch_size):
+        for step, s in enumerate(range(0, n, args.batch_size)):
             idx = perm[s:s + args.batch_size]
             loss = F.cross_entropy(head(feats[idx]), train_labels[idx])
+            guard.watch(loss, epoch, step, lr)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             loss_sum += loss.item() * idx.numel()
+        guard.check(epoch, step, lr)
         stats = {"epoch": epoch, "lr": lr, "train_loss": loss_sum / n}
         if evaluate is not None:
             stats.update(evaluate(head))
