@@ -21,7 +21,7 @@ from pcl.estep import compute_features, e_step, log_clusters, log_galleries, sel
 from pcl.evaluation.metrics import knn_report, monitor_scores
 from pcl.log import FiniteGuard, RunLog, StepMeters, process_rank, setup_logging
 from pcl.loss import info_nce_logits, pauc_terms, proto_nce, top1_percent
-from pcl.model import MoCo, apply_speed_options, build_backbone, channels_last
+from pcl.model import MoCo, apply_speed_options, build_backbone, channels_last, check_weights
 from pcl.preemption import StopRequest, clear_marker, raise_preempted
 from pcl.schedule import adjust_learning_rate
 
@@ -275,8 +275,12 @@ class _Run:
 
     def save(self, epoch: int, cluster: ClusterResult | None, path: str, step: int = 0,
              states: list[dict[str, Any]] | None = None) -> None:
-        dist_utils.main_only(lambda: ckpt_io.save_checkpoint(_checkpoint_state(
-            self.model, self.optimizer, epoch, self.cfg, cluster, step, states), path), f"saving {path}")
+        """Rank 0 writes the checkpoint, unless the weights diverged (then every rank stops, nothing is saved)."""
+        def write() -> None:
+            check_weights(self.model, f"epoch {epoch} step {step}")
+            ckpt_io.save_checkpoint(_checkpoint_state(self.model, self.optimizer, epoch, self.cfg, cluster, step,
+                                                      states), path)
+        dist_utils.main_only(write, f"saving {path}")
 
     def clusters(self, epoch: int, resumed: dict[str, Any], start_step: int) -> tuple[ClusterResult | None, Any]:
         """This epoch's E-step result (and, mid-epoch, the rank's resume state from the checkpoint)."""
@@ -356,6 +360,8 @@ def _train(cfg: RunConfig, on_step: Callable[[int, int], None] | None) -> dict[s
         if ckpt is not None:
             ckpt_io.require_pretrain_checkpoint(ckpt, path)
     run = _Run(cfg, on_step)
+    if not cfg.resume and not cfg.get("overwrite", False):
+        dist_utils.main_only(lambda: ckpt_io.refuse_other_runs(cfg.exp_dir), "checking --exp-dir")
     world = dist_utils.world_size()
     logger.info("PCL: %s (width %d, stem %s) on %s, %d samples, %d processes, global batch %d, %d per %s%s",
                 cfg.arch, cfg.width, cfg.stem, run.device, run.data.num_samples, world, cfg.batch_size,

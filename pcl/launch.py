@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any, Callable, Sequence
 
 import torch
@@ -21,7 +22,7 @@ import torch
 from pcl import (ABANDONED_THREAD, EXIT_INPUT, EXIT_PREEMPTED, PCLError, Preempted, distributed as dist_utils,
                  error_line)
 from pcl.config import RunConfig, parse_args
-from pcl.preemption import preempted_from_marker
+from pcl.preemption import StopRequest, preempted_from_marker
 
 logger = logging.getLogger("pcl")
 
@@ -112,7 +113,17 @@ def launch(args: RunConfig, fn: Callable[[RunConfig], Any]) -> Any:
             if proc.is_alive():
                 os.kill(proc.pid, signum)
 
+    interrupts: list[float] = []
+
+    def interrupted(signum: int, frame: Any) -> None:  # Ctrl-C reaches the workers from the terminal itself
+        if interrupts and time.monotonic() - interrupts[0] >= StopRequest.ABORT_AFTER:
+            raise KeyboardInterrupt
+        if not interrupts:
+            interrupts.append(time.monotonic())
+            logger.warning("Ctrl-C: the workers save at their next safe point and stop (Ctrl-C again to abort)")
+
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, interrupted)
     try:  # each worker finishes its step (or feature batch), rank 0 saves, all exit 75
         finished = False
         while not finished:  # join() returns False while workers run (it wakes up for our signal handler)

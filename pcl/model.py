@@ -7,6 +7,7 @@ Parameter names follow the official code (``encoder_q.*``, ``encoder_k.*``, ``qu
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -226,6 +227,18 @@ class MoCo(nn.Module):
     def encode_key(self, images: torch.Tensor) -> torch.Tensor:
         """Momentum-encoder features for the E-step (call in eval mode): B x C, L2-normalised."""
         return F.normalize(self.encoder_k(images), dim=1)
+
+
+DIVERGED = 1e10  # no parameter of a healthy ResNet/MLP comes near this; a diverged one passes it while finite
+
+
+def check_weights(model: nn.Module, where: str) -> None:
+    """Refuse diverged weights: non-finite, or finite but beyond DIVERGED (an update after the last loss check can
+    take them to 1e28 while every loss seen was finite). One host sync."""
+    largest = torch.stack([p.detach().abs().max().float() for p in model.parameters()]).max().item()
+    if not math.isfinite(largest) or largest >= DIVERGED:
+        raise PCLError(f"the weights diverged by {where} (largest |w| = {largest:.3g}): nothing was saved; lower "
+                       f"--lr and resume from the last checkpoint")
 
 
 def channels_last(cfg: Any, device: torch.device) -> bool:

@@ -1,4 +1,5 @@
-"""Stopping a run on SIGTERM / SIGUSR1 (SLURM preemption, ``kill``) at a safe point, and telling the launcher.
+"""Stopping a run on SIGTERM / SIGUSR1 (SLURM preemption, ``kill``) or a first Ctrl-C at a safe point, and telling
+the launcher.
 
 The training loop asks :class:`StopRequest` after every step, feature batch and k-means granularity; on a
 request it saves and calls :func:`raise_preempted`, which leaves ``EXP_DIR/PREEMPTED`` for the launch scripts
@@ -12,6 +13,7 @@ import os
 import re
 import signal
 import threading
+import time
 from typing import Any
 
 import torch
@@ -24,12 +26,15 @@ MARKER = "PREEMPTED"
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 (SLURM preemption) set a flag; the training loop finishes its step, saves, and stops.
+    """SIGTERM / SIGUSR1 (SLURM preemption) and a first Ctrl-C (SIGINT) set a flag; the training loop finishes its
+    step, saves, and stops. A second Ctrl-C (a second or more later) aborts at once without saving.
 
     ``requested`` is agreed over ranks (a one-element all-reduce), so every rank stops at the same step.
     """
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+    ABORT_AFTER = 1.0  # seconds: a second Ctrl-C this much later aborts; sooner it is the same press (torchrun
+    # forwards the terminal's SIGINT to workers that got it from the terminal already)
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
@@ -37,6 +42,7 @@ class StopRequest:
         self._flag: torch.Tensor | None = None  # poll(): this step's flag, its host copy and the copy's event
         self._host: torch.Tensor | None = None
         self._event: Any = None
+        self._first_interrupt: float | None = None
 
     def install(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
@@ -47,9 +53,18 @@ class StopRequest:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.signal_name = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if name == "SIGINT":  # Ctrl-C: the first saves as SIGTERM does, a second one aborts
+            now = time.monotonic()
+            if self._first_interrupt is not None and now - self._first_interrupt >= self.ABORT_AFTER:
+                raise KeyboardInterrupt
+            if self._first_interrupt is not None:
+                return
+            self._first_interrupt = now
+        self.signal_name = self.signal_name or name
         logger.warning("%s received: stopping at the next safe point (after this step, feature batch or "
-                       "k-means granularity), then saving", self.signal_name)
+                       "k-means iteration), then saving%s", name,
+                       "; press Ctrl-C again to abort without saving" if name == "SIGINT" else "")
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
