@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import urllib.parse
 from typing import Any, Callable
 
@@ -111,6 +112,13 @@ def init(args: Any) -> torch.device:
         except RuntimeError as e:  # DistNetworkError (a RuntimeError) when rank 0 cannot listen on the port
             if global_rank == 0 and ("EADDRINUSE" in str(e) or "address already in use" in str(e).lower()):
                 raise PCLError(_port_in_use(args.dist_url)) from None
+            if "timed out" in str(e).lower():  # the rendezvous: the other processes never came
+                joined = re.search(r"(\d+)/(\d+) clients joined", str(e))
+                raise PCLError(f"rank {global_rank} waited --dist-timeout {timeout.total_seconds() / 60:g} min at "
+                               f"{args.dist_url}, but " + (f"only {joined.group(1)} of {joined.group(2)} processes "
+                               f"joined" if joined else "the others did not join") + ": start every process with "
+                               f"the same --dist-url and --world-size (each its own --rank), or check the "
+                               f"address") from None
             raise
     return device
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from typing import Any, Callable
 
@@ -272,6 +273,7 @@ class _Run:
         self.device, self.data, self.model, self.optimizer = setup(cfg)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
         self.run_log, self.stop = None, None
+        self.resumed_preempt: str | None = None  # the preempt checkpoint this run resumed from, removed once passed
 
     def save(self, epoch: int, cluster: ClusterResult | None, path: str, step: int = 0,
              states: list[dict[str, Any]] | None = None) -> None:
@@ -280,6 +282,8 @@ class _Run:
             check_weights(self.model, f"epoch {epoch} step {step}")
             ckpt_io.save_checkpoint(_checkpoint_state(self.model, self.optimizer, epoch, self.cfg, cluster, step,
                                                       states), path)
+            if step == 0 and self.resumed_preempt not in (None, path) and os.path.exists(self.resumed_preempt):
+                os.remove(self.resumed_preempt)  # the stop this run continued from is behind it now
         dist_utils.main_only(write, f"saving {path}")
 
     def clusters(self, epoch: int, resumed: dict[str, Any], start_step: int) -> tuple[ClusterResult | None, Any]:
@@ -373,6 +377,8 @@ def _train(cfg: RunConfig, on_step: Callable[[int, int], None] | None) -> dict[s
     start_epoch = cfg.start_epoch
     if path is not None:
         resumed = _resume(path, run.model, run.optimizer, run.device, ckpt)
+        if os.path.abspath(path) == os.path.abspath(ckpt_io.preempt_path(cfg.exp_dir)):
+            run.resumed_preempt = path
         _check_mid_epoch_resume(resumed, path, cfg, run.data)
         start_epoch = int(resumed["epoch"])
         if start_epoch >= cfg.epochs and not resumed.get("step"):

@@ -72,3 +72,32 @@ def test_a_fresh_run_never_writes_over_another_runs_checkpoints(tmp_path):
     assert len((tmp_path / "log.txt").read_text().splitlines()) == 1  # the logs do not mix either
     fit(tiny_args(tmp_path, "--epochs", "1", "--lr", "0.1", "--overwrite"))
     assert (tmp_path / "checkpoint_last.pth.tar").read_bytes() != before
+
+
+def test_the_preempt_checkpoint_resumed_from_is_removed_once_the_run_is_past_it(tmp_path):
+    def preempt(epoch, step):
+        if (epoch, step) == (0, 2):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Preempted):
+        fit(tiny_args(tmp_path, "--save-freq", "1"), on_step=preempt)
+    assert (tmp_path / "checkpoint_preempt.pth.tar").exists()
+    fit(tiny_args(tmp_path, "--save-freq", "1", "--resume", "auto"))
+    assert not (tmp_path / "checkpoint_preempt.pth.tar").exists()
+    assert load_checkpoint(tmp_path / "checkpoint_last.pth.tar")["epoch"] == 2
+
+
+def test_a_rendezvous_that_nobody_joins_is_one_line(tmp_path):
+    import socket
+
+    from pcl import distributed as dist_utils
+    from pcl.config import validate_pretrain_args
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = validate_pretrain_args(tiny_args(tmp_path, "--dist-url", f"tcp://127.0.0.1:{port}", "--world-size", "2",
+                                           "--rank", "0", "--dist-timeout", "0.05"))
+    with pytest.raises(PCLError, match=r"rank 0 waited --dist-timeout 0.05 min at tcp://127.0.0.1:\d+, but only 1 of "
+                                       r"2 processes joined: start every process"):
+        dist_utils.init(cfg)
