@@ -199,17 +199,20 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
                        f".pth.tar), or --resume auto with --exp-dir {path}")
     if not os.path.isfile(path):
         raise PCLError(f"checkpoint not found: {path}")
-    kind = _sniff(path)
-    if kind is not None:
-        raise PCLError(f"{path} is not a PyTorch checkpoint: {kind}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        kind = _sniff(path)
+        if kind is None:
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as e:  # unreadable (permission denied, an I/O error): one line naming the file and the cause
+        raise PCLError(f"cannot read {path}: {e.strerror or e}") from None
     except Exception as e:  # torch raises many types for garbage: name the file and the cause instead
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if "Weights only load failed" in str(e):
             raise PCLError(f"refusing to load {path}: it needs arbitrary Python objects to unpickle, which "
                            f"could run code; re-save it with tensors and plain types only ({first[:200]})") from None
         raise PCLError(f"checkpoint {path} is unreadable or truncated ({type(e).__name__}: {first[:200]})") from None
+    if kind is not None:
+        raise PCLError(f"{path} is not a PyTorch checkpoint: {kind}")
     if not isinstance(ckpt, dict):
         raise PCLError(f"checkpoint {path} is not a dict of tensors")
     return ckpt

@@ -17,7 +17,7 @@ import torch
 
 from pcl import PCLError
 from pcl.checkpoint import load_backbone, load_checkpoint, save_checkpoint
-from pcl.settings import RunConfig
+from pcl.settings import RunConfig, cannot_read
 
 logger = logging.getLogger("pcl")
 
@@ -50,15 +50,18 @@ def export(path: str, out: str, fmt: str = "torchvision", arch: str | None = Non
     if os.path.isdir(out):
         raise PCLError(f"export output {out} is a directory: give a file name, e.g. {os.path.join(out, 'backbone.pth')}")
     _refuse_overwriting_a_checkpoint(path, out, force)
-    state = torchvision_state(path, arch)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    if fmt == "torchvision":
-        save_checkpoint(state, out, last=None)
-    elif fmt == "detectron2":
-        with open(out, "wb") as f:
-            pickle.dump(detectron2_state(state), f)
-    else:
+    if fmt not in ("torchvision", "detectron2"):
         raise PCLError(f"unknown export format '{fmt}': use torchvision or detectron2")
+    state = torchvision_state(path, arch)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        if fmt == "torchvision":
+            save_checkpoint(state, out, last=None)
+        else:
+            with open(out, "wb") as f:
+                pickle.dump(detectron2_state(state), f)
+    except OSError as e:  # an unwritable folder (permission denied, read-only file system): one line
+        raise cannot_read(out, e, verb="write") from None
     logger.info("exported %s (%d tensors) to %s as %s", path, len(state), out, fmt)
     return out
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -24,6 +25,45 @@ def process_rank(hint: int | None = None) -> int:
     if "RANK" in os.environ and dist_utils.stray_rank() is None:
         return int(os.environ["RANK"])
     return 0
+
+
+def reason(err: BaseException) -> str:
+    """'No space left on device' for an OSError, else the error's first line."""
+    return getattr(err, "strerror", None) or (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def write_atomic(path: str, write_fn: Callable[[Any], None], binary: bool = False) -> None:
+    """Call ``write_fn(f)`` on a temp file in ``path``'s folder, then rename it over ``path``: a full disk leaves
+    the old file (or none) and no temp file, and is one PCLError 'could not write PATH (No space left on device)'."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".tmp_{os.path.basename(path)}.{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp, "wb" if binary else "w") as f:
+            write_fn(f)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise PCLError(f"could not write {path} ({reason(e)})") from None
+
+
+def write_json(path: str, obj: Any) -> None:
+    """``obj`` as indented JSON at ``path``, atomically (see :func:`write_atomic`)."""
+    write_atomic(path, lambda f: json.dump(obj, f, indent=1))
+
+
+class OneLineFileHandler(logging.FileHandler):
+    """train.log: a failed write (full disk) is one line on stderr the first time, then silence, where logging's
+    default prints a '--- Logging error ---' traceback for every record; the console keeps the log."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            sys.stderr.write(f"could not write {self.baseFilename} ({reason(sys.exc_info()[1])}): the log goes "
+                             f"to the console only\n")
 
 
 def setup_logging(exp_dir: str | None = None, debug: bool = False, rank: int | None = None) -> logging.Logger:
@@ -49,7 +89,7 @@ def setup_logging(exp_dir: str | None = None, debug: bool = False, rank: int | N
             raise PCLError(f"--exp-dir {exp_dir} is a file, not a folder")
         try:
             os.makedirs(exp_dir, exist_ok=True)
-            fh = logging.FileHandler(os.path.join(exp_dir, "train.log"))
+            fh = OneLineFileHandler(os.path.join(exp_dir, "train.log"))
         except OSError as e:
             raise PCLError(f"--exp-dir {exp_dir} is not writable ({e.strerror})") from None
         fh.setFormatter(fmt)
@@ -58,46 +98,74 @@ def setup_logging(exp_dir: str | None = None, debug: bool = False, rank: int | N
 
 
 class RunLog:
-    """JSON lines in EXP_DIR/log.txt plus TensorBoard scalars under EXP_DIR/tb (rank 0 only)."""
+    """JSON lines in EXP_DIR/log.txt plus TensorBoard scalars under EXP_DIR/tb (rank 0 only). A full disk is one
+    warning each and never stops the run: the checkpoint, saved before, is what matters."""
 
     def __init__(self, exp_dir: str, tensorboard: bool = True) -> None:
         self.active = dist_utils.is_main()
         self.path = os.path.join(exp_dir, "log.txt")
-        self.writer = None
+        self.tb_dir = os.path.join(exp_dir, "tb")
+        self.writer, self.record_failed = None, False
         if self.active and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(os.path.join(exp_dir, "tb"))
+                self.writer = SummaryWriter(self.tb_dir)
             except ImportError:
                 logging.getLogger("pcl").warning("tensorboard is not installed: no TensorBoard logs")
+            except OSError as e:
+                self._tensorboard_failed(e)
+
+    def _tensorboard_failed(self, err: OSError) -> None:
+        writer, self.writer = self.writer, None
+        logging.getLogger("pcl").warning("could not write %s (%s): TensorBoard is off for this run", self.tb_dir,
+                                         reason(err))
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    def _tb(self, method: str, *args: Any, **kwargs: Any) -> None:
+        if self.writer is not None:
+            try:
+                getattr(self.writer, method)(*args, **kwargs)
+            except OSError as e:
+                self._tensorboard_failed(e)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(key, value, step)
+        for key, value in values.items():
+            self._tb("add_scalar", key, value, step)
 
     def histogram(self, tag: str, values, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_histogram(tag, values.detach().cpu() if hasattr(values, "detach") else values, step)
+        self._tb("add_histogram", tag, values.detach().cpu() if hasattr(values, "detach") else values, step)
 
     def image(self, tag: str, image, step: int) -> None:
         """uint8 3 x H x W."""
-        if self.writer is not None:
-            self.writer.add_image(tag, image, step, dataformats="CHW")
+        self._tb("add_image", tag, image, step, dataformats="CHW")
 
     def text(self, tag: str, text: str, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_text(tag, text, step)
+        self._tb("add_text", tag, text, step)
 
     def record(self, entry: dict[str, Any]) -> None:
-        if self.active:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+        """Append one JSON line; on a full disk the partial line is cut off again and the first failure warns."""
+        if not self.active:
+            return
+        try:
+            with open(self.path, "ab", buffering=0) as f:  # unbuffered: nothing is left to flush on close
+                start = f.tell()
+                try:
+                    f.write((json.dumps(entry) + "\n").encode())
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        f.truncate(start)
+                    raise
+        except OSError as e:
+            if not self.record_failed:
+                logging.getLogger("pcl").warning("could not write %s (%s): epoch stats go to the console/"
+                                                 "TensorBoard only", self.path, reason(e))
+            self.record_failed = True
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self._tb("close")
 
 
 class AverageMeter:

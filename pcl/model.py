@@ -21,11 +21,13 @@ logger = logging.getLogger("pcl")
 
 
 def _resnet_factory(arch: str):
-    fn = getattr(tv_resnet, arch, None) if arch.islower() else None
-    if fn is None or not callable(fn) or "resnet" not in arch:
-        names = sorted(n for n in dir(tv_resnet) if "resnet" in n and n.islower() and callable(getattr(tv_resnet, n)))
+    """The torchvision builder of ``arch``: only the public model builders (resnet18..resnet152, resnext*,
+    wide_resnet*), never a module helper such as ``_resnet`` or the ``ResNet`` class."""
+    names = sorted(n for n in getattr(tv_resnet, "__all__", dir(tv_resnet))
+                   if n.islower() and not n.startswith("_") and "resne" in n and callable(getattr(tv_resnet, n, None)))
+    if arch not in names:
         raise PCLError(f"unknown architecture '{arch}': choose a torchvision ResNet ({', '.join(names)})")
-    return fn
+    return getattr(tv_resnet, arch)
 
 
 def build_backbone(arch: str = "resnet50", width: int = 64, stem: str = "standard") -> nn.Module:
@@ -89,11 +91,17 @@ class SplitBatchNorm(nn.BatchNorm2d):
         self.num_splits = num_splits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.num_splits == 1:
+        if not self.training:
             return super().forward(x)
         n, c, h, w = x.shape
         if n % self.num_splits:
             raise PCLError(f"batch of {n} is not divisible by --bn-splits {self.num_splits}")
+        if n // self.num_splits * h * w == 1:
+            raise PCLError(f"--bn-splits {self.num_splits} with a batch of {n} leaves one sample per split on a "
+                           f"{h}x{w} feature map: BatchNorm needs more than one value per channel; lower --bn-splits "
+                           f"or raise the batch size (--batch-size)")
+        if self.num_splits == 1:
+            return super().forward(x)
         with torch.no_grad():
             self.num_batches_tracked += 1  # first, as nn.BatchNorm: momentum None averages over it
         factor = self._average_factor()
@@ -129,9 +137,7 @@ class SplitBatchNorm(nn.BatchNorm2d):
         """
         n, c, h, w = x.shape
         s = self.num_splits
-        count = n // s * h * w  # values per (split, channel)
-        if count == 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+        count = n // s * h * w  # values per (split, channel): > 1, forward checked it
         x5 = x.view(n // s, s, c, h, w)  # N/s x s x C x H x W: sample i in split i % s; a view for NHWC strides
         var, mean = torch.var_mean(x5, dim=(0, 3, 4), unbiased=False)  # s x C each (biased: normalisation)
         scale = self.weight * torch.rsqrt(var + self.eps)  # s x C

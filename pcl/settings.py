@@ -73,15 +73,24 @@ class RunConfig(Mapping[str, Any]):
                 if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
 
 
+def cannot_read(path: str, e: OSError, verb: str = "read") -> PCLError:
+    """The one-line error of an input (or output) that the OS refuses: 'cannot read FILE: Permission denied'."""
+    return PCLError(f"cannot {verb} {path}: {e.strerror or e}")
+
+
 def load_config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
     """Read a YAML file into parser defaults; unknown keys raise :class:`PCLError`."""
     if not os.path.isfile(path):
         raise PCLError(f"config file not found: {path}")
-    with open(path) as f:
-        try:
-            raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise PCLError(f"config {path} is not valid YAML: {e}") from None
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise cannot_read(path, e) from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise PCLError(f"config {path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise PCLError(f"config {path} must be a mapping of flag names to values")
     actions = {a.dest: a for a in parser._actions}
@@ -163,7 +172,8 @@ _EPOCH_LIST = (lambda v: all(m >= 0 for m in v)), "epochs >= 0"
 
 # dest -> (valid?, the valid range in words); a value of None (flag unset) is always valid
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    **dict.fromkeys(("workers", "start_epoch", "warmup_epoch", "cached_views", "seed", "gpu"), _at_least(0)),
+    **dict.fromkeys(("workers", "start_epoch", "warmup_epoch", "cached_views", "gpu"), _at_least(0)),
+    "seed": ((lambda v: 0 <= v < 2 ** 63), ">= 0 and below 2**63 (torch.Generator seeds are 64-bit)"),
     **dict.fromkeys(("prefetch_factor", "demo_renders", "width", "low_dim", "nproc", "epochs", "batch_size",
                      "print_freq", "pcl_r", "kmeans_niter", "kmeans_nredo", "bn_splits", "knn_k", "runs",
                      "svm_max_iter", "gallery_rows", "columns", "queries"), _at_least(1)),

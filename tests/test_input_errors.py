@@ -166,3 +166,22 @@ def test_class_list_with_a_builtin_dataset_warns_once(tmp_path, warnings_of_pcl)
     assert warnings_of_pcl[0].startswith(f"--class-list {classes} has no effect with --dataset demo")
     validate_pretrain_args(tiny_args(tmp_path / "exp", "--class-list", str(classes), str(tmp_path)))  # ImageFolder
     assert len(warnings_of_pcl) == 1
+
+
+def test_a_seed_beyond_64_bits_is_refused_at_parse_time():
+    from pcl import PCLError
+    from pcl.config import build_pretrain_parser, parse_args
+
+    with pytest.raises(PCLError, match=r"--seed 1180591620717411303424: must be >= 0 and below 2\*\*63"):
+        parse_args(build_pretrain_parser(), ["--seed", str(2 ** 70)])
+
+
+@pytest.mark.parametrize("cost", ["inf", "nan", "0.5,inf"])
+def test_an_infinite_svm_cost_is_refused_before_any_work(tmp_path, cost):
+    from pcl import PCLError
+    from pcl.config import build_svm_parser, parse_args
+    from pcl.evaluation.svm import run_svm
+
+    args = parse_args(build_svm_parser(), ["--dataset", "demo", "--cost", cost, "--exp-dir", str(tmp_path)])
+    with pytest.raises(PCLError, match=r"--cost .* every value must be a finite number > 0"):
+        run_svm(args)

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from pcl import PCLError
 from pcl.data.demo import make_digits_demo
+from pcl.settings import cannot_read
 
 
 class IndexedDataset(Dataset):
@@ -49,8 +50,11 @@ def read_class_list(path: str) -> list[str]:
     are skipped. A missing or empty file, or a name listed twice, is a PCLError."""
     if not os.path.isfile(path):
         raise PCLError(f"--class-list {path}: file not found (one class folder name per line)")
-    with open(path) as f:
-        names = [line.split("#", 1)[0].strip() for line in f]
+    try:
+        with open(path) as f:
+            names = [line.split("#", 1)[0].strip() for line in f]
+    except OSError as e:
+        raise cannot_read(path, e) from None
     names = [n for n in names if n]
     if not names:
         raise PCLError(f"--class-list {path} lists no classes")
@@ -100,17 +104,41 @@ def image_folder(root: str, split: str, bad_images: str = "fail", classes: Seque
     path = os.path.join(root, split)
     if not os.path.isdir(path):
         raise PCLError(f"data folder not found: {path} (expected an ImageFolder root: DIR/{split}/<class>/<image>)")
-    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+    try:
+        entries = sorted(os.scandir(path), key=lambda e: e.name)
+    except OSError as e:
+        raise cannot_read(printable(path), e) from None
+    for entry in entries:
         if entry.is_dir() and (classes is None or entry.name in classes):
             try:
                 os.listdir(entry.path)
             except PermissionError:
                 raise PCLError(f"class folder {printable(entry.path)} cannot be read (permission denied)") from None
+            _scan_class_folder(entry.path)
     try:
         return SafeImages(ListedImageFolder(path, classes) if classes else tvd.ImageFolder(path, loader=load_image),
                           bad_images)
     except (FileNotFoundError, RuntimeError) as e:
         raise PCLError(f"no images in {path}: {e} (expected DIR/{split}/<class>/<image>)") from None
+
+
+def _scan_class_folder(folder: str) -> None:
+    """Every folder under a class folder, as ImageFolder walks it (following links): an unreadable one, or a linked
+    folder that leads back to itself or an ancestor (a loop: ImageFolder would list the same images again at every
+    level until the path grows too long), is one PCLError naming it."""
+    stack = [(folder, (os.path.realpath(folder),))]
+    while stack:
+        path, ancestors = stack.pop()
+        try:
+            subdirs = [e for e in os.scandir(path) if e.is_dir()]
+        except OSError as e:
+            raise cannot_read(printable(path), e) from None
+        for entry in subdirs:
+            real = os.path.realpath(entry.path)
+            if entry.is_symlink() and real in ancestors:
+                raise PCLError(f"{printable(entry.path)} links back to {printable(real)} (a symlink loop: its images "
+                               f"would be listed again and again); remove the link or point it elsewhere")
+            stack.append((entry.path, ancestors + (real,)))
 
 
 class SafeImages(Dataset):
@@ -154,6 +182,7 @@ def _torchvision_set(name: str, root: str, split: str, download: bool) -> Datase
 MNIST_FAMILY = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}  # --dataset -> torchvision
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+MNIST_CLASSES = 10  # every set of the MNIST family has labels 0-9
 IN_MEMORY_SETS = ("demo", *MNIST_FAMILY)  # datasets augmented as batched tensors (TensorAugment)
 
 
@@ -223,6 +252,10 @@ def load_mnist_family(name: str, root: str | None, download: bool = False) -> di
         if images.dim() != 3 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
             raise PCLError(f"{name} {split} split: {images_path} holds {tuple(images.shape)} and {labels_path} "
                            f"{tuple(labels.shape)}; expected N x H x W images and N labels")
+        if labels.numel() and int(labels.max()) >= MNIST_CLASSES:
+            bad = int(labels.max())
+            raise PCLError(f"{labels_path}: label {bad} (image {int((labels == bad).nonzero()[0])}) is outside the "
+                           f"{MNIST_CLASSES} classes 0-{MNIST_CLASSES - 1} of {name}; the file is corrupt or not {name}'s")
         out[split], out[f"{split}_labels"] = images[:, None], labels.long()
     return out
 
@@ -306,16 +339,20 @@ def read_subset(train_dir: str, samples: Sequence[tuple[str, int]], list_file: s
         raise PCLError(f"subset file not found: {list_file} (one image name per line, e.g. SimCLR's 1percent.txt)")
     where = {os.path.normpath(path): i for i, (path, _) in enumerate(samples)}
     picked = []
-    with open(list_file) as f:
-        for line in f:
-            name = line.strip()
-            if not name:
-                continue
-            rel = name if "/" in name else os.path.join(name.split("_")[0], name)
-            path = os.path.normpath(os.path.join(train_dir, rel))
-            if path not in where:
-                raise PCLError(f"{list_file} lists {name}, which is not in {train_dir} (expected {path})")
-            picked.append(where[path])
+    try:
+        with open(list_file) as f:
+            lines = f.readlines()
+    except OSError as e:
+        raise cannot_read(list_file, e) from None
+    for line in lines:
+        name = line.strip()
+        if not name:
+            continue
+        rel = name if "/" in name else os.path.join(name.split("_")[0], name)
+        path = os.path.normpath(os.path.join(train_dir, rel))
+        if path not in where:
+            raise PCLError(f"{list_file} lists {name}, which is not in {train_dir} (expected {path})")
+        picked.append(where[path])
     if not picked:
         raise PCLError(f"subset file {list_file} lists no images")
     return picked

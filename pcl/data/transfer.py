@@ -15,6 +15,7 @@ from pcl import PCLError
 from pcl.data.datasets import IN_MEMORY_SETS, load_image, load_in_memory, printable
 from pcl.data.loaders import FileLoader, TensorLabelledLoader
 from pcl.data.transforms import eval_transform
+from pcl.settings import cannot_read
 
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -35,6 +36,15 @@ def _open_listed(path: str, dataset: str) -> Image.Image:
         raise PCLError(f"{dataset}: cannot read {printable(path)} ({type(e).__name__}: {str(e)[:120]})") from None
 
 
+def _read_lines(path: str) -> list[str]:
+    """A split list's lines; an unreadable list is one error naming it and the cause."""
+    try:
+        with open(path) as f:
+            return f.readlines()
+    except OSError as e:
+        raise cannot_read(path, e) from None
+
+
 class VOC07(Dataset):
     """PASCAL VOC 2007 classification as the official ``voc.py`` reads it: for each class the file
     ``ImageSets/Main/{class}_{split}.txt`` gives 1 (present), -1 (absent) or 0 (difficult) per image.
@@ -53,18 +63,17 @@ class VOC07(Dataset):
             path = os.path.join(main, f"{cls}_{split}.txt")
             if not os.path.isfile(path):
                 raise PCLError(f"VOC2007 label file missing: {path} (expected {VOC_LAYOUT})")
-            with open(path) as f:
-                for number, line in enumerate(f, 1):
-                    parts = line.split()
-                    if len(parts) < 2:
-                        continue
-                    if parts[-1] not in ("1", "-1", "0"):
-                        raise PCLError(f"{path} line {number}: label '{parts[-1]}' is not 1, -1 or 0 "
-                                       f"(VOC: present, absent, difficult)")
-                    if parts[0] not in table:
-                        names.append(parts[0])
-                        table[parts[0]] = [-1.0] * len(VOC_CLASSES)
-                    table[parts[0]][c] = float(parts[-1])
+            for number, line in enumerate(_read_lines(path), 1):
+                parts = line.split()
+                if len(parts) < 2:
+                    continue
+                if parts[-1] not in ("1", "-1", "0"):
+                    raise PCLError(f"{path} line {number}: label '{parts[-1]}' is not 1, -1 or 0 "
+                                   f"(VOC: present, absent, difficult)")
+                if parts[0] not in table:
+                    names.append(parts[0])
+                    table[parts[0]] = [-1.0] * len(VOC_CLASSES)
+                table[parts[0]][c] = float(parts[-1])
         if not names:
             raise PCLError(f"VOC2007 split '{split}' under {root} lists no images")
         self.names = names
@@ -88,14 +97,13 @@ class Places205(Dataset):
         if not os.path.isfile(csv) or not os.path.isdir(self.image_dir):
             raise PCLError(f"Places205 not found under {root}: expected {PLACES_LAYOUT}")
         self.transform, self.files, labels = transform, [], []
-        with open(csv) as f:
-            for number, line in enumerate(f, 1):
-                parts = line.split()
-                if len(parts) >= 2:
-                    if not parts[1].isdigit() or not 0 <= int(parts[1]) < 205:
-                        raise PCLError(f"{csv} line {number}: label '{parts[1]}' is not a class number 0-204")
-                    self.files.append(parts[0])
-                    labels.append(int(parts[1]))
+        for number, line in enumerate(_read_lines(csv), 1):
+            parts = line.split()
+            if len(parts) >= 2:
+                if not parts[1].isdigit() or not 0 <= int(parts[1]) < 205:
+                    raise PCLError(f"{csv} line {number}: label '{parts[1]}' is not a class number 0-204")
+                self.files.append(parts[0])
+                labels.append(int(parts[1]))
         if not self.files:
             raise PCLError(f"{csv} lists no images")
         self.targets = torch.tensor(labels)

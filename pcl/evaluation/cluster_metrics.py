@@ -15,7 +15,6 @@ pretraining settings):
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -43,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: Any) -> dict[str, Any]:
     from pcl.cluster import run_kmeans
-    from pcl.log import setup_logging
+    from pcl.log import setup_logging, write_json
 
     cfg = RunConfig.of(args)
     setup_logging(cfg.exp_dir, cfg.debug)
@@ -56,8 +55,8 @@ def run(args: Any) -> dict[str, Any]:
     for k, r in rows.items():
         print(f"| {k} | {r['nmi']:.2f} | {r.get('ami', float('nan')):.2f} | {r['acc']:.2f} |")
     os.makedirs(cfg.exp_dir, exist_ok=True)
-    with open(os.path.join(cfg.exp_dir, "cluster_metrics.json"), "w") as f:
-        json.dump({"pretrained": cfg.pretrained, "n": len(labels), "scores": rows}, f, indent=1)
+    write_json(os.path.join(cfg.exp_dir, "cluster_metrics.json"),
+               {"pretrained": cfg.pretrained, "n": len(labels), "scores": rows})
     return rows
 
 

@@ -8,7 +8,6 @@ The math (:func:`knn_predict`, :func:`knn_accuracy`) lives in :mod:`pcl.evaluati
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any
@@ -30,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: Any) -> dict[int, float]:
-    from pcl.log import setup_logging
+    from pcl.log import setup_logging, write_json
 
     cfg = RunConfig.of(args)
     setup_logging(cfg.exp_dir, cfg.debug)
@@ -41,8 +40,7 @@ def run(args: Any) -> dict[int, float]:
     for k, acc in result.items():
         print(f"| {k} | {acc:.2f}% |")
     os.makedirs(cfg.exp_dir, exist_ok=True)
-    with open(os.path.join(cfg.exp_dir, "knn.json"), "w") as f:
-        json.dump({"pretrained": cfg.pretrained, "t": cfg.knn_t, "top1": result}, f, indent=1)
+    write_json(os.path.join(cfg.exp_dir, "knn.json"), {"pretrained": cfg.pretrained, "t": cfg.knn_t, "top1": result})
     return result
 
 

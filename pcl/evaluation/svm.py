@@ -15,8 +15,8 @@ rather than a shared ``random`` stream; SVMs for different classes run in parall
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
 import time
 from typing import Any, Sequence
@@ -30,7 +30,7 @@ from pcl.config import RunConfig, parse_list
 from pcl.data.transfer import svm_loader, svm_sets
 from pcl.evaluation.common import eval_backbone
 from pcl.evaluation.metrics import extract_features
-from pcl.log import setup_logging
+from pcl.log import setup_logging, write_atomic, write_json
 
 logger = logging.getLogger("pcl")
 
@@ -147,7 +147,8 @@ def _extract(backbone: nn.Module, source, rows: np.ndarray, args: Any, device: t
 def run_svm(args: Any) -> dict[str, Any]:
     """Full-set (and with --low-shot, k-shot) SVM transfer; prints a markdown table, writes JSON + markdown."""
     setup_logging(args.exp_dir, args.debug)
-    positive = dict(valid=lambda v: v > 0, must=" is malformed: every value must be positive")
+    positive = dict(valid=lambda v: math.isfinite(v) and v > 0,  # inf/nan: LinearSVC fails later, in a traceback
+                    must=" is malformed: every value must be a finite number > 0")
     costs = parse_list(args.cost, "--cost", float, "0.5,1.0", **positive)
     shots = parse_list(args.shots, "--shots", int, "1,2,4,8,16", **positive) if args.low_shot else []
     device = dist_utils.init(args)
@@ -194,10 +195,8 @@ def run_svm(args: Any) -> dict[str, Any]:
     table = results_table(results)
     if dist_utils.is_main():
         os.makedirs(args.exp_dir, exist_ok=True)
-        with open(os.path.join(args.exp_dir, f"svm_{args.dataset}.json"), "w") as f:
-            json.dump(results, f, indent=1)
-        with open(os.path.join(args.exp_dir, f"svm_{args.dataset}.md"), "w") as f:
-            f.write(table + "\n")
+        write_json(os.path.join(args.exp_dir, f"svm_{args.dataset}.json"), results)
+        write_atomic(os.path.join(args.exp_dir, f"svm_{args.dataset}.md"), lambda f: f.write(table + "\n"))
         print(table)
     return results
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import os
 import sys
@@ -35,6 +34,7 @@ from pcl.config import RunConfig, parse_list, parse_num_cluster
 from pcl.evaluation.common import eval_backbone, resolve_eval_dataset
 from pcl.evaluation.metrics import extract_features
 from pcl.gallery import GalleryRow, display_images, gallery_rows, render_gallery, render_grid
+from pcl.log import write_atomic, write_json
 
 logger = logging.getLogger("pcl")
 
@@ -162,8 +162,10 @@ def tsne_figure(feats: torch.Tensor, labels: torch.Tensor | None, clusters: torc
         ax.set_yticks([])
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
+    finally:
+        plt.close(fig)
 
 
 def frame(pics: torch.Tensor, good: list[bool] | None) -> torch.Tensor:
@@ -200,9 +202,7 @@ def retrieval(query_feats: dict[str, torch.Tensor], bank_feats: dict[str, torch.
             labels.append(f"query {q}" + (f" (class {int(test.labels[q])})" if labelled else "") + f"\n{name}"
                           + (f"\n{precision_row(good)}" if good is not None else ""))
     grid = render_grid(rows, labels, args.columns + 1, label_width=140)
-    from PIL import Image
-
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    save_png(grid, path)
     return precision
 
 
@@ -213,7 +213,7 @@ def precision_row(good: list[bool]) -> str:
 def save_png(image: torch.Tensor, path: str) -> None:
     from PIL import Image
 
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+    write_atomic(path, lambda f: Image.fromarray(image.permute(1, 2, 0).numpy()).save(f, format="PNG"), binary=True)
 
 
 def validate(args: RunConfig) -> list[str]:
@@ -297,8 +297,7 @@ def run(args: RunConfig) -> dict[str, Any]:
         if precision:  # only with labels
             out["retrieval_precision"] = precision
         out["files"]["retrieval"] = path
-    with open(os.path.join(args.exp_dir, "visualize.json"), "w") as f:
-        json.dump(out, f, indent=1)
+    write_json(os.path.join(args.exp_dir, "visualize.json"), out)
     for name, path in out["files"].items():
         print(f"{name}: {path}")
     if out.get("retrieval_precision"):
