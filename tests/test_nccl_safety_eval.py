@@ -63,8 +63,8 @@ def test_a_real_second_lock_in_the_same_folder_is_refused_while_the_first_is_hel
     with ExpDirLock(str(tmp_path)):
         with pytest.raises(PCLError, match=r"is in use by another run \(pid \d+ on .*give another --exp-dir"):
             ExpDirLock(str(tmp_path)).__enter__()
-    with ExpDirLock(str(tmp_path)):  # released: usable again
-        pass
+    with ExpDirLock(str(tmp_path)) as again:  # released: usable again
+        assert again.locked
 
 
 @pytest.fixture
