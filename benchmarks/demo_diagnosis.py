@@ -30,7 +30,7 @@ from pcl.cluster import kmeans  # noqa: E402
 from pcl.data import TensorEvalLoader, make_digits_demo  # noqa: E402
 from pcl.evaluation.knn import knn_accuracy  # noqa: E402
 from pcl.model import MoCo  # noqa: E402
-from pcl.evaluation.metrics import extract_features  # noqa: E402
+from pcl.features import extract_features  # noqa: E402
 from pcl.settings import parse_list  # noqa: E402
 
 

@@ -43,7 +43,7 @@ from pcl.data import TensorLabelledLoader, load_in_memory, one_vs_rest  # noqa: 
 from pcl.evaluation.cluster_metrics import clustering_scores  # noqa: E402
 from pcl.evaluation.knn import knn_accuracy  # noqa: E402
 from pcl.evaluation.linear import train_head  # noqa: E402
-from pcl.evaluation.metrics import extract_features  # noqa: E402
+from pcl.features import extract_features  # noqa: E402
 from pcl.evaluation.svm import l2_normalize, low_shot_indices, score_report, svm_scores  # noqa: E402
 from pcl.model import build_backbone  # noqa: E402
 from pcl.settings import parse_list  # noqa: E402

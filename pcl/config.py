@@ -47,6 +47,9 @@ def data_parser() -> argparse.ArgumentParser:
     g.add_argument("--persistent-workers", action="store_true",
                    help="keep loader workers between epochs (saves start-up time; their augmentation streams then "
                         "continue across epochs, so a resumed file-dataset run no longer replays crops exactly)")
+    g.add_argument("--loader-timeout", default=30.0, type=float, metavar="MIN",
+                   help="with loader workers, stop with a one-line error when no batch has come for MIN minutes (a "
+                        "stuck network file system; 0: wait forever). Without workers a blocked read cannot be cut")
     g.add_argument("--bad-images", default="fail", choices=["fail", "skip"],
                    help="an unreadable image file: stop with its name (fail), or use the next readable one and "
                         "log a warning with a running count (skip)")

@@ -117,8 +117,8 @@ def init(args: Any) -> torch.device:
                 raise PCLError(f"rank {global_rank} waited --dist-timeout {timeout.total_seconds() / 60:g} min at "
                                f"{args.dist_url}, but " + (f"only {joined.group(1)} of {joined.group(2)} processes "
                                f"joined" if joined else "the others did not join") + ": start every process with "
-                               f"the same --dist-url and --world-size (each its own --rank), or check the "
-                               f"address") from None
+                               "the same --dist-url and --world-size (each its own --rank), or check the "
+                               "address") from None
             raise
     return device
 

@@ -18,8 +18,8 @@ from pcl import PCLError, checkpoint as ckpt_io, distributed as dist_utils
 from pcl.cluster import ClusterResult
 from pcl.config import RunConfig, validate_pretrain_args
 from pcl.data import PretrainData, build_pretrain_data, stream_seed
-from pcl.estep import compute_features, e_step, log_clusters, log_galleries, self_check
-from pcl.evaluation.metrics import knn_report, monitor_scores
+from pcl.estep import compute_features, e_step, self_check
+from pcl.monitor import knn_report, log_clusters, log_galleries, monitor_scores
 from pcl.log import FiniteGuard, RunLog, StepMeters, process_rank, setup_logging
 from pcl.loss import info_nce_logits, pauc_terms, proto_nce, top1_percent
 from pcl.model import MoCo, apply_speed_options, build_backbone, channels_last, check_weights

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -14,9 +13,8 @@ from pcl import PCLError, distributed as dist_utils
 from pcl.cluster import ClusterResult, resolve_backend, run_kmeans
 from pcl.config import RunConfig
 from pcl.data import PretrainData
-from pcl.evaluation.metrics import clustering_scores, extract_features
-from pcl.gallery import caption, gallery_rows, render_gallery
-from pcl.log import RunLog
+from pcl.features import extract_features
+from pcl.gallery import gallery_rows
 from pcl.preemption import StopRequest
 
 logger = logging.getLogger("pcl")
@@ -142,38 +140,3 @@ def self_check(cfg: RunConfig, device: torch.device, dim: int) -> float:
     logger.info("E-step start-up check: %d ranks, k-means (%s) on %d rows and its broadcast: ok in %.2f s", world,
                 resolve_backend(cfg.kmeans_backend, device)[0], n, seconds)
     return seconds
-
-
-def log_clusters(run_log: RunLog, stats: dict[str, Any], cluster: ClusterResult | None, cfg: RunConfig,
-               epoch: int, labels: torch.Tensor | None = None) -> None:
-    """E-step timings and cluster statistics into the stats (NMI/AMI per granularity against the training
-    labels when the set has them), and everything to TensorBoard (with cluster-size and phi histograms)."""
-    if cluster is not None and labels is not None:
-        def scores() -> dict[str, float]:
-            # rank 0 only, while the others wait: NMI is O(N), AMI is skipped above 200k samples, and the
-            # Hungarian accuracy (a dense k x classes table: 0.8 GB at ImageNet's k = 100k) is not computed
-            return {f"{m}_k{k_}": v for k_, assign in zip(cfg.num_cluster, cluster.im2cluster)
-                    for m, v in clustering_scores(labels.numpy(), assign.cpu().numpy(), with_acc=False).items()}
-        stats.update(dist_utils.main_only(scores, "the clustering scores") or {})
-    if cluster is not None:
-        stats["estep_seconds"] = cluster.estep_seconds
-        for k_, sec in zip(cfg.num_cluster, cluster.kmeans_seconds):
-            stats[f"kmeans_seconds_k{k_}"] = sec
-        sizes = [torch.bincount(a, minlength=len(c)).float() for a, c in zip(cluster.im2cluster, cluster.centroids)]
-        for k, s, phi in zip(cfg.num_cluster, sizes, cluster.concentration):
-            run_log.scalars(epoch, {f"cluster/k{k}_size_max": s.max().item(),
-                                    f"cluster/k{k}_empty": (s == 0).sum().item(),
-                                    f"cluster/k{k}_phi_std": phi.std().item()})
-            run_log.histogram(f"cluster/k{k}_phi", phi, epoch)
-            run_log.histogram(f"cluster/k{k}_sizes", s, epoch)
-    run_log.scalars(epoch, {f"train/{k}": v for k, v in stats.items() if k != "epoch"})
-
-
-def log_galleries(run_log: RunLog, cluster: ClusterResult, data: PretrainData, cfg: RunConfig,
-                  epoch: int) -> None:
-    """One prototype gallery per granularity into TensorBoard (rank 0): ~80 pictures decoded per granularity."""
-    start = time.perf_counter()
-    for k, rows in zip(cfg.num_cluster, cluster.gallery):
-        run_log.image(f"prototypes/k{k}", render_gallery(rows, data.eval_loader), epoch)
-        run_log.text(f"prototypes/k{k}", caption(k, rows), epoch)
-    logger.info("prototype galleries: %.2f s", time.perf_counter() - start)

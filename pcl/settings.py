@@ -181,7 +181,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(("lr", "temperature", "knn_t", "pauc_alpha", "pauc_t", "lr_last_layer", "dist_timeout",
                      "knn_max_bank_gb"),
                     _POSITIVE),
-    **dict.fromkeys(("weight_decay", "pauc_align", "pauc_uniform", "pauc_corr"), _NON_NEGATIVE),
+    **dict.fromkeys(("weight_decay", "pauc_align", "pauc_uniform", "pauc_corr", "loader_timeout"), _NON_NEGATIVE),
     **dict.fromkeys(("schedule", "decay_epochs"), _EPOCH_LIST),
     "image_size": _at_least(8, " (pixels)"),
     "save_freq": _at_least(1, " (epochs between checkpoints; the last epoch is always saved)"),

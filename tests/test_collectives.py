@@ -15,7 +15,7 @@ from pcl import distributed as dist_utils
 from pcl.config import validate_pretrain_args
 from pcl.data import PretrainData, TensorEvalLoader
 from pcl.estep import e_step, self_check
-from pcl.evaluation.metrics import monitor_scores
+from pcl.monitor import monitor_scores
 from pcl.model import MoCo
 from pcl.preemption import StopRequest
 

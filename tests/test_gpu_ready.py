@@ -86,7 +86,7 @@ def test_seed_given_only_when_asked_and_defaults_to_zero():
 
 def test_estep_logs_nmi_without_the_hungarian_table(tmp_path, monkeypatch):
     """Rank 0 must not build a k x classes table at every E-step while the other ranks wait."""
-    import pcl.evaluation.metrics as cm
+    import pcl.features as cm
 
     def refuse(*_):
         raise AssertionError("Hungarian accuracy computed during pretraining")

@@ -185,3 +185,52 @@ def test_an_infinite_svm_cost_is_refused_before_any_work(tmp_path, cost):
     args = parse_args(build_svm_parser(), ["--dataset", "demo", "--cost", cost, "--exp-dir", str(tmp_path)])
     with pytest.raises(PCLError, match=r"--cost .* every value must be a finite number > 0"):
         run_svm(args)
+
+
+def test_knn_flags_without_a_val_split_warn_and_name_the_folder(tmp_path, warnings_of_pcl):
+    from conftest import image_folder
+    from pcl.data.pretrain import build_pretrain_data
+
+    image_folder(tmp_path / "data", ["a", "b"], splits=("train",))
+    args = validate_pretrain_args(tiny_args(tmp_path / "exp", str(tmp_path / "data"), "--knn-eval", "-j", "0"))
+    assert build_pretrain_data(args).knn is None
+    assert warnings_of_pcl == [f"--knn-eval / --knn-every have no effect: the kNN monitor needs a labelled test "
+                               f"split and {tmp_path / 'data' / 'val'} does not exist"]
+    image_folder(tmp_path / "data", ["a", "b"], splits=("val",))
+    assert build_pretrain_data(args).knn is not None  # with val/ the monitor runs, and nothing is said
+    assert len(warnings_of_pcl) == 1
+
+
+# 5. a blocked read
+
+
+class _Stuck(torch.utils.data.Dataset):
+    """Item 0 is read at once; every other read blocks far longer than the loader's timeout."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        if i:
+            import time
+            time.sleep(60)
+        return torch.zeros(1), i
+
+
+def test_a_worker_blocked_on_a_read_stops_at_loader_timeout_with_one_line():
+    from pcl.data.loaders import FileLoader
+
+    loader = FileLoader(_Stuck(), 1, 1, 0, train=False, timeout_min=0.02)  # 1.2 s
+    it = iter(loader)
+    next(it)
+    with pytest.raises(PCLError, match=r"rank 0: no batch came from the loader workers for --loader-timeout 0.02 "
+                                       r"min \(batch 2 of 4\); a worker is blocked"):
+        next(it)
+
+
+def test_loader_timeout_is_off_without_workers_and_on_by_default(tmp_path):
+    from pcl.data.loaders import FileLoader
+
+    assert FileLoader(_Stuck(), 1, 0, 0, train=False, timeout_min=5).loader.timeout == 0  # torch refuses it then
+    assert FileLoader(_Stuck(), 1, 2, 0, train=False, timeout_min=5).loader.timeout == 300
+    assert validate_pretrain_args(tiny_args(tmp_path / "exp")).loader_timeout == 30

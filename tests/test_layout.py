@@ -1,11 +1,11 @@
-"""The layout holds: small files and functions, imports only downward, no repeated blocks, read-only settings.
+"""The layout holds: imports only downward, evaluation apart from the engine, math apart from settings, a launcher
+that knows no training module, read-only settings.
 
 The layers (bottom up) are the README's "Layout" table; a module may import its own layer and the ones below.
 ``if __name__ == "__main__":`` blocks are entry points and may import anything (e.g. :mod:`pcl.launch`).
 """
 
 import ast
-import collections
 import os
 import pickle
 import subprocess
@@ -17,16 +17,18 @@ from conftest import ROOT
 LAYERS = {
     0: ["pcl"],
     1: ["pcl.distributed", "pcl.loss", "pcl.settings", "pcl.schedule", "pcl.data.transforms", "pcl.data.demo"],
-    2: ["pcl.config", "pcl.model", "pcl.cluster", "pcl.log", "pcl.data", "pcl.data.datasets", "pcl.data.tensor_augment",
-        "pcl.data.loaders", "pcl.data.pretrain", "pcl.data.labelled", "pcl.data.transfer"],
-    3: ["pcl.gallery", "pcl.checkpoint", "pcl.evaluation", "pcl.evaluation.metrics"],
-    4: ["pcl.preemption", "pcl.evaluation.common", "pcl.export"],
+    2: ["pcl.config", "pcl.model", "pcl.cluster", "pcl.log", "pcl.features", "pcl.data", "pcl.data.datasets",
+        "pcl.data.tensor_augment", "pcl.data.loaders", "pcl.data.pretrain", "pcl.data.labelled", "pcl.data.transfer"],
+    3: ["pcl.gallery", "pcl.checkpoint", "pcl.evaluation"],
+    4: ["pcl.preemption", "pcl.evaluation.common", "pcl.export", "pcl.monitor"],
     5: ["pcl.estep", "pcl.evaluation.linear"],
     6: ["pcl.engine", "pcl.evaluation.knn", "pcl.evaluation.cluster_metrics", "pcl.evaluation.svm",
         "pcl.evaluation.semisup", "pcl.evaluation.visualize"],
     7: ["pcl.launch"],
 }
-HEADER = ("import ", "from ", "ROOT = ", "sys.path.insert(")
+MATH = ("pcl.loss", "pcl.cluster", "pcl.features")  # pure functions of tensors: no settings, no command line
+SETTINGS = ("pcl.config", "pcl.settings")
+TRAINING = ("pcl.engine", "pcl.estep", "pcl.monitor", "pcl.loss", "pcl.model", "pcl.cluster")
 LAYER = {module: level for level, modules in LAYERS.items() for module in modules}
 
 
@@ -76,32 +78,14 @@ def test_evaluation_never_imports_the_engine():
     assert not offenders
 
 
-def test_files_and_functions_stay_small():
-    big_files, big_functions = [], []
-    for f in python_files():
-        text = open(os.path.join(ROOT, f)).read()
-        if len(text.splitlines()) > 400:
-            big_files.append(f"{f}: {len(text.splitlines())} lines")
-        for node in ast.walk(ast.parse(text)):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
-                big_functions.append(f"{f}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
-    assert not big_files and not big_functions, "\n".join(big_files + big_functions)
+def test_the_math_modules_import_no_settings():
+    offenders = [f"{m} imports {d}" for f in python_files() if (m := module_name(f)) in MATH
+                 for d in pcl_imports(f) if d in SETTINGS]
+    assert not offenders, offenders
 
 
-def test_no_block_of_six_lines_is_repeated():
-    """Six consecutive code lines occur once in the repo (blank lines and comments left out, and runs of only
-    imports and the scripts' sys.path set-up: every script starts with those)."""
-    seen = collections.defaultdict(list)
-    for f in python_files():
-        lines = [(i + 1, line.strip()) for i, line in enumerate(open(os.path.join(ROOT, f)).read().splitlines())]
-        lines = [(i, s) for i, s in lines if s and not s.startswith("#")]
-        for k in range(len(lines) - 5):
-            block = tuple(s for _, s in lines[k:k + 6])
-            if all(s.startswith(HEADER) for s in block) or sum(map(len, block)) < 120:
-                continue
-            seen[block].append(f"{f}:{lines[k][0]}")
-    repeated = [" and ".join(places) for places in seen.values() if len(places) > 1]
-    assert not repeated, "\n".join(repeated)
+def test_the_launcher_knows_no_training_module():
+    assert not pcl_imports("pcl/launch.py") & set(TRAINING)
 
 
 def test_run_config_is_read_only_and_travels_to_spawned_workers():

@@ -20,7 +20,7 @@ from pcl.data import TensorPairLoader
 from pcl.data.loaders import FileLoader, worker_seed
 from pcl.data.tensor_augment import TensorAugment
 from pcl.engine import e_step, fit, setup, train_one_epoch
-from pcl.evaluation.metrics import bank_stride, monitor_scores, pixel_side
+from pcl.monitor import bank_stride, monitor_scores, pixel_side
 from pcl.data import TensorEvalLoader
 from test_model import HostSyncRecorder
 
@@ -278,7 +278,7 @@ def test_sigusr1_to_torchrun_reaches_the_workers_and_they_save(tmp_path):
 
 
 def test_the_bank_stride_shares_no_factor_with_the_ranks():
-    from pcl.evaluation.metrics import coprime_stride
+    from pcl.monitor import coprime_stride
 
     assert [coprime_stride(s, 8) for s in (1, 2, 3, 4, 8)] == [1, 3, 3, 5, 9]
     assert coprime_stride(4, 6) == 5 and coprime_stride(2, 1) == 2

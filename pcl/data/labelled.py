@@ -59,7 +59,8 @@ def build_labelled_data(args: Any, train_subset: Callable[[Any], list[int]] | No
     pin = torch.cuda.is_available()
     make = lambda ds, b, train: FileLoader(ds, b, dist_utils.loader_workers(args), args.seed, train,  # noqa: E731
                                            pin, drop_last=False, prefetch_factor=args.prefetch_factor,
-                                           persistent_workers=args.persistent_workers)
+                                           persistent_workers=args.persistent_workers,
+                                           timeout_min=args.loader_timeout)
     train_aug = LabelledDataset(base_train, linear_train_transform(size, args.crop_min_scale))
     train_center = LabelledDataset(base_train, eval_transform(size))
     train_labels = train_center.targets

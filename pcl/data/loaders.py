@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from pcl import distributed as dist_utils
+from pcl import PCLError, distributed as dist_utils
 from pcl.data.tensor_augment import TensorAugment
 from pcl.data.transforms import MEAN, STD
 
@@ -59,8 +59,9 @@ class FileLoader:
 
     def __init__(self, dataset: Dataset, batch_size: int, workers: int, seed: int, train: bool,
                  pin_memory: bool = False, drop_last: bool | None = None, prefetch_factor: int = 2,
-                 persistent_workers: bool = False) -> None:
+                 persistent_workers: bool = False, timeout_min: float = 0.0) -> None:
         rank, world = dist_utils.rank(), dist_utils.world_size()
+        self.timeout_min = timeout_min if workers > 0 else 0.0
         self.seed, self.rank = seed, rank
         drop_last = train if drop_last is None else drop_last
         if train:
@@ -73,7 +74,8 @@ class FileLoader:
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.skip, num_workers=workers,
                                  pin_memory=pin_memory, drop_last=drop_last, generator=self.generator,
                                  persistent_workers=persistent_workers and workers > 0,
-                                 prefetch_factor=prefetch_factor if workers > 0 else None)
+                                 prefetch_factor=prefetch_factor if workers > 0 else None,
+                                 timeout=self.timeout_min * 60)
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -96,9 +98,17 @@ class FileLoader:
 
     def __iter__(self):
         first = self.step
-        for i, batch in enumerate(self.loader):
-            self.step = first + i + 1
-            yield batch
+        try:
+            for i, batch in enumerate(self.loader):
+                self.step = first + i + 1
+                yield batch
+        except RuntimeError as e:
+            if self.timeout_min and "timed out" in str(e):
+                raise PCLError(f"rank {self.rank}: no batch came from the loader workers for --loader-timeout "
+                               f"{self.timeout_min:g} min (batch {self.step + 1} of {len(self)}); a worker is blocked, "
+                               "most often on a stuck network file system. Check the data root's mount, then rerun "
+                               "with --resume auto") from None
+            raise
         self.skip.count, self.step = 0, 0
 
 

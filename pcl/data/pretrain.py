@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -47,9 +48,15 @@ def build_pretrain_data(args: Any) -> PretrainData:
     eval_set = IndexedDataset(base_train, eval_transform(size))
     make = lambda ds, bs, train: FileLoader(ds, bs, dist_utils.loader_workers(args), args.seed, train,  # noqa: E731
                                             pin, prefetch_factor=args.prefetch_factor,
-                                            persistent_workers=args.persistent_workers)
+                                            persistent_workers=args.persistent_workers,
+                                            timeout_min=args.loader_timeout)
     knn = None
     if base_test is not None and args.dataset != "stl10":
         test_set = IndexedDataset(base_test, eval_transform(size))
         knn = (make(eval_set, eval_bs, False), eval_set.targets, make(test_set, eval_bs, False), test_set.targets)
+    elif args.knn_eval or args.knn_every:
+        why = ("STL-10's pretraining split is unlabeled" if args.dataset == "stl10"
+               else f"{os.path.join(args.data, 'val')} does not exist")
+        logging.getLogger("pcl").warning("--knn-eval / --knn-every have no effect: the kNN monitor needs a labelled "
+                                         "test split and %s", why)
     return PretrainData(make(train_set, batch, True), make(eval_set, eval_bs, False), len(base_train), knn)

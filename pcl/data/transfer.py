@@ -157,7 +157,7 @@ def svm_loader(source: Any, rows: np.ndarray, args: Any, pin_memory: bool = Fals
         keep = torch.as_tensor(rows)
         return TensorLabelledLoader(source.images[keep], source.labels[keep], args.batch_size)
     loader = FileLoader(Subset(source, rows.tolist()), args.batch_size, args.workers, args.seed, train=False,
-                        pin_memory=pin_memory)
+                        pin_memory=pin_memory, timeout_min=args.loader_timeout)
     return _SubsetIndex(loader)
 
 

@@ -3,7 +3,7 @@
 The paper reports AMI of k-means on ImageNet features (k = 25k and 1000). The metrics are scikit-learn's NMI
 and AMI (arithmetic normalisation, its default) and the cluster accuracy of the best one-to-one matching of
 clusters to classes (Hungarian algorithm on the contingency table; clusters left unmatched count as wrong); they
-live in :mod:`pcl.evaluation.metrics`.
+live in :mod:`pcl.features`.
 
 Command (features of the labelled training split, center crops, L2-normalised; faiss k-means with the
 pretraining settings):
@@ -22,7 +22,7 @@ from typing import Any
 
 from pcl.config import RunConfig, parse_num_cluster
 from pcl.evaluation.common import labelled_features, resolve_eval_dataset
-from pcl.evaluation.metrics import AMI_MAX_SAMPLES, cluster_accuracy, clustering_scores
+from pcl.features import AMI_MAX_SAMPLES, cluster_accuracy, clustering_scores
 
 __all__ = ["build_parser", "run", "AMI_MAX_SAMPLES", "cluster_accuracy", "clustering_scores"]
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from pcl import PCLError, checkpoint as ckpt_io, distributed as dist_utils
-from pcl.evaluation.metrics import extract_features
+from pcl.features import extract_features
 from pcl.settings import RunConfig
 from pcl.log import setup_logging
 from pcl.model import build_backbone

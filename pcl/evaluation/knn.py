@@ -2,7 +2,7 @@
 
     python -m pcl.evaluation.knn --pretrained CKPT [DIR | --dataset demo]
 
-The math (:func:`knn_predict`, :func:`knn_accuracy`) lives in :mod:`pcl.evaluation.metrics`.
+The math (:func:`knn_predict`, :func:`knn_accuracy`) lives in :mod:`pcl.features`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from pcl.config import RunConfig, parse_list
 from pcl.evaluation.common import labelled_features, resolve_eval_dataset
-from pcl.evaluation.metrics import extract_features, knn_accuracy, knn_predict
+from pcl.features import extract_features, knn_accuracy, knn_predict
 
 __all__ = ["build_parser", "run", "extract_features", "knn_accuracy", "knn_predict"]
 

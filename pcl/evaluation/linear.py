@@ -28,7 +28,7 @@ from pcl import PCLError, checkpoint as ckpt_io, distributed as dist_utils
 from pcl.config import RunConfig
 from pcl.data import LabelledData, build_labelled_data
 from pcl.evaluation.common import LossGuard, eval_backbone, prepare_eval, resolve_eval_dataset
-from pcl.evaluation.metrics import extract_features
+from pcl.features import extract_features
 from pcl.log import AverageMeter, RunLog
 from pcl.schedule import adjust_learning_rate
 

@@ -29,7 +29,7 @@ from pcl import distributed as dist_utils
 from pcl.config import RunConfig, parse_list
 from pcl.data.transfer import svm_loader, svm_sets
 from pcl.evaluation.common import eval_backbone
-from pcl.evaluation.metrics import extract_features
+from pcl.features import extract_features
 from pcl.log import setup_logging, write_atomic, write_json
 
 logger = logging.getLogger("pcl")

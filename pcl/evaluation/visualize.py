@@ -32,7 +32,7 @@ import torch
 from pcl import PCLError, distributed as dist_utils
 from pcl.config import RunConfig, parse_list, parse_num_cluster
 from pcl.evaluation.common import eval_backbone, resolve_eval_dataset
-from pcl.evaluation.metrics import extract_features
+from pcl.features import extract_features
 from pcl.gallery import GalleryRow, display_images, gallery_rows, render_gallery, render_grid
 from pcl.log import write_atomic, write_json
 
@@ -86,7 +86,8 @@ def load_splits(args: RunConfig) -> tuple[_Split, _Split, bool]:
 
         def split(base) -> _Split:
             ds = LabelledDataset(base, eval_transform(args.image_size))
-            return _Split(FileLoader(ds, args.batch_size, args.workers, args.seed, train=False, drop_last=False),
+            return _Split(FileLoader(ds, args.batch_size, args.workers, args.seed, train=False, drop_last=False,
+                                     timeout_min=args.loader_timeout),
                           ds.targets)
 
         train = split(base_train)

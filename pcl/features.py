@@ -1,17 +1,14 @@
-"""What a frozen encoder's features score: the one feature extractor, weighted kNN, clustering scores (NMI, AMI,
-Hungarian accuracy), and the pretraining's kNN/NMI monitor. The training loop may import this module; it
-imports no command line and no protocol.
-"""
+"""The one feature pass (shared by the E-step, the pretraining monitor and every evaluation) and what features
+score: weighted kNN and clustering scores (NMI, AMI, Hungarian accuracy). Pure of settings: it imports no
+command line and no protocol."""
 
 from __future__ import annotations
 
 import logging
-import math
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -124,106 +121,3 @@ def clustering_scores(labels: Sequence[int] | np.ndarray, assignments: Sequence[
     if with_acc:
         out["acc"] = cluster_accuracy(labels, assignments)
     return out
-
-
-MONITOR_BANK_BYTES = 8 << 30  # the kNN monitor's budget for one feature bank on rank 0 (see bank_stride)
-
-
-def bank_stride(num_rows: int, dim: int, budget_bytes: int) -> int:
-    """Keep every m-th row so that an N x d fp32 bank fits ``budget_bytes`` on rank 0 (x2: the gathered buffer and
-    the assembled bank coexist for a moment); 1 when it fits. ImageNet's 2048-d bank is 10.5 GB, 21 GB in transit."""
-    return max(1, math.ceil(2 * 4 * num_rows * dim / budget_bytes))
-
-
-def pixel_side(num_rows: int, image_size: int, budget_bytes: int) -> int:
-    """The raw-pixel baseline's side s (images average-pooled to s x s) for an N x 3 s^2 fp32 bank within the
-    budget; ``image_size`` when the full resolution fits. At ImageNet scale 224 px would need 771 GB."""
-    side = image_size
-    while side > 1 and 2 * 4 * num_rows * 3 * side * side > budget_bytes:
-        side -= 1
-    return side
-
-
-def _monitor_encoder(encoder: nn.Module | None, num_rows: int, image_size: int, budget: int
-                     ) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, int, str]:
-    """(encoder, bank stride, what was cut) for one monitor pass within the budget."""
-    if encoder is None:
-        side = pixel_side(num_rows, image_size, budget)
-        if side == image_size:
-            return None, 1, ""
-        pooled = lambda x: F.adaptive_avg_pool2d(x, side)  # noqa: E731
-        return pooled, 1, f"raw pixels average-pooled to {side} x {side} px"
-    stride = bank_stride(num_rows, getattr(encoder, "feature_dim", 2048), budget)
-    return encoder, stride, f"every {stride}th training image in the bank" if stride > 1 else ""
-
-
-def coprime_stride(stride: int, world: int) -> int:
-    """The smallest stride >= ``stride`` sharing no factor with the number of ranks: shards are round-robin (rank r
-    holds r, r + W, ...), so with a common factor g only 1/g of the ranks would keep rows and the gathered buffer,
-    padded to the largest shard, would be g times the planned bank."""
-    while math.gcd(stride, world) != 1:
-        stride += 1
-    return stride
-
-
-def monitor_scores(encoder: nn.Module | None, knn_sets: tuple[Any, torch.Tensor, Any, torch.Tensor],
-                   device: torch.device, k: int = 20, temperature: float = 0.07, with_nmi: bool = True,
-                   kmeans_backend: str = "auto", budget_bytes: int = MONITOR_BANK_BYTES, image_size: int = 224,
-                   should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
-    """On a labelled test split: weighted kNN top-1 (percent; the training split as the memory bank) and, with
-    ``with_nmi``, ``test_nmi``: NMI (percent) of k-means with k = the number of classes on the L2-normalised
-    test features. ``knn_sets``: (bank loader, bank labels, test loader, test labels), as ``PretrainData.knn``
-    holds them. Every rank encodes its shard; rank 0 alone gathers the features, runs the kNN and the k-means
-    (on its own GPU) and sends the scores to every rank (an error there is raised on every rank). A bank that
-    would not fit ``budget_bytes`` is cut to fit, with a log line: every m-th training image, or for raw pixels
-    (``encoder`` None) a pooled image. ``should_stop`` (agreed over ranks) is asked after every batch: when it
-    says stop, {} on every rank."""
-    from pcl.cluster import kmeans
-
-    bank_loader, bank_labels, test_loader, test_labels = knn_sets
-    if encoder is not None:
-        dist_utils.broadcast_buffers(encoder)  # one set of BN statistics for every rank's shard
-    encode, stride, cut = _monitor_encoder(encoder, len(bank_labels), image_size, budget_bytes)
-    stride = coprime_stride(stride, dist_utils.world_size())
-    if cut:
-        logger.info("kNN monitor: %s, to keep the bank within %.1f GB on rank 0", cut, budget_bytes / 2 ** 30)
-    stopped: list[bool] = []
-
-    def stop() -> bool:
-        if should_stop():
-            stopped.append(True)
-        return bool(stopped)
-
-    stop = stop if should_stop is not None else None
-    bank = extract_features(encode, bank_loader, device, len(bank_labels), dst=0, stride=stride, should_stop=stop)
-    test = None if stopped else extract_features(encode, test_loader, device, len(test_labels), dst=0,
-                                                 should_stop=stop)
-    if stopped:
-        return {}
-
-    def scores() -> dict[str, float]:
-        out = {"knn_top1": knn_accuracy(bank, bank_labels[::stride], test, test_labels, k, temperature)}
-        if with_nmi:
-            num_classes = int(max(bank_labels.max(), test_labels.max())) + 1
-            assign = kmeans(test, num_classes, seed=0, niter=20, nredo=1, backend=kmeans_backend)[2]
-            out["test_nmi"] = clustering_scores(test_labels.numpy(), assign.cpu().numpy(), with_ami=False)["nmi"]
-        return out
-
-    return dist_utils.broadcast_object(dist_utils.main_only(scores, "the kNN monitor"))
-
-
-def knn_report(encoders: dict[str, nn.Module | None], knn_sets: tuple[Any, torch.Tensor, Any, torch.Tensor],
-               device: torch.device, k: int = 20, temperature: float = 0.07, budget_bytes: int = MONITOR_BANK_BYTES,
-               image_size: int = 224) -> dict[str, float]:
-    """kNN top-1 of each named encoder (None: raw pixels) on the labelled test split, logged and, on rank 0,
-    printed as a markdown table."""
-    report = {name: monitor_scores(enc, knn_sets, device, k, temperature, with_nmi=False, budget_bytes=budget_bytes,
-                                   image_size=image_size)["knn_top1"]
-              for name, enc in encoders.items()}
-    logger.info("kNN top-1 (k=%d, T=%g) on the test split: %s", k, temperature,
-                ", ".join(f"{n} {v:.2f}%" for n, v in report.items()))
-    if dist_utils.is_main():
-        print("\n| features | kNN top-1 |\n|---|---|")
-        for name, acc in report.items():
-            print(f"| {name} | {acc:.2f}% |")
-    return report
