@@ -14,6 +14,7 @@ import os
 from typing import Any, Sequence
 
 from pcl import PCLError
+from pcl.data import registry
 from pcl.settings import (RANGES, RunConfig, check_ranges, load_config_defaults, parse_list, yaml_scalar,  # noqa: F401
                           yaml_value)
 
@@ -31,8 +32,7 @@ def data_parser() -> argparse.ArgumentParser:
                    help="dataset root: an ImageFolder root with train/ (and val/), or the torchvision root "
                         "for --dataset cifar10/cifar100/stl10; overrides --dataset demo")
     g.add_argument("--dataset", default="auto",
-                   choices=["auto", "imagefolder", "cifar10", "cifar100", "stl10", "mnist", "fashion-mnist", "kmnist",
-                            "demo"],
+                   choices=[registry.AUTO, *registry.names("data")],
                    help="auto: imagefolder when DIR is given, else an error; mnist/fashion-mnist/kmnist: DIR holds "
                         "the four idx files (.gz or not), or DIR/<Name>/raw as torchvision keeps them")
     g.add_argument("--download", action="store_true",
@@ -257,7 +257,7 @@ def build_svm_parser() -> argparse.ArgumentParser:
     p.set_defaults(dataset="voc07")
     for action in p._actions:  # the SVM benchmarks have their own dataset list
         if action.dest == "dataset":
-            action.choices = ["voc07", "places205", "mnist", "fashion-mnist", "kmnist", "demo"]
+            action.choices = registry.names("svm")
             action.help = ("voc07: DIR/VOCdevkit/VOC2007; places205: DIR/{trainvalsplit_places205,data/...}; "
                            "mnist/fashion-mnist/kmnist: DIR of the idx files; demo: digits")
     g = p.add_argument_group("SVM (official defaults)")
@@ -305,7 +305,7 @@ def warn_idle_flags(cfg: RunConfig, dataset: str) -> None:
     if cfg.get("nproc") is not None and not cfg.get("multiprocessing_distributed", False):
         log.warning("--nproc %d has no effect without --multiprocessing-distributed (it sets how many processes "
                     "that launcher spawns per node; torchrun takes --nproc_per_node)", cfg.nproc)
-    if cfg.get("class_list") and dataset != "imagefolder":
+    if cfg.get("class_list") and not registry.spec(dataset).class_list:
         log.warning("--class-list %s has no effect with --dataset %s (it selects class folders of an ImageFolder "
                     "root)", cfg.class_list, dataset)
 
@@ -314,15 +314,13 @@ def validate_pretrain_args(args: Any) -> RunConfig:
     """Resolve and check what argparse cannot (the granularities, the dataset); raise PCLError naming the flag and
     the fix. Returns the resolved, read-only settings."""
     cfg = RunConfig.of(args)
-    dataset = cfg.dataset
-    if dataset == "auto":
-        if cfg.data is None:
-            raise PCLError("no data: give a dataset root DIR (ImageFolder with train/), or --dataset demo")
-        dataset = "imagefolder"
-    elif dataset == "demo" and cfg.data is not None:
-        dataset = "imagefolder"  # a positional DIR overrides the demo data
-    elif dataset in ("mnist", "fashion-mnist", "kmnist") and cfg.data is None:
-        raise PCLError(f"--dataset {dataset} needs the folder of its idx files as DIR (or DIR plus --download)")
+    dataset = registry.resolve_auto(cfg.dataset, cfg.data, "ImageFolder with train/")
+    entry = registry.spec(dataset, "data")
+    if cfg.data is not None and not entry.takes_dir:
+        dataset = registry.DIR_DATASET  # a positional DIR overrides the built-in (demo) data
+    elif cfg.data is None and entry.needs_dir:
+        raise PCLError(f"--dataset {dataset} needs {entry.layout} as DIR" + (" (or DIR plus --download)"
+                                                                            if entry.download else ""))
     if not cfg.resume and cfg.start_epoch >= cfg.epochs:
         raise PCLError(f"--start-epoch {cfg.start_epoch} is not below --epochs {cfg.epochs}: nothing to train")
     if cfg.get("proto_chunks", 1) > 1 and cfg.get("pauc", False):

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from pcl import PCLError
 from pcl.data.demo import make_digits_demo
+from pcl.data.registry import DatasetSpec, spec
 from pcl.settings import cannot_read
 
 
@@ -168,22 +169,20 @@ class SafeImages(Dataset):
         raise PCLError(f"no readable image in {self.base.root}")
 
 
-def _torchvision_set(name: str, root: str, split: str, download: bool) -> Dataset:
-    """CIFAR-10/100 ('train'/'test') or STL-10 ('train'/'test'/'unlabeled') from disk."""
+def _torchvision_set(s: DatasetSpec, root: str, split: str, download: bool) -> Dataset:
+    """One split of a torchvision set from disk (CIFAR-10/100: 'train'/'test'; STL-10: also 'unlabeled'), its
+    class and split keyword as the table gives them."""
+    cls = getattr(tvd, s.torchvision)
     try:
-        if name == "stl10":
-            return tvd.STL10(root, split=split, download=download)
-        cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+        if s.split_keyword == "split":
+            return cls(root, split=split, download=download)
         return cls(root, train=split == "train", download=download)
     except RuntimeError as e:
-        raise PCLError(f"{name} not found under {root}: {e}; put the torchvision files there or pass --download") from None
+        raise PCLError(f"{s.name} not found under {root}: {e}; put the torchvision files there or pass --download") from None
 
 
-MNIST_FAMILY = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}  # --dataset -> torchvision
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-MNIST_CLASSES = 10  # every set of the MNIST family has labels 0-9
-IN_MEMORY_SETS = ("demo", *MNIST_FAMILY)  # datasets augmented as batched tensors (TensorAugment)
 
 
 def read_idx(path: str) -> torch.Tensor:
@@ -221,7 +220,7 @@ def write_idx(path: str, array: torch.Tensor) -> None:
 def _find_idx(root: str, name: str, base: str) -> str | None:
     """``base`` or ``base.gz`` in ``root`` (the original distribution, Debian's package) or in
     ``root/<TorchvisionName>/raw`` (torchvision's layout); None if absent."""
-    for folder in (root, os.path.join(root, MNIST_FAMILY[name], "raw")):
+    for folder in (root, os.path.join(root, spec(name).torchvision, "raw")):
         for candidate in (base, base + ".gz"):
             path = os.path.join(folder, candidate)
             if os.path.isfile(path):
@@ -232,11 +231,13 @@ def _find_idx(root: str, name: str, base: str) -> str | None:
 def load_mnist_family(name: str, root: str | None, download: bool = False) -> dict[str, torch.Tensor]:
     """MNIST / Fashion-MNIST / KMNIST: {'train', 'test'} uint8 N x 1 x 28 x 28 and '{split}_labels' (long),
     the official 60k/10k split. Reads the four idx files from ``root`` or ``root/<Name>/raw``; with
-    ``download`` torchvision fetches them into ``root`` first (never otherwise)."""
+    ``download`` torchvision fetches them into ``root`` first (never otherwise). The torchvision name, the class
+    count and the hint where to get the files come from the dataset table."""
+    s = spec(name)
     if root is None:
-        raise PCLError(f"--dataset {name} needs the folder of its idx files as DIR")
-    if download:
-        cls = getattr(tvd, MNIST_FAMILY[name])
+        raise PCLError(f"--dataset {name} needs {s.layout} as DIR")
+    if download and s.download:
+        cls = getattr(tvd, s.torchvision)
         cls(root, train=True, download=True)
         cls(root, train=False, download=True)
     out: dict[str, torch.Tensor] = {}
@@ -244,35 +245,47 @@ def load_mnist_family(name: str, root: str | None, download: bool = False) -> di
         images_path, labels_path = _find_idx(root, name, images_base), _find_idx(root, name, labels_base)
         if images_path is None or labels_path is None:
             missing = images_base if images_path is None else labels_base
-            hint = (" `apt-get install dataset-fashion-mnist` installs them in /usr/share/datasets/fashion-mnist;"
-                    if name == "fashion-mnist" else "")
             raise PCLError(f"{name} not found under {root}: {missing}[.gz] is missing (expected the four idx files "
-                           f"in DIR or DIR/{MNIST_FAMILY[name]}/raw);{hint} or pass --download (torchvision)")
+                           f"in DIR or DIR/{s.torchvision}/raw);{s.missing_hint} or pass --download (torchvision)")
         images, labels = read_idx(images_path), read_idx(labels_path)
         if images.dim() != 3 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
             raise PCLError(f"{name} {split} split: {images_path} holds {tuple(images.shape)} and {labels_path} "
                            f"{tuple(labels.shape)}; expected N x H x W images and N labels")
-        if labels.numel() and int(labels.max()) >= MNIST_CLASSES:
+        if labels.numel() and int(labels.max()) >= s.num_classes:
             bad = int(labels.max())
             raise PCLError(f"{labels_path}: label {bad} (image {int((labels == bad).nonzero()[0])}) is outside the "
-                           f"{MNIST_CLASSES} classes 0-{MNIST_CLASSES - 1} of {name}; the file is corrupt or not {name}'s")
+                           f"{s.num_classes} classes 0-{s.num_classes - 1} of {name}; the file is corrupt or not {name}'s")
         out[split], out[f"{split}_labels"] = images[:, None], labels.long()
     return out
 
 
+def demo_sets(s: DatasetSpec, args: Any) -> dict[str, torch.Tensor]:
+    """The table's reader of --dataset demo: the digits rendered at ``args.image_size`` (deterministic)."""
+    return make_digits_demo(renders_train=args.demo_renders, size=args.image_size, seed=0)
+
+
+def idx_sets(s: DatasetSpec, args: Any) -> dict[str, torch.Tensor]:
+    """The table's reader of the MNIST family: the idx files in DIR (``--download``: fetched first)."""
+    return load_mnist_family(s.name, args.data, getattr(args, "download", False))
+
+
 def load_in_memory(args: Any) -> dict[str, torch.Tensor]:
     """The in-memory sets as 3-channel uint8 at ``args.image_size``: {'train', 'train_labels', 'test',
-    'test_labels'}. Grey images are expanded to 3 channels (a view: no copy) so the standard backbones and
-    checkpoints apply; a size other than the stored one is a bilinear (antialiased) resize, done once."""
-    if args.dataset == "demo":
-        return make_digits_demo(renders_train=args.demo_renders, size=args.image_size, seed=0)
-    sets = load_mnist_family(args.dataset, args.data, getattr(args, "download", False))
+    'test_labels'}, read by the table's reader of ``args.dataset``. Grey images are expanded to 3 channels (a
+    view: no copy) so the standard backbones and checkpoints apply; a size other than the stored one is a
+    bilinear (antialiased) resize, done once."""
+    s = spec(args.dataset)
+    if not s.in_memory:
+        raise PCLError(f"--dataset {s.name} is read from files, not held in memory: use file_sets for it")
+    sets = s.load_reader()(s, args)
     for split in ("train", "test"):
         x = sets[split]
         if x.shape[-1] != args.image_size or x.shape[-2] != args.image_size:
             x = F.interpolate(x.float(), size=(args.image_size, args.image_size), mode="bilinear",
                               antialias=True, align_corners=False).round().clamp(0, 255).to(torch.uint8)
-        sets[split] = x.expand(-1, 3, -1, -1)
+        if x.shape[1] != 3:
+            x = x.expand(-1, 3, -1, -1)
+        sets[split] = x
     return sets
 
 
@@ -297,20 +310,31 @@ def _same_classes(train: Dataset, val: Dataset, root: str) -> None:
                        f"make them agree or give --class-list FILE")
 
 
+def imagefolder_sets(s: DatasetSpec, args: Any, labelled: bool) -> tuple[Dataset, Dataset | None]:
+    """The table's reader of --dataset imagefolder: DIR/train/ and DIR/val/ (only the --class-list classes when
+    given, labelled alike in both). val/ is required for evaluation, optional for pretraining (the kNN monitor)."""
+    classes = read_class_list(args.class_list) if getattr(args, "class_list", None) else None
+    train, test = image_folder(args.data, s.train_split, args.bad_images, classes), None
+    if labelled or os.path.isdir(os.path.join(args.data, s.test_split)):
+        test = image_folder(args.data, s.test_split, args.bad_images, classes)
+        _same_classes(train, test, args.data)
+    return train, test
+
+
+def torchvision_sets(s: DatasetSpec, args: Any, labelled: bool) -> tuple[Dataset, Dataset]:
+    """The table's reader of the torchvision sets: the pretraining split (STL-10's unlabeled one) or, ``labelled``,
+    the labelled training split, and the test split."""
+    split = s.train_split if labelled else s.pretrain_split
+    return (_torchvision_set(s, args.data, split, args.download),
+            _torchvision_set(s, args.data, s.test_split, args.download))
+
+
 def file_sets(args: Any, labelled: bool) -> tuple[Dataset, Dataset | None]:
-    """(train, test) datasets of a file dataset: ImageFolder train/ and val/ (only the --class-list classes when
-    given) or torchvision's train/test. ``labelled``: for evaluation (val/ required; STL-10's labelled train
-    split) rather than pretraining (val/ optional, for the kNN monitor; STL-10's unlabeled split)."""
-    if args.dataset == "imagefolder":
-        classes = read_class_list(args.class_list) if getattr(args, "class_list", None) else None
-        train, test = image_folder(args.data, "train", args.bad_images, classes), None
-        if labelled or os.path.isdir(os.path.join(args.data, "val")):
-            test = image_folder(args.data, "val", args.bad_images, classes)
-            _same_classes(train, test, args.data)
-        return train, test
-    split = "unlabeled" if args.dataset == "stl10" and not labelled else "train"
-    return (_torchvision_set(args.dataset, args.data, split, args.download),
-            _torchvision_set(args.dataset, args.data, "test", args.download))
+    """(train, test) datasets of a file dataset, from the table's reader of ``args.dataset``. ``labelled``: for
+    evaluation (a labelled train split and a test split required) rather than pretraining (the split it trains
+    on, e.g. STL-10's unlabeled one; a test split where there is one, for the kNN monitor)."""
+    s = spec(args.dataset, "data")
+    return s.load_reader()(s, args, labelled)
 
 
 class LabelledDataset(Dataset):

@@ -9,9 +9,9 @@ from typing import Any, Callable
 import torch
 
 from pcl import PCLError, distributed as dist_utils
-from pcl.data.datasets import (IN_MEMORY_SETS, LabelledDataset, Relabelled, check_expected, file_sets,
-                               load_in_memory)
+from pcl.data.datasets import LabelledDataset, Relabelled, check_expected, file_sets, load_in_memory
 from pcl.data.loaders import FileLoader, TensorLabelledLoader
+from pcl.data.registry import spec
 from pcl.data.tensor_augment import TensorAugment
 from pcl.data.transforms import eval_transform, linear_train_transform
 
@@ -34,7 +34,7 @@ def build_labelled_data(args: Any, train_subset: Callable[[Any], list[int]] | No
     """Labelled train/val loaders for the linear probe and fine-tuning; each process gets its share of ``args.batch_size``.
     ``train_subset(base_train)`` (optional) picks the training images (e.g. the 1% / 10% ImageNet subsets)."""
     bs, size = dist_utils.per_process(args.batch_size), args.image_size
-    if args.dataset in IN_MEMORY_SETS:
+    if spec(args.dataset, "data").in_memory:
         sets = load_in_memory(args)
         augment = TensorAugment(size, aug_plus=False, min_scale=args.crop_min_scale, color=False)
         tr, trl, te, tel = sets["train"], sets["train_labels"], sets["test"], sets["test_labels"]

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from pcl import PCLError, distributed as dist_utils
-from pcl.data.datasets import IN_MEMORY_SETS, IndexedDataset, check_expected, file_sets, load_in_memory
+from pcl.data.datasets import IndexedDataset, check_expected, file_sets, load_in_memory
 from pcl.data.loaders import FileLoader, TensorEvalLoader, TensorPairLoader
+from pcl.data.registry import spec
 from pcl.data.tensor_augment import TensorAugment
 from pcl.data.transforms import eval_transform, pretrain_transform
 
@@ -28,7 +29,8 @@ def build_pretrain_data(args: Any) -> PretrainData:
     """Datasets and loaders for ``args.dataset``; each process gets its share of the total ``args.batch_size``."""
     batch = dist_utils.per_process(args.batch_size)
     eval_bs = batch * 5  # as official: larger batches for the feature pass
-    if args.dataset in IN_MEMORY_SETS:
+    dataset = spec(args.dataset, "data")
+    if dataset.in_memory:
         sets = load_in_memory(args)
         check_expected(args, sets["train"].shape[0], int(sets["train_labels"].max()) + 1)
         train = TensorPairLoader(sets["train"], batch, TensorAugment(args.image_size, args.aug_plus, args.crop_min_scale),
@@ -51,12 +53,12 @@ def build_pretrain_data(args: Any) -> PretrainData:
                                             persistent_workers=args.persistent_workers,
                                             timeout_min=args.loader_timeout)
     knn = None
-    if base_test is not None and args.dataset != "stl10":
+    if base_test is not None and dataset.pretrain_labelled:  # the monitor's bank is the (labelled) training split
         test_set = IndexedDataset(base_test, eval_transform(size))
         knn = (make(eval_set, eval_bs, False), eval_set.targets, make(test_set, eval_bs, False), test_set.targets)
     elif args.knn_eval or args.knn_every:
-        why = ("STL-10's pretraining split is unlabeled" if args.dataset == "stl10"
-               else f"{os.path.join(args.data, 'val')} does not exist")
+        why = (f"{dataset.title}'s pretraining split is unlabeled" if not dataset.pretrain_labelled
+               else f"{os.path.join(args.data, dataset.test_split)} does not exist")
         logging.getLogger("pcl").warning("--knn-eval / --knn-every have no effect: the kNN monitor needs a labelled "
                                          "test split and %s", why)
     return PretrainData(make(train_set, batch, True), make(eval_set, eval_bs, False), len(base_train), knn)

@@ -12,8 +12,9 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from pcl import PCLError
-from pcl.data.datasets import IN_MEMORY_SETS, load_image, load_in_memory, printable
+from pcl.data.datasets import load_image, load_in_memory, printable
 from pcl.data.loaders import FileLoader, TensorLabelledLoader
+from pcl.data.registry import spec
 from pcl.data.transforms import eval_transform
 from pcl.settings import cannot_read
 
@@ -132,22 +133,31 @@ class TensorSplit(NamedTuple):
     labels: torch.Tensor
 
 
+def _class_count(fixed: int | None, *labels: torch.Tensor) -> int:
+    """The dataset table's class count, or (none fixed) one more than the largest label of the splits."""
+    return fixed if fixed is not None else int(max(int(y.max()) for y in labels)) + 1
+
+
 def svm_sets(args: Any) -> tuple[Any, torch.Tensor, Any, torch.Tensor, bool]:
     """The SVM benchmark's splits: (train source, N x C train labels, test source, M x C test labels,
-    single_label) for --dataset voc07 / places205 (center-crop datasets) or an in-memory set (a TensorSplit)."""
-    if args.dataset in IN_MEMORY_SETS:
+    single_label) for a transfer set of the dataset table (center-crop datasets: voc07, places205) or an
+    in-memory set (a TensorSplit). C is the table's class count, or the labels' where it fixes none."""
+    dataset = spec(args.dataset, "svm")
+    if dataset.in_memory:
         sets = load_in_memory(args)
         tr, te = sets["train_labels"], sets["test_labels"]
-        return (TensorSplit(sets["train"], tr), one_vs_rest(tr, 10), TensorSplit(sets["test"], te),
-                one_vs_rest(te, 10), True)
+        classes = _class_count(dataset.num_classes, tr, te)
+        return (TensorSplit(sets["train"], tr), one_vs_rest(tr, classes), TensorSplit(sets["test"], te),
+                one_vs_rest(te, classes), True)
     if args.data is None:
         raise PCLError(f"no data: give the {args.dataset} root DIR, or --dataset demo")
     transform = eval_transform(args.image_size)
-    if args.dataset == "voc07":
-        train, test = VOC07(args.data, "trainval", transform), VOC07(args.data, "test", transform)
+    read = dataset.load_reader()
+    train, test = read(args.data, dataset.train_split, transform), read(args.data, dataset.test_split, transform)
+    if dataset.multi_label:
         return train, train.labels, test, test.labels, False
-    train, test = Places205(args.data, "train", transform), Places205(args.data, "val", transform)
-    return train, one_vs_rest(train.targets, 205), test, one_vs_rest(test.targets, 205), True
+    classes = _class_count(dataset.num_classes, train.targets, test.targets)
+    return train, one_vs_rest(train.targets, classes), test, one_vs_rest(test.targets, classes), True
 
 
 def svm_loader(source: Any, rows: np.ndarray, args: Any, pin_memory: bool = False) -> Any:

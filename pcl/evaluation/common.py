@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from pcl import PCLError, checkpoint as ckpt_io, distributed as dist_utils
+from pcl.data.registry import resolve_auto
 from pcl.features import extract_features
 from pcl.settings import RunConfig
 from pcl.log import setup_logging
@@ -21,11 +22,7 @@ logger = logging.getLogger("pcl")
 
 def resolve_eval_dataset(args: RunConfig) -> str:
     """--dataset auto means an ImageFolder root with train/ (and val/); without DIR, an error naming the fix."""
-    if args.dataset != "auto":
-        return args.dataset
-    if args.data is None:
-        raise PCLError("no data: give a dataset root DIR (ImageFolder with train/ and val/), or --dataset demo")
-    return "imagefolder"
+    return resolve_auto(args.dataset, args.data, "ImageFolder with train/ and val/")
 
 
 def eval_backbone(args: RunConfig, device: torch.device | str = "cpu") -> nn.Module:

@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 
 from pcl import PCLError, checkpoint as ckpt_io, distributed as dist_utils
-from pcl.data import IN_MEMORY_SETS, build_labelled_data, per_class_fraction, read_subset
+from pcl.data import build_labelled_data, per_class_fraction, read_subset
+from pcl.data.registry import spec
 from pcl.config import RunConfig
 from pcl.evaluation.common import eval_backbone, prepare_eval, resolve_eval_dataset
 from pcl.evaluation.linear import backbone_settings, build_probe, train_epoch, validate
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _subset_picker(args: RunConfig):
-    if args.dataset in IN_MEMORY_SETS:
+    if spec(args.dataset, "data").in_memory:
         return lambda labels: per_class_fraction(labels, args.labels_perc, args.seed).tolist()
     if not args.subset:
         raise PCLError("--subset FILE is required: the 1% / 10% image list (SimCLR's imagenet_subsets/*percent.txt)")

@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from pcl import distributed as dist_utils
 from pcl.config import RunConfig, parse_list
+from pcl.data.registry import spec
 from pcl.data.transfer import svm_loader, svm_sets
 from pcl.evaluation.common import eval_backbone
 from pcl.features import extract_features
@@ -163,7 +164,8 @@ def run_svm(args: Any) -> dict[str, Any]:
     # which training rows are needed: all for the full set; for --low-shot on Places205 only the sampled ones
     samples = {(k, run): np.concatenate(low_shot_indices(train_y, k, (args.seed, k, run)))
                for k in shots for run in range(args.runs)}
-    full = not (args.dataset == "places205" and args.low_shot)
+    dataset = spec(args.dataset, "svm")
+    full = not (dataset.svm_low_shot_subset and args.low_shot)
     needed = np.arange(len(train_y)) if full else np.unique(np.concatenate(list(samples.values())))
     position = np.full(len(train_y), -1)
     position[needed] = np.arange(len(needed))
@@ -175,7 +177,7 @@ def run_svm(args: Any) -> dict[str, Any]:
         scores = svm_scores(train_x[position[rows]], train_y[rows], test_x, cost, args.n_jobs, args.svm_max_iter)
         return score_report(scores, test_y, single_label)
 
-    metric = "top1" if single_label and args.dataset == "places205" else "mAP"
+    metric = dataset.svm_metric
     results: dict[str, Any] = {"dataset": args.dataset, "pretrained": args.pretrained, "arch": args.arch,
                                "metric": metric, "costs": costs, "extract_seconds": extract_seconds, "shots": {}}
     for k in shots:

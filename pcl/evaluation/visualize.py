@@ -70,10 +70,10 @@ class _Split:
 def load_splits(args: RunConfig) -> tuple[_Split, _Split, bool]:
     """(train, test, labelled). Without a test split the training split serves as both (queries then never
     retrieve themselves). ``labelled``: the set has more than one class."""
-    from pcl.data import (IN_MEMORY_SETS, FileLoader, LabelledDataset, TensorLabelledLoader, file_sets,
-                          eval_transform, load_in_memory)
+    from pcl.data import FileLoader, LabelledDataset, TensorLabelledLoader, file_sets, eval_transform, load_in_memory
+    from pcl.data.registry import spec
 
-    if args.dataset in IN_MEMORY_SETS:
+    if spec(args.dataset, "data").in_memory:
         sets = load_in_memory(args)
         train = _Split(TensorLabelledLoader(sets["train"], sets["train_labels"], args.batch_size), sets["train_labels"])
         test = _Split(TensorLabelledLoader(sets["test"], sets["test_labels"], args.batch_size), sets["test_labels"])
