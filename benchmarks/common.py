@@ -1,4 +1,7 @@
-"""What every benchmark script shares: the hardware line it prints and stores, and writing its JSON."""
+"""What every benchmark script shares: the hardware line it prints and stores, and writing its JSON.
+
+The study drivers in ``experiments/`` use the same three (through ``experiments/study.py``), so a speed number and a
+study result name their hardware alike."""
 
 import json
 import os
@@ -31,31 +34,3 @@ def write_json(obj, path: str):
         json.dump(obj, f, indent=1)
     print(f"\nwrote {path}")
     return obj
-
-
-def fit_with_curve(argv: list[str]) -> tuple[dict, dict]:
-    """Pretrain with ``main_pcl`` flags in this process; returns (fit's stats, a record of the run): wall and
-    training seconds (E-steps in, kNN monitoring out) and the learning curve read back from EXP_DIR/log.txt."""
-    import time
-
-    from pcl.config import build_pretrain_parser, parse_args
-    from pcl.engine import fit
-
-    args = parse_args(build_pretrain_parser(), argv)
-    start = time.perf_counter()
-    stats = fit(args)
-    wall = time.perf_counter() - start
-    curve, elapsed = [], 0.0
-    with open(os.path.join(args.exp_dir, "log.txt")) as f:
-        for line in f:
-            entry = json.loads(line)
-            elapsed += entry["seconds"]
-            if "knn_top1" in entry:
-                point = {"epoch": entry["epoch"] + 1, "train_seconds": round(elapsed, 1),
-                         "knn_top1": round(entry["knn_top1"], 2)}
-                if "test_nmi" in entry:
-                    point["test_nmi"] = round(entry["test_nmi"], 2)
-                curve.append(point)
-    record = {"argv": argv, "exp_dir": args.exp_dir, "wall_seconds": round(wall, 1),
-              "train_seconds": round(elapsed, 1), "curve": curve}
-    return stats, record

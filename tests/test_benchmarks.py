@@ -1,8 +1,8 @@
-"""Every benchmark script runs end to end at toy size, in this process, so none can rot unnoticed.
+"""Every speed benchmark in benchmarks/ runs end to end at toy size, in this process, so none can rot unnoticed.
 
 Each run asserts what its JSON must hold (measured numbers, not just "it ran"). gpu_check.py runs through
-scripts/gpu_check.sh in test_gpu_ready.py, small_scale.py in test_mnist_family.py; the last test fails when a
-script is added to benchmarks/ without a smoke run anywhere.
+scripts/gpu_check.sh in test_gpu_ready.py; the last test fails when a script is added to benchmarks/ without a
+smoke run anywhere. The study drivers (experiments/) have theirs in test_experiments.py.
 """
 
 import importlib
@@ -12,13 +12,10 @@ import sys
 
 import pytest
 
-from conftest import ROOT, fake_mnist, tiny_argv
+from conftest import ROOT
 
 BENCH = os.path.join(ROOT, "benchmarks")
-SMOKED_ELSEWHERE = {"gpu_check.py", "small_scale.py"}
-TINY_PRETRAIN = ["--demo-renders", "1", "--image-size", "16", "-a", "resnet18", "--width", "4", "--stem", "small",
-                 "-b", "64", "--pcl-r", "256", "--num-cluster", "10,20", "--kmeans-nredo", "1", "--kmeans-niter", "5",
-                 "--workers", "0", "--no-progress"]
+SMOKED_ELSEWHERE = {"gpu_check.py"}
 
 
 def script(name: str):
@@ -29,16 +26,6 @@ def script(name: str):
 
 def read(path) -> dict:
     return json.loads(open(path).read())
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    from pcl.config import build_pretrain_parser, parse_args
-    from pcl.engine import fit
-
-    exp = tmp_path_factory.mktemp("bench_ckpt")
-    fit(parse_args(build_pretrain_parser(), tiny_argv(exp, "--epochs", "1", "--warmup-epoch", "0")))
-    return str(exp / "checkpoint_last.pth.tar")
 
 
 def test_bench_estep(tmp_path):
@@ -76,47 +63,6 @@ def test_bench_step(tmp_path, mode, extra):
         assert res["moco_step_s"] > 0 and res["pcl_step_s"] > 0
     else:
         assert set(res["images_per_s"]) == {"fp32", "fused_sgd"} and res["images_per_s"]["fp32"] > 0
-
-
-def test_demo_diagnosis(tmp_path, tiny_checkpoint):
-    out = tmp_path / "d.json"
-    res = script("demo_diagnosis").main([tiny_checkpoint, "--num-cluster", "10", "--image-size", "16",
-                                         "--demo-renders", "1", "--out", str(out)])
-    assert out.exists() and set(res[0]["cluster_ami"][10]) >= {"digit"} and 0 <= res[0]["knn_top1"]["digit"] <= 100
-
-
-def test_demo_imagefolder(tmp_path):
-    data = fake_mnist(tmp_path / "fm", n_train=60, n_test=20)
-    out = tmp_path / "f.json"
-    res = script("demo_imagefolder").main(["--idx-dir", data, "--out-dir", str(tmp_path / "run"), "--train-per-class",
-                                           "4", "--val-per-class", "2", "--json", str(out), "--",
-                                           "--epochs", "1", "--warmup-epoch", "0", *TINY_PRETRAIN, "-b", "16",
-                                           "--pcl-r", "32", "--num-cluster", "3,4", "--bn-splits", "2"])
-    assert out.exists() and set(res["knn"]) == {"learned", "random_init", "raw_pixels"}
-
-
-def test_learning_demo(tmp_path):
-    out = tmp_path / "l.json"
-    res = script("learning_demo").main(["--epochs", "2", "--warmup-epoch", "1", "--knn-every", "1", "--out", str(out),
-                                        "--exp-root", str(tmp_path / "exp"), "--", *TINY_PRETRAIN])
-    assert [r["name"] for r in res["results"]] == ["PCL", "MoCo only"]
-    assert all(len(r["curve"]) == 2 and 0 <= r["final"]["learned"] <= 100 for r in res["results"])
-
-
-def test_linear_demo(tmp_path, tiny_checkpoint):
-    out = tmp_path / "lin.json"
-    res = script("linear_demo").main(["--pretrained", tiny_checkpoint, "--views", "1", "--out", str(out),
-                                      "--exp-root", str(tmp_path / "exp"), "--", "--epochs", "1", "--image-size", "16",
-                                      "--demo-renders", "1", "--workers", "0"])
-    assert len(res["results"]) == 3 and all(0 <= r["top1"] <= 100 and r["seconds"] > 0 for r in res["results"])
-
-
-def test_pauc_ablation(tmp_path):
-    out = tmp_path / "p.json"
-    res = script("pauc_ablation").main(["--epochs", "2", "--warmup-epoch", "1", "--rows", "PCL,PAUC (all three)",
-                                        "--out", str(out), "--exp-root", str(tmp_path / "exp"), "--", *TINY_PRETRAIN])
-    assert [r["name"] for r in res["rows"]] == ["PCL", "PAUC (all three)"]
-    assert all(set(r["spread"]) == {10, 20} or "failed" in r for r in res["rows"])
 
 
 def test_every_benchmark_script_has_a_smoke_run():

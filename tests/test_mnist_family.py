@@ -106,7 +106,7 @@ def test_mnist_family_needs_its_folder():
 
 
 def test_small_scale_benchmark_runs_at_toy_size(tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
     import small_scale
 
     data = fake_mnist(tmp_path / "fm", n_train=200, n_test=60)

@@ -301,6 +301,29 @@ def train_head(head: nn.Linear, train_views: torch.Tensor, train_labels: torch.T
     return history
 
 
+def probe_features(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                   test_labels: torch.Tensor, args: RunConfig) -> dict[str, Any]:
+    """The cached-features probe on features already in memory: a fresh head, trained, then scored.
+
+    For a study that has its frozen features (N x d, M x d) and labels (N, M) in hand, with no checkpoint or
+    dataset for :func:`fit_linear` to load. ``args`` is what ``parse_args(build_linear_parser(), argv)``
+    returns, so the optimiser and schedule are the protocol's flags and defaults (SGD lr 5, momentum 0.9, wd 0,
+    batch 256, lr /10 at --schedule). The head is ``nn.Linear(d, --num-classes or max label + 1)`` drawn after
+    ``torch.manual_seed(--seed)`` and re-initialised N(0, 0.01) with a zero bias, as :func:`build_probe` does;
+    it is trained by :func:`train_head` on the one view ``train_feats``. Returns ``top1`` (percent of the test
+    rows whose arg-max class is their label, after the last epoch), the trained ``head`` and the per-epoch
+    ``history``.
+    """
+    torch.manual_seed(args.seed)
+    head = nn.Linear(train_feats.shape[1], args.get("num_classes") or int(train_labels.max()) + 1)
+    head.weight.data.normal_(0, 0.01)
+    head.bias.data.zero_()
+    history = train_head(head, train_feats[None], train_labels, args)
+    with torch.no_grad():
+        top1 = float((head(test_feats).argmax(1) == test_labels).float().mean() * 100)
+    return {"top1": top1, "head": head, "history": history}
+
+
 def fit_cached(model: nn.Module, frozen: dict[str, torch.Tensor], data: LabelledData, args: RunConfig,
                device: torch.device) -> dict[str, Any]:
     progress = dist_utils.is_main() and not args.no_progress

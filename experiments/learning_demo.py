@@ -5,19 +5,14 @@ Runs ``main_pcl`` twice in this process on configs/demo.yaml (plus any overrides
 logs kNN top-1 of the learned backbone every ``--knn-every`` epochs, and prints the kNN-vs-time curve and
 a final table (learned / random init / raw pixels). Writes JSON next to ``--out``.
 
-    python benchmarks/learning_demo.py --epochs 60 -- --width 8
+    python experiments/learning_demo.py --epochs 60 -- --width 8
 """
 
 import argparse
 import os
-import sys
 
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from common import fit_with_curve, hardware, write_json, use_cores  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# study first: it puts this checkout (and benchmarks/common.py) on sys.path
+from study import ROOT, RESULTS, fit_with_curve, hardware, write_json, use_cores
 
 
 def run(name: str, argv: list[str]) -> dict:
@@ -31,7 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--warmup-epoch", type=int, default=10, help="PCL's warm-up (InfoNCE only) epochs")
     p.add_argument("--knn-every", type=int, default=5)
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "learning_demo.json"))
+    p.add_argument("--out", default=os.path.join(RESULTS, "learning_demo.json"))
     p.add_argument("--exp-root", default="exp/bench_learning")
     p.add_argument("overrides", nargs="*", help="extra main_pcl flags, after --")
     opts = p.parse_args(argv)

@@ -15,8 +15,8 @@ a random init of the same backbone. Columns, all on frozen features of the test 
 - wall time of the training (E-steps included, kNN monitoring excluded).
 Also writes the JSON and a PNG of kNN top-1 and test NMI vs training time.
 
-    python benchmarks/small_scale.py                       # Fashion-MNIST from Debian's dataset-fashion-mnist
-    python benchmarks/small_scale.py --epochs 2 -- --width 4   # a quick look
+    python experiments/small_scale.py                       # Fashion-MNIST from Debian's dataset-fashion-mnist
+    python experiments/small_scale.py --epochs 2 -- --width 4   # a quick look
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -32,21 +31,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from common import fit_with_curve, hardware, write_json, use_cores  # noqa: E402
-from pcl import checkpoint as ckpt_io  # noqa: E402
-from pcl.cluster import kmeans  # noqa: E402
-from pcl.config import build_pretrain_parser, parse_args, validate_pretrain_args  # noqa: E402
-from pcl.data import TensorLabelledLoader, load_in_memory, one_vs_rest  # noqa: E402
-from pcl.evaluation.cluster_metrics import clustering_scores  # noqa: E402
-from pcl.evaluation.knn import knn_accuracy  # noqa: E402
-from pcl.evaluation.linear import train_head  # noqa: E402
-from pcl.features import extract_features  # noqa: E402
-from pcl.evaluation.svm import l2_normalize, low_shot_indices, score_report, svm_scores  # noqa: E402
-from pcl.model import build_backbone  # noqa: E402
-from pcl.settings import parse_list  # noqa: E402
+# study first: it puts this checkout (and benchmarks/common.py) on sys.path
+from study import ROOT, RESULTS, fit_with_curve, hardware, write_json, use_cores
+from pcl import checkpoint as ckpt_io
+from pcl.cluster import kmeans
+from pcl.config import build_linear_parser, build_pretrain_parser, parse_args, validate_pretrain_args
+from pcl.data import TensorLabelledLoader, load_in_memory, one_vs_rest
+from pcl.evaluation.cluster_metrics import clustering_scores
+from pcl.evaluation.knn import knn_accuracy
+from pcl.evaluation.linear import probe_features
+from pcl.features import extract_features
+from pcl.evaluation.svm import l2_normalize, low_shot_indices, score_report, svm_scores
+from pcl.model import build_backbone
+from pcl.settings import parse_list
 
 PUBLISHED = [  # (features, kNN top-1, NMI, accuracy, source) -- reported elsewhere, NOT measured here
     ("raw pixels, k-means (published)", None, 0.51, 0.47, "as tabulated in the N2D paper (McConville et al. 2019)"),
@@ -81,17 +78,14 @@ def features(encoder: nn.Module | None, images: torch.Tensor, labels: torch.Tens
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  opts: argparse.Namespace) -> float:
-    """The official linear-probe optimiser on cached features; top-1 (percent) after the last epoch."""
-    torch.manual_seed(opts.seed)
-    head = nn.Linear(train_x.shape[1], int(train_y.max()) + 1)
-    head.weight.data.normal_(0, 0.01)
-    head.bias.data.zero_()
-    probe = argparse.Namespace(lr=opts.linear_lr, momentum=0.9, weight_decay=0.0, epochs=opts.linear_epochs,
-                               schedule=[int(opts.linear_epochs * 0.6), int(opts.linear_epochs * 0.8)], cos=False,
-                               seed=opts.seed, batch_size=256)
-    train_head(head, train_x[None], train_y, probe)
-    with torch.no_grad():
-        return float((head(test_x).argmax(1) == test_y).float().mean() * 100)
+    """The linear protocol's cached-features probe (``pcl.evaluation.linear.probe_features``) with its own flags:
+    lr ``--linear-lr``, ``--linear-epochs``, lr /10 at 60% and 80% of them, the rest the protocol's defaults
+    (momentum 0.9, wd 0, batch 256); top-1 (percent) after the last epoch."""
+    epochs = opts.linear_epochs
+    probe = parse_args(build_linear_parser(), ["--lr", repr(opts.linear_lr), "--epochs", str(epochs), "--schedule",
+                                               str(int(epochs * 0.6)), str(int(epochs * 0.8)), "--seed",
+                                               str(opts.seed)])
+    return probe_features(train_x, train_y, test_x, test_y, probe)["top1"]
 
 
 def low_shot_svm(train_x: np.ndarray, train_y: torch.Tensor, test_x: np.ndarray, test_y: torch.Tensor,
@@ -190,7 +184,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--linear-lr", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exp-root", default="exp/small_scale")
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "small_scale_fmnist.json"))
+    p.add_argument("--out", default=os.path.join(RESULTS, "small_scale_fmnist.json"))
     p.add_argument("overrides", nargs="*", help="extra main_pcl flags, after --")
     opts = p.parse_args(argv)
     opts.shots = parse_list(opts.shots, "--shots")

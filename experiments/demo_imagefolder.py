@@ -7,24 +7,21 @@ background and foreground colours, background texture, scale, position, rotation
 ``main_pcl.py -c configs/demo.yaml DIR`` on it (the file/PIL path) and prints kNN top-1 on the validation
 folder for the learned backbone, a random init and raw pixels.
 
-    python benchmarks/demo_imagefolder.py --idx-dir /usr/share/datasets/fashion-mnist --out-dir exp/clutter_fmnist
+    python experiments/demo_imagefolder.py --idx-dir /usr/share/datasets/fashion-mnist --out-dir exp/clutter_fmnist
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from common import hardware, write_json, use_cores  # noqa: E402
-from pcl.config import build_pretrain_parser, parse_args  # noqa: E402
-from pcl.data import load_mnist_family, render_glyphs  # noqa: E402
-from pcl.engine import fit  # noqa: E402
+# study first: it puts this checkout (and benchmarks/common.py) on sys.path
+from study import ROOT, RESULTS, hardware, write_json, use_cores
+from pcl.config import build_pretrain_parser, parse_args
+from pcl.data import load_mnist_family, render_glyphs
+from pcl.engine import fit
 
 
 def write_folder(idx_dir: str, root: str, per_class: dict[str, int], size: int = 32, seed: int = 1) -> None:
@@ -49,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out-dir", default="exp/clutter_fmnist")
     p.add_argument("--train-per-class", type=int, default=500)
     p.add_argument("--val-per-class", type=int, default=100)
-    p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "demo_imagefolder.json"))
+    p.add_argument("--json", default=os.path.join(RESULTS, "demo_imagefolder.json"))
     p.add_argument("overrides", nargs="*", help="extra main_pcl flags, after --")
     opts = p.parse_args(argv)
     data = os.path.join(opts.out_dir, "data")

@@ -10,28 +10,25 @@ drawn independently of the digit. For each checkpoint given, this script:
 - reports the kNN top-1 (k = 20, cosine) with which the learned backbone features of the test renders
   predict each of the same variables (chance: 1 / bins).
 
-    python benchmarks/demo_diagnosis.py exp/demo/checkpoint_0009.pth.tar exp/demo/checkpoint_0029.pth.tar
+    python experiments/demo_diagnosis.py exp/demo/checkpoint_0009.pth.tar exp/demo/checkpoint_0029.pth.tar
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from common import write_json  # noqa: E402
-from pcl import checkpoint as ckpt_io  # noqa: E402
-from pcl.cluster import kmeans  # noqa: E402
-from pcl.data import TensorEvalLoader, make_digits_demo  # noqa: E402
-from pcl.evaluation.knn import knn_accuracy  # noqa: E402
-from pcl.model import MoCo  # noqa: E402
-from pcl.features import extract_features  # noqa: E402
-from pcl.settings import parse_list  # noqa: E402
+# study first: it puts this checkout (and benchmarks/common.py) on sys.path
+from study import write_json
+from pcl import checkpoint as ckpt_io
+from pcl.cluster import kmeans
+from pcl.data import TensorEvalLoader, make_digits_demo
+from pcl.evaluation.knn import knn_accuracy
+from pcl.model import MoCo
+from pcl.features import extract_features
+from pcl.settings import parse_list
 
 
 def nuisance_bins(nuisance: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -6,21 +6,17 @@ pretrained demo checkpoint three ways and prints top-1 and wall time of each, wi
 modes; writes JSON to --out. Run it alone on the machine (other CPU load distorts the times).
 
     python main_pcl.py -c configs/demo.yaml            # makes exp/demo/checkpoint_last.pth.tar
-    python benchmarks/linear_demo.py --pretrained exp/demo/checkpoint_last.pth.tar
+    python experiments/linear_demo.py --pretrained exp/demo/checkpoint_last.pth.tar
 """
 
 import argparse
 import os
-import sys
 import time
 
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from common import hardware, write_json, use_cores  # noqa: E402
-from pcl.config import build_linear_parser, parse_args  # noqa: E402
-from pcl.evaluation.linear import fit_linear  # noqa: E402
+# study first: it puts this checkout (and benchmarks/common.py) on sys.path
+from study import ROOT, RESULTS, hardware, write_json, use_cores
+from pcl.config import build_linear_parser, parse_args
+from pcl.evaluation.linear import fit_linear
 
 
 def run(name: str, argv: list[str]) -> dict:
@@ -35,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained", default="exp/demo/checkpoint_last.pth.tar")
     p.add_argument("--views", type=int, default=10, help="augmented views per image for the second cached run")
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "linear_demo.json"))
+    p.add_argument("--out", default=os.path.join(RESULTS, "linear_demo.json"))
     p.add_argument("--exp-root", default="exp/bench_linear")
     p.add_argument("overrides", nargs="*", help="extra eval_linear flags, after --")
     opts = p.parse_args(argv)

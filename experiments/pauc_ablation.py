@@ -7,29 +7,26 @@ backbone on the held-out test renders and the intra-cluster spread of the final 
 centroid (the "coagulation" PAUC targets: smaller = samples packed tighter around their prototype).
 Writes JSON to --out and prints a markdown table. Run it alone on the machine.
 
-    python benchmarks/pauc_ablation.py --epochs 20 --warmup-epoch 5
+    python experiments/pauc_ablation.py --epochs 20 --warmup-epoch 5
 """
 
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from common import hardware, write_json, use_cores  # noqa: E402
-from pcl import PCLError  # noqa: E402
-from pcl.checkpoint import LAST, load_checkpoint, load_model_state  # noqa: E402
-from pcl.cluster import run_kmeans  # noqa: E402
-from pcl.config import build_pretrain_parser, parse_args, validate_pretrain_args  # noqa: E402
-from pcl.data import build_pretrain_data  # noqa: E402
-from pcl.engine import fit  # noqa: E402
-from pcl.estep import compute_features  # noqa: E402
-from pcl.model import MoCo  # noqa: E402
+# study first: it puts this checkout (and benchmarks/common.py) on sys.path
+from study import ROOT, RESULTS, hardware, write_json, use_cores
+from pcl import PCLError
+from pcl.checkpoint import LAST, load_checkpoint, load_model_state
+from pcl.cluster import run_kmeans
+from pcl.config import build_pretrain_parser, parse_args, validate_pretrain_args
+from pcl.data import build_pretrain_data
+from pcl.engine import fit
+from pcl.estep import compute_features
+from pcl.model import MoCo
 
 ROWS = {"PCL": [], "PCL + align": ["--pauc", "--pauc-uniform", "0", "--pauc-corr", "0"],
         "PCL + uniform": ["--pauc", "--pauc-align", "0", "--pauc-corr", "0"],
@@ -55,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--warmup-epoch", type=int, default=5)
     p.add_argument("--rows", default=",".join(ROWS), help="which rows, comma-separated")
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "pauc_ablation.json"))
+    p.add_argument("--out", default=os.path.join(RESULTS, "pauc_ablation.json"))
     p.add_argument("--exp-root", default="exp/pauc_ablation")
     p.add_argument("overrides", nargs="*", help="extra main_pcl flags, after --")
     opts = p.parse_args(argv)

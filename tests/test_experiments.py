@@ -1,0 +1,139 @@
+"""Every study driver in experiments/ runs end to end at toy size, in this process, so none can rot unnoticed.
+
+Each run asserts what its JSON must hold (measured numbers, not just "it ran"). small_scale.py runs in
+test_mnist_family.py (it needs the fake Fashion-MNIST idx files built there). The drivers reach the library only
+through its public entry points (pretraining's parser + ``fit``, the protocols' own functions): a static check
+below fails when one imports a private name of ``pcl`` or builds an argument namespace by hand, and the last test
+fails when a driver is added to experiments/ without a smoke run anywhere.
+"""
+
+import argparse
+import ast
+import importlib
+import json
+import os
+import sys
+from types import ModuleType
+
+import pytest
+import torch
+
+from conftest import ROOT, fake_mnist, tiny_argv
+
+EXPERIMENTS = os.path.join(ROOT, "experiments")
+SHARED = {"study.py"}  # what the drivers share, not a driver
+SMOKED_ELSEWHERE = {"small_scale.py"}
+TINY_PRETRAIN = ["--demo-renders", "1", "--image-size", "16", "-a", "resnet18", "--width", "4", "--stem", "small",
+                 "-b", "64", "--pcl-r", "256", "--num-cluster", "10,20", "--kmeans-nredo", "1", "--kmeans-niter", "5",
+                 "--workers", "0", "--no-progress"]
+
+
+def driver(name: str) -> ModuleType:
+    """Import experiments/<name>.py as its own module (the folder on sys.path, as when it runs as a script)."""
+    if EXPERIMENTS not in sys.path:
+        sys.path.insert(0, EXPERIMENTS)
+    return importlib.import_module(name)
+
+
+def read(path) -> dict:
+    return json.loads(open(path).read())
+
+
+def drivers() -> list[str]:
+    return sorted(f for f in os.listdir(EXPERIMENTS) if f.endswith(".py") and f not in SHARED)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    from pcl.config import build_pretrain_parser, parse_args
+    from pcl.engine import fit
+
+    exp = tmp_path_factory.mktemp("study_ckpt")
+    fit(parse_args(build_pretrain_parser(), tiny_argv(exp, "--epochs", "1", "--warmup-epoch", "0")))
+    return str(exp / "checkpoint_last.pth.tar")
+
+
+def test_demo_diagnosis(tmp_path, tiny_checkpoint):
+    out = tmp_path / "d.json"
+    res = driver("demo_diagnosis").main([tiny_checkpoint, "--num-cluster", "10", "--image-size", "16",
+                                         "--demo-renders", "1", "--out", str(out)])
+    assert out.exists() and set(res[0]["cluster_ami"][10]) >= {"digit"} and 0 <= res[0]["knn_top1"]["digit"] <= 100
+
+
+def test_demo_imagefolder(tmp_path):
+    data = fake_mnist(tmp_path / "fm", n_train=60, n_test=20)
+    out = tmp_path / "f.json"
+    res = driver("demo_imagefolder").main(["--idx-dir", data, "--out-dir", str(tmp_path / "run"), "--train-per-class",
+                                           "4", "--val-per-class", "2", "--json", str(out), "--",
+                                           "--epochs", "1", "--warmup-epoch", "0", *TINY_PRETRAIN, "-b", "16",
+                                           "--pcl-r", "32", "--num-cluster", "3,4", "--bn-splits", "2"])
+    assert out.exists() and set(res["knn"]) == {"learned", "random_init", "raw_pixels"}
+
+
+def test_learning_demo(tmp_path):
+    out = tmp_path / "l.json"
+    res = driver("learning_demo").main(["--epochs", "2", "--warmup-epoch", "1", "--knn-every", "1", "--out", str(out),
+                                        "--exp-root", str(tmp_path / "exp"), "--", *TINY_PRETRAIN])
+    assert [r["name"] for r in res["results"]] == ["PCL", "MoCo only"]
+    assert all(len(r["curve"]) == 2 and 0 <= r["final"]["learned"] <= 100 for r in res["results"])
+
+
+def test_linear_demo(tmp_path, tiny_checkpoint):
+    out = tmp_path / "lin.json"
+    res = driver("linear_demo").main(["--pretrained", tiny_checkpoint, "--views", "1", "--out", str(out),
+                                      "--exp-root", str(tmp_path / "exp"), "--", "--epochs", "1", "--image-size", "16",
+                                      "--demo-renders", "1", "--workers", "0"])
+    assert len(res["results"]) == 3 and all(0 <= r["top1"] <= 100 and r["seconds"] > 0 for r in res["results"])
+
+
+def test_pauc_ablation(tmp_path):
+    out = tmp_path / "p.json"
+    res = driver("pauc_ablation").main(["--epochs", "2", "--warmup-epoch", "1", "--rows", "PCL,PAUC (all three)",
+                                        "--out", str(out), "--exp-root", str(tmp_path / "exp"), "--", *TINY_PRETRAIN])
+    assert [r["name"] for r in res["rows"]] == ["PCL", "PAUC (all three)"]
+    assert all(set(r["spread"]) == {10, 20} or "failed" in r for r in res["rows"])
+
+
+def test_small_scale_linear_probe_is_the_protocols():
+    """small_scale's linear column is the linear protocol's probe, its flags through the protocol's parser:
+    separable features are classified perfectly, and shuffling the test labels costs what it must."""
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(50)
+    feats = torch.eye(4)[labels] * 3 + 0.1 * torch.randn(200, 4, generator=gen)
+    opts = argparse.Namespace(seed=0, linear_epochs=5, linear_lr=5.0)  # small_scale's own options, not a protocol's
+    probe = driver("small_scale").linear_probe
+    assert probe(feats, labels, feats, labels, opts) == 100.0
+    assert probe(feats, labels, feats, labels.roll(50), opts) == 0.0
+
+
+def test_drivers_use_only_public_entry_points():
+    """No driver imports a private name of pcl (``_x``) or reaches one by attribute, nor hand-builds the
+    arguments of a protocol (``argparse.Namespace(...)`` / ``SimpleNamespace(...)``)."""
+    for name in drivers() + sorted(SHARED):
+        tree = ast.parse(open(os.path.join(EXPERIMENTS, name)).read(), name)
+        pcl_names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "pcl":
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{name} imports private {private} from {node.module}"
+                pcl_names |= {a.asname or a.name for a in node.names}
+            elif isinstance(node, ast.Import):
+                pcl_names |= {(a.asname or a.name).split(".")[0] for a in node.names if a.name.startswith("pcl")}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                root = node.value
+                while isinstance(root, ast.Attribute):
+                    root = root.value
+                assert not (isinstance(root, ast.Name) and root.id in pcl_names), \
+                    f"{name}:{node.lineno} reaches the private {node.attr} of pcl"
+            if isinstance(node, ast.Call):
+                func = node.func
+                called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+                assert called not in ("Namespace", "SimpleNamespace"), \
+                    f"{name}:{node.lineno} builds arguments by hand: use the protocol's parser (pcl.config)"
+
+
+def test_every_study_driver_has_a_smoke_run():
+    tested = {name[len("test_"):] + ".py" for name in globals() if name.startswith("test_")} | SMOKED_ELSEWHERE
+    missing = sorted(set(drivers()) - tested)
+    assert drivers() and not missing, f"no smoke run for {missing}: add one to tests/test_experiments.py"
