@@ -36,9 +36,12 @@ sys.path.insert(0, ROOT)
 from common import hardware, write_json  # noqa: E402
 from pcl.cluster import ClusterResult  # noqa: E402
 from pcl.config import build_pretrain_parser, parse_args, validate_pretrain_args  # noqa: E402
-from pcl.engine import StopRequest, e_step, setup  # noqa: E402
-from pcl.engine import apply_speed_options, build_optimizer, channels_last, train_one_epoch  # noqa: E402
-from pcl.model import MoCo  # noqa: E402
+from pcl.engine import build_loss, build_optimizer, setup, train_one_epoch  # noqa: E402
+from pcl.estep import e_step  # noqa: E402
+from pcl.model import MoCo, apply_speed_options, channels_last  # noqa: E402
+from pcl.preemption import StopRequest  # noqa: E402
+from pcl.resume import EpochState  # noqa: E402
+from pcl.settings import EStepSettings, StepSettings  # noqa: E402
 from pcl.settings import parse_list  # noqa: E402
 
 
@@ -64,12 +67,21 @@ def make_args(opts, extra: list[str]) -> argparse.Namespace:
     return validate_pretrain_args(parse_args(build_pretrain_parser(), argv))
 
 
+def one_epoch(model, loader, optimizer, args, device, cluster, epoch: int = 0, start_step: int = 0,
+              stop: StopRequest | None = None) -> dict:
+    """train_one_epoch with the loss, a fresh loop state and the step options of ``args``."""
+    criterion = build_loss(args)
+    state = EpochState.start(args.seed, epoch, device, criterion.meters, stop, start_step=start_step)
+    return train_one_epoch(model, loader, optimizer, criterion, cluster, state,
+                           StepSettings.of(args, channels_last(args.channels_last, device)))
+
+
 def timed_epoch(model, data, args, device, cluster) -> float:
     optimizer = build_optimizer(model, args)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    train_one_epoch(model, data, optimizer, 0, args, device, cluster)
+    one_epoch(model, data, optimizer, args, device, cluster)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / len(data)
@@ -83,7 +95,7 @@ class ListLoader(list):
 def build_model(args, device, bn_splits):
     torch.manual_seed(0)
     model = MoCo(args.arch, args.low_dim, args.pcl_r, args.moco_m, args.mlp, args.width, args.stem, bn_splits).to(device)
-    apply_speed_options(model, args)
+    apply_speed_options(model, args.channels_last, args.compile)
     return model
 
 
@@ -120,7 +132,7 @@ def throughput(opts, device) -> dict:
     for name in parse_list(opts.variants, "--variants", str):
         args = make_args(opts, VARIANTS[name])
         model = build_model(args, device, args.bn_splits or opts.bn_splits)
-        if "--channels-last" in VARIANTS[name] and not channels_last(args, device):
+        if "--channels-last" in VARIANTS[name] and not channels_last(args.channels_last, device):
             print(f"skipping {name}: --channels-last is ignored on the CPU (see pcl.model.apply_speed_options)")
             continue
         timed_epoch(model, ListLoader(data[:2]), args, device, None)  # warm-up (and compilation)
@@ -177,13 +189,13 @@ def host_syncs(device: torch.device, exp_dir: str, extra: tuple[str, ...] = ()) 
     args = make_args(opts, ["--demo-renders", "1", "--kmeans-nredo", "1", "--kmeans-niter", "5", "--workers", "0",
                             "--exp-dir", exp_dir, *(["--cpu"] if device.type == "cpu" else []), *extra])
     _, data, model, optimizer = setup(args)
-    cluster = e_step(model, data, args, device, epoch=1)
+    cluster = e_step(model, data.eval_loader, data.num_samples, EStepSettings.of(args), device).clusters
     data.train_loader.set_epoch(1)
     steps = [tuple(t.to(device) for t in b) for b in itertools.islice(iter(data.train_loader), 6)]
 
     def epoch(n: int) -> None:  # from step 1: step 0 is a --print-freq step
-        train_one_epoch(model, ListLoader(steps[:n]), optimizer, 1, args, device, cluster, start_step=1,
-                        stop=StopRequest())
+        one_epoch(model, ListLoader(steps[:n]), optimizer, args, device, cluster, epoch=1, start_step=1,
+                  stop=StopRequest())
 
     epoch(2)
     three, six = count_syncs(lambda: epoch(3), device), count_syncs(lambda: epoch(6), device)

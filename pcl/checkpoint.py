@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from pcl import PCLError
-from pcl.model import build_backbone
+from pcl.model import build_backbone, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def strip_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, 
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state_dict in the official layout (``module.`` prefix whether DDP-wrapped or not)."""
-    inner = model.module if hasattr(model, "module") else model
+    inner = unwrap(model)
     return {"module." + k: v for k, v in inner.state_dict().items()}
 
 
@@ -292,7 +292,7 @@ def require_pretrain_checkpoint(ckpt: dict[str, Any], source: str) -> None:
 
 
 def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    inner = model.module if hasattr(model, "module") else model
+    inner = unwrap(model)
     try:
         inner.load_state_dict(strip_prefix(state_dict, "module."), strict=True)
     except RuntimeError as e:
@@ -377,16 +377,7 @@ def refuse_other_runs(exp_dir: str) -> None:
 
 def query_backbone(model: nn.Module) -> nn.Module:
     """A copy of a live MoCo model's query backbone (head dropped) in eval mode."""
-    inner = model.module if hasattr(model, "module") else model
+    inner = unwrap(model)
     backbone = copy.deepcopy(inner.encoder_q)
     backbone.fc = nn.Identity()
     return backbone.eval()
-
-
-if __name__ == "__main__":  # the command line of earlier versions: python -m pcl.checkpoint export ...
-    import runpy
-    import sys
-
-    if sys.argv[1:2] == ["export"]:
-        del sys.argv[1]
-    runpy.run_module("pcl.export", run_name="__main__", alter_sys=True)

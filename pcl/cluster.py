@@ -29,9 +29,7 @@ class ClusterResult:
     im2cluster: list[torch.Tensor] = field(default_factory=list)
     centroids: list[torch.Tensor] = field(default_factory=list)
     concentration: list[torch.Tensor] = field(default_factory=list)
-    kmeans_seconds: list[float] = field(default_factory=list)
-    estep_seconds: float = 0.0  # features + k-means + phi + broadcast
-    gallery: list = field(default_factory=list)  # per granularity, pcl.gallery.GalleryRow list (rank 0; not saved)
+    kmeans_seconds: list[float] = field(default_factory=list)  # per granularity, where it was computed (not saved)
 
     def to(self, device: torch.device | str) -> "ClusterResult":
         move = lambda ts: [t.to(device) for t in ts]  # noqa: E731

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import Any, Callable
 
 import torch
@@ -244,3 +245,31 @@ class FiniteGuard:
         raise PCLError(f"non-finite loss at epoch {epoch} step {int(first)}: loss_inst={inst:.4g}"
                        + (f" loss_proto={loss_proto:.4g}" if proto else "")
                        + f" lr={lr:.4g}; lower --lr (last checkpoint kept)")
+
+
+class InputClock:
+    """How long the training loop waited for its batches: the host's time inside the loader's ``next`` (no device
+    sync). When loader workers keep up, batches are ready and the wait is near zero; a large share of the epoch
+    spent waiting means the input pipeline, not the model, bounds the run."""
+
+    def __init__(self) -> None:
+        self.wait, self.start, self.end, self.batches = 0.0, time.perf_counter(), None, 0
+
+    def timed(self, loader: Any) -> Any:
+        """``loader``'s batches, each one's wait added up; the clock stops when the loader is exhausted."""
+        it = iter(loader)
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                self.end = time.perf_counter()
+                return
+            self.wait += time.perf_counter() - t
+            self.batches += 1
+            yield batch
+
+    def stats(self) -> dict[str, float]:
+        """``input_wait``: the share of the M-step's wall time spent waiting for batches (0-1)."""
+        total = (self.end or time.perf_counter()) - self.start
+        return {"input_wait": self.wait / total if total > 0 else 0.0}

@@ -5,7 +5,7 @@ Shapes: B = batch, C = feature dim (``--low-dim``), r = queue size / negatives, 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +121,15 @@ def _chunk_logits(
     return torch.cat(rows), torch.cat(labels), torch.stack(ids)
 
 
+class ProtoNCE(NamedTuple):
+    """:func:`proto_nce`'s result: the term, and per granularity its logits, labels and the logits' columns'
+    prototype ids (what the PAUC terms and the accuracy meters read)."""
+    loss: torch.Tensor  # 0-dim
+    logits: list[torch.Tensor]  # per granularity: B x (B + r) (chunked: B x (B/chunks + r))
+    labels: list[torch.Tensor]  # per granularity: B
+    ids: list[torch.Tensor]  # per granularity: the columns' prototype ids (chunks x columns with chunks > 1)
+
+
 def proto_nce(
     q: torch.Tensor,
     index: torch.Tensor,
@@ -129,18 +138,15 @@ def proto_nce(
     concentration: Sequence[torch.Tensor],
     r: int,
     generator: torch.Generator | None = None,
-    return_ids: bool = False,
     unique_prototypes: bool = False,
     chunks: int = 1,
-):
+) -> ProtoNCE:
     """Prototype term of ProtoNCE: mean over granularities of cross-entropy on :func:`prototype_logits`.
 
-    q: B x C; index: B dataset indices of the batch. Returns (loss, logits per granularity, labels), plus
-    the prototype ids of the logits' columns per granularity with ``return_ids``. ``unique_prototypes``
-    applies :func:`mask_duplicate_positives` (off: the official numerics). ``chunks`` > 1 computes the term
-    per contiguous block of B / chunks rows, each with its own positives and negative draw, and averages
-    the rows: what DistributedDataParallel over ``chunks`` devices computes (the paper's 4 V100s: 4 x 64),
-    on one device. With ``chunks`` > 1 the ids are chunks x columns.
+    q: B x C; index: B dataset indices of the batch. ``unique_prototypes`` applies
+    :func:`mask_duplicate_positives` (off: the official numerics). ``chunks`` > 1 computes the term per
+    contiguous block of B / chunks rows, each with its own positives and negative draw, and averages the rows:
+    what DistributedDataParallel over ``chunks`` devices computes (the paper's 4 V100s: 4 x 64), on one device.
     """
     if q.shape[0] % chunks:
         raise ValueError(f"batch of {q.shape[0]} rows is not divisible into {chunks} ProtoNCE chunks")
@@ -151,9 +157,7 @@ def proto_nce(
         all_logits.append(logits)
         all_labels.append(labels)
         all_ids.append(ids)
-    if return_ids:
-        return torch.stack(losses).mean(), all_logits, all_labels, all_ids
-    return torch.stack(losses).mean(), all_logits, all_labels
+    return ProtoNCE(torch.stack(losses).mean(), all_logits, all_labels, all_ids)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -221,7 +225,7 @@ def pauc_terms(
     """The three PAUC terms, each averaged over granularities.
 
     q: B x C queries (with gradient), k: B x C keys (no gradient), ``logits``/``ids``: the ProtoNCE logits of
-    q and their columns' prototype ids per granularity (``proto_nce(..., return_ids=True)``). The key's
+    q and their columns' prototype ids per granularity (:class:`ProtoNCE`'s ``logits`` and ``ids``). The key's
     prototype-level feature uses the same columns: softmax(k c_j / phi_j).
     """
     align, unif, corr = [], [], []
@@ -249,3 +253,68 @@ def accuracy(output: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (
     pred = output.topk(maxk, dim=1).indices  # B x maxk
     correct = pred.eq(target[:, None])
     return [correct[:, :k].any(dim=1).float().mean().item() * 100.0 for k in topk]
+
+
+class Prototypes(Protocol):
+    """What the loss reads of an E-step result (:class:`pcl.cluster.ClusterResult`), one entry per granularity."""
+    im2cluster: list[torch.Tensor]  # N
+    centroids: list[torch.Tensor]  # k x C
+    concentration: list[torch.Tensor]  # k: phi
+
+
+class LossOutput(NamedTuple):
+    total: torch.Tensor  # 0-dim: what is backpropagated
+    inst: torch.Tensor  # 0-dim: InfoNCE
+    proto: torch.Tensor | None  # 0-dim: the prototype term (None before the first E-step)
+    logs: list[tuple[str, torch.Tensor]]  # (meter, 0-dim value) in log order; a name may repeat (averaged)
+
+
+class PCLLoss:
+    """The pretraining loss of one batch and everything it logs, the terms in one place:
+
+        total = InfoNCE(q, k, queue) + ProtoNCE(q, prototypes) [+ w_align L_align + w_uniform L_uniform + w_corr L_corr]
+
+    ProtoNCE is the mean over granularities of the prototype cross-entropy with phi as temperatures (added once
+    there are prototypes, i.e. after --warmup-epoch); the PAUC terms are the optional weighted extras. To add a
+    term: compute it in :meth:`__call__`, add it to ``total`` and append its meter to ``logs``. Every value stays
+    on the device (no host sync). The terms are added in this order, as the official code adds them."""
+
+    def __init__(self, temperature: float, num_cluster: Sequence[int], r: int, unique_prototypes: bool = False,
+                 chunks: int = 1, pauc_weights: dict[str, float] | None = None, pauc_alpha: float = 2.0,
+                 pauc_t: float = 2.0) -> None:
+        """``pauc_weights``: {"align", "uniform", "corr"} -> weight; None: no PAUC terms computed (a weight of 0
+        computes and logs the term without adding it)."""
+        self.temperature, self.num_cluster, self.r = temperature, tuple(num_cluster), r
+        self.unique_prototypes, self.chunks = unique_prototypes, chunks
+        self.pauc_weights, self.pauc_alpha, self.pauc_t = pauc_weights, pauc_alpha, pauc_t
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, index: torch.Tensor,
+                 prototypes: Prototypes | None, generator: torch.Generator | None = None) -> LossOutput:
+        """q, k: B x C (unit rows, fp32); queue: C x r; index: B dataset indices; ``generator`` draws the
+        negative prototypes."""
+        logits, labels = info_nce_logits(q, k, queue, self.temperature)
+        inst = F.cross_entropy(logits, labels)
+        total, logs = inst, []
+        proto = None
+        if prototypes is not None:
+            out = proto_nce(q, index, prototypes.im2cluster, prototypes.centroids, prototypes.concentration, self.r,
+                            generator, unique_prototypes=self.unique_prototypes, chunks=self.chunks)
+            proto, total = out.loss, total + out.loss
+            logs.append(("loss_proto", proto))
+            if self.pauc_weights is not None:
+                terms = pauc_terms(q, k.detach(), index, prototypes.im2cluster, prototypes.centroids,
+                                   prototypes.concentration, out.logits, out.ids, self.pauc_alpha, self.pauc_t)
+                for name in ("align", "uniform", "corr"):
+                    if self.pauc_weights[name]:
+                        total = total + self.pauc_weights[name] * terms[name]
+                    logs.append((f"loss_{name}", terms[name]))
+            for k_, out_k, labels_k in zip(self.num_cluster, out.logits, out.labels):
+                acc = top1_percent(out_k, labels_k)
+                logs += [("acc_proto", acc), (f"acc_proto_k{k_}", acc)]  # acc_proto: over granularities, as official
+        logs = [("loss", total), ("loss_inst", inst), *logs[:1], ("acc_inst", top1_percent(logits, labels)), *logs[1:]]
+        return LossOutput(total, inst, proto, logs)
+
+    @property
+    def meters(self) -> tuple[str, ...]:
+        """The meters that lead the logs, in order (whether or not a term is computed yet)."""
+        return ("loss", "loss_inst", "loss_proto", "acc_inst", "acc_proto")

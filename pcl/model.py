@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -238,6 +237,11 @@ class MoCo(nn.Module):
 DIVERGED = 1e10  # no parameter of a healthy ResNet/MLP comes near this; a diverged one passes it while finite
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel (or any ``.module`` wrapper); the model itself otherwise."""
+    return model.module if isinstance(getattr(model, "module", None), nn.Module) else model
+
+
 def check_weights(model: nn.Module, where: str) -> None:
     """Refuse diverged weights: non-finite, or finite but beyond DIVERGED (an update after the last loss check can
     take them to 1e28 while every loss seen was finite). One host sync."""
@@ -247,12 +251,12 @@ def check_weights(model: nn.Module, where: str) -> None:
                        f"--lr and resume from the last checkpoint")
 
 
-def channels_last(cfg: Any, device: torch.device) -> bool:
+def channels_last(requested: bool, device: torch.device) -> bool:
     """--channels-last takes effect on GPUs only (see :func:`apply_speed_options`)."""
-    return bool(getattr(cfg, "channels_last", False)) and device.type != "cpu"
+    return requested and device.type != "cpu"
 
 
-def apply_speed_options(model: MoCo, cfg: Any) -> bool:
+def apply_speed_options(model: MoCo, use_channels_last: bool, compile_encoders: bool) -> bool:
     """--channels-last and --compile on the encoders (numerics unchanged up to kernel choice); returns whether
     channels-last is in effect.
 
@@ -262,13 +266,13 @@ def apply_speed_options(model: MoCo, cfg: Any) -> bool:
     AVX-512; uxlfoundation/oneDNN#6035) -- the downsampling convs of narrow ResNets. We saw it hang here.
     """
     device = next(model.parameters()).device
-    if getattr(cfg, "channels_last", False) and not channels_last(cfg, device):
+    if use_channels_last and not channels_last(use_channels_last, device):
         logger.warning("--channels-last is ignored on the CPU: slower there, and oneDNN's NHWC 1x1 stride-2 "
                        "weight-gradient kernel can hang or give wrong gradients on narrow convs "
                        "(uxlfoundation/oneDNN#6035); it is meant for GPUs")
-    if channels_last(cfg, device):
+    if channels_last(use_channels_last, device):
         model.to(memory_format=torch.channels_last)
-    if getattr(cfg, "compile", False):  # in place: parameter names (and checkpoints) stay the official ones
+    if compile_encoders:  # in place: parameter names (and checkpoints) stay the official ones
         model.encoder_q.compile()
         model.encoder_k.compile()
-    return channels_last(cfg, device)
+    return channels_last(use_channels_last, device)

@@ -14,12 +14,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pcl import distributed as dist_utils
+from pcl.checkpoint import query_backbone
 from pcl.cluster import ClusterResult
-from pcl.config import RunConfig
 from pcl.data import PretrainData
+from pcl.estep import EStep
 from pcl.features import clustering_scores, extract_features, knn_accuracy
-from pcl.gallery import caption, render_gallery
+from pcl.gallery import GalleryRow, caption, gallery_rows, render_gallery
 from pcl.log import RunLog
+from pcl.preemption import StopRequest
+from pcl.settings import MonitorSettings
 
 logger = logging.getLogger("pcl")
 
@@ -127,36 +130,119 @@ def knn_report(encoders: dict[str, nn.Module | None], knn_sets: tuple[Any, torch
     return report
 
 
-def log_clusters(run_log: RunLog, stats: dict[str, Any], cluster: ClusterResult | None, cfg: RunConfig,
-               epoch: int, labels: torch.Tensor | None = None) -> None:
-    """E-step timings and cluster statistics into the stats (NMI/AMI per granularity against the training
-    labels when the set has them), and everything to TensorBoard (with cluster-size and phi histograms)."""
-    if cluster is not None and labels is not None:
+class Monitor:
+    """What pretraining observes of its epochs. Every rank calls each method at the same point (the kNN monitor's
+    feature passes and the rank-0 work are collectives); rank 0 writes TensorBoard, train.log and the galleries."""
+
+    def __init__(self, settings: MonitorSettings, run_log: RunLog, data: PretrainData, device: torch.device,
+                 stop: StopRequest) -> None:
+        self.settings, self.run_log, self.data, self.device, self.stop = settings, run_log, data, device, stop
+        self.estep: dict[str, float] = {}  # the last E-step's timings, logged with its epoch
+        self.gallery: list[list[GalleryRow]] = []  # per granularity, rank 0
+        self.since = time.perf_counter()
+        self.input_checked = False
+
+    def e_step(self, epoch: int, estep: EStep) -> ClusterResult:
+        """Note an E-step (its timings; its gallery rows while rank 0 still holds the features, which are then
+        dropped) and hand on its prototypes."""
+        s, clusters = self.settings, estep.clusters
+        if s.prototype_gallery:  # rank 0: O(N) + the shown clusters' rows
+            self.gallery = dist_utils.main_only(lambda: [
+                gallery_rows(estep.features, a, c, phi, seed=s.seed)
+                for a, c, phi in zip(clusters.im2cluster, clusters.centroids, clusters.concentration)],
+                "the gallery") or []
+        estep.features = None
+        self.estep = {"estep_seconds": estep.seconds,
+                      **{f"kmeans_seconds_k{k}": sec for k, sec in zip(s.num_cluster, estep.kmeans_seconds)}}
+        logger.info("E-step epoch %d: features %.1f s, k-means %s s, total %.1f s", epoch, estep.feature_seconds,
+                    "/".join(f"{sec:.1f}" for sec in estep.kmeans_seconds), estep.seconds)
+        return clusters
+
+    def epoch_end(self, epoch: int, model: nn.Module, clusters: ClusterResult | None, stats: dict[str, Any],
+                  lr: float) -> dict[str, Any]:
+        """The epoch's stats with what was observed: lr, wall seconds (since the previous epoch's stats),
+        the E-step's timings and cluster statistics (NMI/AMI against the training labels where the set has them;
+        size and phi histograms), the galleries, and every --knn-every epochs the kNN/NMI monitor (left out when a
+        stop request came during it)."""
+        s, epoch_stats = self.settings, {**stats, "epoch": epoch, "lr": lr,
+                                         "seconds": time.perf_counter() - self.since}
+        self._check_input(epoch, epoch_stats)
+        if clusters is not None:
+            epoch_stats.update(self._cluster_scores(clusters))
+            epoch_stats.update(self.estep)
+            self._cluster_histograms(epoch, clusters)
+        self.run_log.scalars(epoch, {f"train/{k}": v for k, v in epoch_stats.items() if k != "epoch"})
+        if clusters is not None and s.prototype_gallery:
+            dist_utils.main_only(lambda: self.run_log.writer is not None and self.gallery
+                                 and self._log_galleries(epoch), "the prototype galleries")
+        if s.knn_every and self.data.knn is not None and ((epoch + 1) % s.knn_every == 0 or epoch + 1 == s.epochs):
+            scores = monitor_scores(query_backbone(model), self.data.knn, self.device, s.knn_k, s.knn_t,
+                                    kmeans_backend=s.kmeans_backend, should_stop=lambda: self.stop.poll(self.device),
+                                    budget_bytes=s.knn_budget_bytes, image_size=s.image_size)
+            epoch_stats.update(scores)
+            self.run_log.scalars(epoch, {f"train/{k}": v for k, v in scores.items()})
+        return epoch_stats
+
+    def record(self, stats: dict[str, Any]) -> None:
+        """The epoch's line in train.log (rank 0) and the console."""
+        self.run_log.record(stats)
+        logger.info("epoch %d: %s", stats["epoch"], " ".join(f"{k}={v:.4g}" for k, v in stats.items() if k != "epoch"))
+        self.since = time.perf_counter()
+
+    def final_report(self, model: nn.Module, random_init: Callable[[], nn.Module]) -> dict[str, float]:
+        """With --knn-eval: kNN top-1 on the labelled test split of the learned backbone, a random-init one (built by
+        ``random_init``) and raw pixels; {} otherwise."""
+        s = self.settings
+        if not s.knn_eval or self.data.knn is None:
+            return {}
+        torch.manual_seed(s.seed)  # the random-init baseline
+        encoders = {"learned": query_backbone(model), "random_init": random_init().to(self.device).eval(),
+                    "raw_pixels": None}
+        return knn_report(encoders, self.data.knn, self.device, s.knn_k, s.knn_t, budget_bytes=s.knn_budget_bytes,
+                          image_size=s.image_size)
+
+    INPUT_BOUND = 0.3  # warn when the M-step waited this share of its time for batches
+
+    def _check_input(self, epoch: int, stats: dict[str, Any]) -> None:
+        """Once per run, after its first epoch: say when the loader, not the model, bounds the run."""
+        if self.input_checked or "input_wait" not in stats:
+            return
+        self.input_checked = True
+        wait = stats["input_wait"]
+        if wait > self.INPUT_BOUND:
+            logger.warning("the input pipeline bounds this run: the training steps waited %.0f%% of epoch %d for "
+                           "batches. Give the loader more workers (-j/--workers is per node and shared by its "
+                           "processes; the official 32 is 4 per GPU on 8 GPUs), or move the augmentation to the GPU "
+                           "(--augment device)", 100 * wait, epoch)
+        else:
+            logger.info("input pipeline: the training steps waited %.0f%% of epoch %d for batches", 100 * wait, epoch)
+
+    def _cluster_scores(self, clusters: ClusterResult) -> dict[str, float]:
+        labels = self.data.knn[1] if self.data.knn is not None else None
+        if labels is None:
+            return {}
+
         def scores() -> dict[str, float]:
             # rank 0 only, while the others wait: NMI is O(N), AMI is skipped above 200k samples, and the
             # Hungarian accuracy (a dense k x classes table: 0.8 GB at ImageNet's k = 100k) is not computed
-            return {f"{m}_k{k_}": v for k_, assign in zip(cfg.num_cluster, cluster.im2cluster)
+            return {f"{m}_k{k}": v for k, assign in zip(self.settings.num_cluster, clusters.im2cluster)
                     for m, v in clustering_scores(labels.numpy(), assign.cpu().numpy(), with_acc=False).items()}
-        stats.update(dist_utils.main_only(scores, "the clustering scores") or {})
-    if cluster is not None:
-        stats["estep_seconds"] = cluster.estep_seconds
-        for k_, sec in zip(cfg.num_cluster, cluster.kmeans_seconds):
-            stats[f"kmeans_seconds_k{k_}"] = sec
-        sizes = [torch.bincount(a, minlength=len(c)).float() for a, c in zip(cluster.im2cluster, cluster.centroids)]
-        for k, s, phi in zip(cfg.num_cluster, sizes, cluster.concentration):
-            run_log.scalars(epoch, {f"cluster/k{k}_size_max": s.max().item(),
-                                    f"cluster/k{k}_empty": (s == 0).sum().item(),
-                                    f"cluster/k{k}_phi_std": phi.std().item()})
-            run_log.histogram(f"cluster/k{k}_phi", phi, epoch)
-            run_log.histogram(f"cluster/k{k}_sizes", s, epoch)
-    run_log.scalars(epoch, {f"train/{k}": v for k, v in stats.items() if k != "epoch"})
+        return dist_utils.main_only(scores, "the clustering scores") or {}
 
+    def _cluster_histograms(self, epoch: int, clusters: ClusterResult) -> None:
+        for k, assign, cents, phi in zip(self.settings.num_cluster, clusters.im2cluster, clusters.centroids,
+                                         clusters.concentration):
+            sizes = torch.bincount(assign, minlength=len(cents)).float()
+            self.run_log.scalars(epoch, {f"cluster/k{k}_size_max": sizes.max().item(),
+                                         f"cluster/k{k}_empty": (sizes == 0).sum().item(),
+                                         f"cluster/k{k}_phi_std": phi.std().item()})
+            self.run_log.histogram(f"cluster/k{k}_phi", phi, epoch)
+            self.run_log.histogram(f"cluster/k{k}_sizes", sizes, epoch)
 
-def log_galleries(run_log: RunLog, cluster: ClusterResult, data: PretrainData, cfg: RunConfig,
-                  epoch: int) -> None:
-    """One prototype gallery per granularity into TensorBoard (rank 0): ~80 pictures decoded per granularity."""
-    start = time.perf_counter()
-    for k, rows in zip(cfg.num_cluster, cluster.gallery):
-        run_log.image(f"prototypes/k{k}", render_gallery(rows, data.eval_loader), epoch)
-        run_log.text(f"prototypes/k{k}", caption(k, rows), epoch)
-    logger.info("prototype galleries: %.2f s", time.perf_counter() - start)
+    def _log_galleries(self, epoch: int) -> None:
+        """One prototype gallery per granularity into TensorBoard (rank 0): ~80 pictures decoded per granularity."""
+        start = time.perf_counter()
+        for k, rows in zip(self.settings.num_cluster, self.gallery):
+            self.run_log.image(f"prototypes/k{k}", render_gallery(rows, self.data.eval_loader), epoch)
+            self.run_log.text(f"prototypes/k{k}", caption(k, rows), epoch)
+        logger.info("prototype galleries: %.2f s", time.perf_counter() - start)

@@ -25,6 +25,17 @@ logger = logging.getLogger("pcl")
 MARKER = "PREEMPTED"
 
 
+class Stopped(Exception):
+    """A stop request (agreed over ranks) ended the E-step or an M-step epoch early, on every rank alike. Raised
+    where the work stops; :class:`pcl.resume.Session` catches it, saves and raises :class:`pcl.Preempted`.
+    ``step``: batches of the epoch done (0: stopped at the epoch's start, in its E-step); ``state``: this rank's
+    loop state to continue from (``step`` > 0)."""
+
+    def __init__(self, step: int = 0, state: dict[str, Any] | None = None) -> None:
+        super().__init__(f"stopped at step {step}")
+        self.step, self.state = step, state
+
+
 class StopRequest:
     """SIGTERM / SIGUSR1 (SLURM preemption) and a first Ctrl-C (SIGINT) set a flag; the training loop finishes its
     step, saves, and stops. A second Ctrl-C (a second or more later) aborts at once without saving.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
 import yaml
@@ -71,6 +72,62 @@ class RunConfig(Mapping[str, Any]):
         """The settings of plain types (tuples as lists), as a checkpoint's ``args`` stores them."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self._values.items()
                 if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
+
+
+# The groups each part of pretraining receives, built once from the resolved flags (the flag names are the
+# fields' sources; no part reads the whole command line or supplies a default of its own).
+
+
+@dataclass(frozen=True)
+class EStepSettings:
+    """The E-step: the granularities, k-means and the concentration phi."""
+    num_cluster: tuple[int, ...]  # k of each granularity (--num-cluster)
+    temperature: float  # phi is rescaled to this mean (--temperature)
+    niter: int  # Lloyd iterations (--kmeans-niter)
+    nredo: int  # restarts, the best kept (--kmeans-nredo)
+    backend: str  # auto | faiss | torch (--kmeans-backend)
+    fixed_concentration: bool  # ablation: phi = --temperature for every prototype
+    progress: bool  # a progress bar on rank 0 (not --no-progress)
+
+    @classmethod
+    def of(cls, cfg: Mapping[str, Any]) -> "EStepSettings":
+        return cls(tuple(cfg["num_cluster"]), cfg["temperature"], cfg["kmeans_niter"], cfg["kmeans_nredo"],
+                   cfg["kmeans_backend"], cfg["fixed_concentration"], not cfg["no_progress"])
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """One M-step epoch's options besides the loss: precision, memory format, how often the host looks."""
+    amp: str  # none | bf16 | fp16
+    channels_last: bool  # NHWC inputs (already resolved for the device)
+    print_freq: int  # steps between host reads of the meters and the loss check
+    progress: bool
+
+    @classmethod
+    def of(cls, cfg: Mapping[str, Any], channels_last: bool) -> "StepSettings":
+        return cls(cfg["amp"], channels_last, cfg["print_freq"], not cfg["no_progress"])
+
+
+@dataclass(frozen=True)
+class MonitorSettings:
+    """What pretraining observes: galleries, the kNN/NMI monitor, the final kNN report."""
+    num_cluster: tuple[int, ...]
+    epochs: int
+    seed: int  # the galleries' draw of prototypes
+    prototype_gallery: bool
+    knn_every: int  # epochs between kNN/NMI monitor passes (0: off)
+    knn_eval: bool  # the final report: learned, random init, raw pixels
+    knn_k: int
+    knn_t: float
+    knn_budget_bytes: int  # --knn-max-bank-gb
+    image_size: int  # the raw-pixel baseline's resolution
+    kmeans_backend: str  # the monitor's NMI k-means
+
+    @classmethod
+    def of(cls, cfg: Mapping[str, Any]) -> "MonitorSettings":
+        return cls(tuple(cfg["num_cluster"]), cfg["epochs"], cfg["seed"], cfg["prototype_gallery"], cfg["knn_every"],
+                   cfg["knn_eval"], cfg["knn_k"], cfg["knn_t"], int(cfg["knn_max_bank_gb"] * 2 ** 30),
+                   cfg["image_size"], cfg["kmeans_backend"])
 
 
 def cannot_read(path: str, e: OSError, verb: str = "read") -> PCLError:

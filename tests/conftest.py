@@ -1,8 +1,12 @@
+import contextlib
+import io
 import os
 import sys
 
 import pytest
 import torch
+from PIL import Image
+from torch.overrides import TorchFunctionMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -139,3 +143,92 @@ def image_folder(root, classes, per_class=2, splits=("train", "val"), size=12, s
                 pixels = (torch.rand(size, size, 3, generator=gen) * 255).to(torch.uint8).numpy()
                 Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
     return str(root)
+
+
+def run_e_step(model, data, cfg, device, stop=None):
+    """The E-step's prototypes for a resolved pretraining ``cfg`` (what fit's loop computes)."""
+    from pcl.estep import e_step
+    from pcl.settings import EStepSettings
+
+    return e_step(model, data.eval_loader, data.num_samples, EStepSettings.of(cfg), device, stop).clusters
+
+
+def run_epoch(model, loader, optimizer, epoch, cfg, device, clusters, on_step=None, stop=None, start_step=0,
+              restore=None):
+    """One M-step epoch as fit's loop runs it (the loss, a fresh or restored loop state, the step options)."""
+    from pcl.engine import build_loss, train_one_epoch
+    from pcl.model import channels_last
+    from pcl.resume import EpochState
+    from pcl.settings import StepSettings
+
+    criterion = build_loss(cfg)
+    state = EpochState.start(cfg.seed, epoch, device, criterion.meters, stop, restore, start_step)
+    return train_one_epoch(model, loader, optimizer, criterion, clusters, state,
+                           StepSettings.of(cfg, channels_last(cfg.channels_last, device)), on_step=on_step)
+
+
+def free_port():
+    """A TCP port nobody listens on now (for a rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# main_pcl.py's command line in this process, and what a clean error looks like
+
+TINY = ["-a", "resnet18", "--width", "4", "--stem", "small", "--image-size", "16", "-b", "4", "--pcl-r", "8",
+        "--workers", "0", "--epochs", "1", "--warmup-epoch", "0", "--num-cluster", "2,3", "--no-progress",
+        "--bn-splits", "2"]
+
+
+def run_main(*argv):
+    """main_pcl.py's main in this process (the script is one line around it; --help below runs the script)."""
+    from pcl.config import build_pretrain_parser
+    from pcl.engine import fit
+    from pcl.launch import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(build_pretrain_parser, fit, list(argv))
+    return code, err.getvalue()
+
+
+def two_class_folder(root, n=12):
+    """An ImageFolder root of n 20 x 20 PNGs in two classes (train/ only)."""
+    for i in range(n):
+        d = os.path.join(root, "train", f"class{i % 2}")
+        os.makedirs(d, exist_ok=True)
+        Image.new("RGB", (20, 20), (i * 20, 0, 255 - i * 20)).save(os.path.join(d, f"{i}.png"))
+    return str(root)
+
+
+def assert_clean_error(code, err, *phrases):
+    assert code != 0
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
+    for phrase in phrases:
+        assert phrase in lines[0], err
+
+
+class HostSyncRecorder(TorchFunctionMode):
+    """Records the tensor methods that copy a value to the host: on CUDA each one is a device-to-host sync that
+    stalls the CPU until the GPU catches up, so a CPU test can still prove a code path makes none.
+
+    All of these pass through ``__torch_function__`` in torch 2.14 (checked: ``int(t)``, ``bool(t)``,
+    ``float(t)``, ``range(t)``, ``lst[t]`` and slicing with a tensor are all seen).
+    """
+
+    SYNCS = {torch.Tensor.item, torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.__bool__,
+             torch.Tensor.__float__, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.SYNCS:
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))

@@ -15,9 +15,10 @@ from pcl import distributed as dist_utils
 from pcl.config import validate_pretrain_args
 from pcl.data import PretrainData, TensorEvalLoader
 from pcl.estep import e_step, self_check
+from pcl.settings import EStepSettings
 from pcl.monitor import monitor_scores
 from pcl.model import MoCo
-from pcl.preemption import StopRequest
+from pcl.preemption import StopRequest, Stopped
 
 N = 81  # with 8 ranks and eval batches of 5: rank 0's shard has 11 images (3 batches), the others 10 (2)
 
@@ -41,8 +42,11 @@ def _e_step(cfg, device, stop=None, rank_hook=None):
         data = PretrainData(None, TensorEvalLoader(_images(), 5), N)
         if rank_hook is not None:
             rank_hook(rank)
-        result = e_step(model, data, cfg, device, epoch=1, stop=stop(rank) if stop else None)
-        return None if result is None else result.to("cpu")
+        try:
+            return e_step(model, data.eval_loader, N, EStepSettings.of(cfg), device,
+                          stop(rank) if stop else None).clusters.to("cpu")
+        except Stopped:  # raised on every rank alike
+            return None
     return fn
 
 
@@ -52,7 +56,7 @@ def _audit_e_step(tmp_path, device):
     outcomes = audit.run(_e_step(cfg, device, stop=lambda rank: StopRequest()))
     assert not audit.mismatches(), "\n".join(audit.mismatches())
     assert audit.devices() == {device.type}  # every tensor a collective sees is on the rank's device
-    single = e_step(_model(device), PretrainData(None, TensorEvalLoader(_images(), 5), N), cfg, device, 1).to("cpu")
+    single = e_step(_model(device), TensorEvalLoader(_images(), 5), N, EStepSettings.of(cfg), device).clusters.to("cpu")
     for result in outcomes:  # rank 0 clustered the rows every rank sent; every rank got its result
         for a, b in zip(result.im2cluster, single.im2cluster):
             assert torch.equal(a, b)
@@ -136,7 +140,7 @@ def test_the_knn_monitor_gathers_to_rank_0_and_every_rank_gets_its_scores():
 def test_the_start_up_check_agrees_over_ranks_and_fails_everywhere_with_a_broken_backend(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path)
     audit = WorldAudit(8)
-    outcomes = audit.run(lambda rank: self_check(cfg, torch.device("cpu"), 16))
+    outcomes = audit.run(lambda rank: self_check(EStepSettings.of(cfg), torch.device("cpu"), 16))
     assert not audit.mismatches(), "\n".join(audit.mismatches())
     assert all(isinstance(o, float) for o in outcomes), outcomes
 
@@ -146,5 +150,5 @@ def test_the_start_up_check_agrees_over_ranks_and_fails_everywhere_with_a_broken
         raise RuntimeError("faiss: CUDA error: no kernel image is available for execution on the device")
 
     monkeypatch.setattr(pcl.cluster, "kmeans", broken_kmeans)
-    outcomes = WorldAudit(8).run(lambda rank: self_check(cfg, torch.device("cpu"), 16))
+    outcomes = WorldAudit(8).run(lambda rank: self_check(EStepSettings.of(cfg), torch.device("cpu"), 16))
     assert all(isinstance(o, RuntimeError) and "no kernel image" in str(o) for o in outcomes), outcomes

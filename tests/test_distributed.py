@@ -2,24 +2,18 @@
 cluster result, rank-0-only writes), checked against each other and against a single-process pass."""
 
 import os
-import socket
 import subprocess
 import sys
 
 import torch
 import torch.multiprocessing as mp
 
-from conftest import ROOT, tiny_args
+from conftest import ROOT, free_port, run_e_step, run_epoch, tiny_args
 from pcl import distributed as dist_utils
 from pcl.config import validate_pretrain_args
-from pcl.engine import compute_features, e_step, setup, train_one_epoch
+from pcl.engine import setup
+from pcl.estep import compute_features
 from pcl.model import MoCo
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Recorder:
@@ -67,16 +61,16 @@ def _worker(rank, port, out_dir):
     rec["k"], rec["queue_cols"] = k, model.module.queue[:, ptr:ptr + 2 * k.shape[0]].t().clone()
     rec["ptr_after"] = int(model.module.queue_ptr)
     steps = []
-    cluster = e_step(model, data, args, device, epoch=1)
+    cluster = run_e_step(model, data, args, device)
     rec["cluster"] = cluster.state_dict()
-    train_one_epoch(model, _Recorder(data.train_loader, model, steps), optimizer, 1, args, device, cluster)
+    run_epoch(model, _Recorder(data.train_loader, model, steps), optimizer, 1, args, device, cluster)
     rec["steps"] = steps
     torch.save(rec, os.path.join(out_dir, f"rank{rank}.pt"))
     dist_utils.cleanup()
 
 
 def test_two_gloo_processes_agree_and_match_single_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     # identical cluster results on both ranks
     for key in ("im2cluster", "centroids", "density"):
@@ -128,13 +122,13 @@ TINY_CLI = ["--dataset", "demo", "--demo-renders", "1", "--image-size", "16", "-
 
 def test_torchrun_two_processes(tmp_path):
     err = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                str(_free_port()), "main_pcl.py", "--dist-url", "env://", *TINY_CLI, "--exp-dir",
+                str(free_port()), "main_pcl.py", "--dist-url", "env://", *TINY_CLI, "--exp-dir",
                 str(tmp_path / "exp")], tmp_path)
     assert "2 processes" in err
 
 
 def test_official_multiprocessing_distributed_form(tmp_path):
-    err = _run([sys.executable, "main_pcl.py", "--dist-url", f"tcp://127.0.0.1:{_free_port()}",
+    err = _run([sys.executable, "main_pcl.py", "--dist-url", f"tcp://127.0.0.1:{free_port()}",
                 "--multiprocessing-distributed", "--world-size", "1", "--rank", "0", "--nproc", "2", *TINY_CLI,
                 "--exp-dir", str(tmp_path / "exp")], tmp_path)
     assert "2 processes" in err
@@ -148,7 +142,7 @@ def test_sigterm_to_the_launcher_only_reaches_the_workers(tmp_path):
 
     exp = tmp_path / "exp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "main_pcl.py", "--dist-url", f"tcp://127.0.0.1:{_free_port()}",
+    cmd = [sys.executable, "main_pcl.py", "--dist-url", f"tcp://127.0.0.1:{free_port()}",
            "--multiprocessing-distributed", "--world-size", "1", "--rank", "0", "--nproc", "2", *TINY_CLI,
            "--epochs", "50", "--exp-dir", str(exp)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

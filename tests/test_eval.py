@@ -200,12 +200,12 @@ def test_missing_voc_folder_names_the_layout(tmp_path, capsys):
 
 def test_linear_probe_with_two_processes_official_launcher(tmp_path):
     """The official --multiprocessing-distributed form (2 gloo processes on CPU): DDP over the head only."""
-    from test_distributed import _free_port
+    from conftest import free_port
 
     official_checkpoint(tmp_path / "p.pth.tar")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval_linear.py"), "--dataset", "demo", "--demo-renders",
                            "1", "--image-size", "16", "--epochs", "1", "-b", "64", "--workers", "0", "--no-progress",
-                           "--pretrained", str(tmp_path / "p.pth.tar"), "--dist-url", f"tcp://127.0.0.1:{_free_port()}",
+                           "--pretrained", str(tmp_path / "p.pth.tar"), "--dist-url", f"tcp://127.0.0.1:{free_port()}",
                            "--multiprocessing-distributed", "--world-size", "1", "--rank", "0", "--nproc", "2",
                            "--exp-dir", str(tmp_path / "lin")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

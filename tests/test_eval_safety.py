@@ -72,11 +72,11 @@ def test_loss_guard_agrees_over_ranks(monkeypatch):
 
 
 def test_linear_probe_nan_loss_with_two_processes_stops_both(tmp_path, pretrained):
-    from test_distributed import _free_port
+    from conftest import free_port
 
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval_linear.py"), "--dataset", "demo", "--demo-renders",
                            "1", "--image-size", "16", "--epochs", "1", "-b", "64", "--workers", "0", "--no-progress",
-                           "--lr", NAN_LR, "--pretrained", pretrained, "--dist-url", f"tcp://127.0.0.1:{_free_port()}",
+                           "--lr", NAN_LR, "--pretrained", pretrained, "--dist-url", f"tcp://127.0.0.1:{free_port()}",
                            "--multiprocessing-distributed", "--world-size", "1", "--rank", "0", "--nproc", "2",
                            "--exp-dir", str(tmp_path / "lin")], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "non-finite loss at epoch 0 step 1" in proc.stderr, proc.stderr[-2000:]

@@ -11,7 +11,8 @@ from pcl import PCLError
 from pcl import distributed as dist_utils
 from pcl.checkpoint import load_checkpoint
 from pcl.config import validate_pretrain_args
-from pcl.engine import _resume, fit, setup
+from pcl.engine import fit, setup
+from pcl.resume import load_into
 
 
 def _official_resume_file(path, args):
@@ -33,7 +34,7 @@ def test_official_checkpoint_resumes_here_with_its_momentum_and_ours_loads_there
     path = tmp_path / "official.pth.tar"
     official_model, official_opt = _official_resume_file(path, tiny_args(tmp_path / "a"))
     _, _, model, optimizer = setup(validate_pretrain_args(tiny_args(tmp_path / "b")))
-    _resume(str(path), model, optimizer, torch.device("cpu"))
+    load_into(str(path), model, optimizer, torch.device("cpu"))
     saved = official_opt.state_dict()["state"]
     params = list(model.parameters())
     assert len(optimizer.param_groups[0]["params"]) == len(params)  # all of them, as official

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, tiny_args, tiny_argv
+from conftest import ROOT, free_port, tiny_args, tiny_argv
 from pcl import PCLError
 from pcl import distributed as dist_utils
 from pcl.config import parse_num_cluster, validate_pretrain_args
@@ -43,12 +43,6 @@ def warnings_of_pcl():
     logging.getLogger("pcl").addHandler(keep)
     yield lines
     logging.getLogger("pcl").removeHandler(keep)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # 1. a stray RANK
@@ -90,14 +84,14 @@ def test_stray_rank_run_logs_and_writes_train_log(tmp_path):
                                    ("--multiprocessing-distributed", "--nproc", "2", "--world-size", "1",
                                     "--rank", "1")])
 def test_rank_not_below_world_size_is_refused_before_init(tmp_path, flags):
-    args = tiny_args(tmp_path / "exp", "--dist-url", f"tcp://127.0.0.1:{_free_port()}", *SHORT, *flags)
+    args = tiny_args(tmp_path / "exp", "--dist-url", f"tcp://127.0.0.1:{free_port()}", *SHORT, *flags)
     with pytest.raises(PCLError, match=r"--rank \d is not below --world-size \d"):
         dist_utils.init(args)
     assert not dist_utils.is_dist()
 
 
 def test_missing_rank_is_refused_before_init(tmp_path):
-    args = tiny_args(tmp_path / "exp", "--dist-url", f"tcp://127.0.0.1:{_free_port()}", "--world-size", "2", *SHORT)
+    args = tiny_args(tmp_path / "exp", "--dist-url", f"tcp://127.0.0.1:{free_port()}", "--world-size", "2", *SHORT)
     with pytest.raises(PCLError, match="needs this process's rank: give --rank"):
         dist_utils.init(args)
 
@@ -113,7 +107,7 @@ def test_unknown_dist_url_scheme_is_refused(tmp_path, url):
 def test_nccl_without_cuda_is_refused(tmp_path, flag, monkeypatch):
     if flag is None:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    args = tiny_args(tmp_path / "exp", "--dist-url", f"tcp://127.0.0.1:{_free_port()}", "--world-size", "2",
+    args = tiny_args(tmp_path / "exp", "--dist-url", f"tcp://127.0.0.1:{free_port()}", "--world-size", "2",
                      "--rank", "0", "--dist-backend", "nccl", *SHORT, *([flag] if flag else []))
     why = "--cpu is given" if flag else "CUDA is not available"
     with pytest.raises(PCLError, match=f"--dist-backend nccl needs CUDA GPUs but {why}: use --dist-backend gloo"):

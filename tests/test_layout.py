@@ -16,13 +16,14 @@ from conftest import ROOT
 
 LAYERS = {
     0: ["pcl"],
-    1: ["pcl.distributed", "pcl.loss", "pcl.settings", "pcl.schedule", "pcl.data.transforms", "pcl.data.demo"],
+    1: ["pcl.distributed", "pcl.loss", "pcl.settings", "pcl.schedule", "pcl.data.transforms", "pcl.data.demo",
+        "pcl.data.registry"],
     2: ["pcl.config", "pcl.model", "pcl.cluster", "pcl.log", "pcl.features", "pcl.data", "pcl.data.datasets",
         "pcl.data.tensor_augment", "pcl.data.loaders", "pcl.data.pretrain", "pcl.data.labelled", "pcl.data.transfer"],
     3: ["pcl.gallery", "pcl.checkpoint", "pcl.evaluation"],
-    4: ["pcl.preemption", "pcl.evaluation.common", "pcl.export", "pcl.monitor"],
-    5: ["pcl.estep", "pcl.evaluation.linear"],
-    6: ["pcl.engine", "pcl.evaluation.knn", "pcl.evaluation.cluster_metrics", "pcl.evaluation.svm",
+    4: ["pcl.preemption", "pcl.evaluation.common", "pcl.export"],
+    5: ["pcl.estep", "pcl.resume", "pcl.evaluation.linear"],
+    6: ["pcl.engine", "pcl.monitor", "pcl.evaluation.knn", "pcl.evaluation.cluster_metrics", "pcl.evaluation.svm",
         "pcl.evaluation.semisup", "pcl.evaluation.visualize"],
     7: ["pcl.launch"],
 }

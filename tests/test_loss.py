@@ -80,7 +80,7 @@ def test_proto_nce_is_mean_of_granularity_cross_entropies():
     im2cluster = [torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.tensor([0, 1, 2, 3, 4, 5, 0, 1])]
     centroids = [_unit(3, 6, seed=9).float(), _unit(6, 6, seed=10).float()]
     phi = [torch.full((3,), 0.2), torch.linspace(0.1, 0.3, 6)]
-    loss, logits, labels = proto_nce(q, index, im2cluster, centroids, phi, r=100,
+    loss, logits, labels, _ = proto_nce(q, index, im2cluster, centroids, phi, r=100,
                                      generator=torch.Generator().manual_seed(0))
     ref = []
     gen = torch.Generator().manual_seed(0)
@@ -136,7 +136,7 @@ def test_proto_nce_chunks_equal_the_mean_of_per_device_losses_float64():
     im2cluster = [torch.tensor([0, 0, 0, 0, 1, 2, 3, 4]), torch.arange(8) % 7]
     centroids = [_unit(5, 6, seed=12), _unit(7, 6, seed=13)]
     phi = [torch.linspace(0.1, 0.5, 5, dtype=torch.float64), torch.linspace(0.2, 0.3, 7, dtype=torch.float64)]
-    loss, logits, labels = proto_nce(q, index, im2cluster, centroids, phi, r=100,
+    loss, logits, labels, _ = proto_nce(q, index, im2cluster, centroids, phi, r=100,
                                      generator=torch.Generator().manual_seed(3), chunks=2)
     (grad,) = torch.autograd.grad(loss, q)
     gen = torch.Generator().manual_seed(3)

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from torch.overrides import TorchFunctionMode
 
+from conftest import HostSyncRecorder
 from pcl import PCLError
 from pcl.model import MoCo, SplitBatchNorm, build_backbone, build_encoder
 
@@ -102,27 +102,6 @@ def test_single_device_shuffle_bn_keys_depend_on_the_sub_batch_they_land_in():
     # same shuffle applied to a permuted batch: different sub-batches, so outputs differ from k1[perm]
     assert k2.shape == k1.shape
     assert not torch.allclose(k2, k1[perm])
-
-
-class HostSyncRecorder(TorchFunctionMode):
-    """Records the tensor methods that copy a value to the host: on CUDA each one is a device-to-host sync that
-    stalls the CPU until the GPU catches up, so a CPU test can still prove a code path makes none.
-
-    All of these pass through ``__torch_function__`` in torch 2.14 (checked: ``int(t)``, ``bool(t)``,
-    ``float(t)``, ``range(t)``, ``lst[t]`` and slicing with a tensor are all seen).
-    """
-
-    SYNCS = {torch.Tensor.item, torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.__bool__,
-             torch.Tensor.__float__, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.SYNCS:
-            self.calls.append(func.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 def _old_enqueue(queue: torch.Tensor, ptr: int, keys: torch.Tensor) -> int:

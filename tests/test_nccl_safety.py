@@ -12,17 +12,16 @@ import pytest
 import torch
 
 from collectives import WorldAudit
-from conftest import tiny_args
+from conftest import HostSyncRecorder, run_e_step, run_epoch, tiny_args
 from pcl import PCLError
 from pcl.cluster import _faiss_kmeans, _torch_kmeans, interruptible, run_kmeans
 from pcl.config import validate_pretrain_args
 from pcl.data import TensorPairLoader
 from pcl.data.loaders import FileLoader, worker_seed
 from pcl.data.tensor_augment import TensorAugment
-from pcl.engine import e_step, fit, setup, train_one_epoch
+from pcl.engine import fit, setup
 from pcl.monitor import bank_stride, monitor_scores, pixel_side
 from pcl.data import TensorEvalLoader
-from test_model import HostSyncRecorder
 
 
 def _setup(tmp_path, *extra):
@@ -32,23 +31,23 @@ def _setup(tmp_path, *extra):
 
 def test_a_training_step_makes_no_host_sync_outside_print_steps(tmp_path):
     cfg, device, data, model, optimizer = _setup(tmp_path, "--print-freq", "1000", "--epochs", "3")
-    cluster = e_step(model, data, cfg, device, epoch=1)
+    cluster = run_e_step(model, data, cfg, device)
     seen = []
 
     def on_step(epoch, step):  # steps 1..: step 0 is a print step (meters read, loss checked)
         seen.append(len(recorder.calls))
 
     with HostSyncRecorder() as recorder:
-        train_one_epoch(model, data.train_loader, optimizer, 1, cfg, device, cluster, on_step=on_step)
+        run_epoch(model, data.train_loader, optimizer, 1, cfg, device, cluster, on_step=on_step)
     per_step = np.diff(seen)
     assert len(per_step) >= 4 and per_step.max() == 0, (per_step, recorder.calls[:20])
 
 
 def test_a_non_finite_loss_is_still_stopped_before_anything_is_saved(tmp_path, monkeypatch):
     cfg, device, data, model, optimizer = _setup(tmp_path, "--print-freq", "1000")
-    import pcl.engine
+    import pcl.loss
 
-    real = pcl.engine.info_nce_logits
+    real = pcl.loss.info_nce_logits
     calls = []
 
     def diverging(q, k, queue, t):  # the third step diverges
@@ -56,9 +55,9 @@ def test_a_non_finite_loss_is_still_stopped_before_anything_is_saved(tmp_path, m
         logits, labels = real(q, k, queue, t)
         return (logits * float("nan") if len(calls) == 3 else logits), labels
 
-    monkeypatch.setattr(pcl.engine, "info_nce_logits", diverging)
+    monkeypatch.setattr(pcl.loss, "info_nce_logits", diverging)
     with pytest.raises(PCLError, match=r"non-finite loss at epoch 0 step 2: loss_inst=nan lr=0.05"):
-        train_one_epoch(model, data.train_loader, optimizer, 0, cfg, device, None)
+        run_epoch(model, data.train_loader, optimizer, 0, cfg, device, None)
 
 
 def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
@@ -74,7 +73,7 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_pat
             model.encoder_q.fc[2].weight.data.fill_(float("nan"))
         optimizer = torch.optim.SGD(model.parameters(), 0.05)
         loader = TensorPairLoader(images, 2, TensorAugment(16, True, 0.2), 0)
-        return train_one_epoch(model, loader, optimizer, 0, cfg, torch.device("cpu"), None)
+        return run_epoch(model, loader, optimizer, 0, cfg, torch.device("cpu"), None)
 
     audit = WorldAudit(8)
     outcomes = audit.run(fn)
@@ -323,17 +322,17 @@ def test_a_stop_during_the_monitor_saves_the_epoch_before_logging_it(tmp_path, m
     import os
     import signal
 
-    import pcl.engine
+    import pcl.monitor
     from pcl import Preempted
     from pcl.checkpoint import load_checkpoint
 
-    real = pcl.engine.monitor_scores
+    real = pcl.monitor.monitor_scores
 
     def signalled(*args, **kwargs):  # SLURM's signal arrives while the monitor encodes the bank
         os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pcl.engine, "monitor_scores", signalled)
+    monkeypatch.setattr(pcl.monitor, "monitor_scores", signalled)
     exp = tmp_path / "exp"
     with pytest.raises(Preempted) as stopped:
         fit(tiny_args(exp, "--epochs", "3", "--warmup-epoch", "3", "--knn-every", "1", "--save-freq", "5"))

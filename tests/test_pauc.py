@@ -71,7 +71,8 @@ def test_pauc_terms_on_protonce_outputs_backpropagate_to_q():
     q = F.normalize(torch.randn(b, d, generator=gen), dim=1).requires_grad_()
     k = F.normalize(torch.randn(b, d, generator=gen), dim=1)
     index = torch.randint(n, (b,), generator=gen)
-    _, logits, _, ids = proto_nce(q, index, im2cluster, centroids, phi, 4, gen, return_ids=True)
+    out = proto_nce(q, index, im2cluster, centroids, phi, 4, gen)
+    logits, ids = out.logits, out.ids
     terms = pauc_terms(q, k, index, im2cluster, centroids, phi, logits, ids)
     assert set(terms) == {"align", "uniform", "corr"} and all(torch.isfinite(v) for v in terms.values())
     sum(terms.values()).backward()

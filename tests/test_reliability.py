@@ -11,11 +11,11 @@ import textwrap
 import pytest
 import torch
 
-from conftest import ROOT, tiny_args
+from conftest import ROOT, TINY, assert_clean_error, run_main, tiny_args, two_class_folder
 from pcl import PCLError, Preempted
 from pcl import checkpoint as ckpt_io
-from pcl.engine import StopRequest, fit
-from test_cli import TINY, assert_clean_error, image_folder, run
+from pcl.engine import fit
+from pcl.preemption import StopRequest
 
 
 def _state(path):
@@ -110,7 +110,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def _corrupt_image_folder(root):
-    image_folder(root)
+    two_class_folder(root)
     with open(os.path.join(root, "train", "class0", "broken.png"), "wb") as f:
         f.write(b"\x89PNG not really")
     return str(root)
@@ -118,22 +118,22 @@ def _corrupt_image_folder(root):
 
 def test_unreadable_image_fails_with_its_name_or_is_skipped(tmp_path):
     data = _corrupt_image_folder(tmp_path / "d")
-    code, err = run(data, *TINY, "--exp-dir", str(tmp_path / "e1"))
+    code, err = run_main(data, *TINY, "--exp-dir", str(tmp_path / "e1"))
     assert_clean_error(code, err, "cannot read image", "broken.png", "--bad-images skip")
-    code, err = run(data, *TINY, "--exp-dir", str(tmp_path / "e2"), "--bad-images", "skip")
+    code, err = run_main(data, *TINY, "--exp-dir", str(tmp_path / "e2"), "--bad-images", "skip")
     assert code == 0, err
     assert "unreadable image" in err and "broken.png" in err
 
 
 def test_queue_not_divisible_by_batch(tmp_path):
     argv = [a if a != "8" else "6" for a in TINY]  # --pcl-r 6 with batch 4
-    code, err = run(image_folder(tmp_path / "d"), *argv, "--exp-dir", str(tmp_path / "e"))
+    code, err = run_main(two_class_folder(tmp_path / "d"), *argv, "--exp-dir", str(tmp_path / "e"))
     assert_clean_error(code, err, "--pcl-r 6", "multiple of the global batch 4")
 
 
 def test_non_finite_loss_stops_with_the_step_and_terms(tmp_path):
-    code, err = run("--dataset", "demo", "--demo-renders", "1", *TINY, "--lr", "1e30", "--epochs", "2",
-                    "--exp-dir", str(tmp_path / "e"))
+    code, err = run_main("--dataset", "demo", "--demo-renders", "1", *TINY, "--lr", "1e30", "--epochs", "2",
+                         "--exp-dir", str(tmp_path / "e"))
     assert_clean_error(code, err, "non-finite loss at epoch", "loss_inst=", "lr=")
 
 

@@ -75,11 +75,11 @@ def test_query_backbone_matches_loaded_backbone(tmp_path):
     path = os.path.join(tmp_path, "checkpoint_0000.pth.tar")
     args = tiny_args(tmp_path, "--epochs", "1", "--resume", path)
     from pcl.config import validate_pretrain_args
-    from pcl.engine import _resume
+    from pcl.resume import load_into
 
     args = validate_pretrain_args(args)
     device, _, model, opt = setup(args)
-    _resume(path, model, opt, device)
+    load_into(path, model, opt, device)
     x = torch.randn(4, 3, 16, 16)
     assert torch.allclose(query_backbone(model)(x), load_backbone(path)(x), atol=1e-6)
 

@@ -1,0 +1,253 @@
+"""Where a run starts, what it saves, and how it stops: the loop state (RNG streams, loader position, meters)
+captured and restored in one place, the checkpoints of the loop (periodic, the last epoch, on a stop request), and
+the stop itself (SIGTERM / SIGUSR1 / a first Ctrl-C: the step finishes, a checkpoint is saved, every rank raises
+:class:`pcl.Preempted`).
+
+The loop talks to one :class:`Session`::
+
+    session = Session.prepare(cfg)                 # --resume read and checked before the dataset is scanned
+    if session.load(model, optimizer, data, device):   # False: nothing left to train
+        with session:                              # stop handlers; a Stopped inside saves and raises Preempted
+            for epoch in range(session.start_epoch, cfg.epochs):
+                clusters = session.begin(epoch)     # seeds the epoch; mid-epoch: the checkpoint's prototypes
+                ...
+                state = session.epoch_state(epoch, clusters, loader, meters)
+                ...
+                session.save(epoch, clusters)
+                session.stop_if_requested(epoch)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from pcl import PCLError, checkpoint as ckpt_io, distributed as dist_utils
+from pcl.cluster import ClusterResult
+from pcl.data import PretrainData, stream_seed
+from pcl.log import StepMeters
+from pcl.model import check_weights
+from pcl.preemption import StopRequest, Stopped, clear_marker, raise_preempted
+from pcl.settings import RunConfig
+
+logger = logging.getLogger("pcl")
+
+
+def epoch_seed(seed: int, epoch: int, stream: int) -> int:
+    """A distinct seed for each (run seed, epoch, rank, stream): resuming at an epoch replays it exactly
+    (0: torch's global RNG, 1: shuffle-BN, 2: negative prototypes)."""
+    return stream_seed(seed, epoch, dist_utils.rank(), stream)
+
+
+@dataclass
+class EpochState:
+    """The loop state of one M-step epoch on this rank: where it starts, its RNG streams, its running meters and
+    the stop request it polls. :meth:`capture` is what a mid-epoch checkpoint stores of it."""
+    epoch: int
+    start_step: int  # batches of the epoch already trained (a mid-epoch resume)
+    device: torch.device
+    shuffle: torch.Generator  # shuffle-BN permutations
+    negatives: torch.Generator  # negative prototype draws
+    meters: StepMeters
+    stop: StopRequest | None = None
+
+    @classmethod
+    def start(cls, seed: int, epoch: int, device: torch.device, meters: tuple[str, ...],
+              stop: StopRequest | None = None, restore: dict[str, Any] | None = None,
+              start_step: int = 0) -> "EpochState":
+        """A fresh epoch's state (the streams seeded from (seed, epoch, rank)), or with ``restore`` the one a
+        mid-epoch checkpoint captured."""
+        state = cls(epoch, start_step, device, torch.Generator(device=device).manual_seed(epoch_seed(seed, epoch, 1)),
+                    torch.Generator(device=device).manual_seed(epoch_seed(seed, epoch, 2)), StepMeters(device, meters),
+                    stop)
+        if restore is not None:
+            state.shuffle.set_state(restore["shuffle_gen"])
+            state.negatives.set_state(restore["negative_gen"])
+            state.meters.load(restore["meters"])
+        return state
+
+    def stop_requested(self) -> bool:
+        """Agreed over ranks (see :meth:`StopRequest.poll`)."""
+        return self.stop is not None and self.stop.poll(self.device)
+
+    def capture(self, loader: Any) -> dict[str, Any]:
+        """What continues this epoch exactly: both streams, the meters, the loader's position, torch's RNG."""
+        return {"shuffle_gen": self.shuffle.get_state(), "negative_gen": self.negatives.get_state(),
+                "meters": self.meters.state(), "loader": loader.state_dict(), "torch_rng": torch.get_rng_state()}
+
+
+def checkpoint_contents(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, cfg: RunConfig,
+                        clusters: ClusterResult | None, step: int = 0,
+                        resume_states: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Official keys (epoch = the epoch to resume at, arch, state_dict, optimizer) plus our settings and model
+    config, the epoch's prototypes and, for a mid-epoch (preemption) checkpoint, ``step`` and every rank's loop
+    state. Tensors and plain types only."""
+    extra: dict[str, Any] = {"step": step, "args": {**cfg.plain(), "global_batch_size": cfg.batch_size}}
+    if clusters is not None:
+        extra["cluster_result"] = clusters.state_dict()
+    if resume_states is not None:
+        extra["resume_states"] = resume_states
+    return ckpt_io.checkpoint_state(model, epoch + 1 if step == 0 else epoch, cfg.arch, optimizer,
+                                    {"width": cfg.width, "stem": cfg.stem, "low_dim": cfg.low_dim, "mlp": cfg.mlp},
+                                    **extra)
+
+
+def load_into(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+              ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load a pretraining checkpoint's weights, queue and optimiser; return its contents (epoch, step,
+    cluster_result, resume_states)."""
+    ckpt = ckpt if ckpt is not None else ckpt_io.load_checkpoint(path, map_location=device)
+    ckpt_io.require_pretrain_checkpoint(ckpt, path)
+    ckpt_io.load_model_state(model, ckpt["state_dict"], path)
+    if ckpt.get("optimizer"):  # official files written without one hold {}
+        ckpt_io.load_optimizer_state(optimizer, model, ckpt["optimizer"], path)
+    logger.info("resumed from %s (epoch %d, step %d)", path, ckpt["epoch"], ckpt.get("step", 0))
+    return ckpt
+
+
+def _check_mid_epoch(ckpt: dict[str, Any], path: str, cfg: RunConfig, num_samples: int) -> None:
+    """A checkpoint saved mid-epoch continues that epoch's exact batches and cluster assignment: it needs the
+    same global batch and the same training set (an epoch-boundary checkpoint resumes with either changed)."""
+    if not ckpt.get("step"):
+        return
+    saved = ckpt.get("args") or {}
+    if saved.get("global_batch_size") not in (None, cfg.batch_size):
+        raise PCLError(f"--resume {path} was saved mid-epoch with --batch-size {saved['global_batch_size']}; resume "
+                       f"it with that batch size (now {cfg.batch_size})")
+    assign = (ckpt.get("cluster_result") or {}).get("im2cluster") or []
+    if assign and len(assign[0]) != num_samples:
+        raise PCLError(f"--resume {path} was saved mid-epoch on a training set of {len(assign[0])} images, this one "
+                       f"has {num_samples}: resume it on the same data")
+
+
+class Session:
+    """One run's start, saves and stop (see the module docstring for the calls the loop makes)."""
+
+    def __init__(self, cfg: RunConfig, path: str | None, ckpt: dict[str, Any] | None) -> None:
+        self.cfg, self.path, self.ckpt = cfg, path, ckpt
+        self.resumed: dict[str, Any] = {}
+        self.start_epoch = cfg.start_epoch
+        self.resumed_preempt: str | None = None  # the preempt checkpoint this run resumed from, removed once passed
+        self.stop = StopRequest()
+        self.model = self.optimizer = self.device = None
+        self.epoch, self.clusters, self.stopping = cfg.start_epoch, None, False
+
+    @classmethod
+    def prepare(cls, cfg: RunConfig) -> "Session":
+        """Read and check --resume first: a wrong or unreadable file fails before the dataset is scanned."""
+        path, ckpt = None, None
+        if cfg.resume:
+            path, ckpt = ckpt_io.resolve_resume(cfg.resume, cfg.exp_dir, "cpu")
+            if ckpt is not None:
+                ckpt_io.require_pretrain_checkpoint(ckpt, path)
+        return cls(cfg, path, ckpt)
+
+    def load(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: PretrainData,
+             device: torch.device) -> bool:
+        """Refuse to write over another run (a fresh start without --overwrite), load the --resume checkpoint into
+        ``model`` and ``optimizer``; False when it already finished --epochs (nothing to train)."""
+        cfg = self.cfg
+        self.model, self.optimizer, self.device = model, optimizer, device
+        if not cfg.resume and not cfg.overwrite:
+            dist_utils.main_only(lambda: ckpt_io.refuse_other_runs(cfg.exp_dir), "checking --exp-dir")
+        clear_marker(cfg.exp_dir)  # this run continues the preempted one
+        if self.path is None:
+            return True
+        self.resumed = load_into(self.path, model, optimizer, device, self.ckpt)
+        self.ckpt = None
+        if os.path.abspath(self.path) == os.path.abspath(ckpt_io.preempt_path(cfg.exp_dir)):
+            self.resumed_preempt = self.path
+        _check_mid_epoch(self.resumed, self.path, cfg, data.num_samples)
+        self.start_epoch = int(self.resumed["epoch"])
+        if self.start_epoch >= cfg.epochs and not self.resumed.get("step"):
+            logger.warning("nothing to train: %s finished epoch %d of --epochs %d (raise --epochs to go on)",
+                           self.path, self.start_epoch, cfg.epochs)
+            return False
+        return True
+
+    def __enter__(self) -> "Session":
+        self.stop.install()
+        return self
+
+    def __exit__(self, kind: type | None, err: BaseException | None, tb: Any) -> bool:
+        try:
+            if isinstance(err, Stopped):
+                self._save_stopped(err)  # raises Preempted
+        finally:
+            self.stop.restore()
+        return False
+
+    def _mid_epoch_state(self, epoch: int) -> dict[str, Any] | None:
+        """This rank's captured loop state when ``epoch`` is the one a mid-epoch checkpoint stopped in."""
+        if epoch != self.start_epoch or not self.resumed.get("step"):
+            return None
+        states = self.resumed.get("resume_states") or []
+        if len(states) != dist_utils.world_size():
+            raise PCLError(f"checkpoint {self.cfg.resume} was saved mid-epoch by {len(states)} processes; "
+                           f"resume it with the same number of processes ({len(states)})")
+        return states[dist_utils.rank()]
+
+    def begin(self, epoch: int) -> ClusterResult | None:
+        """Seed the epoch (torch's global RNG: worker-less PIL augmentation draws from it) and, when it is the
+        epoch a mid-epoch checkpoint stopped in, return that checkpoint's prototypes (None: run the E-step)."""
+        self.epoch, self.clusters = epoch, None
+        state = self._mid_epoch_state(epoch)
+        if state is None:
+            torch.manual_seed(epoch_seed(self.cfg.seed, epoch, 0))
+            return None
+        torch.set_rng_state(state["torch_rng"])
+        if "cluster_result" in self.resumed and epoch >= self.cfg.warmup_epoch:
+            return ClusterResult.from_state_dict(self.resumed["cluster_result"]).to(self.device)
+        return None
+
+    def epoch_state(self, epoch: int, clusters: ClusterResult | None, loader: Any,
+                    meters: tuple[str, ...]) -> EpochState:
+        """The M-step's loop state for ``epoch``, the loader positioned: fresh, or restored mid-epoch."""
+        self.clusters = clusters
+        state = self._mid_epoch_state(epoch)
+        loader.set_epoch(epoch)
+        if state is not None:
+            loader.load_state_dict(state["loader"])
+        return EpochState.start(self.cfg.seed, epoch, self.device, meters, self.stop, state,
+                                int(self.resumed.get("step", 0)) if state is not None else 0)
+
+    def _write(self, epoch: int, clusters: ClusterResult | None, path: str, step: int = 0,
+               states: list[dict[str, Any]] | None = None) -> None:
+        """Rank 0 writes the checkpoint, unless the weights diverged (then every rank stops, nothing is saved)."""
+        def write() -> None:
+            check_weights(self.model, f"epoch {epoch} step {step}")
+            ckpt_io.save_checkpoint(checkpoint_contents(self.model, self.optimizer, epoch, self.cfg, clusters, step,
+                                                        states), path)
+            if step == 0 and self.resumed_preempt not in (None, path) and os.path.exists(self.resumed_preempt):
+                os.remove(self.resumed_preempt)  # the stop this run continued from is behind it now
+        dist_utils.main_only(write, f"saving {path}")
+
+    def save(self, epoch: int, clusters: ClusterResult | None) -> None:
+        """The epoch's checkpoint every --save-freq epochs, at the last one, and whenever a stop request came
+        (during the last step or the monitor): saved before the epoch is logged."""
+        cfg, last = self.cfg, epoch + 1 == self.cfg.epochs
+        self.stopping = not last and self.stop.requested(self.device)
+        if (epoch + 1) % cfg.save_freq == 0 or last or self.stopping:
+            self._write(epoch, clusters, ckpt_io.checkpoint_path(cfg.exp_dir, epoch))
+
+    def stop_if_requested(self, epoch: int) -> None:
+        """After the epoch is saved and logged: raise Preempted on every rank when :meth:`save` saw a stop."""
+        if self.stopping:
+            raise_preempted(self.cfg.exp_dir, ckpt_io.checkpoint_path(self.cfg.exp_dir, epoch), epoch + 1, 0,
+                            self.stop.name)
+
+    def _save_stopped(self, stopped: Stopped) -> None:
+        """A stop inside an epoch: mid-epoch, every rank's loop state in one checkpoint; in the E-step, the epoch
+        boundary. Then Preempted on every rank."""
+        path = ckpt_io.preempt_path(self.cfg.exp_dir)
+        if stopped.step:
+            states = dist_utils.all_gather_object(stopped.state)
+            self._write(self.epoch, self.clusters, path, stopped.step, states)
+        else:
+            self._write(self.epoch - 1, None, path)
+        raise_preempted(self.cfg.exp_dir, path, self.epoch, stopped.step, self.stop.name)

@@ -1,0 +1,74 @@
+"""pcl.monitor: what pretraining observes (timings, cluster statistics, the input-bound warning)."""
+
+import logging
+import time
+
+import torch
+
+from pcl.cluster import ClusterResult
+from pcl.data import PretrainData
+from pcl.estep import EStep
+from pcl.log import InputClock, RunLog
+from pcl.monitor import Monitor
+from pcl.preemption import StopRequest
+from pcl.settings import MonitorSettings
+
+
+def _monitor(tmp_path, **changes):
+    settings = dict(num_cluster=(2, 3), epochs=3, seed=0, prototype_gallery=False, knn_every=0, knn_eval=False,
+                    knn_k=5, knn_t=0.1, knn_budget_bytes=1 << 20, image_size=8, kmeans_backend="torch")
+    settings.update(changes)
+    return Monitor(MonitorSettings(**settings), RunLog(str(tmp_path), tensorboard=False),
+                   PretrainData(None, None, 6), torch.device("cpu"), StopRequest())
+
+
+class _Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        if record.levelno >= logging.WARNING:
+            self.lines.append(record.getMessage())
+
+
+def _slow_batches(n, seconds):
+    for i in range(n):
+        time.sleep(seconds)
+        yield i
+
+
+def test_input_clock_measures_the_share_of_time_spent_waiting_for_batches():
+    waiting = InputClock()
+    for _ in waiting.timed(_slow_batches(5, 0.04)):
+        time.sleep(0.005)
+    computing = InputClock()
+    for _ in computing.timed(range(5)):
+        time.sleep(0.04)
+    assert waiting.batches == 5 and waiting.stats()["input_wait"] > 0.6
+    assert computing.stats()["input_wait"] < 0.1
+
+
+def test_an_input_bound_first_epoch_warns_once_with_the_fix(tmp_path):
+    monitor, seen = _monitor(tmp_path), _Warnings()
+    logging.getLogger("pcl").addHandler(seen)
+    try:
+        monitor.epoch_end(0, None, None, {"loss": 1.0, "input_wait": 0.7}, 0.1)
+        monitor.epoch_end(1, None, None, {"loss": 1.0, "input_wait": 0.9}, 0.1)  # said once: not again
+        assert len(seen.lines) == 1 and "waited 70% of epoch 0" in seen.lines[0] and "--workers" in seen.lines[0]
+        _monitor(tmp_path).epoch_end(0, None, None, {"loss": 1.0, "input_wait": 0.1}, 0.1)
+        assert len(seen.lines) == 1  # a model-bound epoch warns nothing
+    finally:
+        logging.getLogger("pcl").removeHandler(seen)
+
+
+def test_an_e_step_is_noted_its_features_dropped_and_its_timings_logged_with_the_epoch(tmp_path):
+    clusters = ClusterResult([torch.tensor([0, 1, 0, 1, 0, 1]), torch.tensor([0, 1, 2, 0, 1, 2])],
+                             [torch.eye(2, 4), torch.eye(3, 4)], [torch.full((2,), 0.1), torch.full((3,), 0.1)])
+    estep = EStep(clusters, torch.randn(6, 4), 0.5, [0.25, 0.75], 1.5)
+    monitor = _monitor(tmp_path)
+    assert monitor.e_step(4, estep) is clusters and estep.features is None
+    stats = monitor.epoch_end(4, None, clusters, {"loss": 2.0}, 0.05)
+    assert stats["estep_seconds"] == 1.5 and stats["kmeans_seconds_k2"] == 0.25 and stats["kmeans_seconds_k3"] == 0.75
+    assert stats["epoch"] == 4 and stats["lr"] == 0.05 and stats["loss"] == 2.0 and stats["seconds"] >= 0
+    assert monitor.final_report(None, lambda: None) == {}  # no --knn-eval
