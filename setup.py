@@ -20,9 +20,11 @@ setup(
     # they must never be installed together. Without either, the E-step uses the PyTorch k-means (CPU or CUDA).
     extras_require={
         "cpu": ["faiss-cpu>=1.7.4"],
-        # faiss-cuda: GPU faiss for Python 3.11-3.14 built for sm_80-sm_100 (A100, H100/H200, B200); it pulls
-        # its own CUDA 12 runtime and cuBLAS from PyPI, so it installs next to a CUDA 12 or 13 PyTorch
-        "gpu": ["faiss-cuda; python_version >= '3.11'"],
+        # faiss-gpu: the faiss project's own GPU wheel (1.15.1, abi3 for CPython >= 3.10). Read off the wheel: SASS
+        # for sm_70/75/80/86/89/90 and PTX for sm_90, so V100 to H100/H200 run native code (B200 JIT-compiles
+        # the sm_90 PTX); it pulls its own CUDA 12 runtime, cuBLAS and cuRAND (>= 12.6) from PyPI, beside the
+        # CUDA build of PyTorch
+        "gpu": ["faiss-gpu>=1.15.1,<1.16"],
         "test": ["pytest", "matplotlib"],  # matplotlib: the t-SNE figure's tests
         "plots": ["matplotlib"],
     },
