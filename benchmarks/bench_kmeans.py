@@ -12,6 +12,10 @@ Data: ``--data synthetic`` (unit rows drawn around ``--centres`` random centres,
 
     python benchmarks/bench_kmeans.py                         # CPU, ~2 minutes
     python benchmarks/bench_kmeans.py --data fmnist --n 60000 --ks 100,300,1000
+    python benchmarks/bench_kmeans.py --precision bf16        # --kmeans-precision bf16 against fp32 (same seed)
+
+With ``--precision tf32|bf16`` it compares the torch k-means at that ``--kmeans-precision`` with the same run in
+fp32 instead: objective ratio, NMI between the two assignments, seconds (TF32 differs from fp32 on CUDA only).
 """
 
 from __future__ import annotations
@@ -62,6 +66,29 @@ def objective(x: torch.Tensor, c: torch.Tensor) -> float:
     return float(cluster._nearest(x, c)[0].double().sum())
 
 
+def precision_rows(x: torch.Tensor, opts: argparse.Namespace) -> list[dict]:
+    """The torch k-means at ``opts.precision`` against fp32, the same seed: how much the partition moves."""
+    rows = []
+    for k in parse_list(opts.ks, "--ks"):
+        runs = {}
+        for precision in ("fp32", opts.precision):
+            start = time.perf_counter()
+            c, _, a = cluster.kmeans(x, k, seed=0, niter=opts.niter, nredo=opts.nredo, backend="torch",
+                                     precision=precision)
+            runs[precision] = (c, a, time.perf_counter() - start)
+        (c32, a32, t32), (c_low, a_low, t_low) = runs["fp32"], runs[opts.precision]
+        row = {"n": x.shape[0], "k": k, "precision": opts.precision,
+               "objective_ratio_low_over_fp32": objective(x, c_low.float()) / objective(x, c32.float()),
+               "nmi_low_vs_fp32": clustering_scores(a32.cpu().numpy(), a_low.cpu().numpy(), False, False)["nmi"],
+               "same_assignment_share": float((a32 == a_low).float().mean()),
+               "fp32_seconds": t32, "low_seconds": t_low}
+        rows.append(row)
+        print(f"k={k}: objective {opts.precision}/fp32 {row['objective_ratio_low_over_fp32']:.5f}, NMI "
+              f"{row['nmi_low_vs_fp32']:.2f}, same assignment {100 * row['same_assignment_share']:.1f} %, "
+              f"{t_low:.2f} s vs {t32:.2f} s", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", choices=["synthetic", "fmnist"], default="synthetic")
@@ -73,9 +100,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--niter", type=int, default=20)
     p.add_argument("--nredo", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=["tf32", "bf16"], default=None,
+                   help="compare the torch k-means at this --kmeans-precision with fp32 instead of torch with faiss")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "bench_kmeans.json"))
     opts = p.parse_args(argv)
     x = load(opts).to(opts.device)
+    if opts.precision:
+        result = {"hardware": hardware(opts.device), "data": opts.data, "niter": opts.niter, "nredo": opts.nredo,
+                  "rows": precision_rows(x, opts)}
+        return write_json(result, opts.out.replace(".json", f"_{opts.precision}.json"))
     rows = []
     for k in parse_list(opts.ks, "--ks"):
         start = time.perf_counter()

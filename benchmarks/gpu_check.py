@@ -2,7 +2,7 @@
 """The prepared GPU check: everything the paper's run needs from a GPU, measured in one command.
 
 Sections (each timed and recorded on its own; a failing section is reported and the others still run). The times
-are projections for one H100 (5 to 6 minutes in all), not measurements; ``--cpu`` (toy sizes) takes 1 to 3 minutes
+are projections for one H100 (6 to 7 minutes in all), not measurements; ``--cpu`` (toy sizes) takes 1 to 3 minutes
 on 2 CPU cores, most of it the tests section (nccl ~30 s, loader ~5 s, syncs, faiss and the rest a few seconds).
 1. tests (~60 s): the suite's cuda-marked tests (k-means, sampling, logits, chunked ProtoNCE, a 2-epoch run with an
    E-step, fp32 and bf16 + channels-last) on this device;
@@ -26,7 +26,21 @@ on 2 CPU cores, most of it the tests section (nccl ~30 s, loader ~5 s, syncs, fa
 9. faiss (~10 s): faiss k-means on the GPU (N = 200k x 128, k = 10k, nredo 1) when faiss with GPU support is
    installed, else recorded as untested (not a failure);
 10. syncs (~10 s): host syncs per training step (torch.cuda.set_sync_debug_mode("warn"); on the CPU the
-   host-copying Tensor calls) outside --print-freq steps (goal 0; ok at <= 1 per step).
+   host-copying Tensor calls) outside --print-freq steps (goal 0; ok at <= 1 per step);
+11. device_aug (~10 s, a projection): ``--augment device``. (a) On one CPU core and the pil section's JPEGs, the
+   loader worker's CPU per pair (decode + the official RandomResizedCrop + flip to uint8, twice:
+   ``pretrain_crop_transform``) next to the official PIL MoCo v2 pipeline's, and their ratio (goal <= 40 %); the
+   E-step's per-image eval crop (``eval_crop_transform`` vs ``eval_transform``) likewise. (b) On the device, the
+   rest of the list (``TensorAugment(mode="torchvision")``: colour jitter, grayscale, blur, normalisation; fp32)
+   on a uint8 batch of 256 at 224 px: images/s, synchronised (keys ``worker_pair_ms``, ``official_pair_ms``,
+   ``worker_over_official``, ``device_images_per_s``);
+12. kmeans_ranks (~70 s, a projection): ``--kmeans-backend torch-ranks``: ``run_kmeans_across_ranks`` in a
+   1-process group (nccl; gloo on the CPU) on the kmeans section's features, k = 25k/50k/100k one at a time,
+   niter 20, nredo 1: seconds per k (``seconds_nredo1``, the kmeans section's format), FLOP/s as
+   2 N k d niter nredo / seconds (``tflops_nredo1`` per k, ``kmeans_tflops`` over all three: cost_model.py's
+   ``kmeans_tflops``); then ``run_kmeans(backend="torch")`` on the same input, timed, and its assignments compared,
+   and the two bit-compared at the smallest k under torch.use_deterministic_algorithms (CUDA's index_add_ atomics
+   otherwise make any two runs differ in the last bits).
 
 ``--cpu`` runs every section on the CPU at toy sizes (the suite runs it, so the script cannot rot).
 Writes one JSON (``--out``, default $OUT/gpu_check.json when $OUT is set) and prints a markdown table.
@@ -64,17 +78,17 @@ from bench_estep import synthetic_features  # noqa: E402
 from bench_step import host_syncs, overhead, throughput  # noqa: E402
 from common import hardware, write_json  # noqa: E402
 from pcl.checkpoint import preempt_path  # noqa: E402
-from pcl.cluster import kmeans, resolve_backend  # noqa: E402
+from pcl.cluster import kmeans, resolve_backend, run_kmeans, run_kmeans_across_ranks  # noqa: E402
 from pcl.loss import prototype_logits, sample_negative_prototypes  # noqa: E402
 from pcl.settings import parse_list  # noqa: E402
 
 FULL = dict(arch="resnet50", width=64, stem="standard", image_size=224, batch=64, r=16384,
             ks="25000,50000,100000", n=1_281_167, steps=10, rounds=3, kmeans_n=1_281_167, kmeans_nredo=(1, 5),
             pil_images=64, pil_size=(500, 375), cli_timeout=120, nccl_budget=120, loader_per_class=256,
-            faiss_n=200_000, faiss_k=10_000)
+            faiss_n=200_000, faiss_k=10_000, aug_size=224, aug_batch=256, aug_rounds=3)
 TOY = dict(arch="resnet18", width=8, stem="small", image_size=32, batch=16, r=256, ks="40,80,160", n=4096, steps=2,
            rounds=1, kmeans_n=4096, kmeans_nredo=(1, 2), pil_images=8, pil_size=(500, 375), cli_timeout=240,
-           nccl_budget=400, loader_per_class=48, faiss_n=4096, faiss_k=64)
+           nccl_budget=400, loader_per_class=48, faiss_n=4096, faiss_k=64, aug_size=64, aug_batch=32, aug_rounds=2)
 TINY_CLI = ["--dataset", "demo", "--demo-renders", "1", "--image-size", "16", "-a", "resnet18", "--width", "4",
             "--stem", "small", "--epochs", "2", "--warmup-epoch", "1", "-b", "64", "--pcl-r", "256",
             "--num-cluster", "10,20", "--kmeans-nredo", "1", "--workers", "0", "--no-progress"]
@@ -183,18 +197,25 @@ def _write_jpeg(rng, size: tuple[int, int], path: str) -> None:
     Image.fromarray(smooth).resize((w, h), Image.BILINEAR).save(path, quality=90)
 
 
-def section_pil(device: torch.device, sizes: dict) -> dict:
+def _jpegs(folder: str, sizes: dict) -> list[str]:
+    """The pil and device_aug sections' images: ``pil_images`` synthetic JPEGs of ``pil_size`` (seed 0) in FOLDER."""
     import numpy as np
+
+    rng = np.random.default_rng(0)
+    paths = [os.path.join(folder, f"{i}.jpg") for i in range(sizes["pil_images"])]
+    for path in paths:
+        _write_jpeg(rng, sizes["pil_size"], path)
+    return paths
+
+
+def section_pil(device: torch.device, sizes: dict) -> dict:
     from PIL import Image
 
     from pcl.data import pretrain_transform
 
     torch.set_num_threads(1)
-    rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = [os.path.join(tmp, f"{i}.jpg") for i in range(sizes["pil_images"])]
-        for path in paths:
-            _write_jpeg(rng, sizes["pil_size"], path)
+        paths = _jpegs(tmp, sizes)
         transform = pretrain_transform(aug_plus=True, size=224)
         start = time.perf_counter()
         for path in paths:
@@ -314,9 +335,153 @@ def section_syncs(device: torch.device, sizes: dict) -> dict:
     return {**res, "goal": "0 per step outside --print-freq steps", "ok": res["syncs_per_step"] <= 1}
 
 
+def _decode(path: str):
+    """Read and decode a JPEG as a loader worker does (torchvision's pil_loader)."""
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        return Image.open(io.BytesIO(f.read())).convert("RGB")
+
+
+def _worker_seconds(paths: list[str], pipelines: dict[str, Callable], rounds: int) -> dict[str, float]:
+    """CPU seconds per image of each pipeline on one thread, the decode counted once in each (a worker decodes
+    once, then transforms); ``rounds`` timed rounds after one warm-up round, the fastest counts (the least
+    disturbed by other work on shared cores)."""
+    best: dict[str, float] = {}
+    for r in range(rounds + 1):
+        acc = dict.fromkeys(["decode", *pipelines], 0.0)
+        for path in paths:
+            start = time.perf_counter()
+            img = _decode(path)
+            acc["decode"] += time.perf_counter() - start
+            for name, fn in pipelines.items():
+                start = time.perf_counter()
+                fn(img)
+                acc[name] += time.perf_counter() - start
+        if r:  # round 0 warms up (imports, allocator, page cache)
+            for name, total in acc.items():
+                best[name] = min(best.get(name, float("inf")), total / len(paths))
+    return {name: best["decode"] + s if name != "decode" else s for name, s in best.items()}
+
+
+def section_device_aug(device: torch.device, sizes: dict) -> dict:
+    """``--augment device``: (a) the loader worker's CPU per pair (decode + the official RandomResizedCrop + flip to
+    uint8, twice: ``pretrain_crop_transform``) next to the official PIL MoCo v2 pipeline's, on one core and the
+    pil section's JPEGs (and the E-step's per-image eval crop likewise); (b) the colour ops and normalisation on
+    the device (``TensorAugment(mode="torchvision")``, MoCo v2, fp32) on a uint8 batch: images/s, synchronised."""
+    from pcl.data import pretrain_transform
+    from pcl.data.tensor_augment import TensorAugment
+    from pcl.data.transforms import eval_crop_transform, eval_transform, pretrain_crop_transform
+
+    official, crop = pretrain_transform(aug_plus=True, size=224), pretrain_crop_transform(224)
+    pipelines = {"official_pair": lambda img: (official(img), official(img)),
+                 "worker_pair": lambda img: (crop(img), crop(img)),
+                 "official_eval": eval_transform(224), "worker_eval": eval_crop_transform(224)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = _jpegs(tmp, sizes)
+            cpu = _worker_seconds(paths, pipelines, sizes["aug_rounds"])
+    finally:
+        torch.set_num_threads(threads)
+    ratio = cpu["worker_pair"] / cpu["official_pair"]
+    size, b = sizes["aug_size"], sizes["aug_batch"]
+    gen = torch.Generator(device=device).manual_seed(0)
+    images = torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, device=device, generator=gen)
+    augment = TensorAugment(size, aug_plus=True, mode="torchvision")
+    out = augment(images, gen)
+    finite = tuple(out.shape) == (b, 3, size, size) and out.dtype == torch.float32 and bool(torch.isfinite(out).all())
+    ms = _median_ms(lambda: augment(images, gen), device, repeats=20)
+    return {"jpegs": len(paths), "jpeg_size": list(sizes["pil_size"]),
+            "rounds": sizes["aug_rounds"], "decode_ms": cpu["decode"] * 1e3,
+            "official_pair_ms": cpu["official_pair"] * 1e3, "worker_pair_ms": cpu["worker_pair"] * 1e3,
+            "worker_over_official": ratio, "official_pairs_per_s_per_core": 1.0 / cpu["official_pair"],
+            "worker_pairs_per_s_per_core": 1.0 / cpu["worker_pair"],
+            "official_eval_ms": cpu["official_eval"] * 1e3, "worker_eval_ms": cpu["worker_eval"] * 1e3,
+            "eval_worker_over_official": cpu["worker_eval"] / cpu["official_eval"],
+            "device_mode": "torchvision, aug_plus, fp32", "device_size": size, "device_batch": b,
+            "device_ms_per_batch": ms, "device_images_per_s": b / (ms / 1e3), "device_output_finite": finite,
+            "goal": "worker CPU per pair <= 40 % of official", "ok": finite and ratio <= 0.4}
+
+
+KMEANS_TEMPERATURE = 0.2  # --temperature's default: phi's mean (the comparison covers phi's inputs, not its scale)
+
+
+def section_kmeans_ranks(device: torch.device, sizes: dict) -> dict:
+    """``--kmeans-backend torch-ranks``: run_kmeans_across_ranks in a 1-process group (nccl on CUDA, gloo on the
+    CPU: its all-reduces and the final gather really run) on the kmeans section's features, one granularity at a
+    time (seed g, as granularity g of one call), niter 20, nredo 1, timed synchronised; then run_kmeans(backend=
+    "torch") on the same input, timed alike, and its assignments compared. On CUDA index_add_'s float atomics
+    make two runs of either differ in the last bits (and so a few borderline assignments), so the bit-equality
+    of the two paths is also checked at the smallest k with torch.use_deterministic_algorithms (what ``ok``
+    requires). FLOP/s: 2 N k d niter nredo / seconds, as benchmarks/cost_model.py counts the E-step's k-means."""
+    import warnings
+
+    import torch.distributed as dist
+
+    ks, niter, nredo = parse_list(sizes["ks"], "ks"), 20, 1
+    x = synthetic_features(sizes["kmeans_n"], 128, centres=max(ks) // 4).to(device)
+    n, d = x.shape
+    index = torch.arange(n, device=device)
+    cuda, own_group = device.type == "cuda", not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                world_size=1, rank=0)
+    try:
+        def timed(fn: Callable[[], object]) -> tuple[float, object, float | None]:
+            sync(device)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            res = fn()
+            sync(device)
+            peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None
+            return time.perf_counter() - start, res, peak
+
+        def ranks(k: int, g: int):
+            return run_kmeans_across_ranks(x, index, n, [k], KMEANS_TEMPERATURE, seed=g, niter=niter, nredo=nredo)
+
+        def single(k: int, g: int):
+            return run_kmeans(x, [k], KMEANS_TEMPERATURE, seed=g, niter=niter, nredo=nredo, backend="torch")
+
+        secs, torch_secs, peaks, identical, agree = {}, {}, {}, {}, {}
+        for g, k in enumerate(ks):
+            secs[str(k)], a, peaks[str(k)] = timed(lambda: ranks(k, g))
+            torch_secs[str(k)], b, _ = timed(lambda: single(k, g))
+            identical[str(k)] = torch.equal(a.im2cluster[0], b.im2cluster[0])
+            agree[str(k)] = float((a.im2cluster[0] == b.im2cluster[0]).double().mean())
+        was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)  # warn_only: cuBLAS without CUBLAS_WORKSPACE_CONFIG
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                a, b = ranks(ks[0], 0), single(ks[0], 0)
+        finally:
+            torch.use_deterministic_algorithms(was, warn_only=warn_only)
+        strict = (torch.equal(a.im2cluster[0], b.im2cluster[0]) and torch.equal(a.centroids[0], b.centroids[0])
+                  and torch.equal(a.concentration[0], b.concentration[0]))
+        backend = dist.get_backend()
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+    flops = {k: 2.0 * n * int(k) * d * niter * nredo for k in secs}
+    total = sum(secs.values())
+    return {"backend": "torch-ranks", "process_group": f"{backend}, world 1", "n": n, "d": d, "niter": niter,
+            "nredo": nredo, f"seconds_nredo{nredo}": secs, f"total_seconds_nredo{nredo}": total,
+            f"tflops_nredo{nredo}": {k: flops[k] / s / 1e12 for k, s in secs.items()},
+            "kmeans_tflops": sum(flops.values()) / total / 1e12, f"peak_gpu_gb_nredo{nredo}": peaks,
+            f"torch_seconds_nredo{nredo}": torch_secs, "ranks_over_torch": total / sum(torch_secs.values()),
+            "assignments_identical": identical, "assignments_agree_frac": agree,
+            "deterministic_check": {"k": ks[0], "identical": strict},
+            "ok": strict and (cuda or all(identical.values()))}  # the CPU's index_add_ is deterministic
+
+
 SECTIONS = {"tests": section_tests, "throughput": section_throughput, "overhead": section_overhead,
             "sampling": section_sampling, "kmeans": section_kmeans, "pil": section_pil, "nccl": section_nccl,
-            "loader": section_loader, "faiss": section_faiss, "syncs": section_syncs}
+            "loader": section_loader, "faiss": section_faiss, "syncs": section_syncs,
+            "device_aug": section_device_aug, "kmeans_ranks": section_kmeans_ranks}
 
 
 def row(name: str, r: dict) -> str:
@@ -347,6 +512,17 @@ def row(name: str, r: dict) -> str:
                 f"{r['images_per_s']:.0f} images/s (wall, start-up included), exit {r['exit']}")
     elif name == "faiss":
         text = r["status"] + (f": N={r['n']}, k={r['k']}: {r['kmeans_seconds']:.1f} s" if "n" in r else "")
+    elif name == "device_aug":
+        text = (f"worker {r['worker_pair_ms']:.1f} ms/pair vs official {r['official_pair_ms']:.1f} ms/pair on one core "
+                f"({r['worker_over_official']:.0%}); eval {r['worker_eval_ms']:.1f} vs {r['official_eval_ms']:.1f} "
+                f"ms/image; device {r['device_images_per_s']:.0f} images/s ({r['device_size']} px, batch "
+                f"{r['device_batch']})")
+    elif name == "kmeans_ranks":
+        text = f"{r['backend']} ({r['process_group']}, N={r['n']}, nredo {r['nredo']}): " + ", ".join(
+            f"k={k} {v:.2f} s" for k, v in r[f"seconds_nredo{r['nredo']}"].items())
+        text += (f"; {r['kmeans_tflops']:.2f} TFLOP/s; / torch {r['ranks_over_torch']:.2f}x; assignments = torch: "
+                 f"{all(r['assignments_identical'].values())} (deterministic, k={r['deterministic_check']['k']}: "
+                 f"{r['deterministic_check']['identical']})")
     else:
         cuda = "" if r["cuda_syncs_per_step"] is None else f", host copies {r['host_copies_per_step']:.2f}"
         text = f"{r['syncs_per_step']:.2f} per step{cuda}; {r['per_epoch']:.0f} per epoch (its end)"

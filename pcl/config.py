@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from typing import Any, Sequence
 
 from pcl import PCLError
@@ -21,8 +22,16 @@ from pcl.settings import (RANGES, RunConfig, check_ranges, load_config_defaults,
 ARCH_HELP = "any torchvision ResNet name (resnet18, resnet50, wide_resnet50_2, ...)"
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends each flag's default, unless its text already says what the default is (one default per flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text if "default" in text else super()._get_help_string(action)
+
+
 def _formatter(prog: str) -> argparse.HelpFormatter:
-    return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=36)
+    return _HelpFormatter(prog, max_help_position=36)
 
 
 def data_parser() -> argparse.ArgumentParser:
@@ -60,6 +69,17 @@ def data_parser() -> argparse.ArgumentParser:
                    help="presets: stop at start-up unless the training split holds exactly N images (0: no check)")
     g.add_argument("--expect-classes", default=0, type=int, metavar="C",
                    help="presets: stop at start-up unless the training split has C classes (0: no check)")
+    g.add_argument("--augment", default="pil", choices=["pil", "device"],
+                   help="file datasets, pretraining: pil = the official PIL pipeline in the loader workers; device = "
+                        "workers only decode and take the official RandomResizedCrop + flip (uint8, 4x less to copy), "
+                        "colour jitter (torchvision's ops and random order), grayscale, blur and normalisation run "
+                        "batched on the training device (and the E-step's center crops are normalised there)")
+    g.add_argument("--decode", default="cpu", choices=["cpu", "device"],
+                   help="with --augment device, image folders, pretraining pairs: cpu = the workers decode each JPEG "
+                        "and resize the crop; device = the workers only read the file and its header and draw the "
+                        "official crop boxes and flips, the JPEGs are decoded batched on the training device "
+                        "(torchvision decode_jpeg, nvJPEG on CUDA), cropped and resized there (PNGs and CMYK JPEGs "
+                        "are still decoded in the workers)")
     g.add_argument("--demo-renders", default=4, type=int,
                    help="demo set: renders of each training digit (test digits get 2)")
     return p
@@ -86,8 +106,8 @@ def dist_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist-url", default="env://", type=str, help="url used to set up distributed training")
     g.add_argument("--dist-backend", default=None, type=str, help="nccl on GPU, gloo on CPU when unset")
     g.add_argument("--dist-timeout", default=120, type=float, metavar="MIN",
-                   help="minutes a collective may wait before the run is declared hung (NCCL's default is 10; the "
-                        "other ranks wait in one while rank 0 runs the E-step's k-means)")
+                   help="minutes a collective may wait before the run is declared hung (default 120: the other "
+                        "ranks wait in one while rank 0 runs the E-step's k-means; NCCL's own 10 would kill it)")
     g.add_argument("--gpu", default=None, type=int, help="GPU id to use")
     g.add_argument("--multiprocessing-distributed", action="store_true",
                    help="one process per GPU on each node, spawned by this script")
@@ -108,10 +128,12 @@ def _add_sgd_args(g: Any, epochs: int, lr: float, schedule: list[int], weight_de
     g.add_argument("--start-epoch", default=0, type=int, metavar="N", help="manual epoch number (restarts)")
     g.add_argument("-b", "--batch-size", default=256, type=int, metavar="N",
                    help="total batch size over all processes (each process gets batch / world size)")
-    g.add_argument("--lr", "--learning-rate", default=lr, type=float, metavar="LR", dest="lr")
+    g.add_argument("--lr", "--learning-rate", default=lr, type=float, metavar="LR", dest="lr",
+                   help="initial learning rate (for the total batch)")
     g.add_argument("--schedule", default=schedule, nargs="*", type=int, help="epochs at which lr drops 10x")
     g.add_argument("--momentum", default=0.9, type=float, metavar="M", help="SGD momentum")
-    g.add_argument("--wd", "--weight-decay", default=weight_decay, type=float, metavar="W", dest="weight_decay")
+    g.add_argument("--wd", "--weight-decay", default=weight_decay, type=float, metavar="W", dest="weight_decay",
+                   help="SGD weight decay")
 
 
 def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
@@ -130,7 +152,7 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
                    help="autocast the encoders (loss stays fp32); changes numerics, off by default")
     g.add_argument("--channels-last", action="store_true",
                    help="NHWC memory format for the encoders and inputs (faster convs with --amp on GPUs; "
-                        "ignored on the CPU, see the README)")
+                        "ignored on the CPU, see docs/training.md)")
     g.add_argument("--compile", action="store_true", help="torch.compile the two encoders (first steps are slow)")
     g.add_argument("--sgd-impl", default="auto", choices=["auto", "foreach", "fused", "loop"],
                    help="SGD kernel: auto (torch's choice), foreach, fused (one kernel), loop (per-parameter)")
@@ -149,8 +171,14 @@ def _add_pcl_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated k of each granularity")
     g.add_argument("--warmup-epoch", default=20, type=int,
                    help="epochs of InfoNCE only before the first E-step (>= --epochs: MoCo only)")
-    g.add_argument("--kmeans-backend", default="auto", choices=["auto", "faiss", "torch"],
-                   help="auto: faiss (GPU index when available), else the PyTorch k-means")
+    g.add_argument("--kmeans-backend", default="auto", choices=["auto", "faiss", "torch", "torch-ranks"],
+                   help="auto: faiss (GPU index when available), else the PyTorch k-means, all on rank 0 as official; "
+                        "torch-ranks: the PyTorch k-means on every rank's own features (sums all-reduced per "
+                        "iteration, no N x d gather; the same result as torch)")
+    g.add_argument("--kmeans-precision", default="fp32", choices=["fp32", "tf32", "bf16"],
+                   help="the PyTorch k-means' assignment step in each Lloyd iteration: fp32 as faiss (default), or "
+                        "TF32 (CUDA) / bf16 matmuls; the best run, the final assignments and phi stay fp32 "
+                        "(agreement with fp32: benchmarks/bench_kmeans.py --precision)")
     g.add_argument("--kmeans-niter", default=20, type=int, help="Lloyd iterations (official 20)")
     g.add_argument("--kmeans-nredo", default=5, type=int, help="k-means restarts, best kept (official 5)")
     g.add_argument("--fixed-concentration", action="store_true",
@@ -284,6 +312,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     values = vars(args)
     if "seed" in values:  # official: cudnn.deterministic only when a seed is given; our streams need one
         values.update(seed_given=args.seed is not None, seed=0 if args.seed is None else args.seed)
+    if "multiprocessing_distributed" in values:  # the official launcher gives each worker its own
+        values.setdefault("local_rank", 0)
+    if "no_progress" in values and not sys.stderr.isatty():  # a SLURM file or a pipe: no bar redrawn into it
+        values["no_progress"] = True
     return RunConfig(values)
 
 
@@ -302,10 +334,10 @@ def parse_num_cluster(value: Any) -> tuple[int, ...]:
 def warn_idle_flags(cfg: RunConfig, dataset: str) -> None:
     """One warning line per flag that has no effect in this combination (accepted, as the official code does)."""
     log = logging.getLogger("pcl")
-    if cfg.get("nproc") is not None and not cfg.get("multiprocessing_distributed", False):
+    if cfg.nproc is not None and not cfg.multiprocessing_distributed:
         log.warning("--nproc %d has no effect without --multiprocessing-distributed (it sets how many processes "
                     "that launcher spawns per node; torchrun takes --nproc_per_node)", cfg.nproc)
-    if cfg.get("class_list") and not registry.spec(dataset).class_list:
+    if cfg.class_list and not registry.spec(dataset).class_list:
         log.warning("--class-list %s has no effect with --dataset %s (it selects class folders of an ImageFolder "
                     "root)", cfg.class_list, dataset)
 
@@ -323,7 +355,7 @@ def validate_pretrain_args(args: Any) -> RunConfig:
                                                                             if entry.download else ""))
     if not cfg.resume and cfg.start_epoch >= cfg.epochs:
         raise PCLError(f"--start-epoch {cfg.start_epoch} is not below --epochs {cfg.epochs}: nothing to train")
-    if cfg.get("proto_chunks", 1) > 1 and cfg.get("pauc", False):
+    if cfg.proto_chunks > 1 and cfg.pauc:
         raise PCLError("--pauc needs one set of ProtoNCE columns per batch: use it with --proto-chunks 1")
     num_cluster = parse_num_cluster(cfg.num_cluster)
     warn_idle_flags(cfg, dataset)

@@ -62,10 +62,10 @@ def _pretrain(cfg: RunConfig, on_step: Callable[[int, int], None] | None) -> dic
     criterion, estep_settings = build_loss(cfg), EStepSettings.of(cfg)
     options = StepSettings.of(cfg, channels_last(cfg.channels_last, device))
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
-    run_log, stats = RunLog(cfg.exp_dir), {}
+    run_log, stats = RunLog(cfg.exp_dir, purge_step=session.start_epoch if session.path else None), {}
     try:
         with session:
-            monitor = Monitor(MonitorSettings.of(cfg), run_log, data, device, session.stop)
+            monitor = Monitor(MonitorSettings.of(cfg), run_log, data, device, session.stop, session.path)
             if cfg.warmup_epoch < cfg.epochs:  # the E-step's backend and collectives now, not at --warmup-epoch
                 self_check(estep_settings, device, cfg.low_dim)
             for epoch in range(session.start_epoch, cfg.epochs):
@@ -82,6 +82,7 @@ def _pretrain(cfg: RunConfig, on_step: Callable[[int, int], None] | None) -> dic
                 monitor.record(stats)
                 session.stop_if_requested(epoch)
             report = monitor.final_report(model, lambda: build_backbone(cfg.arch, cfg.width, cfg.stem))
+            monitor.finished(ckpt_io.checkpoint_path(cfg.exp_dir, cfg.epochs - 1))
             return {**stats, "knn": report} if report else stats
     finally:
         run_log.close()
@@ -193,7 +194,7 @@ def setup(cfg: RunConfig) -> tuple[torch.device, PretrainData, nn.Module, torch.
     if batch % bn_splits:
         raise PCLError(f"per-process batch {batch} is not divisible by --bn-splits {bn_splits}")
     torch.manual_seed(cfg.seed)
-    data = build_pretrain_data(cfg)
+    data = build_pretrain_data(cfg, device=device)
     _check_data(cfg, data)
     model = MoCo(cfg.arch, cfg.low_dim, cfg.pcl_r, cfg.moco_m, cfg.mlp, cfg.width, cfg.stem, bn_splits).to(device)
     apply_speed_options(model, cfg.channels_last, cfg.compile)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from pcl import PCLError, distributed as dist_utils
-from pcl.cluster import ClusterResult, resolve_backend, run_kmeans
-from pcl.features import extract_features
+from pcl.cluster import ClusterResult, resolve_backend, run_kmeans, run_kmeans_across_ranks
+from pcl.features import extract_features, shard_features
 from pcl.model import unwrap
 from pcl.preemption import StopRequest, Stopped
 from pcl.settings import EStepSettings
@@ -30,25 +31,66 @@ class EStep:
     seconds: float  # features + k-means + phi + broadcast
 
 
-def _momentum_features(model: nn.Module, loader, device: torch.device, num_samples: int, progress: bool,
-                       stop: StopRequest | None, dst: int | None) -> torch.Tensor | None:
-    """The key encoder's N x C features (on every rank, or on rank ``dst`` only: None on the others); raises
-    :class:`Stopped` on every rank when a stop request (agreed over ranks, polled after every batch) came."""
+def _key_encoder(model: nn.Module, device: torch.device, stop: StopRequest | None
+                 ) -> tuple[nn.Module, Callable[[], bool] | None, list[bool]]:
+    """(the MoCo model in eval mode with rank 0's BN statistics on every rank, as DDP's forward would have them;
+    a per-batch stop check agreed over ranks, or None; the list it marks when a stop came)."""
     moco = unwrap(model)
     moco.eval()
-    dist_utils.broadcast_buffers(moco.encoder_k)  # rank 0's BN statistics on every rank, as DDP's forward would
-    stopped = []
+    dist_utils.broadcast_buffers(moco.encoder_k)
+    stopped: list[bool] = []
 
     def should_stop() -> bool:
         if stop.poll(device):
             stopped.append(True)
         return bool(stopped)
 
+    return moco, (should_stop if stop is not None else None), stopped
+
+
+def _momentum_features(model: nn.Module, loader, device: torch.device, num_samples: int, progress: bool,
+                       stop: StopRequest | None, dst: int | None) -> torch.Tensor | None:
+    """The key encoder's N x C features (on every rank, or on rank ``dst`` only: None on the others); raises
+    :class:`Stopped` on every rank when a stop request (agreed over ranks, polled after every batch) came."""
+    moco, should_stop, stopped = _key_encoder(model, device, stop)
     features = extract_features(moco.encode_key, loader, device, num_samples, normalize=False, progress=progress,
-                                should_stop=should_stop if stop is not None else None, dst=dst)
+                                should_stop=should_stop, dst=dst)
     if stopped:
         raise Stopped()
     return features
+
+
+def _cluster_across_ranks(model: nn.Module, loader, device: torch.device, num_samples: int,
+                          settings: EStepSettings, stop: StopRequest | None
+                          ) -> tuple[ClusterResult, torch.Tensor | None, float, list[float]]:
+    """--kmeans-backend torch-ranks: every rank encodes its shard and keeps it; the PyTorch k-means runs on all
+    ranks' rows at once (per-centroid sums all-reduced every Lloyd iteration, phi from all-reduced per-cluster
+    sums; no N x d gather), so every rank ends with the same prototypes. With --prototype-gallery rank 0 also
+    gathers the features (what the official path holds anyway). Returns (prototypes, rank 0's features or None,
+    feature seconds, k-means seconds per granularity)."""
+    start = time.perf_counter()
+    moco, should_stop, stopped = _key_encoder(model, device, stop)
+    shard = shard_features(moco.encode_key, loader, device, moco.queue.shape[0], normalize=False,
+                           progress=settings.progress and dist_utils.is_main(), should_stop=should_stop)
+    if stopped:
+        raise Stopped()
+    rows, index = shard
+    features = (dist_utils.gather_rows_exact(rows, index, num_samples, 0) if settings.keep_features else None)
+    feature_seconds, seconds = time.perf_counter() - start, []
+    agreed = (lambda: stop.requested(device)) if stop is not None else None
+    result = ClusterResult()
+    for g, k in enumerate(settings.num_cluster):  # one granularity at a time: each one's seconds
+        begin = time.perf_counter()
+        one = run_kmeans_across_ranks(rows, index, num_samples, [k], settings.temperature, seed=g,
+                                      niter=settings.niter, nredo=settings.nredo, should_stop=agreed,
+                                      precision=settings.precision)
+        if not one.im2cluster:
+            raise Stopped()
+        result.im2cluster += one.im2cluster
+        result.centroids += one.centroids
+        result.concentration += one.concentration
+        seconds.append(time.perf_counter() - begin)
+    return result, features, feature_seconds, seconds
 
 
 @torch.no_grad()
@@ -70,7 +112,8 @@ def _cluster_on_rank0(features: torch.Tensor | None, shape: tuple[int, int], set
     should_stop = (lambda: stop.signal_name is not None) if stop is not None else None
     result = dist_utils.main_only(lambda: run_kmeans(features, ks, settings.temperature, seed=0,
                                                      niter=settings.niter, nredo=settings.nredo,
-                                                     backend=settings.backend, should_stop=should_stop),
+                                                     backend=settings.backend, should_stop=should_stop,
+                                                     precision=settings.precision),
                                   "the E-step's k-means")
     done = dist_utils.broadcast_object(None if result is None or len(result.im2cluster) < len(ks)
                                        else result.kmeans_seconds)
@@ -98,11 +141,15 @@ def e_step(model: nn.Module, loader, num_samples: int, settings: EStepSettings, 
     phi; then every rank receives the assignments, centroids and phi. A ``stop`` request (checked per feature
     batch and, on rank 0, between Lloyd iterations) raises :class:`Stopped` on every rank."""
     start = time.perf_counter()
-    features = _momentum_features(model, loader, device, num_samples, settings.progress and dist_utils.is_main(),
-                                  stop, 0)
-    feature_seconds = time.perf_counter() - start
-    clusters, kmeans_seconds = _cluster_on_rank0(features, (num_samples, unwrap(model).queue.shape[0]), settings,
-                                                 device, stop)
+    if settings.backend == "torch-ranks":
+        clusters, features, feature_seconds, kmeans_seconds = _cluster_across_ranks(model, loader, device,
+                                                                                    num_samples, settings, stop)
+    else:
+        features = _momentum_features(model, loader, device, num_samples,
+                                      settings.progress and dist_utils.is_main(), stop, 0)
+        feature_seconds = time.perf_counter() - start
+        clusters, kmeans_seconds = _cluster_on_rank0(features, (num_samples, unwrap(model).queue.shape[0]),
+                                                     settings, device, stop)
     if settings.fixed_concentration:  # ablation: one temperature for every prototype
         clusters.concentration = [torch.full_like(phi, settings.temperature) for phi in clusters.concentration]
     return EStep(clusters, features, feature_seconds, kmeans_seconds, time.perf_counter() - start)
@@ -130,7 +177,11 @@ def self_check(settings: EStepSettings, device: torch.device, dim: int) -> float
 
     dist_utils.main_only(verify, "the start-up check")
     rehearsal = replace(settings, num_cluster=tuple(min(k, 64) for k in settings.num_cluster), niter=2, nredo=1)
-    result = _cluster_on_rank0(gathered, (n, dim), rehearsal, device, None)[0]
+    if settings.backend == "torch-ranks":  # every rank clusters its own rows with the others'
+        result = run_kmeans_across_ranks(x[mine].to(device), mine.to(device), n, rehearsal.num_cluster,
+                                         settings.temperature, niter=2, nredo=1)
+    else:
+        result = _cluster_on_rank0(gathered, (n, dim), rehearsal, device, None)[0]
     digest = torch.stack([a.sum() for a in result.im2cluster]).to(torch.float64)  # same on every rank?
     spread = dist_utils.all_reduce_sum(digest.clone()) - world * digest
     if spread.abs().max() > 0:
@@ -138,5 +189,6 @@ def self_check(settings: EStepSettings, device: torch.device, dim: int) -> float
                        "(a broadcast is broken: check the NCCL/gloo setup)")
     seconds = time.perf_counter() - start
     logger.info("E-step start-up check: %d ranks, k-means (%s) on %d rows and its broadcast: ok in %.2f s", world,
-                resolve_backend(settings.backend, device)[0], n, seconds)
+                "torch on every rank" if settings.backend == "torch-ranks" else resolve_backend(settings.backend,
+                                                                                               device)[0], n, seconds)
     return seconds

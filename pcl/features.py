@@ -5,7 +5,7 @@ command line and no protocol."""
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +17,49 @@ from pcl import distributed as dist_utils
 logger = logging.getLogger("pcl")
 
 AMI_MAX_SAMPLES = 200_000  # scikit-learn's expected-MI term grows with N x clusters; skipped above this
+
+
+def _encoded_batches(encoder: Callable[[torch.Tensor], torch.Tensor] | None, loader, device: torch.device,
+                     normalize: bool, progress: bool, desc: str, should_stop: Callable[[], bool] | None,
+                     stride: int, stopped: list[bool]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(rows B x d, their dataset indices B) of this rank's batches; ``stopped`` gets True when ``should_stop``
+    said so (then the iteration ends early, on every rank alike). Ranks' shards may differ by a batch: with
+    ``should_stop`` every rank runs as many iterations as the largest shard, so all issue the same collectives."""
+    distributed = dist_utils.is_dist()
+    steps = dist_utils.max_over_ranks(len(loader), device) if distributed and should_stop is not None else len(loader)
+    batches = iter(loader)
+    for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+        batch = next(batches, None)  # None: this rank's shard is done, the others' are not
+        if batch is not None:
+            images, index = batch[0].to(device, non_blocking=True), torch.as_tensor(batch[-1]).to(device)
+            feats = (images if encoder is None else encoder(images)).float().flatten(1)
+            if normalize:
+                feats = F.normalize(feats, dim=1)
+            if stride > 1:
+                keep = index % stride == 0
+                feats, index = feats[keep], index[keep] // stride
+            yield feats, index
+        if should_stop is not None and should_stop():
+            stopped.append(True)
+            return
+
+
+@torch.no_grad()
+def shard_features(encoder: Callable[[torch.Tensor], torch.Tensor] | None, loader, device: torch.device,
+                   dim: int, normalize: bool = True, progress: bool = False, desc: str = "features",
+                   should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """This rank's features and their dataset indices (n_r x ``dim``, n_r), nothing gathered: for work that runs
+    on every rank's own rows (the E-step's k-means across ranks). None when ``should_stop`` said so."""
+    stopped: list[bool] = []
+    rows, idx = [], []
+    for feats, index in _encoded_batches(encoder, loader, device, normalize, progress, desc, should_stop, 1, stopped):
+        rows.append(feats)
+        idx.append(index)
+    if stopped:
+        return None
+    if not rows:  # fewer samples than ranks
+        return torch.zeros(0, dim, device=device), torch.zeros(0, dtype=torch.long, device=device)
+    return torch.cat(rows), torch.cat(idx)
 
 
 @torch.no_grad()
@@ -32,34 +75,21 @@ def extract_features(encoder: Callable[[torch.Tensor], torch.Tensor] | None, loa
     gathered buffer (see ``gather_rows_exact``), on every rank (``dst`` None) or on rank ``dst`` only (None on the
     others). ``should_stop()`` is asked after every batch: True -> None (on every rank: it must agree over ranks).
     ``stride`` m > 1 keeps samples 0, m, 2m, ... only: ceil(N / m) rows (a bank cut to fit, see ``bank_stride``).
-
-    Ranks' shards may differ by a batch (N not a multiple of world x batch): every rank then runs as many
-    iterations as the largest shard, asking ``should_stop`` at each, so all issue the same collectives.
     """
-    out, rows, idx = None, [], []
+    out, rows, idx, stopped = None, [], [], []
     num_samples = -(-num_samples // stride)
     distributed = dist_utils.is_dist()
-    steps = dist_utils.max_over_ranks(len(loader), device) if distributed and should_stop is not None else len(loader)
-    batches = iter(loader)
-    for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
-        batch = next(batches, None)  # None: this rank's shard is done, the others' are not
-        if batch is not None:
-            images, index = batch[0].to(device, non_blocking=True), torch.as_tensor(batch[-1]).to(device)
-            feats = (images if encoder is None else encoder(images)).float().flatten(1)
-            if normalize:
-                feats = F.normalize(feats, dim=1)
-            if stride > 1:
-                keep = index % stride == 0
-                feats, index = feats[keep], index[keep] // stride
-            if distributed:
-                rows.append(feats)
-                idx.append(index)
-            else:
-                if out is None:
-                    out = torch.zeros(num_samples, feats.shape[1], device=device)
-                out[index] = feats
-        if should_stop is not None and should_stop():
-            return None
+    for feats, index in _encoded_batches(encoder, loader, device, normalize, progress, desc, should_stop, stride,
+                                         stopped):
+        if distributed:
+            rows.append(feats)
+            idx.append(index)
+        else:
+            if out is None:
+                out = torch.zeros(num_samples, feats.shape[1], device=device)
+            out[index] = feats
+    if stopped:
+        return None
     if distributed:  # an empty shard (fewer samples than ranks) sends no rows, through the same collectives
         empty = (torch.zeros(0, 0, device=device), torch.zeros(0, dtype=torch.long, device=device))
         return dist_utils.gather_rows_exact(torch.cat(rows) if rows else empty[0], torch.cat(idx) if idx else empty[1],

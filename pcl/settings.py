@@ -4,6 +4,7 @@ range of every numeric flag, and comma-separated lists. :mod:`pcl.config` builds
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
 from dataclasses import dataclass
@@ -85,14 +86,17 @@ class EStepSettings:
     temperature: float  # phi is rescaled to this mean (--temperature)
     niter: int  # Lloyd iterations (--kmeans-niter)
     nredo: int  # restarts, the best kept (--kmeans-nredo)
-    backend: str  # auto | faiss | torch (--kmeans-backend)
+    backend: str  # auto | faiss | torch (all on rank 0) | torch-ranks (every rank its own rows) (--kmeans-backend)
     fixed_concentration: bool  # ablation: phi = --temperature for every prototype
     progress: bool  # a progress bar on rank 0 (not --no-progress)
+    keep_features: bool  # rank 0 returns the N x C features (the galleries read them; --prototype-gallery)
+    precision: str  # the PyTorch k-means' assignment step: fp32 (as faiss) | tf32 | bf16 (--kmeans-precision)
 
     @classmethod
     def of(cls, cfg: Mapping[str, Any]) -> "EStepSettings":
         return cls(tuple(cfg["num_cluster"]), cfg["temperature"], cfg["kmeans_niter"], cfg["kmeans_nredo"],
-                   cfg["kmeans_backend"], cfg["fixed_concentration"], not cfg["no_progress"])
+                   cfg["kmeans_backend"], cfg["fixed_concentration"], not cfg["no_progress"], cfg["prototype_gallery"],
+                   cfg["kmeans_precision"])
 
 
 @dataclass(frozen=True)
@@ -127,7 +131,7 @@ class MonitorSettings:
     def of(cls, cfg: Mapping[str, Any]) -> "MonitorSettings":
         return cls(tuple(cfg["num_cluster"]), cfg["epochs"], cfg["seed"], cfg["prototype_gallery"], cfg["knn_every"],
                    cfg["knn_eval"], cfg["knn_k"], cfg["knn_t"], int(cfg["knn_max_bank_gb"] * 2 ** 30),
-                   cfg["image_size"], cfg["kmeans_backend"])
+                   cfg["image_size"], "torch" if cfg["kmeans_backend"] == "torch-ranks" else cfg["kmeans_backend"])
 
 
 def cannot_read(path: str, e: OSError, verb: str = "read") -> PCLError:
@@ -150,18 +154,25 @@ def load_config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str
         raise PCLError(f"config {path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise PCLError(f"config {path} must be a mapping of flag names to values")
-    actions = {a.dest: a for a in parser._actions}
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    unknown = [str(key) for key in raw if str(key).lstrip("-").replace("-", "_") not in actions]
+    if unknown:
+        raise PCLError(f"config {path}: " + "; ".join(_unknown_key(key, actions) for key in unknown)
+                       + " (valid keys are the command-line flags, see --help)")
     defaults = {}
     for key, value in raw.items():
         dest = str(key).lstrip("-").replace("-", "_")
-        if dest not in actions or dest in ("help", "config"):
-            raise PCLError(f"config {path}: unknown key '{key}' (valid keys are the command-line flags, "
-                           f"see --help)")
         value = yaml_value(actions[dest], value, f"config {path}: key '{key}'")
         if dest in CONFIG_RELATIVE_PATHS and isinstance(value, str) and not os.path.isabs(value):
             value = os.path.join(os.path.dirname(os.path.abspath(path)), value)
         defaults[dest] = value
     return defaults
+
+
+def _unknown_key(key: str, actions: Mapping[str, argparse.Action]) -> str:
+    """'unknown key K' with the nearest key, if one is close (a typo, a plural, dashes for underscores)."""
+    close = difflib.get_close_matches(key.lstrip("-").replace("-", "_"), list(actions), n=1, cutoff=0.75)
+    return f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
 
 
 LIST_KEYS = ("num_cluster",)  # str flags that also take a YAML list

@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT
 
 BENCH = os.path.join(ROOT, "benchmarks")
-SMOKED_ELSEWHERE = {"gpu_check.py"}
+SMOKED_ELSEWHERE = {"gpu_check.py", "cost_model.py"}  # cost_model: tests/test_cost_model.py
 
 
 def script(name: str):
@@ -50,6 +50,10 @@ def test_bench_kmeans(tmp_path):
     res = script("bench_kmeans").main(["--n", "600", "--dim", "8", "--centres", "6", "--ks", "4,12", "--niter", "3",
                                        "--out", str(out)])
     assert out.exists() and res["rows"] and all(r["objective_ratio_torch_over_faiss"] > 0 for r in res["rows"])
+    low = script("bench_kmeans").main(["--n", "600", "--dim", "8", "--centres", "6", "--ks", "4,12", "--niter", "3",
+                                       "--precision", "bf16", "--out", str(out)])
+    assert (tmp_path / "k_bf16.json").exists() and [r["k"] for r in low["rows"]] == [4, 12]
+    assert all(0.9 < r["objective_ratio_low_over_fp32"] < 1.1 and 0 <= r["nmi_low_vs_fp32"] <= 100 for r in low["rows"])
 
 
 @pytest.mark.parametrize("mode, extra", [("overhead", []), ("throughput", ["--variants", "fp32,fused_sgd"])])

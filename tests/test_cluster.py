@@ -163,3 +163,22 @@ def test_empty_cluster_split_matches_faiss_semantics():
     # nothing to split: every cluster has at most one member
     cnt = torch.tensor([0, 1, 1])
     assert split_empty_clusters(torch.eye(3), cnt, gen) == 1 and cnt.tolist() == [0, 1, 1]
+
+
+def test_reduced_precision_assignments_agree_with_fp32_and_faiss_refuses_them():
+    from pcl.cluster import kmeans
+
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(6, 16, generator=gen), dim=1)
+    x = torch.nn.functional.normalize(centres[torch.arange(600) % 6] + 0.05 * torch.randn(600, 16, generator=gen),
+                                      dim=1)
+    c32, d32, a32 = kmeans(x, 6, seed=0, niter=10, nredo=2, backend="torch")
+    c, d, a = kmeans(x, 6, seed=0, niter=10, nredo=2, backend="torch", precision="tf32")
+    assert torch.equal(a, a32) and torch.equal(c, c32)  # TF32 changes nothing off CUDA
+    c, d, a = kmeans(x, 6, seed=0, niter=10, nredo=2, backend="torch", precision="bf16")
+    assert (a == a32).float().mean() > 0.95 and abs(float(d.sum() / d32.sum()) - 1) < 0.01  # d: fp32 final pass
+    with pytest.raises(PCLError, match="--kmeans-precision fp16: use one of fp32, tf32, bf16"):
+        kmeans(x, 6, backend="torch", precision="fp16")
+    pytest.importorskip("faiss")
+    with pytest.raises(PCLError, match="--kmeans-precision bf16 applies to the PyTorch k-means"):
+        kmeans(x, 6, backend="faiss", precision="bf16")

@@ -118,6 +118,7 @@ def test_proto_chunks_run(tmp_path):
 def test_gpu_check_cpu_fallback_runs_every_section(tmp_path):
     """scripts/gpu_check.sh --cpu: the prepared GPU check at toy sizes, every section measured, one JSON."""
     import json
+    import math
     import subprocess
 
     from conftest import ROOT
@@ -130,7 +131,7 @@ def test_gpu_check_cpu_fallback_runs_every_section(tmp_path):
     res = json.loads(out.read_text())
     sections = res["sections"]
     assert set(sections) == {"tests", "throughput", "overhead", "sampling", "kmeans", "pil", "nccl", "loader",
-                             "faiss", "syncs"}
+                             "faiss", "syncs", "device_aug", "kmeans_ranks"}
     assert not any("error" in r for r in sections.values())
     assert sections["tests"]["ok"] and "passed" in sections["tests"]["summary"]
     assert sections["throughput"]["images_per_s"]["fp32"] > 0 and sections["pil"]["images_per_s_per_core"] > 0
@@ -143,7 +144,21 @@ def test_gpu_check_cpu_fallback_runs_every_section(tmp_path):
     assert sections["loader"]["ok"] and sections["loader"]["images_per_s"] > 0
     assert sections["faiss"]["ok"] and "faiss" in sections["faiss"]["status"]
     assert sections["syncs"]["ok"] and sections["syncs"]["syncs_per_step"] >= 0
-    for name in ("kmeans", "nccl", "loader", "faiss", "syncs"):
+    aug = sections["device_aug"]  # --augment device: worker CPU per pair vs the official pipeline's, device images/s
+    for key in ("decode_ms", "official_pair_ms", "worker_pair_ms", "official_eval_ms", "worker_eval_ms",
+                "device_ms_per_batch", "device_images_per_s"):
+        assert math.isfinite(aug[key]) and aug[key] > 0, key
+    assert aug["worker_pair_ms"] < aug["official_pair_ms"] and aug["device_output_finite"] and aug["jpegs"] > 0
+    assert aug["worker_over_official"] == pytest.approx(aug["worker_pair_ms"] / aug["official_pair_ms"])
+    ranks = sections["kmeans_ranks"]  # --kmeans-backend torch-ranks at world 1: timed, FLOP/s, = the torch k-means
+    ks = [str(k) for k in res["sizes"]["ks"].split(",")]
+    assert ranks["ok"] and ranks["process_group"] == "gloo, world 1" and ranks["n"] == res["sizes"]["kmeans_n"]
+    for key in ("seconds_nredo1", "tflops_nredo1", "torch_seconds_nredo1"):
+        assert list(ranks[key]) == ks and all(math.isfinite(v) and v > 0 for v in ranks[key].values()), key
+    assert ranks["total_seconds_nredo1"] > 0 and math.isfinite(ranks["kmeans_tflops"]) and ranks["kmeans_tflops"] > 0
+    assert ranks["assignments_identical"] == dict.fromkeys(ks, True) and ranks["deterministic_check"]["identical"]
+    assert set(ranks["assignments_agree_frac"].values()) == {1.0}
+    for name in ("kmeans", "nccl", "loader", "faiss", "syncs", "device_aug", "kmeans_ranks"):
         assert f"| {name} |" in proc.stdout
 
 

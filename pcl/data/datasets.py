@@ -266,7 +266,7 @@ def demo_sets(s: DatasetSpec, args: Any) -> dict[str, torch.Tensor]:
 
 def idx_sets(s: DatasetSpec, args: Any) -> dict[str, torch.Tensor]:
     """The table's reader of the MNIST family: the idx files in DIR (``--download``: fetched first)."""
-    return load_mnist_family(s.name, args.data, getattr(args, "download", False))
+    return load_mnist_family(s.name, args.data, args.download)
 
 
 def load_in_memory(args: Any) -> dict[str, torch.Tensor]:
@@ -292,7 +292,7 @@ def load_in_memory(args: Any) -> dict[str, torch.Tensor]:
 def check_expected(args: Any, num_images: int, num_classes: int | None) -> None:
     """A preset's start-up check (--expect-images / --expect-classes): a wrong folder fails in seconds."""
     where = args.data or args.dataset
-    expect_images, expect_classes = getattr(args, "expect_images", 0), getattr(args, "expect_classes", 0)
+    expect_images, expect_classes = args.expect_images, args.expect_classes
     if expect_images and num_images != expect_images:
         raise PCLError(f"{where}: {num_images} training images, the preset expects {expect_images}; is DIR the "
                        f"right folder? (--expect-images 0 turns this check off)")
@@ -313,7 +313,7 @@ def _same_classes(train: Dataset, val: Dataset, root: str) -> None:
 def imagefolder_sets(s: DatasetSpec, args: Any, labelled: bool) -> tuple[Dataset, Dataset | None]:
     """The table's reader of --dataset imagefolder: DIR/train/ and DIR/val/ (only the --class-list classes when
     given, labelled alike in both). val/ is required for evaluation, optional for pretraining (the kNN monitor)."""
-    classes = read_class_list(args.class_list) if getattr(args, "class_list", None) else None
+    classes = read_class_list(args.class_list) if args.class_list else None
     train, test = image_folder(args.data, s.train_split, args.bad_images, classes), None
     if labelled or os.path.isdir(os.path.join(args.data, s.test_split)):
         test = image_folder(args.data, s.test_split, args.bad_images, classes)

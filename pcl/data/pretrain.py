@@ -11,10 +11,12 @@ import torch
 
 from pcl import PCLError, distributed as dist_utils
 from pcl.data.datasets import IndexedDataset, check_expected, file_sets, load_in_memory
-from pcl.data.loaders import FileLoader, TensorEvalLoader, TensorPairLoader
+from pcl.data.loaders import (DeviceAugmentLoader, DeviceEvalLoader, EncodedPairs, FileLoader, TensorEvalLoader,
+                              TensorPairLoader, collate_encoded)
 from pcl.data.registry import spec
 from pcl.data.tensor_augment import TensorAugment
-from pcl.data.transforms import eval_transform, pretrain_transform
+from pcl.data.transforms import (PretrainCropBoxes, eval_crop_transform, eval_transform, pretrain_crop_transform,
+                                 pretrain_transform)
 
 
 @dataclass
@@ -25,8 +27,22 @@ class PretrainData:
     knn: tuple[Any, torch.Tensor, Any, torch.Tensor] | None = None  # bank loader, labels, test loader, labels
 
 
-def build_pretrain_data(args: Any) -> PretrainData:
-    """Datasets and loaders for ``args.dataset``; each process gets its share of the total ``args.batch_size``."""
+def build_pretrain_data(args: Any, device: torch.device | None = None) -> PretrainData:
+    """Datasets and loaders for ``args.dataset``; each process gets its share of the total ``args.batch_size``.
+
+    File datasets with ``--augment device`` and a ``device``: the workers only decode and crop (uint8), the
+    training and E-step loaders finish the batches on ``device`` (:class:`DeviceAugmentLoader`,
+    :class:`DeviceEvalLoader`: their batches arrive there, augmented and normalised). The kNN monitor's loaders
+    stay on the PIL path. In-memory sets ignore ``--augment`` (they are augmented batched already).
+
+    ``--decode device`` (with ``--augment device`` only: a PCLError otherwise) moves the JPEG decoding of the
+    training pairs there too: the workers read each file's bytes and header and draw the official crop boxes
+    (:class:`EncodedPairs`), the device decodes, crops and resizes (:func:`decode_crops`). Datasets that are not
+    image files (CIFAR/STL) keep decoding in the workers, with a warning; the E-step's center crops always do."""
+    decode = getattr(args, "decode", "cpu")
+    if decode == "device" and getattr(args, "augment", "pil") != "device":
+        raise PCLError("--decode device needs --augment device (the device decodes only the crops it augments); "
+                       "add --augment device or drop --decode device")
     batch = dist_utils.per_process(args.batch_size)
     eval_bs = batch * 5  # as official: larger batches for the feature pass
     dataset = spec(args.dataset, "data")
@@ -42,16 +58,24 @@ def build_pretrain_data(args: Any) -> PretrainData:
     if args.data is None or not os.path.isdir(args.data):
         raise PCLError(f"data folder not found: {args.data}")
     size, pin = args.image_size, torch.cuda.is_available()
+    on_device = getattr(args, "augment", "pil") == "device"
+    if on_device and device is None:
+        logging.getLogger("pcl").warning("--augment device: no training device was passed to build_pretrain_data; "
+                                         "augmenting with the official PIL pipeline in the loader workers")
+        on_device = False
+    if on_device:
+        pin = device.type == "cuda"  # pinned uint8 pages: the copy to the GPU runs without blocking
     base_train, base_test = file_sets(args, labelled=False)
     if len(base_train) == 0:
         raise PCLError(f"the training set in {args.data} is empty")
     check_expected(args, len(base_train), len(getattr(base_train, "classes", [])) or None)
     train_set = IndexedDataset(base_train, pretrain_transform(args.aug_plus, size, args.crop_min_scale), two_crops=True)
     eval_set = IndexedDataset(base_train, eval_transform(size))
-    make = lambda ds, bs, train: FileLoader(ds, bs, dist_utils.loader_workers(args), args.seed, train,  # noqa: E731
-                                            pin, prefetch_factor=args.prefetch_factor,
-                                            persistent_workers=args.persistent_workers,
-                                            timeout_min=args.loader_timeout)
+    def make(ds: Any, bs: int, train: bool, pinned: bool | None = None, collate_fn: Any = None) -> FileLoader:
+        return FileLoader(ds, bs, dist_utils.loader_workers(args), args.seed, train, pin if pinned is None else pinned,
+                          prefetch_factor=args.prefetch_factor, persistent_workers=args.persistent_workers,
+                          timeout_min=args.loader_timeout, collate_fn=collate_fn)
+
     knn = None
     if base_test is not None and dataset.pretrain_labelled:  # the monitor's bank is the (labelled) training split
         test_set = IndexedDataset(base_test, eval_transform(size))
@@ -61,4 +85,19 @@ def build_pretrain_data(args: Any) -> PretrainData:
                else f"{os.path.join(args.data, dataset.test_split)} does not exist")
         logging.getLogger("pcl").warning("--knn-eval / --knn-every have no effect: the kNN monitor needs a labelled "
                                          "test split and %s", why)
+    if on_device:
+        augment = TensorAugment(size, args.aug_plus, args.crop_min_scale, mode="torchvision")
+        if decode == "device" and not hasattr(base_train, "samples"):
+            logging.getLogger("pcl").warning("--decode device: %s is not a folder of image files; its images are "
+                                             "decoded in the loader workers", dataset.title)
+            decode = "cpu"
+        if decode == "device":  # bytes and boxes from the workers (nothing to pin: decode_jpeg reads host memory)
+            pairs = EncodedPairs(base_train, PretrainCropBoxes(size, args.crop_min_scale))
+            train = DeviceAugmentLoader(make(pairs, batch, True, pinned=False, collate_fn=collate_encoded), augment,
+                                        device, args.seed, decode_size=size)
+        else:
+            crops = IndexedDataset(base_train, pretrain_crop_transform(size, args.crop_min_scale), two_crops=True)
+            train = DeviceAugmentLoader(make(crops, batch, True), augment, device, args.seed)
+        centre = DeviceEvalLoader(make(IndexedDataset(base_train, eval_crop_transform(size)), eval_bs, False), device)
+        return PretrainData(train, centre, len(base_train), knn)
     return PretrainData(make(train_set, batch, True), make(eval_set, eval_bs, False), len(base_train), knn)

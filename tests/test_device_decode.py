@@ -1,0 +1,201 @@
+"""--decode device (with --augment device): the workers' crop boxes and flips are the official ones, the crops
+decoded on the device (here its CPU path) match the workers' PIL decode, grey and non-JPEG files come out RGB, a
+seeded epoch repeats, the flag is refused without --augment device, and a tiny run trains."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torchvision.datasets as tvd
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from conftest import tiny_args
+from pcl import PCLError
+from pcl.data import (DeviceAugmentLoader, EncodedPairs, IndexedDataset, PretrainCropBoxes, SafeImages,
+                      build_pretrain_data, collate_encoded, decode_crops, load_image, pretrain_crop_transform)
+
+# Measured on these files (16 crops per size): the device path on the CPU decodes bit-exactly as PIL (both
+# libjpeg-turbo) and resizes with torchvision's uint8 antialiased bilinear kernel, within one level of PIL's resize:
+# mean |diff| 0.0024 (16 px), 0.0033 (24 px), 0.031 (64 px, upsampled) levels, max 1. (The float resize CUDA runs:
+# mean 0.10-0.18, max 1; nvJPEG's own decode differences are not measurable here.) Bounds: 3x / 2x the worst seen.
+MEAN_TOL, MAX_TOL = 0.1, 2  # in levels of 255
+
+
+def _picture(w: int, h: int, seed: int) -> Image.Image:
+    """A smooth RGB picture with stripes and noise (crop boxes show in the pixels)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    x = torch.stack([xx, yy, 1 - xx * yy]) * 180 + 40 * torch.sin(xx * 30 + seed)[None]
+    x = x + torch.rand(3, h, w, generator=g) * 35
+    return Image.fromarray(x.clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+def _jpeg_folder(root, n: int = 8, size: tuple[int, int] = (100, 75)) -> str:
+    """root/train/<a|b>/<i>.jpg, quality-90 RGB JPEGs; returns root."""
+    for i in range(n):
+        folder = os.path.join(str(root), "train", "ab"[i % 2])
+        os.makedirs(folder, exist_ok=True)
+        _picture(*size, seed=i).save(os.path.join(folder, f"{i}.jpg"), quality=90)
+    return str(root)
+
+
+def _sets(root, size: int):
+    """The same files as --decode cpu's worker dataset and --decode device's."""
+    base = SafeImages(tvd.ImageFolder(os.path.join(root, "train"), loader=load_image))
+    return (IndexedDataset(base, pretrain_crop_transform(size), two_crops=True),
+            EncodedPairs(base, PretrainCropBoxes(size)))
+
+
+def _official_draws(img: Image.Image, size: int, monkeypatch) -> list[tuple[int, int, int, int, bool]]:
+    """The (top, left, height, width, flip) of two views as ``pretrain_crop_transform`` takes them, read off its
+    calls to torchvision's resized_crop and hflip."""
+    events: list = []
+    real_crop, real_flip = TF.resized_crop, TF.hflip
+    with monkeypatch.context() as m:
+        m.setattr(TF, "resized_crop", lambda im, i, j, h, w, *a, **k: events.append([i, j, h, w, False])
+                  or real_crop(im, i, j, h, w, *a, **k))
+        m.setattr(TF, "hflip", lambda im: events[-1].__setitem__(4, True) or real_flip(im))
+        transform = pretrain_crop_transform(size)
+        transform(img), transform(img)
+    return [tuple(e) for e in events]
+
+
+def test_boxes_and_flips_are_the_official_ones(monkeypatch):
+    boxes = PretrainCropBoxes(24)
+    for w, h in [(100, 75), (75, 100), (500, 375), (30, 300), (24, 24)]:  # (30, 300): the central-crop fallback too
+        img = _picture(w, h, seed=w)
+        for seed in range(25):
+            torch.manual_seed(seed)
+            want = _official_draws(img, 24, monkeypatch)
+            after = torch.get_rng_state()
+            torch.manual_seed(seed)
+            got = [boxes(w, h) for _ in range(2)]
+            assert got == want, (w, h, seed)
+            assert torch.equal(torch.get_rng_state(), after)  # the same number of draws: later ones line up
+            torch.manual_seed(seed)
+            official = pretrain_crop_transform(24)
+            assert torch.equal(boxes.apply(img, got[0]), official(img))  # the workers' fallback crop is exact
+
+
+def test_device_decoded_crops_match_the_worker_decode(tmp_path):
+    root = _jpeg_folder(tmp_path)
+    for size in (16, 24):
+        cpu, dev = _sets(root, size)
+        items, want = [], []
+        for i in range(len(dev)):
+            torch.manual_seed(i)
+            want.append(cpu[i][:2])
+            torch.manual_seed(i)
+            items.append(dev[i])
+        assert all(item[0].dim() == 1 for item in items)  # every file went as bytes
+        payloads, boxes, index = collate_encoded(items)
+        assert boxes.shape == (len(dev), 2, 5) and torch.equal(index, torch.arange(len(dev)))
+        got = decode_crops(payloads, boxes, size, "cpu")  # uint8 2B x 3 x S x S: first views, then second ones
+        assert got.dtype == torch.uint8 and got.shape == (2 * len(dev), 3, size, size)
+        ref = torch.cat([torch.stack([w[0] for w in want]), torch.stack([w[1] for w in want])])
+        diff = (got.float() - ref.float()).abs()
+        assert diff.mean() <= MEAN_TOL and diff.max() <= MAX_TOL, (size, float(diff.mean()), float(diff.max()))
+
+
+def test_grey_png_and_cmyk_files_come_out_rgb(tmp_path):
+    folder = tmp_path / "train" / "a"
+    folder.mkdir(parents=True)
+    rgb = _picture(60, 45, seed=1)
+    rgb.convert("L").save(folder / "grey.jpg", quality=90)
+    rgb.save(folder / "colour.png")
+    rgb.convert("L").save(folder / "grey.png")
+    rgb.convert("CMYK").save(folder / "cmyk.jpg", quality=90)
+    cpu, dev = _sets(str(tmp_path), 16)
+    names = [os.path.basename(p) for p, _ in dev.samples]
+    items, want = [], []
+    for i in range(len(dev)):
+        torch.manual_seed(i)
+        want.append(torch.stack(cpu[i][:2]))
+        torch.manual_seed(i)
+        items.append(dev[i])
+    kinds = {n: item[0].dim() for n, item in zip(names, items)}
+    assert kinds == {"grey.jpg": 1, "colour.png": 4, "grey.png": 4, "cmyk.jpg": 4}  # bytes, or cropped in the worker
+    payloads, boxes, _ = collate_encoded(items)
+    got = decode_crops(payloads, boxes, 16, "cpu").view(2, len(dev), 3, 16, 16).transpose(0, 1)  # B x 2 x 3 x S x S
+    for name, crops, ref in zip(names, got, want):
+        assert crops.shape == (2, 3, 16, 16)
+        diff = (crops.float() - ref.float()).abs()
+        if kinds[name] == 4:
+            assert torch.equal(crops, ref), name  # decoded and cropped in the worker: --decode cpu's crop exactly
+        else:
+            assert diff.mean() <= MEAN_TOL and diff.max() <= MAX_TOL, (name, float(diff.mean()))
+        if name.startswith("grey"):
+            assert torch.equal(crops[:, 0], crops[:, 1]) and torch.equal(crops[:, 1], crops[:, 2]), name
+
+
+def _device_data(tmp_path, *extra):
+    root = _jpeg_folder(tmp_path / "data")
+    args = tiny_args(tmp_path / "exp", "--dataset", "imagefolder", root, "--image-size", "16", "-b", "4",
+                     "--workers", "1", "--seed", "3", "--aug-plus", "--augment", "device", *extra)
+    return build_pretrain_data(args, device=torch.device("cpu"))
+
+
+def _epoch(loader, epoch):
+    loader.set_epoch(epoch)
+    return [tuple(t.clone() for t in batch) for batch in loader]
+
+
+def test_seeded_epoch_repeats_and_matches_decode_cpu(tmp_path):
+    train = _device_data(tmp_path, "--decode", "device").train_loader
+    assert isinstance(train, DeviceAugmentLoader) and train.decode_size == 16
+    assert isinstance(train.inner.loader.dataset, EncodedPairs) and len(train) == 2
+    a, b, c = _epoch(train, 0), _epoch(train, 0), _epoch(train, 1)
+    assert all(torch.equal(s, t) for x, y in zip(a, b) for s, t in zip(x, y))
+    im_q, im_k, index = a[0]
+    assert im_q.shape == im_k.shape == (4, 3, 16, 16) and im_q.dtype == torch.float32
+    assert not torch.equal(im_q, im_k) and not torch.equal(a[0][0], c[0][0])
+    cpu = _epoch(_device_data(tmp_path, "--decode", "cpu").train_loader, 0)  # same seed: same boxes, same draws
+    for x, y in zip(a, cpu):
+        assert torch.equal(x[2], y[2])
+        diff = torch.cat([(x[0] - y[0]).abs(), (x[1] - y[1]).abs()])  # normalised units (1 level ~ 0.017)
+        assert diff.mean() <= 0.002 and diff.max() <= 0.1, (float(diff.mean()), float(diff.max()))  # seen: 1e-4, 0.027
+
+
+def test_a_file_the_device_cannot_decode_is_named(tmp_path):
+    root = _jpeg_folder(tmp_path / "data", n=4)
+    path = os.path.join(root, "train", "a", "0.jpg")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])  # truncated: the header reads, the decode fails
+    args = tiny_args(tmp_path / "exp", "--dataset", "imagefolder", root, "--image-size", "16", "-b", "4",
+                     "--workers", "0", "--augment", "device", "--decode", "device")
+    with pytest.raises(PCLError, match="cannot decode .*0.jpg.*--decode cpu"):
+        list(build_pretrain_data(args, device=torch.device("cpu")).train_loader)
+
+
+def test_decode_device_needs_augment_device(tmp_path):
+    assert tiny_args(tmp_path / "x").decode == "cpu"
+    root = _jpeg_folder(tmp_path / "data", n=2)
+    args = tiny_args(tmp_path / "exp", "--dataset", "imagefolder", root, "--decode", "device")
+    with pytest.raises(PCLError) as err:
+        build_pretrain_data(args, device=torch.device("cpu"))
+    message = str(err.value)
+    assert "\n" not in message and "--decode device" in message and "--augment device" in message
+
+
+def test_tiny_pretraining_with_device_decoding(tmp_path, monkeypatch):
+    """fit end to end with --augment device --decode device on a folder of JPEGs (the device: the CPU)."""
+    import pcl.engine as engine
+
+    built = []
+    real = engine.build_pretrain_data
+    monkeypatch.setattr(engine, "build_pretrain_data", lambda cfg, **k: built.append(real(cfg, **k)) or built[-1])
+    root = tmp_path / "data"
+    for i in range(12):
+        folder = root / "train" / "abc"[i % 3]
+        folder.mkdir(parents=True, exist_ok=True)
+        _picture(24, 20, seed=i).save(folder / f"{i}.jpg", quality=90)
+    args = tiny_args(tmp_path / "exp", "--dataset", "imagefolder", str(root), "--image-size", "16", "-b", "4",
+                     "--num-cluster", "2,3", "--epochs", "2", "--warmup-epoch", "1", "--pcl-r", "8", "--aug-plus",
+                     "--augment", "device", "--decode", "device", "--seed", "0", "--bn-splits", "2")
+    stats = engine.fit(args)
+    assert isinstance(built[0].train_loader, DeviceAugmentLoader) and built[0].train_loader.decode_size == 16
+    assert stats["epoch"] == 1 and torch.isfinite(torch.tensor(float(stats["loss_proto"])))
+    assert torch.isfinite(torch.tensor(float(stats["loss"])))
