@@ -6,7 +6,7 @@ setup(
     description="Prototypical Contrastive Learning (Li et al., ICLR 2021): a faithful, fast PyTorch reproduction",
     packages=find_packages(include=["pcl", "pcl.*"]),
     py_modules=["main_pcl"],
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",

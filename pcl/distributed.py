@@ -50,10 +50,10 @@ def layout(args: Any) -> tuple[int, int, bool]:
     env = args.dist_url == "env://" and "WORLD_SIZE" in os.environ and stray_rank() is None
     if env and world == -1:
         world = int(os.environ["WORLD_SIZE"])
-    spawned = bool(getattr(args, "multiprocessing_distributed", False))
+    spawned = args.multiprocessing_distributed
     if spawned:
-        nproc = getattr(args, "nproc", None) or 1
-        world, rank = nproc * max(world, 1), max(rank, 0) * nproc + getattr(args, "local_rank", 0)
+        nproc = args.nproc or 1
+        world, rank = nproc * max(world, 1), max(rank, 0) * nproc + args.local_rank
     elif env and rank == -1 and "RANK" in os.environ:
         rank = int(os.environ["RANK"])
     return world, rank, world > 1 or spawned
@@ -74,7 +74,7 @@ def stray_rank() -> str | None:
 
 def spawned_rank(args: Any) -> int | None:
     """The global rank of a worker of the official launcher (None otherwise: torchrun's RANK is read directly)."""
-    return layout(args)[1] if getattr(args, "multiprocessing_distributed", False) else None
+    return layout(args)[1] if args.multiprocessing_distributed else None
 
 
 def init(args: Any) -> torch.device:
@@ -88,14 +88,14 @@ def init(args: Any) -> torch.device:
     use_cuda = torch.cuda.is_available() and not args.cpu
     _check_group_flags(args, world, global_rank, distributed, use_cuda)
     if use_cuda:
-        if getattr(args, "multiprocessing_distributed", False):
-            local = getattr(args, "local_rank", 0)
+        if args.multiprocessing_distributed:
+            local = args.local_rank
         else:
             local = args.gpu if args.gpu is not None else int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
         torch.backends.cudnn.benchmark = True  # as official (main_worker)
-        if getattr(args, "seed_given", False):
+        if args.seed_given:
             torch.backends.cudnn.deterministic = True  # as official when --seed is given
     else:
         device = torch.device("cpu")
@@ -103,7 +103,7 @@ def init(args: Any) -> torch.device:
         backend = args.dist_backend or ("nccl" if use_cuda else "gloo")
         # a collective waits this long before the run is declared hung: the other ranks wait in one while rank 0
         # clusters (minutes per E-step at ImageNet scale); NCCL's default of 10 minutes would kill the run there
-        timeout = datetime.timedelta(minutes=getattr(args, "dist_timeout", 120))
+        timeout = datetime.timedelta(minutes=args.dist_timeout)
         logging.getLogger("pcl").info("rank %d joining %d processes at %s (waits up to --dist-timeout %g min for "
                                       "the others)", global_rank, world, args.dist_url, timeout.total_seconds() / 60)
         try:
@@ -129,7 +129,7 @@ DIST_SCHEMES = ("tcp://", "env://", "file://")
 def _check_group_flags(args: Any, world: int, global_rank: int, distributed: bool, use_cuda: bool) -> None:
     """Refuse, in one line naming the flags, what would fail inside init_process_group (a traceback) or wait
     there for a process that never comes (--dist-timeout, 2 h by default)."""
-    url, spawned = args.dist_url, bool(getattr(args, "multiprocessing_distributed", False))
+    url, spawned = args.dist_url, args.multiprocessing_distributed
     if not str(url).startswith(DIST_SCHEMES):
         raise PCLError(f"--dist-url {url}: unknown scheme; use tcp://HOST:PORT, env:// (torchrun) or file://PATH")
     if args.rank >= 0 and args.world_size >= 1 and args.rank >= args.world_size:
@@ -173,8 +173,8 @@ def local_processes(args: Any) -> int:
     spawn launcher, else 1 (one process per node, e.g. SLURM srun with one task per node)."""
     if "LOCAL_WORLD_SIZE" in os.environ:
         return int(os.environ["LOCAL_WORLD_SIZE"])
-    if getattr(args, "multiprocessing_distributed", False):
-        return getattr(args, "nproc", None) or 1  # launch() records how many it spawned
+    if args.multiprocessing_distributed:
+        return args.nproc or 1  # launch() records how many it spawned
     return 1
 
 

@@ -33,7 +33,7 @@ def main(build_parser: Callable[[], argparse.ArgumentParser], fn: Callable[[RunC
     command's name when it cannot spawn workers (then --multiprocessing-distributed is refused in one line)."""
 
     def run(args: RunConfig) -> Any:
-        if one_process and getattr(args, "multiprocessing_distributed", False):
+        if one_process and args.multiprocessing_distributed:
             raise PCLError(f"{one_process} does not spawn workers: drop --multiprocessing-distributed (it runs in one "
                            f"process, or under torchrun --nproc_per_node N ... --dist-url env://)")
         return launch(args, fn)

@@ -102,7 +102,9 @@ class RunLog:
     """JSON lines in EXP_DIR/log.txt plus TensorBoard scalars under EXP_DIR/tb (rank 0 only). A full disk is one
     warning each and never stops the run: the checkpoint, saved before, is what matters."""
 
-    def __init__(self, exp_dir: str, tensorboard: bool = True) -> None:
+    def __init__(self, exp_dir: str, tensorboard: bool = True, purge_step: int | None = None) -> None:
+        """``purge_step``: a resumed run's first epoch; TensorBoard hides the earlier run's events from there on,
+        so the resumed run continues one curve instead of drawing a second one over it."""
         self.active = dist_utils.is_main()
         self.path = os.path.join(exp_dir, "log.txt")
         self.tb_dir = os.path.join(exp_dir, "tb")
@@ -111,7 +113,7 @@ class RunLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(self.tb_dir)
+                self.writer = SummaryWriter(self.tb_dir, purge_step=purge_step)
             except ImportError:
                 logging.getLogger("pcl").warning("tensorboard is not installed: no TensorBoard logs")
             except OSError as e:

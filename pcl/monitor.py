@@ -135,8 +135,10 @@ class Monitor:
     feature passes and the rank-0 work are collectives); rank 0 writes TensorBoard, train.log and the galleries."""
 
     def __init__(self, settings: MonitorSettings, run_log: RunLog, data: PretrainData, device: torch.device,
-                 stop: StopRequest) -> None:
+                 stop: StopRequest, resumed_from: str | None = None) -> None:
+        """``resumed_from``: the checkpoint this run continues; its first line in log.txt names it."""
         self.settings, self.run_log, self.data, self.device, self.stop = settings, run_log, data, device, stop
+        self.resumed_from = resumed_from
         self.estep: dict[str, float] = {}  # the last E-step's timings, logged with its epoch
         self.gallery: list[list[GalleryRow]] = []  # per granularity, rank 0
         self.since = time.perf_counter()
@@ -154,7 +156,10 @@ class Monitor:
         estep.features = None
         self.estep = {"estep_seconds": estep.seconds,
                       **{f"kmeans_seconds_k{k}": sec for k, sec in zip(s.num_cluster, estep.kmeans_seconds)}}
-        logger.info("E-step epoch %d: features %.1f s, k-means %s s, total %.1f s", epoch, estep.feature_seconds,
+        sizes = [torch.bincount(a, minlength=len(c)) for a, c in zip(clusters.im2cluster, clusters.centroids)]
+        logger.info("E-step epoch %d: %s; features %.1f s, k-means %s s, total %.1f s", epoch,
+                    ", ".join(f"k={k} (largest {int(z.max())}, {int((z == 0).sum())} empty)"
+                              for k, z in zip(s.num_cluster, sizes)), estep.feature_seconds,
                     "/".join(f"{sec:.1f}" for sec in estep.kmeans_seconds), estep.seconds)
         return clusters
 
@@ -184,10 +189,20 @@ class Monitor:
         return epoch_stats
 
     def record(self, stats: dict[str, Any]) -> None:
-        """The epoch's line in train.log (rank 0) and the console."""
-        self.run_log.record(stats)
+        """The epoch's line in log.txt and train.log (rank 0) and the console; the first after a resume names the
+        checkpoint it continued (so a restart is marked where log.txt repeats epochs)."""
+        self.run_log.record({**stats, "resumed_from": self.resumed_from} if self.resumed_from else stats)
+        self.resumed_from = None
         logger.info("epoch %d: %s", stats["epoch"], " ".join(f"{k}={v:.4g}" for k, v in stats.items() if k != "epoch"))
         self.since = time.perf_counter()
+
+    def finished(self, last_checkpoint: str) -> None:
+        """The run's last line: where its weights are, the epoch convention, and what to run next."""
+        epoch = self.settings.epochs - 1
+        logger.info("finished %d epochs (counted from 0): %s holds the weights after epoch %d (its 'epoch' entry, "
+                    "%d, is where --resume continues). Next: python eval_linear.py DIR --pretrained %s; "
+                    "python -m pcl.evaluation.knn DIR --pretrained %s", self.settings.epochs, last_checkpoint, epoch,
+                    epoch + 1, last_checkpoint, last_checkpoint)
 
     def final_report(self, model: nn.Module, random_init: Callable[[], nn.Module]) -> dict[str, float]:
         """With --knn-eval: kNN top-1 on the labelled test split of the learned backbone, a random-init one (built by
@@ -245,4 +260,4 @@ class Monitor:
         for k, rows in zip(self.settings.num_cluster, self.gallery):
             self.run_log.image(f"prototypes/k{k}", render_gallery(rows, self.data.eval_loader), epoch)
             self.run_log.text(f"prototypes/k{k}", caption(k, rows), epoch)
-        logger.info("prototype galleries: %.2f s", time.perf_counter() - start)
+        logger.debug("prototype galleries: %.2f s", time.perf_counter() - start)

@@ -1,6 +1,7 @@
 import glob
 import os
 import re
+import sys
 
 import pytest
 
@@ -47,6 +48,16 @@ def test_unknown_config_key_is_an_error(tmp_path):
     cfg.write_text("lr: 0.5\nlearning_rat: 3\n")
     with pytest.raises(PCLError, match="unknown key 'learning_rat'"):
         parse_args(build_pretrain_parser(), ["-c", str(cfg)])
+
+
+def test_every_unknown_config_key_is_named_at_once_with_the_nearest_flag(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("num_clusters: 10\nlr: 0.5\nwarmup-epochs: 3\nfoo_bar_baz: 1\n")
+    with pytest.raises(PCLError) as err:
+        parse_args(build_pretrain_parser(), ["-c", str(cfg)])
+    assert str(err.value) == (f"config {cfg}: unknown key 'num_clusters' (did you mean 'num_cluster'?); unknown key "
+                              f"'warmup-epochs' (did you mean 'warmup_epoch'?); unknown key 'foo_bar_baz' (valid keys "
+                              f"are the command-line flags, see --help)")
 
 
 @pytest.mark.parametrize("bad", ["25000,abc", "", "1", "10,,x"])
@@ -126,3 +137,29 @@ def test_every_numeric_flag_of_every_entry_point_has_a_range():
     unchecked = {a.dest for p in parsers for a in p._actions
                  if a.type in (int, float) and a.dest not in RANGES and a.choices is None}
     assert unchecked == set(), unchecked
+
+
+def test_progress_bars_are_off_when_stderr_is_not_a_terminal(monkeypatch):
+    class Terminal:
+        def isatty(self):
+            return True
+
+        def write(self, text):
+            return len(text)
+
+    assert parse_args(build_pretrain_parser(), ["--dataset", "demo"]).no_progress  # pytest's captured stderr
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert not parse_args(build_pretrain_parser(), ["--dataset", "demo"]).no_progress
+    assert parse_args(build_pretrain_parser(), ["--dataset", "demo", "--no-progress"]).no_progress
+
+
+@pytest.mark.parametrize("build", ["build_pretrain_parser", "build_linear_parser", "build_svm_parser"])
+def test_help_gives_every_flag_a_text_and_one_default(build):
+    import pcl.config as config
+
+    parser = getattr(config, build)()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        text = formatter._expand_help(action) if action.help else ""
+        assert text.strip(), f"{action.option_strings} has no help text"
+        assert text.count("default") <= 1, f"{action.option_strings}: {text}"

@@ -72,3 +72,19 @@ def test_an_e_step_is_noted_its_features_dropped_and_its_timings_logged_with_the
     assert stats["estep_seconds"] == 1.5 and stats["kmeans_seconds_k2"] == 0.25 and stats["kmeans_seconds_k3"] == 0.75
     assert stats["epoch"] == 4 and stats["lr"] == 0.05 and stats["loss"] == 2.0 and stats["seconds"] >= 0
     assert monitor.final_report(None, lambda: None) == {}  # no --knn-eval
+
+
+def test_a_resumed_run_marks_its_restart_in_log_txt_and_ends_with_where_its_weights_are(tmp_path):
+    import json
+
+    from conftest import tiny_args
+    from pcl.engine import fit
+
+    fit(tiny_args(tmp_path, "--epochs", "1", "--warmup-epoch", "5"))
+    fit(tiny_args(tmp_path, "--epochs", "2", "--warmup-epoch", "5", "--resume", "auto"))
+    lines = [json.loads(line) for line in (tmp_path / "log.txt").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [0, 1]
+    assert "resumed_from" not in lines[0] and lines[1]["resumed_from"].endswith("checkpoint_0000.pth.tar")
+    last = [m for m in (tmp_path / "train.log").read_text().splitlines() if "] finished" in m]
+    assert len(last) == 2 and "checkpoint_0001.pth.tar holds the weights after epoch 1" in last[1]
+    assert "python eval_linear.py DIR --pretrained" in last[1]

@@ -30,6 +30,7 @@ from pcl.data import LabelledData, build_labelled_data
 from pcl.evaluation.common import LossGuard, eval_backbone, prepare_eval, resolve_eval_dataset
 from pcl.features import extract_features
 from pcl.log import AverageMeter, RunLog
+from pcl.model import unwrap
 from pcl.schedule import adjust_learning_rate
 
 logger = logging.getLogger("pcl")
@@ -64,7 +65,7 @@ def backbone_settings(model: nn.Module) -> dict[str, Any]:
 
 def _changed_tensor(model: nn.Module, frozen: dict[str, torch.Tensor]) -> str | None:
     """The first frozen tensor (everything but ``fc``) that differs from ``frozen``; None if none does."""
-    inner = model.module if hasattr(model, "module") else model
+    inner = unwrap(model)
     state = inner.state_dict()
     return next((k for k, ref in frozen.items() if not k.startswith("fc.") and not torch.equal(state[k].cpu(), ref.cpu())),
                 None)
@@ -184,7 +185,7 @@ def _resume(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None
     if changed is not None and pretrained:
         raise PCLError(f"--resume {path} was not trained on --pretrained {pretrained}: its backbone weights differ "
                        f"(first: {changed}); give the --pretrained it was trained on")
-    inner = model.module if hasattr(model, "module") else model
+    inner = unwrap(model)
     frozen.update({k: v.detach().cpu().clone() for k, v in inner.state_dict().items() if k in frozen})
     if optimizer is not None and "optimizer" in ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -277,7 +278,7 @@ def train_head(head: nn.Linear, train_views: torch.Tensor, train_labels: torch.T
     gen = torch.Generator(device=train_views.device).manual_seed(args.seed)
     v, n, _ = train_views.shape
     rows = torch.arange(n, device=train_views.device)
-    guard = LossGuard(train_views.device, getattr(args, "print_freq", 10))
+    guard = LossGuard(train_views.device, args.print_freq)
     history = []
     for epoch in range(start_epoch, args.epochs):
         lr = adjust_learning_rate(optimizer, epoch, args.epochs, args.lr, args.cos, args.schedule)

@@ -30,6 +30,7 @@ from pcl.config import RunConfig
 from pcl.evaluation.common import eval_backbone, prepare_eval, resolve_eval_dataset
 from pcl.evaluation.linear import backbone_settings, build_probe, train_epoch, validate
 from pcl.log import RunLog
+from pcl.model import unwrap
 from pcl.schedule import adjust_learning_rate
 
 logger = logging.getLogger("pcl")
@@ -88,7 +89,7 @@ def fit_semisup(args: Any) -> dict[str, Any]:
 
 def _finetune(model: nn.Module, data: Any, args: RunConfig, device: torch.device) -> dict[str, Any]:
     """SwAV's fine-tuning epochs: two lrs (backbone, head), step decay, best top-1 kept."""
-    inner = model.module if hasattr(model, "module") else model
+    inner = unwrap(model)
     head = [inner.fc.weight, inner.fc.bias]
     trunk = [p for n, p in inner.named_parameters() if not n.startswith("fc.")]
     optimizer = torch.optim.SGD([{"params": trunk}, {"params": head, "lr": args.lr_last_layer}], lr=args.lr,

@@ -8,7 +8,7 @@ the best cost's mean over runs is reported. Low-shot sampling follows the offici
 each class, k images among its positives, concatenated over classes (an image drawn for two classes appears
 twice), each with its full label row.
 
-What differs (documented in the README): features are extracted once per split (the official re-extracts the
+What differs (documented in docs/faithfulness.md): features are extracted once per split (the official re-extracts the
 training set for every k, run and cost); the runs of k are seeded by (seed, k, run) with numpy's Generator
 rather than a shared ``random`` stream; SVMs for different classes run in parallel (joblib).
 """
