@@ -1,5 +1,6 @@
 import contextlib
 import io
+import logging
 import os
 import sys
 
@@ -232,3 +233,19 @@ class HostSyncRecorder(TorchFunctionMode):
         if func in self.SYNCS:
             self.calls.append(func.__name__)
         return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def pcl_warnings():
+    """The WARNING lines logged to the 'pcl' logger (it does not propagate to caplog's root handler)."""
+    lines = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            if record.levelno >= logging.WARNING:
+                lines.append(record.getMessage())
+
+    keep = Keep()
+    logging.getLogger("pcl").addHandler(keep)
+    yield lines
+    logging.getLogger("pcl").removeHandler(keep)

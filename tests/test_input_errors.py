@@ -3,7 +3,6 @@
 Every process-group test can only wait seconds: --dist-timeout 0.05 min, and the refusals come before any wait.
 """
 
-import logging
 import os
 import socket
 import subprocess
@@ -27,22 +26,6 @@ def _clean_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     yield
     dist_utils.cleanup()
-
-
-@pytest.fixture
-def warnings_of_pcl():
-    """The WARNING lines logged to the 'pcl' logger (it does not propagate to caplog's root handler)."""
-    lines = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            if record.levelno >= logging.WARNING:
-                lines.append(record.getMessage())
-
-    keep = Keep()
-    logging.getLogger("pcl").addHandler(keep)
-    yield lines
-    logging.getLogger("pcl").removeHandler(keep)
 
 
 # 1. a stray RANK
@@ -143,23 +126,23 @@ def test_repeated_num_cluster_is_refused(tmp_path):
 # 4. flags without effect
 
 
-def test_nproc_without_multiprocessing_distributed_warns_once(tmp_path, warnings_of_pcl):
+def test_nproc_without_multiprocessing_distributed_warns_once(tmp_path, pcl_warnings):
     validate_pretrain_args(tiny_args(tmp_path / "exp", "--nproc", "2"))
-    assert len(warnings_of_pcl) == 1, warnings_of_pcl
-    assert warnings_of_pcl[0].startswith("--nproc 2 has no effect without --multiprocessing-distributed")
+    assert len(pcl_warnings) == 1, pcl_warnings
+    assert pcl_warnings[0].startswith("--nproc 2 has no effect without --multiprocessing-distributed")
     validate_pretrain_args(tiny_args(tmp_path / "exp", "--nproc", "2", "--multiprocessing-distributed"))
     validate_pretrain_args(tiny_args(tmp_path / "exp"))
-    assert len(warnings_of_pcl) == 1
+    assert len(pcl_warnings) == 1
 
 
-def test_class_list_with_a_builtin_dataset_warns_once(tmp_path, warnings_of_pcl):
+def test_class_list_with_a_builtin_dataset_warns_once(tmp_path, pcl_warnings):
     classes = tmp_path / "classes.txt"
     classes.write_text("n01\nn02\n")
     validate_pretrain_args(tiny_args(tmp_path / "exp", "--class-list", str(classes)))  # --dataset demo
-    assert len(warnings_of_pcl) == 1, warnings_of_pcl
-    assert warnings_of_pcl[0].startswith(f"--class-list {classes} has no effect with --dataset demo")
+    assert len(pcl_warnings) == 1, pcl_warnings
+    assert pcl_warnings[0].startswith(f"--class-list {classes} has no effect with --dataset demo")
     validate_pretrain_args(tiny_args(tmp_path / "exp", "--class-list", str(classes), str(tmp_path)))  # ImageFolder
-    assert len(warnings_of_pcl) == 1
+    assert len(pcl_warnings) == 1
 
 
 def test_a_seed_beyond_64_bits_is_refused_at_parse_time():
@@ -181,18 +164,18 @@ def test_an_infinite_svm_cost_is_refused_before_any_work(tmp_path, cost):
         run_svm(args)
 
 
-def test_knn_flags_without_a_val_split_warn_and_name_the_folder(tmp_path, warnings_of_pcl):
+def test_knn_flags_without_a_val_split_warn_and_name_the_folder(tmp_path, pcl_warnings):
     from conftest import image_folder
     from pcl.data.pretrain import build_pretrain_data
 
     image_folder(tmp_path / "data", ["a", "b"], splits=("train",))
     args = validate_pretrain_args(tiny_args(tmp_path / "exp", str(tmp_path / "data"), "--knn-eval", "-j", "0"))
     assert build_pretrain_data(args).knn is None
-    assert warnings_of_pcl == [f"--knn-eval / --knn-every have no effect: the kNN monitor needs a labelled test "
+    assert pcl_warnings == [f"--knn-eval / --knn-every have no effect: the kNN monitor needs a labelled test "
                                f"split and {tmp_path / 'data' / 'val'} does not exist"]
     image_folder(tmp_path / "data", ["a", "b"], splits=("val",))
     assert build_pretrain_data(args).knn is not None  # with val/ the monitor runs, and nothing is said
-    assert len(warnings_of_pcl) == 1
+    assert len(pcl_warnings) == 1
 
 
 # 5. a blocked read

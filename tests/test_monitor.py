@@ -1,6 +1,5 @@
 """pcl.monitor: what pretraining observes (timings, cluster statistics, the input-bound warning)."""
 
-import logging
 import time
 
 import torch
@@ -22,16 +21,6 @@ def _monitor(tmp_path, **changes):
                    PretrainData(None, None, 6), torch.device("cpu"), StopRequest())
 
 
-class _Warnings(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.lines = []
-
-    def emit(self, record):
-        if record.levelno >= logging.WARNING:
-            self.lines.append(record.getMessage())
-
-
 def _slow_batches(n, seconds):
     for i in range(n):
         time.sleep(seconds)
@@ -49,17 +38,13 @@ def test_input_clock_measures_the_share_of_time_spent_waiting_for_batches():
     assert computing.stats()["input_wait"] < 0.1
 
 
-def test_an_input_bound_first_epoch_warns_once_with_the_fix(tmp_path):
-    monitor, seen = _monitor(tmp_path), _Warnings()
-    logging.getLogger("pcl").addHandler(seen)
-    try:
-        monitor.epoch_end(0, None, None, {"loss": 1.0, "input_wait": 0.7}, 0.1)
-        monitor.epoch_end(1, None, None, {"loss": 1.0, "input_wait": 0.9}, 0.1)  # said once: not again
-        assert len(seen.lines) == 1 and "waited 70% of epoch 0" in seen.lines[0] and "--workers" in seen.lines[0]
-        _monitor(tmp_path).epoch_end(0, None, None, {"loss": 1.0, "input_wait": 0.1}, 0.1)
-        assert len(seen.lines) == 1  # a model-bound epoch warns nothing
-    finally:
-        logging.getLogger("pcl").removeHandler(seen)
+def test_an_input_bound_first_epoch_warns_once_with_the_fix(tmp_path, pcl_warnings):
+    monitor = _monitor(tmp_path)
+    monitor.epoch_end(0, None, None, {"loss": 1.0, "input_wait": 0.7}, 0.1)
+    monitor.epoch_end(1, None, None, {"loss": 1.0, "input_wait": 0.9}, 0.1)  # said once: not again
+    assert len(pcl_warnings) == 1 and "waited 70% of epoch 0" in pcl_warnings[0] and "--workers" in pcl_warnings[0]
+    _monitor(tmp_path).epoch_end(0, None, None, {"loss": 1.0, "input_wait": 0.1}, 0.1)
+    assert len(pcl_warnings) == 1  # a model-bound epoch warns nothing
 
 
 def test_an_e_step_is_noted_its_features_dropped_and_its_timings_logged_with_the_epoch(tmp_path):

@@ -1,7 +1,6 @@
 """The dataset table (pcl.data.registry): it and the parsers agree, adding a dataset is one entry, and its facts
 match what the readers find on tiny fake data."""
 
-import logging
 
 import pytest
 import torch
@@ -16,22 +15,6 @@ from pcl.data.transfer import svm_sets
 
 def dataset_choices(parser):
     return next(a.choices for a in parser._actions if a.dest == "dataset")
-
-
-@pytest.fixture
-def pcl_warnings():
-    """The WARNING lines logged to the 'pcl' logger (it does not propagate to caplog's root handler)."""
-    lines = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            if record.levelno >= logging.WARNING:
-                lines.append(record.getMessage())
-
-    keep = Keep()
-    logging.getLogger("pcl").addHandler(keep)
-    yield lines
-    logging.getLogger("pcl").removeHandler(keep)
 
 
 @pytest.fixture
