@@ -184,6 +184,11 @@ def _add_pcl_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fixed-concentration", action="store_true",
                    help="ablation: every prototype's temperature phi = --temperature instead of the estimated "
                         "concentration (Eq. 12)")
+    g.add_argument("--kmeans-reseed", action="store_true",
+                   help="ablation, not official: a fresh k-means seed at every E-step (drawn from --seed and the "
+                        "epoch, logged as kmeans_seed) instead of the official seed g for granularity g every time")
+    g.add_argument("--proto-weight", default=1.0, type=float, metavar="W",
+                   help="ablation, not official (1 = official): the ProtoNCE term's weight in the loss")
     g.add_argument("--unique-prototypes", action="store_true",
                    help="not in the official code: each prototype enters a sample's ProtoNCE denominator once (copies "
                         "of its own prototype, brought in by batch-mates of the same cluster, are masked out)")

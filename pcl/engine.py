@@ -71,7 +71,8 @@ def _pretrain(cfg: RunConfig, on_step: Callable[[int, int], None] | None) -> dic
             for epoch in range(session.start_epoch, cfg.epochs):
                 clusters = session.begin(epoch)  # seeds the epoch; mid-epoch: the checkpoint's prototypes
                 if clusters is None and epoch >= cfg.warmup_epoch:
-                    estep = e_step(model, data.eval_loader, data.num_samples, estep_settings, device, session.stop)
+                    estep = e_step(model, data.eval_loader, data.num_samples, estep_settings, device, session.stop,
+                                   epoch)
                     clusters = monitor.e_step(epoch, estep)
                 lr = adjust_learning_rate(optimizer, epoch, cfg.epochs, cfg.lr, cfg.cos, cfg.schedule)
                 state = session.epoch_state(epoch, clusters, data.train_loader, criterion.meters)
@@ -157,7 +158,7 @@ def build_loss(cfg: RunConfig) -> PCLLoss:
     negatives, and with --pauc the weighted PAUC terms."""
     pauc = {"align": cfg.pauc_align, "uniform": cfg.pauc_uniform, "corr": cfg.pauc_corr} if cfg.pauc else None
     return PCLLoss(cfg.temperature, cfg.num_cluster, cfg.pcl_r, cfg.unique_prototypes, cfg.proto_chunks, pauc,
-                   cfg.pauc_alpha, cfg.pauc_t)
+                   cfg.pauc_alpha, cfg.pauc_t, cfg.proto_weight)
 
 
 def _check_batch(cfg: RunConfig, world: int) -> int:
@@ -181,8 +182,8 @@ def _check_data(cfg: RunConfig, data: PretrainData) -> None:
         raise PCLError(f"--num-cluster {','.join(map(str, cfg.num_cluster))}: k={max(cfg.num_cluster)} is "
                        f"larger than the {data.num_samples} training samples; choose every k <= {data.num_samples}")
     if cfg.warmup_epoch < cfg.epochs and cfg.pcl_r >= min(cfg.num_cluster):
-        logger.warning("--pcl-r %d is larger than what the smallest granularity (k=%d) can supply: granularities "
-                       "with k <= r use all their non-positive prototypes as negatives", cfg.pcl_r, min(cfg.num_cluster))
+        logger.info("--pcl-r %d is more than the smallest granularity (k=%d) can supply: granularities with k <= r "
+                    "use all their non-positive prototypes as negatives", cfg.pcl_r, min(cfg.num_cluster))
 
 
 def setup(cfg: RunConfig) -> tuple[torch.device, PretrainData, nn.Module, torch.optim.Optimizer]:

@@ -29,6 +29,7 @@ class EStep:
     feature_seconds: float
     kmeans_seconds: list[float]  # per granularity
     seconds: float  # features + k-means + phi + broadcast
+    seed: int = 0  # the k-means seed (granularity g: seed + g)
 
 
 def _key_encoder(model: nn.Module, device: torch.device, stop: StopRequest | None
@@ -61,7 +62,7 @@ def _momentum_features(model: nn.Module, loader, device: torch.device, num_sampl
 
 
 def _cluster_across_ranks(model: nn.Module, loader, device: torch.device, num_samples: int,
-                          settings: EStepSettings, stop: StopRequest | None
+                          settings: EStepSettings, stop: StopRequest | None, seed: int = 0
                           ) -> tuple[ClusterResult, torch.Tensor | None, float, list[float]]:
     """--kmeans-backend torch-ranks: every rank encodes its shard and keeps it; the PyTorch k-means runs on all
     ranks' rows at once (per-centroid sums all-reduced every Lloyd iteration, phi from all-reduced per-cluster
@@ -81,7 +82,7 @@ def _cluster_across_ranks(model: nn.Module, loader, device: torch.device, num_sa
     result = ClusterResult()
     for g, k in enumerate(settings.num_cluster):  # one granularity at a time: each one's seconds
         begin = time.perf_counter()
-        one = run_kmeans_across_ranks(rows, index, num_samples, [k], settings.temperature, seed=g,
+        one = run_kmeans_across_ranks(rows, index, num_samples, [k], settings.temperature, seed=seed + g,
                                       niter=settings.niter, nredo=settings.nredo, should_stop=agreed,
                                       precision=settings.precision)
         if not one.im2cluster:
@@ -102,7 +103,8 @@ def compute_features(model: nn.Module, loader, device: torch.device, num_samples
 
 
 def _cluster_on_rank0(features: torch.Tensor | None, shape: tuple[int, int], settings: EStepSettings,
-                      device: torch.device, stop: StopRequest | None) -> tuple[ClusterResult, list[float]]:
+                      device: torch.device, stop: StopRequest | None, seed: int = 0
+                      ) -> tuple[ClusterResult, list[float]]:
     """k-means + phi on rank 0 (``features``: N x d there, None on the others; ``shape`` = (N, d) everywhere),
     broadcast so that every rank holds the same result; with rank 0's k-means seconds per granularity. Raises
     :class:`Stopped` on every rank when rank 0 stopped early for a stop request; an error there (collapsed
@@ -110,7 +112,7 @@ def _cluster_on_rank0(features: torch.Tensor | None, shape: tuple[int, int], set
     Collectives, the same on every rank: two object broadcasts, then 3 tensors per granularity."""
     ks = settings.num_cluster
     should_stop = (lambda: stop.signal_name is not None) if stop is not None else None
-    result = dist_utils.main_only(lambda: run_kmeans(features, ks, settings.temperature, seed=0,
+    result = dist_utils.main_only(lambda: run_kmeans(features, ks, settings.temperature, seed=seed,
                                                      niter=settings.niter, nredo=settings.nredo,
                                                      backend=settings.backend, should_stop=should_stop,
                                                      precision=settings.precision),
@@ -132,27 +134,28 @@ def _cluster_on_rank0(features: torch.Tensor | None, shape: tuple[int, int], set
 
 
 def e_step(model: nn.Module, loader, num_samples: int, settings: EStepSettings, device: torch.device,
-           stop: StopRequest | None = None) -> EStep:
+           stop: StopRequest | None = None, epoch: int = 0) -> EStep:
     """Features, k-means per granularity and phi on rank 0, broadcast so every rank holds the same prototypes.
     It computes only: what is logged of it is :class:`pcl.monitor.Monitor`'s.
 
     What each rank does: encodes its shard of the training set (``loader``) with the key encoder (eval mode, rank
     0's BN statistics) and sends it to rank 0, which alone holds the N x C features, clusters them and computes
     phi; then every rank receives the assignments, centroids and phi. A ``stop`` request (checked per feature
-    batch and, on rank 0, between Lloyd iterations) raises :class:`Stopped` on every rank."""
-    start = time.perf_counter()
+    batch and, on rank 0, between Lloyd iterations) raises :class:`Stopped` on every rank. ``epoch`` only matters
+    with --kmeans-reseed (the seed is drawn from it)."""
+    start, seed = time.perf_counter(), settings.kmeans_seed(epoch)
     if settings.backend == "torch-ranks":
         clusters, features, feature_seconds, kmeans_seconds = _cluster_across_ranks(model, loader, device,
-                                                                                    num_samples, settings, stop)
+                                                                                    num_samples, settings, stop, seed)
     else:
         features = _momentum_features(model, loader, device, num_samples,
                                       settings.progress and dist_utils.is_main(), stop, 0)
         feature_seconds = time.perf_counter() - start
         clusters, kmeans_seconds = _cluster_on_rank0(features, (num_samples, unwrap(model).queue.shape[0]),
-                                                     settings, device, stop)
+                                                     settings, device, stop, seed)
     if settings.fixed_concentration:  # ablation: one temperature for every prototype
         clusters.concentration = [torch.full_like(phi, settings.temperature) for phi in clusters.concentration]
-    return EStep(clusters, features, feature_seconds, kmeans_seconds, time.perf_counter() - start)
+    return EStep(clusters, features, feature_seconds, kmeans_seconds, time.perf_counter() - start, seed)
 
 
 SELF_CHECK_ROWS = 4096  # rows of the start-up rehearsal: enough for k-means at k <= 64 (faiss wants 10 per k)

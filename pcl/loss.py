@@ -281,12 +281,14 @@ class PCLLoss:
 
     def __init__(self, temperature: float, num_cluster: Sequence[int], r: int, unique_prototypes: bool = False,
                  chunks: int = 1, pauc_weights: dict[str, float] | None = None, pauc_alpha: float = 2.0,
-                 pauc_t: float = 2.0) -> None:
+                 pauc_t: float = 2.0, proto_weight: float = 1.0) -> None:
         """``pauc_weights``: {"align", "uniform", "corr"} -> weight; None: no PAUC terms computed (a weight of 0
-        computes and logs the term without adding it)."""
+        computes and logs the term without adding it). ``proto_weight``: the ProtoNCE term's weight (1, as
+        official; an ablation otherwise)."""
         self.temperature, self.num_cluster, self.r = temperature, tuple(num_cluster), r
         self.unique_prototypes, self.chunks = unique_prototypes, chunks
         self.pauc_weights, self.pauc_alpha, self.pauc_t = pauc_weights, pauc_alpha, pauc_t
+        self.proto_weight = proto_weight
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, index: torch.Tensor,
                  prototypes: Prototypes | None, generator: torch.Generator | None = None) -> LossOutput:
@@ -299,7 +301,8 @@ class PCLLoss:
         if prototypes is not None:
             out = proto_nce(q, index, prototypes.im2cluster, prototypes.centroids, prototypes.concentration, self.r,
                             generator, unique_prototypes=self.unique_prototypes, chunks=self.chunks)
-            proto, total = out.loss, total + out.loss
+            proto = out.loss
+            total = total + (proto if self.proto_weight == 1 else self.proto_weight * proto)  # 1: official bits
             logs.append(("loss_proto", proto))
             if self.pauc_weights is not None:
                 terms = pauc_terms(q, k.detach(), index, prototypes.im2cluster, prototypes.centroids,

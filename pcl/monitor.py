@@ -143,6 +143,7 @@ class Monitor:
         self.gallery: list[list[GalleryRow]] = []  # per granularity, rank 0
         self.since = time.perf_counter()
         self.input_checked = False
+        self.previous: list | None = None  # rank 0: the last E-step's assignments (numpy, per granularity)
 
     def e_step(self, epoch: int, estep: EStep) -> ClusterResult:
         """Note an E-step (its timings; its gallery rows while rank 0 still holds the features, which are then
@@ -155,7 +156,9 @@ class Monitor:
                 "the gallery") or []
         estep.features = None
         self.estep = {"estep_seconds": estep.seconds,
-                      **{f"kmeans_seconds_k{k}": sec for k, sec in zip(s.num_cluster, estep.kmeans_seconds)}}
+                      **{f"kmeans_seconds_k{k}": sec for k, sec in zip(s.num_cluster, estep.kmeans_seconds)},
+                      **self._drift(clusters),
+                      **({"kmeans_seed": estep.seed} if estep.seed else {})}  # --kmeans-reseed
         sizes = [torch.bincount(a, minlength=len(c)) for a, c in zip(clusters.im2cluster, clusters.centroids)]
         logger.info("E-step epoch %d: %s; features %.1f s, k-means %s s, total %.1f s", epoch,
                     ", ".join(f"k={k} (largest {int(z.max())}, {int((z == 0).sum())} empty)"
@@ -231,6 +234,19 @@ class Monitor:
                            "(--augment device)", 100 * wait, epoch)
         else:
             logger.info("input pipeline: the training steps waited %.0f%% of epoch %d for batches", 100 * wait, epoch)
+
+    def _drift(self, clusters: ClusterResult) -> dict[str, float]:
+        """How far the prototypes moved since the previous E-step of this run: per granularity the NMI (percent)
+        between the two assignments of the training set (100: the same partition; the freeze diagnostic). Rank 0,
+        O(N) per granularity; nothing at a run's first E-step."""
+        def drift() -> dict[str, float]:
+            now = [a.cpu().numpy() for a in clusters.im2cluster]
+            out = {} if self.previous is None else {
+                f"drift_nmi_k{k}": clustering_scores(before, after, with_ami=False, with_acc=False)["nmi"]
+                for k, before, after in zip(self.settings.num_cluster, self.previous, now)}
+            self.previous = now
+            return out
+        return dist_utils.main_only(drift, "the prototype drift") or {}
 
     def _cluster_scores(self, clusters: ClusterResult) -> dict[str, float]:
         labels = self.data.knn[1] if self.data.knn is not None else None

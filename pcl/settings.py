@@ -91,12 +91,19 @@ class EStepSettings:
     progress: bool  # a progress bar on rank 0 (not --no-progress)
     keep_features: bool  # rank 0 returns the N x C features (the galleries read them; --prototype-gallery)
     precision: str  # the PyTorch k-means' assignment step: fp32 (as faiss) | tf32 | bf16 (--kmeans-precision)
+    reseed: bool  # ablation: a fresh k-means seed per E-step (--kmeans-reseed); official: seed g every epoch
+    run_seed: int  # --seed, what the fresh seeds are drawn from
 
     @classmethod
     def of(cls, cfg: Mapping[str, Any]) -> "EStepSettings":
         return cls(tuple(cfg["num_cluster"]), cfg["temperature"], cfg["kmeans_niter"], cfg["kmeans_nredo"],
                    cfg["kmeans_backend"], cfg["fixed_concentration"], not cfg["no_progress"], cfg["prototype_gallery"],
-                   cfg["kmeans_precision"])
+                   cfg["kmeans_precision"], cfg["kmeans_reseed"], cfg["seed"])
+
+    def kmeans_seed(self, epoch: int) -> int:
+        """The k-means seed of the E-step at ``epoch`` (granularity g adds g): 0, as official, or with
+        --kmeans-reseed one drawn from (--seed, epoch)."""
+        return (self.run_seed * 1_000_003 + epoch) * 7919 % 2 ** 31 if self.reseed else 0
 
 
 @dataclass(frozen=True)
@@ -249,7 +256,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(("lr", "temperature", "knn_t", "pauc_alpha", "pauc_t", "lr_last_layer", "dist_timeout",
                      "knn_max_bank_gb"),
                     _POSITIVE),
-    **dict.fromkeys(("weight_decay", "pauc_align", "pauc_uniform", "pauc_corr", "loader_timeout"), _NON_NEGATIVE),
+    **dict.fromkeys(("weight_decay", "pauc_align", "pauc_uniform", "pauc_corr", "loader_timeout", "proto_weight"),
+                    _NON_NEGATIVE),
     **dict.fromkeys(("schedule", "decay_epochs"), _EPOCH_LIST),
     "image_size": _at_least(8, " (pixels)"),
     "save_freq": _at_least(1, " (epochs between checkpoints; the last epoch is always saved)"),

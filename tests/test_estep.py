@@ -73,3 +73,33 @@ def test_a_run_with_torch_ranks_equals_one_with_torch(tmp_path):
     drop = ("seconds", "input_wait")
     assert {k: v for k, v in a.items() if not any(d in k for d in drop)} == \
         {k: v for k, v in b.items() if not any(d in k for d in drop)}
+
+
+def test_kmeans_reseed_draws_a_recorded_seed_per_e_step_and_the_default_is_official(tmp_path):
+    official = _settings(tmp_path, "torch")
+    assert official.kmeans_seed(0) == official.kmeans_seed(7) == 0  # seed g for granularity g, every epoch
+    reseeded = replace(official, reseed=True)
+    seeds = {reseeded.kmeans_seed(epoch) for epoch in range(20)}
+    assert len(seeds) == 20 and reseeded.kmeans_seed(3) == replace(official, reseed=True).kmeans_seed(3)
+    loader, cpu = TensorEvalLoader(_images(), 5), torch.device("cpu")
+    a = e_step(_model(), loader, N, reseeded, cpu, epoch=1)
+    b = e_step(_model(), loader, N, reseeded, cpu, epoch=2)
+    assert a.seed == reseeded.kmeans_seed(1) != b.seed
+    stats = fit(tiny_args(tmp_path / "r", "--kmeans-reseed", "--kmeans-backend", "torch"))
+    assert stats["kmeans_seed"] == reseeded.kmeans_seed(1)  # logged with its epoch (the last, epoch 1)
+
+
+def test_proto_weight_one_is_the_official_loss_and_zero_drops_the_term(tmp_path):
+    from pcl.engine import build_loss
+
+    cfg = validate_pretrain_args(tiny_args(tmp_path))
+    gen = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(8, 16, generator=gen), dim=1)
+    k = torch.nn.functional.normalize(torch.randn(8, 16, generator=gen), dim=1)
+    queue = torch.nn.functional.normalize(torch.randn(16, 256, generator=gen), dim=0)
+    clusters = e_step(_model(), TensorEvalLoader(_images(), 5), N, _settings(tmp_path, "torch"), torch.device("cpu")).clusters
+    index = torch.arange(8)
+    one = build_loss(cfg)(q, k, queue, index, clusters, torch.Generator().manual_seed(1))
+    assert torch.equal(one.total, one.inst + one.proto)
+    zero = build_loss(cfg.replace(proto_weight=0.0))(q, k, queue, index, clusters, torch.Generator().manual_seed(1))
+    assert torch.equal(zero.total, zero.inst) and torch.equal(zero.proto, one.proto)  # still logged

@@ -73,3 +73,22 @@ def test_a_resumed_run_marks_its_restart_in_log_txt_and_ends_with_where_its_weig
     last = [m for m in (tmp_path / "train.log").read_text().splitlines() if "] finished" in m]
     assert len(last) == 2 and "checkpoint_0001.pth.tar holds the weights after epoch 1" in last[1]
     assert "python eval_linear.py DIR --pretrained" in last[1]
+
+
+def test_prototype_drift_is_the_nmi_between_consecutive_e_steps(tmp_path):
+    def estep(first, second):
+        clusters = ClusterResult([first, second], [torch.eye(2, 4), torch.eye(3, 4)],
+                                 [torch.full((2,), 0.1), torch.full((3,), 0.1)])
+        return EStep(clusters, None, 0.1, [0.0, 0.0], 0.1)
+
+    a = torch.tensor([0, 0, 0, 1, 1, 1])
+    b = torch.tensor([0, 1, 2, 0, 1, 2])
+    monitor = _monitor(tmp_path)
+    monitor.e_step(1, estep(a, b))
+    assert not any(k.startswith("drift") for k in monitor.estep)  # the first E-step of a run has nothing to compare
+    monitor.e_step(2, estep(1 - a, b))  # the same partition, renamed: it did not move
+    assert monitor.estep["drift_nmi_k2"] == 100.0 and monitor.estep["drift_nmi_k3"] == 100.0
+    monitor.e_step(3, estep(a, torch.tensor([0, 0, 1, 1, 2, 2])))
+    assert monitor.estep["drift_nmi_k2"] == 100.0 and monitor.estep["drift_nmi_k3"] < 50
+    stats = monitor.epoch_end(3, None, estep(a, b).clusters, {"loss": 1.0}, 0.1)
+    assert stats["drift_nmi_k3"] == monitor.estep["drift_nmi_k3"]  # in log.txt and TensorBoard with the epoch
