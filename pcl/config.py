@@ -250,11 +250,16 @@ def _add_eval_common(p: argparse.ArgumentParser) -> None:
     p.set_defaults(arch=None, width=None, stem=None, crop_min_scale=0.08)
 
 
-def eval_command_parser(description: str, batch: int | None = 256) -> argparse.ArgumentParser:
+def eval_command_parser(description: str, batch: int | None = 256, spawns: bool = True) -> argparse.ArgumentParser:
     """The parser every evaluation command starts from: the shared data / model / distributed flags,
-    -c/--config, --pretrained, --exp-dir, and (``batch`` not None) -b/--batch-size for the feature pass."""
+    -c/--config, --pretrained, --exp-dir, and (``batch`` not None) -b/--batch-size for the feature pass.
+    ``spawns`` False: a one-process command (it runs alone or under torchrun); --help leaves out the official
+    launcher's flags it refuses (still parsed, so the refusal names them)."""
     p = argparse.ArgumentParser(description=description, parents=[data_parser(), model_parser(), dist_parser()],
                                 formatter_class=_formatter)
+    for action in p._actions if not spawns else ():
+        if action.dest in ("multiprocessing_distributed", "nproc"):
+            action.help = argparse.SUPPRESS
     _add_eval_common(p)
     if batch is not None:
         p.add_argument("-b", "--batch-size", default=batch, type=int, help="feature-extraction batch")
@@ -286,7 +291,7 @@ def build_linear_parser() -> argparse.ArgumentParser:
 def build_svm_parser() -> argparse.ArgumentParser:
     """eval_svm.py: linear SVMs on frozen features, VOC07 full and low-shot (official eval_svm_voc.py)."""
     p = eval_command_parser("Low-shot transfer: one linear SVM per class on frozen, L2-normalised features (VOC07 "
-                            "mAP)", batch=None)
+                            "mAP)", batch=None, spawns=False)
     p.set_defaults(dataset="voc07")
     for action in p._actions:  # the SVM benchmarks have their own dataset list
         if action.dest == "dataset":

@@ -163,3 +163,14 @@ def test_help_gives_every_flag_a_text_and_one_default(build):
         text = formatter._expand_help(action) if action.help else ""
         assert text.strip(), f"{action.option_strings} has no help text"
         assert text.count("default") <= 1, f"{action.option_strings}: {text}"
+
+
+def test_one_process_commands_leave_the_launchers_flags_out_of_help():
+    import pcl.evaluation.knn as knn
+    from pcl.config import build_linear_parser, build_svm_parser
+
+    for parser in (knn.build_parser(), build_svm_parser()):
+        text = parser.format_help()
+        assert "--multiprocessing-distributed" not in text and "--nproc" not in text
+        assert "--dist-url" in text  # torchrun still runs them
+    assert "--multiprocessing-distributed" in build_linear_parser().format_help()

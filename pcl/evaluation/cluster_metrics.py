@@ -32,7 +32,7 @@ logger = logging.getLogger("pcl")
 def build_parser() -> argparse.ArgumentParser:
     from pcl.config import eval_command_parser
 
-    p = eval_command_parser("k-means on frozen features: NMI / AMI / cluster accuracy vs labels")
+    p = eval_command_parser("k-means on frozen features: NMI / AMI / cluster accuracy vs labels", spawns=False)
     p.add_argument("--num-cluster", default="", type=str, help="comma-separated k (default: the number of classes)")
     p.add_argument("--kmeans-backend", default="auto", choices=["auto", "faiss", "torch"])
     p.add_argument("--kmeans-niter", default=20, type=int)

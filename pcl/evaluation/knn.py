@@ -22,7 +22,7 @@ __all__ = ["build_parser", "run", "extract_features", "knn_accuracy", "knn_predi
 def build_parser() -> argparse.ArgumentParser:
     from pcl.config import eval_command_parser
 
-    p = eval_command_parser("Weighted kNN (cosine, T=0.07) on frozen features, k = 10, 20, 200")
+    p = eval_command_parser("Weighted kNN (cosine, T=0.07) on frozen features, k = 10, 20, 200", spawns=False)
     p.add_argument("--knn-k", default="10,20,200", type=str, help="comma-separated neighbour counts")
     p.add_argument("--knn-t", default=0.07, type=float, help="temperature of the weighted vote")
     return p

@@ -42,7 +42,7 @@ logger = logging.getLogger("pcl")
 def build_parser() -> argparse.ArgumentParser:
     from pcl.config import eval_command_parser
 
-    p = eval_command_parser("Prototype galleries, t-SNE and retrieval grids of a checkpoint (PNGs)")
+    p = eval_command_parser("Prototype galleries, t-SNE and retrieval grids of a checkpoint (PNGs)", spawns=False)
     p.add_argument("--num-cluster", default="", type=str,
                    help="k of a fresh k-means when the checkpoint holds no cluster result for this set "
                         "(comma-separated; default the number of classes, else 10)")
