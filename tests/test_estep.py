@@ -87,6 +87,9 @@ def test_kmeans_reseed_draws_a_recorded_seed_per_e_step_and_the_default_is_offic
     assert a.seed == reseeded.kmeans_seed(1) != b.seed
     stats = fit(tiny_args(tmp_path / "r", "--kmeans-reseed", "--kmeans-backend", "torch"))
     assert stats["kmeans_seed"] == reseeded.kmeans_seed(1)  # logged with its epoch (the last, epoch 1)
+    log = (tmp_path / "r" / "train.log").read_text().splitlines()
+    assert sum("] E-step epoch" in line for line in log) == 1  # one line per E-step (one E-step: epoch 1)
+    assert not any("k-means k=" in line or "k-means backend" in line for line in log)  # those are debug
 
 
 def test_proto_weight_one_is_the_official_loss_and_zero_drops_the_term(tmp_path):

@@ -59,14 +59,24 @@ def test_an_e_step_is_noted_its_features_dropped_and_its_timings_logged_with_the
     assert monitor.final_report(None, lambda: None) == {}  # no --knn-eval
 
 
-def test_a_resumed_run_marks_its_restart_in_log_txt_and_ends_with_where_its_weights_are(tmp_path):
+def test_a_resumed_run_marks_its_restart_in_log_txt_and_ends_with_where_its_weights_are(tmp_path, monkeypatch):
     import json
 
+    import pcl.engine
     from conftest import tiny_args
     from pcl.engine import fit
 
+    purges = []
+
+    class Recorded(RunLog):
+        def __init__(self, exp_dir, tensorboard=True, purge_step=None):
+            purges.append(purge_step)
+            super().__init__(exp_dir, tensorboard, purge_step)
+
+    monkeypatch.setattr(pcl.engine, "RunLog", Recorded)
     fit(tiny_args(tmp_path, "--epochs", "1", "--warmup-epoch", "5"))
     fit(tiny_args(tmp_path, "--epochs", "2", "--warmup-epoch", "5", "--resume", "auto"))
+    assert purges == [None, 1]  # TensorBoard continues the curve at the resumed epoch instead of overlaying it
     lines = [json.loads(line) for line in (tmp_path / "log.txt").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [0, 1]
     assert "resumed_from" not in lines[0] and lines[1]["resumed_from"].endswith("checkpoint_0000.pth.tar")
