@@ -94,6 +94,84 @@ def test_pauc_ablation(tmp_path):
     assert all(set(r["spread"]) == {10, 20} or "failed" in r for r in res["rows"])
 
 
+def test_grid(tmp_path):
+    """The grid at toy size (pcl and moco x seeds 0, 1, 2 epochs on fake Fashion-MNIST): a JSON per run with the
+    columns, a summary with mean/sd and the paired difference to moco; a rerun trains nothing and rewrites no run's
+    JSON; deleting a JSON reruns only that run, resuming from its newest checkpoint; other settings are refused."""
+    import glob
+
+    grid = driver("grid")
+    study = driver("study")
+    data = fake_mnist(tmp_path / "fm", n_train=200, n_test=60)
+    out, exp = tmp_path / "out", tmp_path / "exp"
+    fits: list[list[str]] = []
+
+    def counting(argv):
+        fits.append(argv)
+        return study.fit_with_curve(argv)
+
+    argv = ["--data", data, "--epochs", "2", "--variants", "pcl,moco", "--seeds", "0,1", "--shots", "1,4",
+            "--svm-runs", "1", "--out-dir", str(out), "--exp-root", str(exp), "--",
+            "--width", "4", "--batch-size", "32", "--pcl-r", "64", "--num-cluster", "10,20", "--kmeans-nredo", "1",
+            "--kmeans-niter", "5", "--image-size", "16", "--warmup-epoch", "0", "--expect-images", "0"]
+    res = grid.main(argv, train=counting)
+    names = ["pcl_seed0", "moco_seed0", "pcl_seed1", "moco_seed1"]  # seed by seed: pairs complete early
+    assert res["ran"] == names and len(fits) == 4 and not res["skipped"]
+    cols = {"nmi", "ami", "ari", "kmeans_acc", "knn_top1", "svm_map_1shot", "svm_map_4shot", "train_seconds"}
+    runs = {n: read(out / f"{n}.json") for n in names}
+    for n, r in runs.items():
+        assert cols <= set(r) and 0 <= r["nmi"] <= 1 and -1 <= r["ari"] <= 1 and 0 <= r["knn_top1"] <= 100
+        assert r["train_seconds"] > 0 and "--resume" in r["settings"]["argv"]
+    # ProtoNCE on from epoch 0: two E-steps, so a drift; the MoCo rows have none (and their own warm-up)
+    assert all(0 <= runs[f"pcl_seed{s}"]["drift_nmi_k20"] <= 100 and runs[f"pcl_seed{s}"]["drift_epoch"] == 1
+               for s in (0, 1))
+    assert "drift_nmi_k10" not in runs["moco_seed0"] and runs["moco_seed0"]["final_loss"] != runs["pcl_seed0"]["final_loss"]
+    summary = read(out / "summary.json")
+    assert set(summary["per_variant"]) == {"pcl", "moco"} and summary["per_variant"]["pcl"]["nmi"]["n"] == 2
+    diff = summary["paired_vs_moco"]["pcl"]["nmi"]
+    assert diff["seeds"] == [0, 1] and diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1]
+    pairs = [runs[f"pcl_seed{s}"]["nmi"] - runs[f"moco_seed{s}"]["nmi"] for s in (0, 1)]
+    assert diff["mean"] == pytest.approx(sum(pairs) / 2)
+    half = 12.706 * abs(pairs[0] - pairs[1]) / 2 ** 0.5 / 2 ** 0.5  # t(0.975, 1) * sd / sqrt(2)
+    assert diff["ci95"][1] - diff["mean"] == pytest.approx(half, rel=1e-3, abs=1e-9)
+    assert "Paired difference to moco" in summary["table"] and "| pcl | 2 |" in summary["table"]
+
+    mtimes = {n: os.path.getmtime(out / f"{n}.json") for n in names}
+    res = grid.main(argv, train=counting)  # all finished: nothing trains, no data is loaded
+    assert res["ran"] == [] and res["skipped"] == names and len(fits) == 4
+    assert {n: os.path.getmtime(out / f"{n}.json") for n in names} == mtimes
+
+    # one JSON lost after its run finished, one run interrupted after its first epoch (only checkpoint_0000 left)
+    os.remove(out / "pcl_seed1.json")
+    os.remove(out / "moco_seed0.json")
+    for path in glob.glob(str(exp / "moco_seed0" / "checkpoint_*")):
+        if not path.endswith("checkpoint_0000.pth.tar"):
+            os.remove(path)
+    res = grid.main(argv, train=counting)
+    assert res["ran"] == ["moco_seed0", "pcl_seed1"] and len(fits) == 6
+    assert all(os.path.getmtime(out / f"{n}.json") == mtimes[n] for n in ("pcl_seed0", "moco_seed1"))
+    resumed = read(out / "moco_seed0.json")
+    assert resumed["resumed_from"] and resumed["resumed_from"][0].endswith("checkpoint_0000.pth.tar")
+    assert resumed["epochs_logged"] == 2
+    assert read(out / "pcl_seed1.json")["nmi"] == pytest.approx(runs["pcl_seed1"]["nmi"])  # same weights re-read
+
+    with pytest.raises(SystemExit, match="other settings"):  # a stale JSON is not averaged with new runs
+        grid.main([a if a != "1" or i != argv.index("--svm-runs") + 1 else "2" for i, a in enumerate(argv)],
+                  train=counting)
+    assert len(fits) == 6
+
+
+def test_grid_t_fallback_matches_scipy():
+    """The grid's t table (used only without scipy) and its large-dof expansion agree with scipy's t quantile."""
+    from scipy.stats import t
+
+    grid = driver("grid")
+    assert all(abs(v - t.ppf(0.975, dof)) < 1e-3 for dof, v in enumerate(grid.T975, 1))
+    z = 1.959964
+    assert abs(z + (z ** 3 + z) / (4 * 40) - t.ppf(0.975, 40)) / t.ppf(0.975, 40) < 1e-3
+    assert grid.t_quantile(1) == pytest.approx(12.706, abs=1e-3)
+
+
 def test_small_scale_linear_probe_is_the_protocols():
     """small_scale's linear column is the linear protocol's probe, its flags through the protocol's parser:
     separable features are classified perfectly, and shuffling the test labels costs what it must."""
