@@ -138,6 +138,30 @@ def cluster_accuracy(labels: Sequence[int] | np.ndarray, assignments: Sequence[i
     return float(table[rows, cols].sum() / len(labels) * 100.0)
 
 
+@torch.no_grad()
+def nmi(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Normalised mutual information (percent) of two labelings of the same N samples, on their device: the
+    contingency table from the distinct (a, b) pairs (a sort of N int64 codes, no dense k_a x k_b table), MI over
+    its nonzero cells, normalised by the arithmetic mean of the two entropies (scikit-learn's default), float64.
+    100 for two equal partitions (whatever the names); 100 too when both are a single cluster. a, b: N int."""
+    a, b = a.reshape(-1).long(), b.reshape(-1).long()
+    n = a.numel()
+    _, a = torch.unique(a, return_inverse=True)  # 0..k_a-1
+    _, b = torch.unique(b, return_inverse=True)
+    count_a = torch.bincount(a).double()  # k_a
+    count_b = torch.bincount(b).double()  # k_b
+    pairs, count_ab = torch.unique(a * count_b.numel() + b, return_counts=True)  # nonzero cells
+    if pairs.numel() == count_a.numel() == count_b.numel():  # the same partition, renamed: exactly 100
+        return 100.0
+    count_ab = count_ab.double()
+    ia, ib = pairs // count_b.numel(), pairs % count_b.numel()
+    mi = (count_ab / n * (torch.log(count_ab * n) - torch.log(count_a[ia] * count_b[ib]))).sum()
+    h_a = -(count_a / n * torch.log(count_a / n)).sum()
+    h_b = -(count_b / n * torch.log(count_b / n)).sum()
+    mean_h = (h_a + h_b) / 2
+    return float((mi.clamp_min(0) / mean_h).clamp(max=1.0)) * 100.0
+
+
 def clustering_scores(labels: Sequence[int] | np.ndarray, assignments: Sequence[int] | np.ndarray,
                       with_ami: bool | None = None, with_acc: bool = True) -> dict[str, float]:
     """{'nmi', 'ami', 'acc'} in percent (AMI omitted for more than AMI_MAX_SAMPLES samples unless asked; the

@@ -182,3 +182,18 @@ def test_reduced_precision_assignments_agree_with_fp32_and_faiss_refuses_them():
     pytest.importorskip("faiss")
     with pytest.raises(PCLError, match="--kmeans-precision bf16 applies to the PyTorch k-means"):
         kmeans(x, 6, backend="faiss", precision="bf16")
+
+
+def test_nmi_on_the_device_is_scikit_learns_in_float64():
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from pcl.features import nmi
+
+    gen = np.random.default_rng(0)
+    for n, ka, kb in [(1000, 5, 7), (400, 50, 3), (300, 300, 2), (500, 1, 4)]:
+        a, b = gen.integers(0, ka, n), gen.integers(0, kb, n)
+        b[: n // 2] = a[: n // 2] % kb  # some shared structure
+        want = normalized_mutual_info_score(a, b) * 100
+        assert abs(nmi(torch.from_numpy(a), torch.from_numpy(b)) - want) < 1e-9, (n, ka, kb)
+    a = torch.tensor([3, 3, 7, 7, 9])
+    assert nmi(a, 10 - a) == 100.0 and nmi(torch.zeros(5), torch.zeros(5)) == 100.0
