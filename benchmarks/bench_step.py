@@ -77,7 +77,7 @@ def one_epoch(model, loader, optimizer, args, device, cluster, epoch: int = 0, s
 
 
 def timed_epoch(model, data, args, device, cluster) -> float:
-    optimizer = build_optimizer(model, args)
+    optimizer = build_optimizer(model, args.lr, args.momentum, args.weight_decay, args.sgd_impl)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()

@@ -207,14 +207,13 @@ def setup(cfg: RunConfig) -> tuple[torch.device, PretrainData, nn.Module, torch.
                 "GPU" if device.type == "cuda" else "process",
                 " (-b/--batch-size is the total over all nodes here; the official code's -b is per node)"
                 if world > dist_utils.local_processes(cfg) else "")
-    return device, data, model, build_optimizer(model, cfg)
+    return device, data, model, build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.sgd_impl)
 
 
-def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float,
+                    impl: str = "auto") -> torch.optim.Optimizer:
     """SGD over ``model.parameters()`` exactly as official (the frozen key encoder's parameters included: they
     never get a gradient, so SGD skips them, and the state's parameter indices match an official checkpoint's
-    optimizer, which therefore resumes here and ours there), with the chosen kernel."""
-    impl = cfg.sgd_impl
+    optimizer, which therefore resumes here and ours there), with the chosen kernel (--sgd-impl)."""
     kernel = {"auto": {}, "foreach": {"foreach": True}, "fused": {"fused": True}, "loop": {"foreach": False}}[impl]
-    return torch.optim.SGD(model.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           **kernel)
+    return torch.optim.SGD(model.parameters(), lr, momentum=momentum, weight_decay=weight_decay, **kernel)
