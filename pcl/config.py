@@ -324,7 +324,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
         values.update(seed_given=args.seed is not None, seed=0 if args.seed is None else args.seed)
     if "multiprocessing_distributed" in values:  # the official launcher gives each worker its own
         values.setdefault("local_rank", 0)
-    if "no_progress" in values and not sys.stderr.isatty():  # a SLURM file or a pipe: no bar redrawn into it
+    if "no_progress" in values and not getattr(sys.stderr, "isatty", lambda: False)():  # a SLURM file, a pipe
         values["no_progress"] = True
     return RunConfig(values)
 

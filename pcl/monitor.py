@@ -158,7 +158,7 @@ class Monitor:
         self.estep = {"estep_seconds": estep.seconds,
                       **{f"kmeans_seconds_k{k}": sec for k, sec in zip(s.num_cluster, estep.kmeans_seconds)},
                       **self._drift(clusters),
-                      **({"kmeans_seed": estep.seed} if estep.seed else {})}  # --kmeans-reseed
+                      **({"kmeans_seed": estep.seed} if s.kmeans_reseed else {})}
         sizes = [torch.bincount(a, minlength=len(c)) for a, c in zip(clusters.im2cluster, clusters.centroids)]
         logger.info("E-step epoch %d: %s; features %.1f s, k-means %s s, total %.1f s", epoch,
                     ", ".join(f"k={k} (largest {int(z.max())}, {int((z == 0).sum())} empty)"

@@ -164,8 +164,8 @@ class Session:
             self.resumed_preempt = self.path
         _check_mid_epoch(self.resumed, self.path, cfg, data.num_samples)
         self.start_epoch = int(self.resumed["epoch"])
-        if self.start_epoch >= cfg.epochs and not self.resumed.get("step"):
-            logger.warning("nothing to train: %s finished epoch %d of --epochs %d (raise --epochs to go on)",
+        if self.start_epoch >= cfg.epochs:  # a mid-epoch file of epoch e holds 'epoch': e, with e's rest to train
+            logger.warning("nothing to train: %s is at epoch %d of --epochs %d (raise --epochs to go on)",
                            self.path, self.start_epoch, cfg.epochs)
             return False
         return True
@@ -188,7 +188,7 @@ class Session:
             return None
         states = self.resumed.get("resume_states") or []
         if len(states) != dist_utils.world_size():
-            raise PCLError(f"checkpoint {self.cfg.resume} was saved mid-epoch by {len(states)} processes; "
+            raise PCLError(f"checkpoint {self.path} was saved mid-epoch by {len(states)} processes; "
                            f"resume it with the same number of processes ({len(states)})")
         return states[dist_utils.rank()]
 
@@ -201,9 +201,13 @@ class Session:
             torch.manual_seed(epoch_seed(self.cfg.seed, epoch, 0))
             return None
         torch.set_rng_state(state["torch_rng"])
-        if "cluster_result" in self.resumed and epoch >= self.cfg.warmup_epoch:
-            return ClusterResult.from_state_dict(self.resumed["cluster_result"]).to(self.device)
-        return None
+        if epoch < self.cfg.warmup_epoch:
+            return None
+        if "cluster_result" not in self.resumed:  # its first batches trained without prototypes: cannot go on with
+            raise PCLError(f"checkpoint {self.path} was saved in the middle of warm-up epoch {epoch}; resume it "
+                           f"with a --warmup-epoch above {epoch} (the run's own), or from an epoch-boundary "
+                           "checkpoint")
+        return ClusterResult.from_state_dict(self.resumed["cluster_result"]).to(self.device)
 
     def epoch_state(self, epoch: int, clusters: ClusterResult | None, loader: Any,
                     meters: tuple[str, ...]) -> EpochState:

@@ -133,12 +133,14 @@ class MonitorSettings:
     knn_budget_bytes: int  # --knn-max-bank-gb
     image_size: int  # the raw-pixel baseline's resolution
     kmeans_backend: str  # the monitor's NMI k-means
+    kmeans_reseed: bool = False  # --kmeans-reseed: each E-step's seed is logged
 
     @classmethod
     def of(cls, cfg: Mapping[str, Any]) -> "MonitorSettings":
         return cls(tuple(cfg["num_cluster"]), cfg["epochs"], cfg["seed"], cfg["prototype_gallery"], cfg["knn_every"],
                    cfg["knn_eval"], cfg["knn_k"], cfg["knn_t"], int(cfg["knn_max_bank_gb"] * 2 ** 30),
-                   cfg["image_size"], "torch" if cfg["kmeans_backend"] == "torch-ranks" else cfg["kmeans_backend"])
+                   cfg["image_size"], "torch" if cfg["kmeans_backend"] == "torch-ranks" else cfg["kmeans_backend"],
+                   cfg["kmeans_reseed"])
 
 
 def cannot_read(path: str, e: OSError, verb: str = "read") -> PCLError:

@@ -199,3 +199,29 @@ def test_tiny_pretraining_with_device_decoding(tmp_path, monkeypatch):
     assert isinstance(built[0].train_loader, DeviceAugmentLoader) and built[0].train_loader.decode_size == 16
     assert stats["epoch"] == 1 and torch.isfinite(torch.tensor(float(stats["loss_proto"])))
     assert torch.isfinite(torch.tensor(float(stats["loss"])))
+
+
+def test_a_batch_the_decoder_refuses_is_decoded_one_by_one_when_every_file_decodes(tmp_path, monkeypatch):
+    import io
+
+    import pcl.data.loaders as loaders
+    from torchvision.io import decode_jpeg
+
+    def jpeg(colour):
+        buf = io.BytesIO()
+        Image.new("RGB", (20, 12), colour).save(buf, format="JPEG", quality=90)
+        return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+    data = [jpeg((200, 10, 10)), jpeg((10, 200, 10))]
+    refused = []
+
+    def batch_refused(payload, **kwargs):  # as nvJPEG's batched path might refuse what its single path takes
+        if isinstance(payload, list):
+            refused.append(len(payload))
+            raise RuntimeError("batched decode failed")
+        return decode_jpeg(payload, **kwargs)
+
+    monkeypatch.setattr(loaders, "decode_jpeg", batch_refused)
+    out = loaders._decode_jpegs(data, torch.device("cpu"), ["a.jpg", "b.jpg"])
+    assert refused == [2] and [tuple(t.shape) for t in out] == [(3, 12, 20), (3, 12, 20)]
+    assert torch.equal(out[0], decode_jpeg(data[0]))

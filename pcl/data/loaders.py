@@ -206,15 +206,15 @@ def _decode_jpegs(data: list[torch.Tensor], device: torch.device, names: Sequenc
         torch.cuda.current_stream(device).synchronize()
     try:
         out = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
+    except RuntimeError:  # find the file; when each decodes alone, the batch is decoded one by one
+        out = []
         for k, one in enumerate(data):
             try:
-                decode_jpeg(one, mode=ImageReadMode.RGB, device=device)
+                out.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=device))
             except RuntimeError as e:
                 name = names[k] if names is not None else f"JPEG {k} of the batch"
                 raise PCLError(f"cannot decode {name} on {device} ({str(e)[:120]}); fix or remove it, or pass "
                                "--decode cpu (--bad-images skip covers only files that fail in the workers)") from None
-        raise
     return list(out) if isinstance(out, torch.Tensor) else out
 
 
