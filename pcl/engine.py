@@ -57,11 +57,11 @@ def _pretrain(cfg: RunConfig, on_step: Callable[[int, int], None] | None) -> dic
     the lr, one M-step epoch, what the monitor observes, the checkpoint."""
     session = Session.prepare(cfg)
     device, data, model, optimizer = setup(cfg)
-    if not session.load(model, optimizer, data, device):
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    if not session.load(model, optimizer, data, device, scaler):
         return {}
     criterion, estep_settings = build_loss(cfg), EStepSettings.of(cfg)
     options = StepSettings.of(cfg, channels_last(cfg.channels_last, device))
-    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     run_log, stats = RunLog(cfg.exp_dir, purge_step=session.start_epoch if session.path else None), {}
     try:
         with session:

@@ -83,11 +83,14 @@ class EpochState:
 
 def checkpoint_contents(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, cfg: RunConfig,
                         clusters: ClusterResult | None, step: int = 0,
-                        resume_states: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                        resume_states: list[dict[str, Any]] | None = None,
+                        scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
     """Official keys (epoch = the epoch to resume at, arch, state_dict, optimizer) plus our settings and model
-    config, the epoch's prototypes and, for a mid-epoch (preemption) checkpoint, ``step`` and every rank's loop
-    state. Tensors and plain types only."""
+    config, the epoch's prototypes, the fp16 loss scale (``scaler``: --amp fp16) and, for a mid-epoch
+    (preemption) checkpoint, ``step`` and every rank's loop state. Tensors and plain types only."""
     extra: dict[str, Any] = {"step": step, "args": {**cfg.plain(), "global_batch_size": cfg.batch_size}}
+    if scaler is not None:
+        extra["scaler"] = scaler.state_dict()
     if clusters is not None:
         extra["cluster_result"] = clusters.state_dict()
     if resume_states is not None:
@@ -98,14 +101,16 @@ def checkpoint_contents(model: nn.Module, optimizer: torch.optim.Optimizer, epoc
 
 
 def load_into(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-              ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Load a pretraining checkpoint's weights, queue and optimiser; return its contents (epoch, step,
-    cluster_result, resume_states)."""
+              ckpt: dict[str, Any] | None = None, scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
+    """Load a pretraining checkpoint's weights, queue, optimiser and (``scaler``, when the file has one) the fp16
+    loss scale; return its contents (epoch, step, cluster_result, resume_states)."""
     ckpt = ckpt if ckpt is not None else ckpt_io.load_checkpoint(path, map_location=device)
     ckpt_io.require_pretrain_checkpoint(ckpt, path)
     ckpt_io.load_model_state(model, ckpt["state_dict"], path)
     if ckpt.get("optimizer"):  # official files written without one hold {}
         ckpt_io.load_optimizer_state(optimizer, model, ckpt["optimizer"], path)
+    if scaler is not None and ckpt.get("scaler"):  # else it starts at GradScaler's initial scale, as a fresh run
+        scaler.load_state_dict(ckpt["scaler"])
     logger.info("resumed from %s (epoch %d, step %d)", path, ckpt["epoch"], ckpt.get("step", 0))
     return ckpt
 
@@ -134,7 +139,7 @@ class Session:
         self.start_epoch = cfg.start_epoch
         self.resumed_preempt: str | None = None  # the preempt checkpoint this run resumed from, removed once passed
         self.stop = StopRequest()
-        self.model = self.optimizer = self.device = None
+        self.model = self.optimizer = self.device = self.scaler = None
         self.epoch, self.clusters, self.stopping = cfg.start_epoch, None, False
 
     @classmethod
@@ -148,17 +153,18 @@ class Session:
         return cls(cfg, path, ckpt)
 
     def load(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: PretrainData,
-             device: torch.device) -> bool:
+             device: torch.device, scaler: torch.amp.GradScaler | None = None) -> bool:
         """Refuse to write over another run (a fresh start without --overwrite), load the --resume checkpoint into
-        ``model`` and ``optimizer``; False when it already finished --epochs (nothing to train)."""
+        ``model``, ``optimizer`` and ``scaler`` (--amp fp16); False when it already finished --epochs (nothing to
+        train). The checkpoints this session writes hold all three."""
         cfg = self.cfg
-        self.model, self.optimizer, self.device = model, optimizer, device
+        self.model, self.optimizer, self.device, self.scaler = model, optimizer, device, scaler
         if not cfg.resume and not cfg.overwrite:
             dist_utils.main_only(lambda: ckpt_io.refuse_other_runs(cfg.exp_dir), "checking --exp-dir")
         clear_marker(cfg.exp_dir)  # this run continues the preempted one
         if self.path is None:
             return True
-        self.resumed = load_into(self.path, model, optimizer, device, self.ckpt)
+        self.resumed = load_into(self.path, model, optimizer, device, self.ckpt, scaler)
         self.ckpt = None
         if os.path.abspath(self.path) == os.path.abspath(ckpt_io.preempt_path(cfg.exp_dir)):
             self.resumed_preempt = self.path
@@ -226,7 +232,7 @@ class Session:
         def write() -> None:
             check_weights(self.model, f"epoch {epoch} step {step}")
             ckpt_io.save_checkpoint(checkpoint_contents(self.model, self.optimizer, epoch, self.cfg, clusters, step,
-                                                        states), path)
+                                                        states, self.scaler), path)
             if step == 0 and self.resumed_preempt not in (None, path) and os.path.exists(self.resumed_preempt):
                 os.remove(self.resumed_preempt)  # the stop this run continued from is behind it now
         dist_utils.main_only(write, f"saving {path}")

@@ -41,3 +41,20 @@ def test_a_mid_epoch_checkpoint_of_more_processes_names_its_file(tmp_path):
     session.resumed["resume_states"] *= 2
     with pytest.raises(PCLError, match=r"checkpoint_preempt.pth.tar was saved mid-epoch by 2 processes"):
         session.begin(1)
+
+
+def test_the_fp16_loss_scale_is_saved_and_restored(tmp_path):
+    from pcl.engine import setup
+    from pcl.resume import checkpoint_contents, load_into
+
+    cfg = validate_pretrain_args(tiny_args(tmp_path, "--epochs", "1"))
+    device, _, model, optimizer = setup(cfg)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)  # as if the run had backed off to 256
+    path = tmp_path / "c.pth.tar"
+    torch.save(checkpoint_contents(model, optimizer, 0, cfg, None, scaler=scaler), path)
+    assert torch.load(path, weights_only=True)["scaler"]["scale"] == 256.0
+    fresh = torch.amp.GradScaler("cpu")
+    load_into(str(path), model, optimizer, device, scaler=fresh)
+    assert fresh.get_scale() == 256.0
+    torch.save(checkpoint_contents(model, optimizer, 0, cfg, None), path)  # fp32 runs store none
+    assert "scaler" not in torch.load(path, weights_only=True)
