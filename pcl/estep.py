@@ -77,21 +77,14 @@ def _cluster_across_ranks(model: nn.Module, loader, device: torch.device, num_sa
         raise Stopped()
     rows, index = shard
     features = (dist_utils.gather_rows_exact(rows, index, num_samples, 0) if settings.keep_features else None)
-    feature_seconds, seconds = time.perf_counter() - start, []
+    feature_seconds = time.perf_counter() - start
     agreed = (lambda: stop.requested(device)) if stop is not None else None
-    result = ClusterResult()
-    for g, k in enumerate(settings.num_cluster):  # one granularity at a time: each one's seconds
-        begin = time.perf_counter()
-        one = run_kmeans_across_ranks(rows, index, num_samples, [k], settings.temperature, seed=seed + g,
-                                      niter=settings.niter, nredo=settings.nredo, should_stop=agreed,
-                                      precision=settings.precision)
-        if not one.im2cluster:
-            raise Stopped()
-        result.im2cluster += one.im2cluster
-        result.centroids += one.centroids
-        result.concentration += one.concentration
-        seconds.append(time.perf_counter() - begin)
-    return result, features, feature_seconds, seconds
+    result = run_kmeans_across_ranks(rows, index, num_samples, settings.num_cluster, settings.temperature, seed=seed,
+                                     niter=settings.niter, nredo=settings.nredo, should_stop=agreed,
+                                     precision=settings.precision)  # granularity g: seed + g; one shard plan
+    if len(result.im2cluster) < len(settings.num_cluster):
+        raise Stopped()
+    return result, features, feature_seconds, list(result.kmeans_seconds)
 
 
 @torch.no_grad()
