@@ -18,7 +18,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from conftest import ROOT, fake_mnist, tiny_argv
+from conftest import ROOT, fake_mnist, image_folder, tiny_argv
 
 EXPERIMENTS = os.path.join(ROOT, "experiments")
 SHARED = {"study.py"}  # what the drivers share, not a driver
@@ -68,6 +68,44 @@ def test_demo_imagefolder(tmp_path):
                                            "--epochs", "1", "--warmup-epoch", "0", *TINY_PRETRAIN, "-b", "16",
                                            "--pcl-r", "32", "--num-cluster", "3,4", "--bn-splits", "2"])
     assert out.exists() and set(res["knn"]) == {"learned", "random_init", "raw_pixels"}
+
+
+def test_demo_imagefolder_renders_handwritten_digits_its_own_way(tmp_path):
+    """--source digits: scikit-learn's digits on paper, train and val from disjoint source digits, then a run."""
+    out = tmp_path / "d.json"
+    res = driver("demo_imagefolder").main(["--source", "digits", "--out-dir", str(tmp_path / "run"), "--train-images",
+                                           "40", "--val-images", "20", "--json", str(out), "--",
+                                           "--epochs", "1", "--warmup-epoch", "0", *TINY_PRETRAIN, "-b", "16",
+                                           "--pcl-r", "32", "--num-cluster", "3,4", "--bn-splits", "2"])
+    data = tmp_path / "run" / "data"
+    assert sorted(p.name for p in (data / "train").iterdir()) == [f"class_{c}" for c in range(10)]
+    assert sum(1 for _ in (data / "val").rglob("*.png")) == 20
+    assert out.exists() and res["source"] == "digits" and set(res["knn"]) == {"learned", "random_init", "raw_pixels"}
+
+
+def test_paper_renderer_keeps_the_digit_and_varies_the_clutter():
+    paper = driver("demo_imagefolder").render_on_paper
+    glyphs = torch.zeros(6, 8, 8)
+    glyphs[:, 2:6, 3:5] = 1.0  # a bar
+    a = paper(glyphs, 32, torch.Generator().manual_seed(0))
+    b = paper(glyphs, 32, torch.Generator().manual_seed(0), clutter=False)
+    assert a.shape == (6, 3, 32, 32) and a.dtype == torch.uint8
+    assert torch.equal(a, paper(glyphs, 32, torch.Generator().manual_seed(0)))  # seeded
+    ink = a.float().mean(1).flatten(1)
+    assert (ink.min(1).values < ink.median(1).values - 60).all()  # dark ink on light paper in every image
+    assert not torch.equal(a, b)  # clutter=False draws the same digits on flat paper
+
+
+def test_feature_rank(tmp_path, tiny_checkpoint):
+    image_folder(tmp_path / "data", ["a", "b"], per_class=4, splits=("val",))
+    out = tmp_path / "r.json"
+    res = driver("feature_rank").main([str(tmp_path / "data" / "val"), "random", tiny_checkpoint, "--out", str(out)])
+    assert out.exists() and list(res["rows"]) == ["random", tiny_checkpoint] and res["images"] == 8
+    for row in res["rows"].values():
+        assert 1 <= row["head_rank"] <= 8 and -1 <= row["head_mean_cos"] <= 1 and row["backbone_rank"] >= 1
+    rank = driver("feature_rank").effective_rank
+    assert rank(torch.eye(4)) == pytest.approx(3.0)  # centred identity: three equal singular values
+    assert rank(torch.arange(8.0)[:, None] * torch.ones(1, 5)) == pytest.approx(1.0)  # one line
 
 
 def test_learning_demo(tmp_path):
