@@ -51,6 +51,72 @@ def tiny_argv(exp_dir, *extra):
             "--moco-m", "0.99", *extra]
 
 
+def _digest(folder):
+    """{relative path: sha256} of every file under ``folder`` (a shared run must come out of the session as it went in)."""
+    import hashlib
+
+    out = {}
+    for top, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(top, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def _shared_run(tmp_path_factory, name, *extra):
+    """Train ``tiny_args(DIR, *extra)`` once for the session; yield DIR (a pathlib.Path), then check that no test
+    wrote into it. As each test sets it (the autouse ``_threads``): two threads; the 'pcl' logger is given back as
+    it was, so that later log lines do not go to this run's train.log."""
+    from pcl.engine import fit
+
+    exp = tmp_path_factory.mktemp(name)
+    log = logging.getLogger("pcl")
+    saved, threads = (log.handlers[:], log.level, log.propagate), torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fit(tiny_args(exp, *extra))
+    finally:
+        torch.set_num_threads(threads)
+        for handler in log.handlers:
+            if handler not in saved[0]:
+                handler.close()
+        log.handlers[:], log.level, log.propagate = saved
+    before = _digest(exp)
+    yield exp
+    after = _digest(exp)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"a test wrote into the shared run {exp} (copy it with copy_run first): {changed}"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The exp dir of one finished run of :func:`tiny_args` as it is (2 epochs, warm-up 1: the E-step in epoch 1,
+    checkpoint_0001 and checkpoint_last), trained once per session. Read it; to write, :func:`copy_run` it."""
+    yield from _shared_run(tmp_path_factory, "tiny_run")
+
+
+@pytest.fixture(scope="session")
+def tiny_run_1ep(tmp_path_factory):
+    """The exp dir of ``tiny_args(DIR, "--epochs", "1")`` (one warm-up epoch: checkpoint_0000 and checkpoint_last),
+    trained once per session. Read it; to write, :func:`copy_run` it."""
+    yield from _shared_run(tmp_path_factory, "tiny_run_1ep", "--epochs", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_run):
+    """The last checkpoint of :func:`tiny_run` (a str path, 2 epochs with one E-step: it holds a cluster_result)."""
+    return str(tiny_run / "checkpoint_last.pth.tar")
+
+
+def copy_run(src, dst):
+    """A shared run's files copied into ``dst`` (made or existing, e.g. tmp_path), mtimes kept; returns ``dst``."""
+    import shutil
+
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    return dst
+
+
 def official_checkpoint(path, arch="resnet18", mlp=False, seed=0):
     """A checkpoint as the official main_pcl.py writes it: DDP-prefixed encoder_q/encoder_k keys of a torchvision
     ResNet with a 128-d head (v1 Linear or v2 MLP) and a queue. Returns the query encoder (head kept)."""

@@ -149,10 +149,14 @@ def test_private_torchvision_names_are_not_architectures(arch):
 
 
 def test_public_builders_are_architectures():
-    from pcl.model import _resnet_factory
+    from pcl.model import build_backbone
 
+    with pytest.raises(PCLError, match=r"choose a torchvision ResNet \((.*)\)$") as refused:
+        build_backbone("no_such_arch")  # the refusal lists every architecture build_backbone takes
+    offered = str(refused.value).rsplit("(", 1)[1].rstrip(")").split(", ")
     for arch in ("resnet18", "resnet152", "wide_resnet50_2", "resnext50_32x4d"):
-        assert callable(_resnet_factory(arch))
+        assert arch in offered, offered
+    assert build_backbone("resnet18", width=4, stem="small").feature_dim == 32  # and an offered one builds
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

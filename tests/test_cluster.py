@@ -116,19 +116,26 @@ def test_collapsed_features_give_a_clear_message_not_nan():
 def test_auto_backend_keeps_kmeans_on_the_features_gpu(monkeypatch):
     """faiss-cpu on a GPU node must not pull an ImageNet E-step onto the host: auto picks, in order, faiss-GPU,
     the torch k-means on the features' CUDA device, faiss-CPU, the torch k-means on the CPU."""
+    import sys
+    import types
+
     import pcl.cluster as cl
+
+    def faiss(installed, gpus=0):  # what `import faiss` finds: a build that sees `gpus` GPUs, or none at all
+        monkeypatch.setitem(sys.modules, "faiss", types.SimpleNamespace(get_num_gpus=lambda: gpus)
+                            if installed else None)
 
     cases = [((True, 2), "cuda:1", "faiss"), ((True, 0), "cuda:1", "torch"), ((False, 0), "cuda", "torch"),
              ((True, 0), "cpu", "faiss"), ((False, 0), "cpu", "torch")]
     for status, device, expected in cases:
-        monkeypatch.setattr(cl, "_faiss_status", lambda s=status: s)
+        faiss(*status)
         backend, why = cl.resolve_backend("auto", device)
         assert backend == expected, (status, device, why)
         assert why.startswith("auto:")
-    monkeypatch.setattr(cl, "_faiss_status", lambda: (True, 0))
+    faiss(True, 0)
     assert "torch k-means on cuda:1" in cl.resolve_backend("auto", "cuda:1")[1]
     assert cl.resolve_backend("torch", "cpu")[0] == "torch"
-    monkeypatch.setattr(cl, "_faiss_status", lambda: (False, 0))
+    faiss(False)
     with pytest.raises(PCLError, match="faiss is not installed"):
         cl.resolve_backend("faiss", "cpu")
 

@@ -209,7 +209,7 @@ def test_a_batch_the_decoder_refuses_is_decoded_one_by_one_when_every_file_decod
 
     def jpeg(colour):
         buf = io.BytesIO()
-        Image.new("RGB", (20, 12), colour).save(buf, format="JPEG", quality=90)
+        Image.new("RGB", (16, 16), colour).save(buf, format="JPEG", quality=90)
         return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
 
     data = [jpeg((200, 10, 10)), jpeg((10, 200, 10))]
@@ -222,6 +222,7 @@ def test_a_batch_the_decoder_refuses_is_decoded_one_by_one_when_every_file_decod
         return decode_jpeg(payload, **kwargs)
 
     monkeypatch.setattr(loaders, "decode_jpeg", batch_refused)
-    out = loaders._decode_jpegs(data, torch.device("cpu"), ["a.jpg", "b.jpg"])
-    assert refused == [2] and [tuple(t.shape) for t in out] == [(3, 12, 20), (3, 12, 20)]
-    assert torch.equal(out[0], decode_jpeg(data[0]))
+    boxes = torch.tensor([[[0, 0, 16, 16, 0]] * 2] * 2)  # both views of both files: the whole picture, unflipped
+    out = decode_crops(data, boxes, 16, "cpu", ["a.jpg", "b.jpg"])  # first views, then second ones
+    assert refused == [2] and out.shape == (4, 3, 16, 16)
+    assert torch.equal(out[0], decode_jpeg(data[0])) and torch.equal(out[1], decode_jpeg(data[1]))

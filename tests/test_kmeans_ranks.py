@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from collectives import WorldAudit
 from conftest import free_port
 from pcl import PCLError
-from pcl.cluster import _torch_kmeans, estimate_concentration, kmeans_across_ranks, run_kmeans, run_kmeans_across_ranks
+from pcl.cluster import estimate_concentration, kmeans, kmeans_across_ranks, run_kmeans, run_kmeans_across_ranks
 
 N, D, KS, TEMP = 101, 12, [4, 7], 0.2
 SETTINGS = dict(seed=3, niter=8, nredo=3)
@@ -70,7 +70,7 @@ def test_one_process_rows_in_any_order_and_repeated():
 def test_kmeans_across_ranks_is_the_torch_kmeans_with_one_process():
     x = _features(300)
     for k in (3, 10):
-        for a, b in zip(kmeans_across_ranks(x, torch.arange(300), 300, k, 1, 10, 2), _torch_kmeans(x, k, 1, 10, 2)):
+        for a, b in zip(kmeans_across_ranks(x, torch.arange(300), 300, k, 1, 10, 2), kmeans(x, k, 1, 10, 2, backend="torch")):
             assert torch.equal(a, b)
 
 

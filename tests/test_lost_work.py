@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from conftest import tiny_args
+from conftest import copy_run, tiny_args
 from pcl import PCLError, Preempted
 from pcl.checkpoint import load_checkpoint
 from pcl.engine import fit
@@ -32,16 +32,19 @@ def test_a_second_ctrl_c_a_moment_later_aborts_and_an_echo_does_not(monkeypatch)
 
     clock = [100.0]
     monkeypatch.setattr(pcl.preemption.time, "monotonic", lambda: clock[0])
-    stop = StopRequest()
-    stop._handle(signal.SIGINT, None)
-    assert stop.signal_name == "SIGINT"
-    clock[0] += 0.2  # torchrun forwarding the same press
-    stop._handle(signal.SIGINT, None)
-    clock[0] += 1.0
-    with pytest.raises(KeyboardInterrupt):
-        stop._handle(signal.SIGINT, None)
-    stop._handle(signal.SIGTERM, None)  # SIGTERM after a Ctrl-C: still one stop, named by the first signal
-    assert stop.signal_name == "SIGINT"
+    stop = StopRequest().install()  # os.kill runs the handler before it returns (the signal is to this process)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signal_name == "SIGINT"
+        clock[0] += 0.2  # torchrun forwarding the same press
+        os.kill(os.getpid(), signal.SIGINT)
+        clock[0] += 1.0
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)  # SIGTERM after a Ctrl-C: still one stop, named by the first signal
+        assert stop.signal_name == "SIGINT"
+    finally:
+        stop.restore()
 
 
 def test_weights_that_diverged_in_the_last_update_are_not_saved(tmp_path, monkeypatch):
@@ -61,8 +64,8 @@ def test_weights_that_diverged_in_the_last_update_are_not_saved(tmp_path, monkey
     assert not list(tmp_path.glob("checkpoint_*"))
 
 
-def test_a_fresh_run_never_writes_over_another_runs_checkpoints(tmp_path):
-    fit(tiny_args(tmp_path, "--epochs", "1"))
+def test_a_fresh_run_never_writes_over_another_runs_checkpoints(tmp_path, tiny_run_1ep):
+    copy_run(tiny_run_1ep, tmp_path)  # fit(tiny_args(tmp_path, "--epochs", "1"))
     before = (tmp_path / "checkpoint_last.pth.tar").read_bytes()
     with pytest.raises(PCLError, match=r"holds another run's checkpoints \(checkpoint_0000.pth.tar, checkpoint_last"
                                        r".pth.tar\): continue it with --resume auto, choose another --exp-dir, or "

@@ -14,7 +14,7 @@ import torch
 from collectives import WorldAudit
 from conftest import HostSyncRecorder, run_e_step, run_epoch, tiny_args
 from pcl import PCLError
-from pcl.cluster import _faiss_kmeans, _torch_kmeans, interruptible, run_kmeans
+from pcl.cluster import _faiss_kmeans, interruptible, kmeans, run_kmeans
 from pcl.config import validate_pretrain_args
 from pcl.data import TensorPairLoader
 from pcl.data.loaders import FileLoader, worker_seed
@@ -127,7 +127,8 @@ def test_faiss_k_means_uses_the_calling_ranks_gpu_only(monkeypatch):
 def test_torch_k_means_looks_for_a_stop_between_lloyd_iterations():
     x = torch.nn.functional.normalize(torch.randn(500, 8, generator=torch.Generator().manual_seed(0)), dim=1)
     asked = []
-    assert _torch_kmeans(x, 10, 0, niter=20, nredo=5, should_stop=lambda: asked.append(1) or len(asked) >= 3) is None
+    assert kmeans(x, 10, 0, niter=20, nredo=5, backend="torch",
+                  should_stop=lambda: asked.append(1) or len(asked) >= 3) is None
     assert len(asked) == 3  # stopped in the first run's third iteration, not after 100
     result = run_kmeans(x, [10, 20], 0.2, backend="torch", nredo=1, should_stop=lambda: len(asked) >= 3)
     assert result.im2cluster == []
@@ -187,9 +188,8 @@ def test_a_broken_k_means_backend_stops_the_run_at_start_up_not_at_the_first_e_s
     assert not (tmp_path / "exp" / "log.txt").exists()  # not one epoch was trained first
 
 
-def test_the_start_up_log_says_the_global_batch_and_the_rehearsal(tmp_path):
-    fit(tiny_args(tmp_path / "exp", "--epochs", "2"))
-    text = (tmp_path / "exp" / "train.log").read_text()
+def test_the_start_up_log_says_the_global_batch_and_the_rehearsal(tiny_run):
+    text = (tiny_run / "train.log").read_text()  # fit(tiny_args(exp)): 2 epochs
     assert "global batch 64, 64 per process" in text
     assert "E-step start-up check: 1 ranks, k-means" in text and "ok in" in text
 

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import ROOT, TINY, assert_clean_error, run_main, tiny_args, two_class_folder
+from conftest import ROOT, TINY, assert_clean_error, copy_run, run_main, tiny_args, two_class_folder
 from pcl import PCLError, Preempted
 from pcl import checkpoint as ckpt_io
 from pcl.engine import fit
@@ -22,9 +22,8 @@ def _state(path):
     return ckpt_io.load_checkpoint(str(path))["state_dict"]
 
 
-def test_sigterm_mid_epoch_then_resume_auto_equals_uninterrupted(tmp_path):
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    fit(tiny_args(full))
+def test_sigterm_mid_epoch_then_resume_auto_equals_uninterrupted(tmp_path, tiny_run):
+    full, cut = tiny_run, tmp_path / "cut"  # full: fit(tiny_args(full)), uninterrupted
 
     def preempt(epoch, step):  # SLURM's SIGTERM arrives during epoch 1 (after its E-step), step 3
         if (epoch, step) == (1, 3):
@@ -182,14 +181,13 @@ except PCLError as e:
 
 
 @pytest.mark.parametrize("where", ["feature pass", "k-means"])
-def test_sigterm_during_the_e_step_stops_there_and_resumes_exactly(tmp_path, monkeypatch, where):
+def test_sigterm_during_the_e_step_stops_there_and_resumes_exactly(tmp_path, monkeypatch, where, tiny_run):
     """The E-step is minutes at ImageNet scale: a stop is honoured between feature batches and between
     granularities (not after the whole E-step), the epoch boundary is saved, and --resume auto redoes the E-step."""
     import pcl.cluster as cluster_mod
     from pcl.model import MoCo
 
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    fit(tiny_args(full))
+    full, cut = tiny_run, tmp_path / "cut"  # full: fit(tiny_args(full)), uninterrupted
     calls = {"n": 0}
     if where == "feature pass":
         original = MoCo.encode_key
@@ -240,8 +238,8 @@ def test_mid_epoch_checkpoint_refuses_another_batch_size_or_dataset(tmp_path):
         fit(tiny_args(tmp_path, "--resume", "auto", "--demo-renders", "2"))
 
 
-def test_resume_auto_skips_a_dangling_symlink_and_bad_value_types(tmp_path):
-    fit(tiny_args(tmp_path, "--epochs", "1"))
+def test_resume_auto_skips_a_dangling_symlink_and_bad_value_types(tmp_path, tiny_run_1ep):
+    copy_run(tiny_run_1ep, tmp_path)  # fit(tiny_args(tmp_path, "--epochs", "1"))
     os.symlink(tmp_path / "gone.pth.tar", tmp_path / "checkpoint_9999.pth.tar")
     path, ckpt = ckpt_io.resolve_resume("auto", str(tmp_path))
     assert path.endswith("checkpoint_0000.pth.tar")

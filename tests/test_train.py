@@ -41,10 +41,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_load_backbone_from_our_checkpoint(tmp_path):
-    args = tiny_args(tmp_path, "--epochs", "1")
-    fit(args)
-    backbone = load_backbone(os.path.join(tmp_path, "checkpoint_0000.pth.tar"))
+def test_load_backbone_from_our_checkpoint(tiny_run_1ep):
+    backbone = load_backbone(str(tiny_run_1ep / "checkpoint_0000.pth.tar"))
     assert not backbone.training
     out = backbone(torch.randn(2, 3, 16, 16))
     assert out.shape == (2, 32)  # resnet18 at width 4: 8 * 4 pooled features, no head
@@ -67,12 +65,10 @@ def test_load_backbone_wrong_arch_fails_clearly(tmp_path):
         load_backbone(path, arch="resnet50")
 
 
-def test_query_backbone_matches_loaded_backbone(tmp_path):
+def test_query_backbone_matches_loaded_backbone(tmp_path, tiny_run_1ep):
     from pcl.engine import setup
 
-    args = tiny_args(tmp_path, "--epochs", "1")
-    fit(args)
-    path = os.path.join(tmp_path, "checkpoint_0000.pth.tar")
+    path = str(tiny_run_1ep / "checkpoint_0000.pth.tar")
     args = tiny_args(tmp_path, "--epochs", "1", "--resume", path)
     from pcl.config import validate_pretrain_args
     from pcl.resume import load_into
@@ -181,9 +177,8 @@ def test_resume_names_the_kind_of_file_it_was_given(tmp_path, content, message):
         fit(tiny_args(tmp_path / "run", "--resume", str(path)))
 
 
-def test_nan_weights_in_a_pretrained_file_are_named_as_the_cause(tmp_path):
-    fit(tiny_args(tmp_path, "--epochs", "1"))
-    ckpt = load_checkpoint(tmp_path / "checkpoint_last.pth.tar")
+def test_nan_weights_in_a_pretrained_file_are_named_as_the_cause(tmp_path, tiny_run_1ep):
+    ckpt = load_checkpoint(tiny_run_1ep / "checkpoint_last.pth.tar")
     ckpt["state_dict"]["module.encoder_q.layer1.0.conv1.weight"].fill_(float("nan"))
     torch.save(ckpt, tmp_path / "nan.pth.tar")
     with pytest.raises(PCLError, match=r"NaN/inf backbone weights in 1 tensors \(first: layer1.0.conv1.weight\)"):

@@ -67,23 +67,16 @@ def _events(tb_dir):
     return acc
 
 
-def test_pretraining_logs_one_gallery_per_granularity_to_tensorboard(tmp_path):
-    fit(tiny_args(tmp_path / "on", "--epochs", "1", "--warmup-epoch", "0"))
-    acc = _events(str(tmp_path / "on" / "tb"))
+def test_pretraining_logs_one_gallery_per_granularity_to_tensorboard(tmp_path, tiny_run):
+    acc = _events(str(tiny_run / "tb"))  # fit(tiny_args(on)): 2 epochs, the one E-step in epoch 1
     assert set(acc.Tags()["images"]) == {"prototypes/k10", "prototypes/k20"}
-    image = acc.Images("prototypes/k10")[0]
-    assert image.step == 0 and image.encoded_image_string[:4] == b"\x89PNG"
+    assert [i.step for i in acc.Images("prototypes/k20")] == [1]  # one gallery per E-step, at its epoch
+    [image] = acc.Images("prototypes/k10")
+    assert image.step == 1 and image.encoded_image_string[:4] == b"\x89PNG"
     assert (image.height, image.width) == (10 * 66 + 2, 120 + 8 * 66 + 2)  # 8 drawn + largest + smallest, 8 columns
     assert "prototypes/k10/text_summary" in acc.Tags()["tensors"]
     fit(tiny_args(tmp_path / "off", "--epochs", "1", "--warmup-epoch", "0", "--no-prototype-gallery"))
     assert _events(str(tmp_path / "off" / "tb")).Tags()["images"] == []
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    exp = tmp_path_factory.mktemp("vis_ckpt")
-    fit(tiny_args(exp, "--epochs", "2"))
-    return str(exp / "checkpoint_last.pth.tar")
 
 
 DEMO = ["--dataset", "demo", "--demo-renders", "1", "--image-size", "16", "--workers", "0", "-b", "64"]
