@@ -59,7 +59,7 @@ import small_scale
 from pcl import checkpoint as ckpt_io
 from pcl.cluster import kmeans
 from pcl.config import build_pretrain_parser, parse_args, validate_pretrain_args
-from pcl.data import load_in_memory
+from pcl.data import data_settings, load_in_memory
 from pcl.evaluation.cluster_metrics import clustering_scores
 from pcl.evaluation.knn import knn_accuracy
 from pcl.evaluation.svm import l2_normalize
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None,
             print(f"\n== {name}: {' '.join(grid[v]) or '(the config)'}", flush=True)
             fitted = train(run_argv)[1]
             if sets is None:
-                sets = load_in_memory(cfg)
+                sets = load_in_memory(data_settings(cfg))
             record: dict[str, Any] = {"variant": v, "seed": seed, "flags": grid[v], "settings": settings,
                                       "exp_dir": exp_dir, "wall_seconds": fitted["wall_seconds"], **read_log(exp_dir)}
             record.update(evaluate(os.path.join(exp_dir, ckpt_io.LAST), sets, seed, opts))

@@ -23,7 +23,7 @@ from pcl import PCLError
 from pcl.checkpoint import LAST, load_checkpoint, load_model_state
 from pcl.cluster import run_kmeans
 from pcl.config import build_pretrain_parser, parse_args, validate_pretrain_args
-from pcl.data import build_pretrain_data
+from pcl.data import build_pretrain_data, data_settings
 from pcl.engine import fit
 from pcl.estep import compute_features
 from pcl.model import MoCo
@@ -40,7 +40,7 @@ def spread(args) -> dict:
     ckpt = load_checkpoint(os.path.join(args.exp_dir, LAST))
     model = MoCo(args.arch, args.low_dim, args.pcl_r, args.moco_m, args.mlp, args.width, args.stem, 8)
     load_model_state(model, ckpt["state_dict"], args.exp_dir)
-    data = build_pretrain_data(args.replace(batch_size=128))
+    data = build_pretrain_data(data_settings(args.replace(batch_size=128)))
     feats = compute_features(model, data.eval_loader, torch.device("cpu"), data.num_samples, progress=False)
     result = run_kmeans(feats, args.num_cluster, args.temperature, niter=args.kmeans_niter, nredo=1)
     return {k: float((feats - c[a]).norm(dim=1).mean()) for k, a, c in zip(args.num_cluster, result.im2cluster,

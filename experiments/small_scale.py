@@ -36,7 +36,7 @@ from study import ROOT, RESULTS, fit_with_curve, hardware, write_json, use_cores
 from pcl import checkpoint as ckpt_io
 from pcl.cluster import kmeans
 from pcl.config import build_linear_parser, build_pretrain_parser, parse_args, validate_pretrain_args
-from pcl.data import TensorLabelledLoader, load_in_memory, one_vs_rest
+from pcl.data import TensorLabelledLoader, data_settings, load_in_memory, one_vs_rest
 from pcl.evaluation.cluster_metrics import clustering_scores
 from pcl.evaluation.knn import knn_accuracy
 from pcl.evaluation.linear import probe_features
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         warmup = max(1, round(cfg.warmup_epoch * opts.epochs / cfg.epochs))
         base += ["--epochs", str(opts.epochs), "--warmup-epoch", str(warmup), "--save-freq", str(opts.epochs)]
         cfg = validate_pretrain_args(parse_args(build_pretrain_parser(), base + opts.overrides))
-    sets = load_in_memory(cfg)
+    sets = load_in_memory(data_settings(cfg))
     torch.manual_seed(opts.seed)
     random_init = build_backbone(cfg.arch, cfg.width, cfg.stem).eval()
     start_scores = evaluate(random_init, sets, cfg, opts)  # every trained row starts from this init

@@ -11,12 +11,15 @@ import logging
 import os
 import re
 import urllib.parse
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from pcl import PCLError
+
+if TYPE_CHECKING:  # the flags it reads; any object with these attributes does
+    from pcl.settings import DistSettings
 
 
 def is_dist() -> bool:
@@ -40,7 +43,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-def layout(args: Any) -> tuple[int, int, bool]:
+def layout(args: DistSettings) -> tuple[int, int, bool]:
     """(world size, global rank, distributed?) of this process, from the flags and the launcher's environment,
     without changing the flags: torchrun's WORLD_SIZE/RANK with ``--dist-url env://`` (RANK only together with
     WORLD_SIZE, as torchrun sets them: a stray RANK alone is ignored, see :func:`stray_rank`); with the official
@@ -72,12 +75,12 @@ def stray_rank() -> str | None:
     return None
 
 
-def spawned_rank(args: Any) -> int | None:
+def spawned_rank(args: DistSettings) -> int | None:
     """The global rank of a worker of the official launcher (None otherwise: torchrun's RANK is read directly)."""
     return layout(args)[1] if args.multiprocessing_distributed else None
 
 
-def init(args: Any) -> torch.device:
+def init(args: DistSettings) -> torch.device:
     """Join the process group the launcher asked for and return this process's device.
 
     Single process when neither torchrun's environment nor ``--world-size > 1`` /
@@ -126,7 +129,7 @@ def init(args: Any) -> torch.device:
 DIST_SCHEMES = ("tcp://", "env://", "file://")
 
 
-def _check_group_flags(args: Any, world: int, global_rank: int, distributed: bool, use_cuda: bool) -> None:
+def _check_group_flags(args: DistSettings, world: int, global_rank: int, distributed: bool, use_cuda: bool) -> None:
     """Refuse, in one line naming the flags, what would fail inside init_process_group (a traceback) or wait
     there for a process that never comes (--dist-timeout, 2 h by default)."""
     url, spawned = args.dist_url, args.multiprocessing_distributed
@@ -163,12 +166,12 @@ def per_process(total: int) -> int:
     return max(total // world_size(), 1)
 
 
-def loader_workers(args: Any) -> int:
+def loader_workers(workers: int, args: DistSettings) -> int:
     """Loader workers of this process: -j/--workers is per node and shared among the node's processes."""
-    return workers_per_process(args.workers, local_processes(args)) if is_dist() else args.workers
+    return workers_per_process(workers, local_processes(args)) if is_dist() else workers
 
 
-def local_processes(args: Any) -> int:
+def local_processes(args: DistSettings) -> int:
     """Processes sharing this node: torchrun's LOCAL_WORLD_SIZE, --nproc / the GPU count with the official
     spawn launcher, else 1 (one process per node, e.g. SLURM srun with one task per node)."""
     if "LOCAL_WORLD_SIZE" in os.environ:

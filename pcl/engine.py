@@ -18,7 +18,7 @@ from tqdm import tqdm
 from pcl import PCLError, checkpoint as ckpt_io, distributed as dist_utils
 from pcl.cluster import ClusterResult
 from pcl.config import RunConfig, validate_pretrain_args
-from pcl.data import PretrainData, build_pretrain_data
+from pcl.data import PretrainData, build_pretrain_data, data_settings
 from pcl.estep import e_step, self_check
 from pcl.log import FiniteGuard, InputClock, RunLog, process_rank, setup_logging
 from pcl.loss import PCLLoss
@@ -27,7 +27,8 @@ from pcl.monitor import Monitor
 from pcl.preemption import Stopped
 from pcl.resume import EpochState, Session
 from pcl.schedule import adjust_learning_rate
-from pcl.settings import EStepSettings, MonitorSettings, StepSettings
+from pcl.settings import (DistSettings, EStepSettings, ModelSettings, MonitorSettings, OptimSettings,
+                          StepSettings)
 
 __all__ = ["fit", "setup", "build_loss", "build_optimizer", "train_one_epoch"]
 
@@ -43,7 +44,7 @@ def fit(args: Any, on_step: Callable[[int, int], None] | None = None) -> dict[st
     temp files of earlier crashed saves. ``on_step(epoch, step)`` is called after every training step.
     """
     cfg = validate_pretrain_args(args)
-    hint = dist_utils.spawned_rank(cfg)
+    hint = dist_utils.spawned_rank(DistSettings.of(cfg))
     setup_logging(cfg.exp_dir, cfg.debug, hint)
     main = process_rank(hint) == 0
     with ckpt_io.ExpDirLock(cfg.exp_dir) if main else contextlib.nullcontext():
@@ -60,7 +61,7 @@ def _pretrain(cfg: RunConfig, on_step: Callable[[int, int], None] | None) -> dic
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     if not session.load(model, optimizer, data, device, scaler):
         return {}
-    criterion, estep_settings = build_loss(cfg), EStepSettings.of(cfg)
+    criterion, estep_settings, optim = build_loss(cfg), EStepSettings.of(cfg), OptimSettings.of(cfg)
     options = StepSettings.of(cfg, channels_last(cfg.channels_last, device))
     run_log, stats = RunLog(cfg.exp_dir, purge_step=session.start_epoch if session.path else None), {}
     try:
@@ -74,7 +75,7 @@ def _pretrain(cfg: RunConfig, on_step: Callable[[int, int], None] | None) -> dic
                     estep = e_step(model, data.eval_loader, data.num_samples, estep_settings, device, session.stop,
                                    epoch)
                     clusters = monitor.e_step(epoch, estep)
-                lr = adjust_learning_rate(optimizer, epoch, cfg.epochs, cfg.lr, cfg.cos, cfg.schedule)
+                lr = adjust_learning_rate(optimizer, epoch, optim.epochs, optim.lr, optim.cos, optim.schedule)
                 state = session.epoch_state(epoch, clusters, data.train_loader, criterion.meters)
                 stats = train_one_epoch(model, data.train_loader, optimizer, criterion, clusters, state, options,
                                         scaler, on_step)
@@ -188,16 +189,17 @@ def _check_data(cfg: RunConfig, data: PretrainData) -> None:
 
 def setup(cfg: RunConfig) -> tuple[torch.device, PretrainData, nn.Module, torch.optim.Optimizer]:
     """Process group, data, model and optimiser from the resolved settings (checks that need the data too)."""
-    device = dist_utils.init(cfg)
+    dist = DistSettings.of(cfg)
+    device = dist_utils.init(dist)
     world = dist_utils.world_size()
     batch = _check_batch(cfg, world)
-    bn_splits = cfg.bn_splits or (8 if world == 1 else 1)
-    if batch % bn_splits:
-        raise PCLError(f"per-process batch {batch} is not divisible by --bn-splits {bn_splits}")
+    m = ModelSettings.of(cfg, world)
+    if batch % m.bn_splits:
+        raise PCLError(f"per-process batch {batch} is not divisible by --bn-splits {m.bn_splits}")
     torch.manual_seed(cfg.seed)
-    data = build_pretrain_data(cfg, device=device)
+    data = build_pretrain_data(data_settings(cfg), device=device, knn_wanted=cfg.knn_eval or cfg.knn_every > 0)
     _check_data(cfg, data)
-    model = MoCo(cfg.arch, cfg.low_dim, cfg.pcl_r, cfg.moco_m, cfg.mlp, cfg.width, cfg.stem, bn_splits).to(device)
+    model = MoCo(m.arch, m.low_dim, m.pcl_r, m.moco_m, m.mlp, m.width, m.stem, m.bn_splits).to(device)
     apply_speed_options(model, cfg.channels_last, cfg.compile)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
@@ -206,8 +208,9 @@ def setup(cfg: RunConfig) -> tuple[torch.device, PretrainData, nn.Module, torch.
                 cfg.arch, cfg.width, cfg.stem, device, data.num_samples, world, cfg.batch_size, batch,
                 "GPU" if device.type == "cuda" else "process",
                 " (-b/--batch-size is the total over all nodes here; the official code's -b is per node)"
-                if world > dist_utils.local_processes(cfg) else "")
-    return device, data, model, build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.sgd_impl)
+                if world > dist_utils.local_processes(dist) else "")
+    optim = OptimSettings.of(cfg)
+    return device, data, model, build_optimizer(model, optim.lr, optim.momentum, optim.weight_decay, optim.sgd_impl)
 
 
 def build_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float,

@@ -80,6 +80,102 @@ class RunConfig(Mapping[str, Any]):
 
 
 @dataclass(frozen=True)
+class DistSettings:
+    """How this process joins the others: the launcher's flags (and ``local_rank``, set by the spawn launcher)."""
+    world_size: int  # nodes with the spawn launcher, processes otherwise; -1: from torchrun's WORLD_SIZE or one
+    rank: int  # node rank (spawn launcher) or process rank; -1: from torchrun's RANK or 0
+    dist_url: str
+    dist_backend: str | None  # None: nccl on GPU, gloo on CPU
+    dist_timeout: float  # minutes a collective may wait
+    gpu: int | None
+    multiprocessing_distributed: bool
+    nproc: int | None  # processes per node of the spawn launcher
+    local_rank: int  # this process's index on its node (spawn launcher)
+    cpu: bool
+    seed_given: bool  # --seed given: cuDNN deterministic, as official
+
+    @classmethod
+    def of(cls, cfg: Mapping[str, Any]) -> "DistSettings":
+        cfg = RunConfig.of(cfg)
+        return cls(cfg["world_size"], cfg["rank"], cfg["dist_url"], cfg["dist_backend"], cfg["dist_timeout"],
+                   cfg["gpu"], cfg["multiprocessing_distributed"], cfg["nproc"], cfg["local_rank"], cfg["cpu"],
+                   cfg["seed_given"])
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Which images, at what size, through which loaders: the data flags every entry point shares, plus the
+    batch, the seed and the number of this process's loader workers."""
+    dataset: str  # a name of the dataset table (never 'auto')
+    data: str | None  # DIR
+    download: bool
+    image_size: int
+    crop_min_scale: float
+    batch_size: int  # the total over all processes; each process gets its share (distributed.per_process)
+    seed: int
+    workers: int  # loader workers of this process: -j per node divided among the node's processes
+    workers_per_node: int  # -j as given (the SVM features use it as is: they run in one process)
+    prefetch_factor: int
+    persistent_workers: bool
+    loader_timeout: float  # minutes
+    bad_images: str  # fail | skip
+    class_list: str | None
+    expect_images: int
+    expect_classes: int
+    augment: str  # pil | device
+    decode: str  # cpu | device
+    demo_renders: int
+    aug_plus: bool  # pretraining's MoCo v2 augmentation; the evaluation commands have no two-crop views: False
+
+    @classmethod
+    def of(cls, cfg: Mapping[str, Any], workers: int) -> "DataSettings":
+        """``workers``: this process's loader workers (``distributed.loader_workers`` once the group is up)."""
+        cfg = RunConfig.of(cfg)
+        return cls(cfg["dataset"], cfg["data"], cfg["download"], cfg["image_size"], cfg["crop_min_scale"],
+                   cfg["batch_size"], cfg["seed"], workers, cfg["workers"], cfg["prefetch_factor"],
+                   cfg["persistent_workers"], cfg["loader_timeout"], cfg["bad_images"], cfg["class_list"],
+                   cfg["expect_images"], cfg["expect_classes"], cfg["augment"], cfg["decode"], cfg["demo_renders"],
+                   cfg["aug_plus"] if "aug_plus" in cfg else False)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The MoCo model pretraining builds: backbone, head, queue and key encoder."""
+    arch: str
+    width: int
+    stem: str
+    low_dim: int
+    mlp: bool
+    pcl_r: int  # queue length
+    moco_m: float
+    bn_splits: int  # resolved: 8 in one process (shuffle-BN stand-in), 1 with DDP, unless --bn-splits
+
+    @classmethod
+    def of(cls, cfg: Mapping[str, Any], world: int) -> "ModelSettings":
+        cfg = RunConfig.of(cfg)
+        return cls(cfg["arch"], cfg["width"], cfg["stem"], cfg["low_dim"], cfg["mlp"], cfg["pcl_r"], cfg["moco_m"],
+                   cfg["bn_splits"] or (8 if world == 1 else 1))
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """SGD and its learning-rate schedule."""
+    lr: float
+    momentum: float
+    weight_decay: float
+    sgd_impl: str  # auto | foreach | fused | loop
+    cos: bool
+    schedule: tuple[int, ...]  # step-schedule milestones (without --cos)
+    epochs: int
+
+    @classmethod
+    def of(cls, cfg: Mapping[str, Any]) -> "OptimSettings":
+        cfg = RunConfig.of(cfg)
+        return cls(cfg["lr"], cfg["momentum"], cfg["weight_decay"], cfg["sgd_impl"], cfg["cos"],
+                   tuple(cfg["schedule"]), cfg["epochs"])
+
+
+@dataclass(frozen=True)
 class EStepSettings:
     """The E-step: the granularities, k-means and the concentration phi."""
     num_cluster: tuple[int, ...]  # k of each granularity (--num-cluster)

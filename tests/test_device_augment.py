@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import image_folder, tiny_args
 from pcl.data import (DeviceAugmentLoader, DeviceEvalLoader, FileLoader, TensorAugment, build_pretrain_data,
                       eval_crop_transform, eval_transform, pretrain_crop_transform, pretrain_transform)
-from pcl.data import tensor_augment as ta
+from pcl.data import data_settings, tensor_augment as ta
 
 TOL = 2 / 255  # the brief's bound; float ops vs torchvision's uint8 ones (which truncate after each op)
 
@@ -133,7 +133,7 @@ def _device_data(tmp_path, *extra, device=torch.device("cpu")):
     root = image_folder(tmp_path / "data", ["a", "b"], per_class=4, size=20)
     args = tiny_args(tmp_path / "exp", "--dataset", "imagefolder", root, "--image-size", "16", "-b", "4",
                      "--workers", "1", "--seed", "3", *extra)
-    return build_pretrain_data(args, device=device)
+    return build_pretrain_data(data_settings(args), device=device)
 
 
 def _epoch(loader, epoch):
@@ -165,8 +165,8 @@ def test_device_loader_is_seeded_and_resumable(tmp_path):
 
     feats = list(centre)
     images, index = feats[0]
-    pil = build_pretrain_data(tiny_args(tmp_path / "exp", "--dataset", "imagefolder", str(tmp_path / "data"),
-                                        "--image-size", "16", "--workers", "0")).eval_loader
+    pil = build_pretrain_data(data_settings(tiny_args(tmp_path / "exp", "--dataset", "imagefolder", str(tmp_path / "data"),
+                                        "--image-size", "16", "--workers", "0"))).eval_loader
     want, want_index = next(iter(pil))
     assert torch.equal(index, want_index) and torch.allclose(images, want, atol=1e-6)
     from pcl.gallery import display_images

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import tiny_args
 from pcl import PCLError
-from pcl.data import (DeviceAugmentLoader, EncodedPairs, IndexedDataset, PretrainCropBoxes, SafeImages,
+from pcl.data import (DeviceAugmentLoader, data_settings, EncodedPairs, IndexedDataset, PretrainCropBoxes, SafeImages,
                       build_pretrain_data, collate_encoded, decode_crops, load_image, pretrain_crop_transform)
 
 # Measured on these files (16 crops per size): the device path on the CPU decodes bit-exactly as PIL (both
@@ -135,7 +135,7 @@ def _device_data(tmp_path, *extra):
     root = _jpeg_folder(tmp_path / "data")
     args = tiny_args(tmp_path / "exp", "--dataset", "imagefolder", root, "--image-size", "16", "-b", "4",
                      "--workers", "1", "--seed", "3", "--aug-plus", "--augment", "device", *extra)
-    return build_pretrain_data(args, device=torch.device("cpu"))
+    return build_pretrain_data(data_settings(args), device=torch.device("cpu"))
 
 
 def _epoch(loader, epoch):
@@ -167,7 +167,7 @@ def test_a_file_the_device_cannot_decode_is_named(tmp_path):
     args = tiny_args(tmp_path / "exp", "--dataset", "imagefolder", root, "--image-size", "16", "-b", "4",
                      "--workers", "0", "--augment", "device", "--decode", "device")
     with pytest.raises(PCLError, match="cannot decode .*0.jpg.*--decode cpu"):
-        list(build_pretrain_data(args, device=torch.device("cpu")).train_loader)
+        list(build_pretrain_data(data_settings(args), device=torch.device("cpu")).train_loader)
 
 
 def test_decode_device_needs_augment_device(tmp_path):
@@ -175,7 +175,7 @@ def test_decode_device_needs_augment_device(tmp_path):
     root = _jpeg_folder(tmp_path / "data", n=2)
     args = tiny_args(tmp_path / "exp", "--dataset", "imagefolder", root, "--decode", "device")
     with pytest.raises(PCLError) as err:
-        build_pretrain_data(args, device=torch.device("cpu"))
+        build_pretrain_data(data_settings(args), device=torch.device("cpu"))
     message = str(err.value)
     assert "\n" not in message and "--decode device" in message and "--augment device" in message
 

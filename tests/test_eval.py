@@ -14,7 +14,7 @@ from conftest import official_checkpoint
 from pcl import PCLError
 from pcl.checkpoint import load_backbone
 from pcl.config import build_linear_parser, build_svm_parser, parse_args
-from pcl.data import VOC_CLASSES, VOC07
+from pcl.data import data_settings, VOC_CLASSES, VOC07
 from pcl.evaluation.linear import build_probe, fit_linear, sanity_check
 from pcl.evaluation.svm import average_precision, low_shot_indices, run_svm
 
@@ -277,7 +277,7 @@ def test_validation_classes_that_differ_from_training_are_refused(tmp_path):
             Image.new("RGB", (8, 8)).save(tmp_path / split / c / "0.png")
     args = SimpleNamespace(dataset="imagefolder", data=str(tmp_path), class_list=None, bad_images="fail")
     with pytest.raises(PCLError, match=r"train/ and val/ hold different classes \(2 vs 2; e.g. \['dog', 'eel'\]\)"):
-        file_sets(args, labelled=True)
+        file_sets(data_settings(args), labelled=True)
 
 
 def test_evaluation_loaders_receive_prefetch_and_persistent_workers(tmp_path):
@@ -290,6 +290,6 @@ def test_evaluation_loaders_receive_prefetch_and_persistent_workers(tmp_path):
             Image.new("RGB", (8, 8)).save(tmp_path / split / c / "0.png")
     args = parse_args(build_linear_parser(), [str(tmp_path), "-j", "1", "--prefetch-factor", "3",
                                               "--persistent-workers", "--image-size", "8", "-b", "2"])
-    data = build_labelled_data(args.replace(dataset="imagefolder"))
+    data = build_labelled_data(data_settings(args.replace(dataset="imagefolder")))
     for loader in (data.train_loader, data.train_eval_loader, data.val_loader):
         assert loader.loader.prefetch_factor == 3 and loader.loader.persistent_workers

@@ -166,15 +166,15 @@ def test_an_infinite_svm_cost_is_refused_before_any_work(tmp_path, cost):
 
 def test_knn_flags_without_a_val_split_warn_and_name_the_folder(tmp_path, pcl_warnings):
     from conftest import image_folder
-    from pcl.data.pretrain import build_pretrain_data
+    from pcl.data import build_pretrain_data, data_settings
 
     image_folder(tmp_path / "data", ["a", "b"], splits=("train",))
     args = validate_pretrain_args(tiny_args(tmp_path / "exp", str(tmp_path / "data"), "--knn-eval", "-j", "0"))
-    assert build_pretrain_data(args).knn is None
+    assert build_pretrain_data(data_settings(args), knn_wanted=args.knn_eval).knn is None
     assert pcl_warnings == [f"--knn-eval / --knn-every have no effect: the kNN monitor needs a labelled test "
                                f"split and {tmp_path / 'data' / 'val'} does not exist"]
     image_folder(tmp_path / "data", ["a", "b"], splits=("val",))
-    assert build_pretrain_data(args).knn is not None  # with val/ the monitor runs, and nothing is said
+    assert build_pretrain_data(data_settings(args), knn_wanted=args.knn_eval).knn is not None  # with val/ the monitor runs, and nothing is said
     assert len(pcl_warnings) == 1
 
 

@@ -11,7 +11,7 @@ from conftest import ROOT, fake_mnist, tiny_args
 from pcl import PCLError
 from pcl.checkpoint import load_checkpoint
 from pcl.config import build_pretrain_parser, parse_args, validate_pretrain_args
-from pcl.data import load_in_memory, load_mnist_family, read_idx, write_idx
+from pcl.data import data_settings, load_in_memory, load_mnist_family, read_idx, write_idx
 from pcl.engine import fit
 
 
@@ -37,11 +37,11 @@ def test_both_layouts_and_compressions_load_the_official_split(tmp_path, gz, lay
 def test_in_memory_set_is_three_channel_uint8_at_the_image_size(tmp_path):
     fake_mnist(tmp_path, n_train=20, n_test=10)
     args = parse_args(build_pretrain_parser(), [str(tmp_path), "--dataset", "fashion-mnist", "--image-size", "28"])
-    sets = load_in_memory(args)
+    sets = load_in_memory(data_settings(args))
     x = sets["train"]
     assert x.shape == (20, 3, 28, 28) and x.dtype == torch.uint8
     assert torch.equal(x[:, 0], x[:, 2])  # grey: the same values in every channel
-    assert load_in_memory(args.replace(image_size=32))["test"].shape == (10, 3, 32, 32)
+    assert load_in_memory(data_settings(args.replace(image_size=32)))["test"].shape == (10, 3, 32, 32)
 
 
 def _corrupt(path, payload):
@@ -102,7 +102,7 @@ def test_mnist_family_needs_its_folder():
     with pytest.raises(PCLError, match="needs the folder of its idx files"):
         validate_pretrain_args(args)  # before any data or model is touched
     with pytest.raises(PCLError, match="needs the folder of its idx files"):
-        load_in_memory(args)
+        load_in_memory(data_settings(args))
 
 
 def test_small_scale_benchmark_runs_at_toy_size(tmp_path):

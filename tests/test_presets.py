@@ -8,7 +8,7 @@ import torchvision.datasets as tvd
 from conftest import ROOT, fake_cifar, fake_stl10, image_folder
 from pcl import PCLError
 from pcl.config import build_linear_parser, build_pretrain_parser, parse_args, validate_pretrain_args
-from pcl.data import ListedImageFolder, build_labelled_data, build_pretrain_data, read_class_list
+from pcl.data import data_settings, ListedImageFolder, build_labelled_data, build_pretrain_data, read_class_list
 from pcl.engine import fit
 
 CONFIGS = os.path.join(ROOT, "configs")
@@ -22,7 +22,7 @@ def test_class_list_selects_and_orders_classes_the_same_in_every_split(tmp_path)
     (tmp_path / "list.txt").write_text("# two of four\nn03\n\nn01  # comment\n")
     args = parse_args(build_linear_parser(), [root, "--class-list", str(tmp_path / "list.txt"), "-b", "4",
                                               "--workers", "0"])
-    data = build_labelled_data(args.replace(dataset="imagefolder"))
+    data = build_labelled_data(data_settings(args.replace(dataset="imagefolder")))
     assert sorted(data.train_labels.tolist()) == [0, 0, 1, 1] and data.val_labels.tolist() == data.train_labels.tolist()
     folder = ListedImageFolder(os.path.join(root, "val"), read_class_list(str(tmp_path / "list.txt")))
     assert folder.classes == ["n03", "n01"]
@@ -37,7 +37,7 @@ def test_bad_class_lists_are_one_line_errors(tmp_path, text, message):
     args = parse_args(build_pretrain_parser(), [root, "--class-list", str(tmp_path / "list.txt"), *TINY])
     args = validate_pretrain_args(args)
     with pytest.raises(PCLError, match=message):
-        build_pretrain_data(args)
+        build_pretrain_data(data_settings(args))
     with pytest.raises(PCLError, match="file not found"):
         read_class_list(str(tmp_path / "absent.txt"))
 
@@ -47,7 +47,7 @@ def test_validation_folder_with_other_classes_is_refused(tmp_path):
     image_folder(tmp_path / "data", ["a", "c"], per_class=1, splits=("val",))
     args = validate_pretrain_args(parse_args(build_pretrain_parser(), [str(tmp_path / "data"), *TINY]))
     with pytest.raises(PCLError, match="train/ and val/ hold different classes"):
-        build_pretrain_data(args)
+        build_pretrain_data(data_settings(args))
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def test_torchvision_presets_check_the_data_then_run(tmp_path, no_md5, preset, m
         argv += ["--image-size", "32"]
     args = validate_pretrain_args(parse_args(build_pretrain_parser(), argv))
     with pytest.raises(PCLError, match=f"{count} training images, the preset expects"):
-        build_pretrain_data(args)  # the real preset wants the real set: a wrong folder fails at once
+        build_pretrain_data(data_settings(args))  # the real preset wants the real set: a wrong folder fails at once
     stats = fit(parse_args(build_pretrain_parser(), argv + ["--expect-images", str(count)]))
     assert stats["epoch"] == 1 and "loss_proto" in stats
 
@@ -85,14 +85,14 @@ def test_imagenet100_preset_reads_only_the_listed_classes(tmp_path):
             "--exp-dir", str(tmp_path / "exp")]
     args = validate_pretrain_args(parse_args(build_pretrain_parser(), argv))
     assert os.path.isfile(args.class_list)  # a relative path in a YAML file is relative to that file
-    data = build_pretrain_data(args)
+    data = build_pretrain_data(data_settings(args))
     assert data.num_samples == 100  # the extra class folder is not read
     os.rename(os.path.join(root, "train", wnids[5]), os.path.join(root, "train", "moved"))
     with pytest.raises(PCLError, match=f"class {wnids[5]} of the class list is not a folder"):
-        build_pretrain_data(args)
+        build_pretrain_data(data_settings(args))
     os.rename(os.path.join(root, "train", "moved"), os.path.join(root, "train", wnids[5]))
     args = validate_pretrain_args(parse_args(build_pretrain_parser(), argv + ["--expect-classes", "10"]))
     with pytest.raises(PCLError, match="100 classes, the preset expects 10"):
-        build_pretrain_data(args)
+        build_pretrain_data(data_settings(args))
     stats = fit(parse_args(build_pretrain_parser(), argv))
     assert stats["epoch"] == 1

@@ -8,7 +8,7 @@ import torch
 from conftest import fake_cifar, fake_mnist, fake_stl10, image_folder, tiny_args
 from pcl import PCLError
 from pcl.config import build_linear_parser, build_pretrain_parser, build_svm_parser, parse_args, validate_pretrain_args
-from pcl.data import build_labelled_data, build_pretrain_data, file_sets, load_in_memory, registry
+from pcl.data import data_settings, build_labelled_data, build_pretrain_data, file_sets, load_in_memory, registry
 from pcl.data.registry import DATASETS, DatasetSpec, spec
 from pcl.data.transfer import svm_sets
 
@@ -80,13 +80,13 @@ def test_adding_an_in_memory_dataset_is_one_table_entry(tmp_path, monkeypatch):
                                                      parsers=("data", "svm")))
     args = validate_pretrain_args(tiny_args(tmp_path / "exp", "--dataset", "toy", "-b", "16"))  # offered
     assert args.dataset == "toy"
-    data = build_pretrain_data(args)
+    data = build_pretrain_data(data_settings(args))
     assert calls == [("toy", "toy")] and data.num_samples == 48 and data.knn is not None
     images, _, _ = next(iter(data.train_loader))
     assert images.shape[1:] == (3, 16, 16)  # grey, 8 px -> the standard 3 channels at --image-size
-    assert build_labelled_data(args).num_classes == 3
+    assert build_labelled_data(data_settings(args)).num_classes == 3
     svm_args = parse_args(build_svm_parser(), ["--dataset", "toy", "--image-size", "16"])
-    _, train_y, _, test_y, single = svm_sets(svm_args)
+    _, train_y, _, test_y, single = svm_sets(data_settings(svm_args))
     assert train_y.shape == (48, 3) and test_y.shape == (12, 3) and single  # the labels' 3 classes, not 10
 
 
@@ -98,7 +98,7 @@ def test_adding_a_file_dataset_is_one_table_entry(tmp_path, monkeypatch, pcl_war
     with pytest.raises(PCLError, match="--dataset folders needs a folder tree as DIR$"):
         validate_pretrain_args(tiny_args(tmp_path / "exp", "--dataset", "folders"))
     args = validate_pretrain_args(tiny_args(tmp_path / "exp", root, "--dataset", "folders", "--knn-every", "1"))
-    data = build_pretrain_data(args)
+    data = build_pretrain_data(data_settings(args), knn_wanted=args.knn_every > 0)
     assert data.num_samples == 6 and data.knn is None
     assert any("Folders's pretraining split is unlabeled" in line for line in pcl_warnings), pcl_warnings
 
@@ -109,11 +109,11 @@ def test_stl10_pretrains_on_its_unlabeled_split_without_the_knn_monitor(tmp_path
     fake_stl10(tmp_path / "data", n_unlabeled=12, n_train=10, n_test=10, size=96)
     args = validate_pretrain_args(tiny_args(tmp_path / "exp", str(tmp_path / "data"), "--dataset", "stl10",
                                             "--knn-every", "1"))
-    train, test = file_sets(args, labelled=False)
+    train, test = file_sets(data_settings(args), labelled=False)
     assert len(train) == 12 and set(train.labels.tolist()) == {-1}  # torchvision's "no label"
-    train, test = file_sets(args, labelled=True)
+    train, test = file_sets(data_settings(args), labelled=True)
     assert len(train) == 10 and int(train.labels.max()) < entry.num_classes and len(test) == 10
-    data = build_pretrain_data(args)
+    data = build_pretrain_data(data_settings(args), knn_wanted=args.knn_every > 0)
     assert data.num_samples == 12 and data.knn is None
     assert any("STL-10's pretraining split is unlabeled" in line for line in pcl_warnings), pcl_warnings
 
@@ -122,9 +122,9 @@ def test_stl10_pretrains_on_its_unlabeled_split_without_the_knn_monitor(tmp_path
 def test_cifar_class_counts_match_the_files(tmp_path, no_md5, name, n_train):
     fake_cifar(tmp_path / "data", name, n_train=n_train, n_test=20)
     args = validate_pretrain_args(tiny_args(tmp_path / "exp", str(tmp_path / "data"), "--dataset", name))
-    train, test = file_sets(args, labelled=True)
+    train, test = file_sets(data_settings(args), labelled=True)
     assert len(train) == n_train and len(set(train.targets)) == spec(name).num_classes == len(train.classes)
-    assert spec(name).pretrain_labelled and build_pretrain_data(args).knn is not None
+    assert spec(name).pretrain_labelled and build_pretrain_data(data_settings(args)).knn is not None
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion-mnist", "kmnist"])
@@ -132,17 +132,17 @@ def test_the_mnist_family_holds_the_table_s_class_count(tmp_path, name):
     entry = spec(name)
     fake_mnist(tmp_path / "data", n_train=30, n_test=20, name=entry.torchvision, layout="torchvision")
     args = validate_pretrain_args(tiny_args(tmp_path / "exp", str(tmp_path / "data"), "--dataset", name))
-    sets = load_in_memory(args)
+    sets = load_in_memory(data_settings(args))
     assert entry.in_memory and sets["train_labels"].unique().numel() == entry.num_classes
-    _, train_y, _, _, _ = svm_sets(parse_args(build_svm_parser(), [str(tmp_path / "data"), "--dataset", name,
-                                                                 "--image-size", "16"]))
+    _, train_y, _, _, _ = svm_sets(data_settings(parse_args(build_svm_parser(), [str(tmp_path / "data"), "--dataset", name,
+                                                                 "--image-size", "16"])))
     assert train_y.shape == (30, entry.num_classes)
 
 
 def test_the_demo_set_holds_the_table_s_class_count_and_a_dir_overrides_it(tmp_path):
     entry = spec("demo")
     args = validate_pretrain_args(tiny_args(tmp_path / "exp"))
-    sets = load_in_memory(args)
+    sets = load_in_memory(data_settings(args))
     assert entry.in_memory and sets["train_labels"].unique().numel() == entry.num_classes
     root = image_folder(tmp_path / "data", ["a", "b"], per_class=1)
     assert validate_pretrain_args(tiny_args(tmp_path / "exp", root)).dataset == registry.DIR_DATASET
@@ -152,5 +152,5 @@ def test_imagefolder_takes_its_classes_from_the_folders(tmp_path):
     assert spec("imagefolder").num_classes is None and spec("imagefolder").class_list
     root = image_folder(tmp_path / "data", ["a", "b", "c"], per_class=2)
     args = validate_pretrain_args(tiny_args(tmp_path / "exp", root, "--dataset", "auto"))
-    train, test = file_sets(args, labelled=False)
+    train, test = file_sets(data_settings(args), labelled=False)
     assert args.dataset == "imagefolder" and len(train.classes) == 3 and test is not None

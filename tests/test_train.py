@@ -118,11 +118,11 @@ def test_image_folder_pipeline_with_pil_augmentations(tmp_path):
 
 def test_missing_torchvision_dataset_names_the_fix(tmp_path):
     from pcl.config import validate_pretrain_args
-    from pcl.data import build_pretrain_data
+    from pcl.data import build_pretrain_data, data_settings
 
     args = validate_pretrain_args(tiny_args(tmp_path / "exp", "--dataset", "cifar10"))
     with pytest.raises(PCLError, match="cifar10 not found .* --download"):
-        build_pretrain_data(args.replace(data=str(tmp_path)))
+        build_pretrain_data(data_settings(args.replace(data=str(tmp_path))))
 
 
 def test_speed_options_keep_the_checkpoint_layout(tmp_path):

@@ -15,7 +15,7 @@ Places205). The names below are the package's public ones.
 """
 
 from pcl.data.datasets import (IDX_FILES, IndexedDataset, LabelledDataset, ListedImageFolder, Relabelled, SafeImages,
-                               check_expected, file_sets, image_folder, load_image, load_in_memory, load_mnist_family,
+                               check_expected, data_settings, file_sets, image_folder, load_image, load_in_memory, load_mnist_family,
                                per_class_fraction, printable, read_class_list, read_idx, read_subset, write_idx)
 from pcl.data.demo import make_digits_demo, render_glyphs
 from pcl.data.labelled import LabelledData, build_labelled_data
@@ -30,7 +30,7 @@ from pcl.data.transforms import (MEAN, STD, GaussianBlur, PretrainCropBoxes, eva
                                  linear_train_transform, pretrain_crop_transform, pretrain_transform)
 
 __all__ = ["DATASETS", "DatasetSpec", "IDX_FILES", "IndexedDataset", "LabelledDataset", "ListedImageFolder",
-           "Relabelled", "SafeImages", "check_expected", "file_sets", "image_folder", "load_image", "load_in_memory",
+           "Relabelled", "SafeImages", "check_expected", "data_settings", "file_sets", "image_folder", "load_image", "load_in_memory",
            "load_mnist_family", "per_class_fraction", "printable", "read_class_list", "read_idx", "read_subset",
            "write_idx", "make_digits_demo", "render_glyphs", "LabelledData", "build_labelled_data",
            "DeviceAugmentLoader", "DeviceEvalLoader", "EncodedPairs", "FileLoader", "ShardSampler",

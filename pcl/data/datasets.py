@@ -8,7 +8,7 @@ import logging
 import math
 import os
 import struct
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -17,10 +17,10 @@ import torchvision.datasets as tvd
 from PIL import Image
 from torch.utils.data import Dataset
 
-from pcl import PCLError
+from pcl import PCLError, distributed as dist_utils
 from pcl.data.demo import make_digits_demo
 from pcl.data.registry import DatasetSpec, spec
-from pcl.settings import cannot_read
+from pcl.settings import DataSettings, DistSettings, cannot_read
 
 
 class IndexedDataset(Dataset):
@@ -259,29 +259,35 @@ def load_mnist_family(name: str, root: str | None, download: bool = False) -> di
     return out
 
 
-def demo_sets(s: DatasetSpec, args: Any) -> dict[str, torch.Tensor]:
-    """The table's reader of --dataset demo: the digits rendered at ``args.image_size`` (deterministic)."""
-    return make_digits_demo(renders_train=args.demo_renders, size=args.image_size, seed=0)
+def data_settings(cfg: Mapping[str, Any]) -> DataSettings:
+    """The data group of a resolved command line (any entry point's), with this process's loader workers: call it
+    once the process group is up (``distributed.init``), when -j is divided among the node's processes."""
+    return DataSettings.of(cfg, dist_utils.loader_workers(cfg["workers"], DistSettings.of(cfg)))
 
 
-def idx_sets(s: DatasetSpec, args: Any) -> dict[str, torch.Tensor]:
+def demo_sets(s: DatasetSpec, cfg: DataSettings) -> dict[str, torch.Tensor]:
+    """The table's reader of --dataset demo: the digits rendered at ``cfg.image_size`` (deterministic)."""
+    return make_digits_demo(renders_train=cfg.demo_renders, size=cfg.image_size, seed=0)
+
+
+def idx_sets(s: DatasetSpec, cfg: DataSettings) -> dict[str, torch.Tensor]:
     """The table's reader of the MNIST family: the idx files in DIR (``--download``: fetched first)."""
-    return load_mnist_family(s.name, args.data, args.download)
+    return load_mnist_family(s.name, cfg.data, cfg.download)
 
 
-def load_in_memory(args: Any) -> dict[str, torch.Tensor]:
-    """The in-memory sets as 3-channel uint8 at ``args.image_size``: {'train', 'train_labels', 'test',
-    'test_labels'}, read by the table's reader of ``args.dataset``. Grey images are expanded to 3 channels (a
+def load_in_memory(cfg: DataSettings) -> dict[str, torch.Tensor]:
+    """The in-memory sets as 3-channel uint8 at ``cfg.image_size``: {'train', 'train_labels', 'test',
+    'test_labels'}, read by the table's reader of ``cfg.dataset``. Grey images are expanded to 3 channels (a
     view: no copy) so the standard backbones and checkpoints apply; a size other than the stored one is a
     bilinear (antialiased) resize, done once."""
-    s = spec(args.dataset)
+    s = spec(cfg.dataset)
     if not s.in_memory:
         raise PCLError(f"--dataset {s.name} is read from files, not held in memory: use file_sets for it")
-    sets = s.load_reader()(s, args)
+    sets = s.load_reader()(s, cfg)
     for split in ("train", "test"):
         x = sets[split]
-        if x.shape[-1] != args.image_size or x.shape[-2] != args.image_size:
-            x = F.interpolate(x.float(), size=(args.image_size, args.image_size), mode="bilinear",
+        if x.shape[-1] != cfg.image_size or x.shape[-2] != cfg.image_size:
+            x = F.interpolate(x.float(), size=(cfg.image_size, cfg.image_size), mode="bilinear",
                               antialias=True, align_corners=False).round().clamp(0, 255).to(torch.uint8)
         if x.shape[1] != 3:
             x = x.expand(-1, 3, -1, -1)
@@ -289,10 +295,10 @@ def load_in_memory(args: Any) -> dict[str, torch.Tensor]:
     return sets
 
 
-def check_expected(args: Any, num_images: int, num_classes: int | None) -> None:
+def check_expected(cfg: DataSettings, num_images: int, num_classes: int | None) -> None:
     """A preset's start-up check (--expect-images / --expect-classes): a wrong folder fails in seconds."""
-    where = args.data or args.dataset
-    expect_images, expect_classes = args.expect_images, args.expect_classes
+    where = cfg.data or cfg.dataset
+    expect_images, expect_classes = cfg.expect_images, cfg.expect_classes
     if expect_images and num_images != expect_images:
         raise PCLError(f"{where}: {num_images} training images, the preset expects {expect_images}; is DIR the "
                        f"right folder? (--expect-images 0 turns this check off)")
@@ -310,31 +316,31 @@ def _same_classes(train: Dataset, val: Dataset, root: str) -> None:
                        f"make them agree or give --class-list FILE")
 
 
-def imagefolder_sets(s: DatasetSpec, args: Any, labelled: bool) -> tuple[Dataset, Dataset | None]:
+def imagefolder_sets(s: DatasetSpec, cfg: DataSettings, labelled: bool) -> tuple[Dataset, Dataset | None]:
     """The table's reader of --dataset imagefolder: DIR/train/ and DIR/val/ (only the --class-list classes when
     given, labelled alike in both). val/ is required for evaluation, optional for pretraining (the kNN monitor)."""
-    classes = read_class_list(args.class_list) if args.class_list else None
-    train, test = image_folder(args.data, s.train_split, args.bad_images, classes), None
-    if labelled or os.path.isdir(os.path.join(args.data, s.test_split)):
-        test = image_folder(args.data, s.test_split, args.bad_images, classes)
-        _same_classes(train, test, args.data)
+    classes = read_class_list(cfg.class_list) if cfg.class_list else None
+    train, test = image_folder(cfg.data, s.train_split, cfg.bad_images, classes), None
+    if labelled or os.path.isdir(os.path.join(cfg.data, s.test_split)):
+        test = image_folder(cfg.data, s.test_split, cfg.bad_images, classes)
+        _same_classes(train, test, cfg.data)
     return train, test
 
 
-def torchvision_sets(s: DatasetSpec, args: Any, labelled: bool) -> tuple[Dataset, Dataset]:
+def torchvision_sets(s: DatasetSpec, cfg: DataSettings, labelled: bool) -> tuple[Dataset, Dataset]:
     """The table's reader of the torchvision sets: the pretraining split (STL-10's unlabeled one) or, ``labelled``,
     the labelled training split, and the test split."""
     split = s.train_split if labelled else s.pretrain_split
-    return (_torchvision_set(s, args.data, split, args.download),
-            _torchvision_set(s, args.data, s.test_split, args.download))
+    return (_torchvision_set(s, cfg.data, split, cfg.download),
+            _torchvision_set(s, cfg.data, s.test_split, cfg.download))
 
 
-def file_sets(args: Any, labelled: bool) -> tuple[Dataset, Dataset | None]:
-    """(train, test) datasets of a file dataset, from the table's reader of ``args.dataset``. ``labelled``: for
+def file_sets(cfg: DataSettings, labelled: bool) -> tuple[Dataset, Dataset | None]:
+    """(train, test) datasets of a file dataset, from the table's reader of ``cfg.dataset``. ``labelled``: for
     evaluation (a labelled train split and a test split required) rather than pretraining (the split it trains
     on, e.g. STL-10's unlabeled one; a test split where there is one, for the kNN monitor)."""
-    s = spec(args.dataset, "data")
-    return s.load_reader()(s, args, labelled)
+    s = spec(cfg.dataset, "data")
+    return s.load_reader()(s, cfg, labelled)
 
 
 class LabelledDataset(Dataset):

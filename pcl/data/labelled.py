@@ -13,6 +13,7 @@ from pcl.data.datasets import LabelledDataset, Relabelled, check_expected, file_
 from pcl.data.loaders import FileLoader, TensorLabelledLoader
 from pcl.data.registry import spec
 from pcl.data.tensor_augment import TensorAugment
+from pcl.settings import DataSettings
 from pcl.data.transforms import eval_transform, linear_train_transform
 
 
@@ -30,38 +31,38 @@ class LabelledData:
         return int(max(self.train_labels.max(), self.val_labels.max())) + 1
 
 
-def build_labelled_data(args: Any, train_subset: Callable[[Any], list[int]] | None = None) -> LabelledData:
-    """Labelled train/val loaders for the linear probe and fine-tuning; each process gets its share of ``args.batch_size``.
+def build_labelled_data(cfg: DataSettings, train_subset: Callable[[Any], list[int]] | None = None) -> LabelledData:
+    """Labelled train/val loaders for the linear probe and fine-tuning; each process gets its share of ``cfg.batch_size``.
     ``train_subset(base_train)`` (optional) picks the training images (e.g. the 1% / 10% ImageNet subsets)."""
-    bs, size = dist_utils.per_process(args.batch_size), args.image_size
-    if spec(args.dataset, "data").in_memory:
-        sets = load_in_memory(args)
-        augment = TensorAugment(size, aug_plus=False, min_scale=args.crop_min_scale, color=False)
+    bs, size = dist_utils.per_process(cfg.batch_size), cfg.image_size
+    if spec(cfg.dataset, "data").in_memory:
+        sets = load_in_memory(cfg)
+        augment = TensorAugment(size, aug_plus=False, min_scale=cfg.crop_min_scale, color=False)
         tr, trl, te, tel = sets["train"], sets["train_labels"], sets["test"], sets["test_labels"]
         if train_subset is not None:
             keep = torch.as_tensor(train_subset(trl))
             tr, trl = tr[keep], trl[keep]
 
         def augment_loader(epoch: int) -> TensorLabelledLoader:
-            loader = TensorLabelledLoader(tr, trl, bs * 2, augment, args.seed + 1, shuffle=False)
+            loader = TensorLabelledLoader(tr, trl, bs * 2, augment, cfg.seed + 1, shuffle=False)
             loader.set_epoch(epoch)
             return loader
 
-        return LabelledData(TensorLabelledLoader(tr, trl, bs, augment, args.seed, shuffle=True),
+        return LabelledData(TensorLabelledLoader(tr, trl, bs, augment, cfg.seed, shuffle=True),
                             TensorLabelledLoader(tr, trl, bs * 2), TensorLabelledLoader(te, tel, bs * 2), trl, tel,
                             augment_loader)
-    if args.data is None or not os.path.isdir(args.data):
-        raise PCLError(f"data folder not found: {args.data}")
-    base_train, base_val = file_sets(args, labelled=True)
+    if cfg.data is None or not os.path.isdir(cfg.data):
+        raise PCLError(f"data folder not found: {cfg.data}")
+    base_train, base_val = file_sets(cfg, labelled=True)
     if len(base_train) == 0 or len(base_val) == 0:
-        raise PCLError(f"the training or validation split in {args.data} is empty")
-    check_expected(args, len(base_train), len(getattr(base_train, "classes", [])) or None)
+        raise PCLError(f"the training or validation split in {cfg.data} is empty")
+    check_expected(cfg, len(base_train), len(getattr(base_train, "classes", [])) or None)
     pin = torch.cuda.is_available()
-    make = lambda ds, b, train: FileLoader(ds, b, dist_utils.loader_workers(args), args.seed, train,  # noqa: E731
-                                           pin, drop_last=False, prefetch_factor=args.prefetch_factor,
-                                           persistent_workers=args.persistent_workers,
-                                           timeout_min=args.loader_timeout)
-    train_aug = LabelledDataset(base_train, linear_train_transform(size, args.crop_min_scale))
+    make = lambda ds, b, train: FileLoader(ds, b, cfg.workers, cfg.seed, train,  # noqa: E731
+                                           pin, drop_last=False, prefetch_factor=cfg.prefetch_factor,
+                                           persistent_workers=cfg.persistent_workers,
+                                           timeout_min=cfg.loader_timeout)
+    train_aug = LabelledDataset(base_train, linear_train_transform(size, cfg.crop_min_scale))
     train_center = LabelledDataset(base_train, eval_transform(size))
     train_labels = train_center.targets
     if train_subset is not None:

@@ -15,6 +15,7 @@ from pcl.data.loaders import (DeviceAugmentLoader, DeviceEvalLoader, EncodedPair
                               TensorPairLoader, collate_encoded)
 from pcl.data.registry import spec
 from pcl.data.tensor_augment import TensorAugment
+from pcl.settings import DataSettings
 from pcl.data.transforms import (PretrainCropBoxes, eval_crop_transform, eval_transform, pretrain_crop_transform,
                                  pretrain_transform)
 
@@ -27,8 +28,10 @@ class PretrainData:
     knn: tuple[Any, torch.Tensor, Any, torch.Tensor] | None = None  # bank loader, labels, test loader, labels
 
 
-def build_pretrain_data(args: Any, device: torch.device | None = None) -> PretrainData:
-    """Datasets and loaders for ``args.dataset``; each process gets its share of the total ``args.batch_size``.
+def build_pretrain_data(cfg: DataSettings, device: torch.device | None = None, knn_wanted: bool = False
+                        ) -> PretrainData:
+    """Datasets and loaders for ``cfg.dataset``; each process gets its share of the total ``cfg.batch_size``.
+    ``knn_wanted``: the kNN monitor or the final report is on (a warning when the data has no labelled test split).
 
     File datasets with ``--augment device`` and a ``device``: the workers only decode and crop (uint8), the
     training and E-step loaders finish the batches on ``device`` (:class:`DeviceAugmentLoader`,
@@ -39,65 +42,65 @@ def build_pretrain_data(args: Any, device: torch.device | None = None) -> Pretra
     training pairs there too: the workers read each file's bytes and header and draw the official crop boxes
     (:class:`EncodedPairs`), the device decodes, crops and resizes (:func:`decode_crops`). Datasets that are not
     image files (CIFAR/STL) keep decoding in the workers, with a warning; the E-step's center crops always do."""
-    decode = getattr(args, "decode", "cpu")
-    if decode == "device" and getattr(args, "augment", "pil") != "device":
+    decode = cfg.decode
+    if decode == "device" and cfg.augment != "device":
         raise PCLError("--decode device needs --augment device (the device decodes only the crops it augments); "
                        "add --augment device or drop --decode device")
-    batch = dist_utils.per_process(args.batch_size)
+    batch = dist_utils.per_process(cfg.batch_size)
     eval_bs = batch * 5  # as official: larger batches for the feature pass
-    dataset = spec(args.dataset, "data")
+    dataset = spec(cfg.dataset, "data")
     if dataset.in_memory:
-        sets = load_in_memory(args)
-        check_expected(args, sets["train"].shape[0], int(sets["train_labels"].max()) + 1)
-        train = TensorPairLoader(sets["train"], batch, TensorAugment(args.image_size, args.aug_plus, args.crop_min_scale),
-                                 args.seed)
+        sets = load_in_memory(cfg)
+        check_expected(cfg, sets["train"].shape[0], int(sets["train_labels"].max()) + 1)
+        train = TensorPairLoader(sets["train"], batch, TensorAugment(cfg.image_size, cfg.aug_plus, cfg.crop_min_scale),
+                                 cfg.seed)
         knn = (TensorEvalLoader(sets["train"], eval_bs), sets["train_labels"],  # sharded: each rank its part
                TensorEvalLoader(sets["test"], eval_bs), sets["test_labels"])
         return PretrainData(train, TensorEvalLoader(sets["train"], eval_bs), sets["train"].shape[0], knn)
 
-    if args.data is None or not os.path.isdir(args.data):
-        raise PCLError(f"data folder not found: {args.data}")
-    size, pin = args.image_size, torch.cuda.is_available()
-    on_device = getattr(args, "augment", "pil") == "device"
+    if cfg.data is None or not os.path.isdir(cfg.data):
+        raise PCLError(f"data folder not found: {cfg.data}")
+    size, pin = cfg.image_size, torch.cuda.is_available()
+    on_device = cfg.augment == "device"
     if on_device and device is None:
         logging.getLogger("pcl").warning("--augment device: no training device was passed to build_pretrain_data; "
                                          "augmenting with the official PIL pipeline in the loader workers")
         on_device = False
     if on_device:
         pin = device.type == "cuda"  # pinned uint8 pages: the copy to the GPU runs without blocking
-    base_train, base_test = file_sets(args, labelled=False)
+    base_train, base_test = file_sets(cfg, labelled=False)
     if len(base_train) == 0:
-        raise PCLError(f"the training set in {args.data} is empty")
-    check_expected(args, len(base_train), len(getattr(base_train, "classes", [])) or None)
-    train_set = IndexedDataset(base_train, pretrain_transform(args.aug_plus, size, args.crop_min_scale), two_crops=True)
+        raise PCLError(f"the training set in {cfg.data} is empty")
+    check_expected(cfg, len(base_train), len(getattr(base_train, "classes", [])) or None)
+    train_set = IndexedDataset(base_train, pretrain_transform(cfg.aug_plus, size, cfg.crop_min_scale), two_crops=True)
     eval_set = IndexedDataset(base_train, eval_transform(size))
     def make(ds: Any, bs: int, train: bool, pinned: bool | None = None, collate_fn: Any = None) -> FileLoader:
-        return FileLoader(ds, bs, dist_utils.loader_workers(args), args.seed, train, pin if pinned is None else pinned,
-                          prefetch_factor=args.prefetch_factor, persistent_workers=args.persistent_workers,
-                          timeout_min=args.loader_timeout, collate_fn=collate_fn)
+        return FileLoader(ds, bs, cfg.workers, cfg.seed, train, pin if pinned is None else pinned,
+                          prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers,
+                          timeout_min=cfg.loader_timeout, collate_fn=collate_fn)
 
     knn = None
     if base_test is not None and dataset.pretrain_labelled:  # the monitor's bank is the (labelled) training split
         test_set = IndexedDataset(base_test, eval_transform(size))
         knn = (make(eval_set, eval_bs, False), eval_set.targets, make(test_set, eval_bs, False), test_set.targets)
-    elif args.knn_eval or args.knn_every:
+    elif knn_wanted:
         why = (f"{dataset.title}'s pretraining split is unlabeled" if not dataset.pretrain_labelled
-               else f"{os.path.join(args.data, dataset.test_split)} does not exist")
+               else f"{os.path.join(cfg.data, dataset.test_split)} does not exist")
         logging.getLogger("pcl").warning("--knn-eval / --knn-every have no effect: the kNN monitor needs a labelled "
                                          "test split and %s", why)
     if on_device:
-        augment = TensorAugment(size, args.aug_plus, args.crop_min_scale, mode="torchvision")
+        augment = TensorAugment(size, cfg.aug_plus, cfg.crop_min_scale, mode="torchvision")
         if decode == "device" and not hasattr(base_train, "samples"):
             logging.getLogger("pcl").warning("--decode device: %s is not a folder of image files; its images are "
                                              "decoded in the loader workers", dataset.title)
             decode = "cpu"
         if decode == "device":  # bytes and boxes from the workers (nothing to pin: decode_jpeg reads host memory)
-            pairs = EncodedPairs(base_train, PretrainCropBoxes(size, args.crop_min_scale))
+            pairs = EncodedPairs(base_train, PretrainCropBoxes(size, cfg.crop_min_scale))
             train = DeviceAugmentLoader(make(pairs, batch, True, pinned=False, collate_fn=collate_encoded), augment,
-                                        device, args.seed, decode_size=size)
+                                        device, cfg.seed, decode_size=size)
         else:
-            crops = IndexedDataset(base_train, pretrain_crop_transform(size, args.crop_min_scale), two_crops=True)
-            train = DeviceAugmentLoader(make(crops, batch, True), augment, device, args.seed)
+            crops = IndexedDataset(base_train, pretrain_crop_transform(size, cfg.crop_min_scale), two_crops=True)
+            train = DeviceAugmentLoader(make(crops, batch, True), augment, device, cfg.seed)
         centre = DeviceEvalLoader(make(IndexedDataset(base_train, eval_crop_transform(size)), eval_bs, False), device)
         return PretrainData(train, centre, len(base_train), knn)
     return PretrainData(make(train_set, batch, True), make(eval_set, eval_bs, False), len(base_train), knn)

@@ -8,10 +8,10 @@ Readers are named as ``"module:function"`` strings (or given as callables), reso
 this module stays at the bottom of the layers while the readers live in :mod:`pcl.data.datasets` and
 :mod:`pcl.data.transfer`. Their call, by ``storage`` and by where the set is offered:
 
-- ``"memory"``: ``reader(spec, args) -> {'train', 'train_labels', 'test', 'test_labels'}``, uint8 images
+- ``"memory"``: ``reader(spec, cfg: DataSettings) -> {'train', 'train_labels', 'test', 'test_labels'}``, uint8 images
   N x C x H x W (C 1 or 3) and long labels; :func:`pcl.data.datasets.load_in_memory` brings them to 3 channels
   at ``--image-size``. They are augmented as batched tensors.
-- ``"files"`` offered to the shared data flags (``"data"``): ``reader(spec, args, labelled) -> (train, test or
+- ``"files"`` offered to the shared data flags (``"data"``): ``reader(spec, cfg: DataSettings, labelled) -> (train, test or
   None)``, datasets of (PIL image, label); ``labelled`` picks the evaluation splits rather than pretraining's.
 - ``"files"`` offered to ``eval_svm`` only (the transfer benchmarks): ``reader(root, split, transform)``, a
   dataset of (image, label, index) with ``.labels`` (N x C, ``multi_label``) or ``.targets``.

@@ -16,7 +16,7 @@ from pcl.data.datasets import load_image, load_in_memory, printable
 from pcl.data.loaders import FileLoader, TensorLabelledLoader
 from pcl.data.registry import spec
 from pcl.data.transforms import eval_transform
-from pcl.settings import cannot_read
+from pcl.settings import DataSettings, cannot_read
 
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -138,36 +138,36 @@ def _class_count(fixed: int | None, *labels: torch.Tensor) -> int:
     return fixed if fixed is not None else int(max(int(y.max()) for y in labels)) + 1
 
 
-def svm_sets(args: Any) -> tuple[Any, torch.Tensor, Any, torch.Tensor, bool]:
+def svm_sets(cfg: DataSettings) -> tuple[Any, torch.Tensor, Any, torch.Tensor, bool]:
     """The SVM benchmark's splits: (train source, N x C train labels, test source, M x C test labels,
     single_label) for a transfer set of the dataset table (center-crop datasets: voc07, places205) or an
     in-memory set (a TensorSplit). C is the table's class count, or the labels' where it fixes none."""
-    dataset = spec(args.dataset, "svm")
+    dataset = spec(cfg.dataset, "svm")
     if dataset.in_memory:
-        sets = load_in_memory(args)
+        sets = load_in_memory(cfg)
         tr, te = sets["train_labels"], sets["test_labels"]
         classes = _class_count(dataset.num_classes, tr, te)
         return (TensorSplit(sets["train"], tr), one_vs_rest(tr, classes), TensorSplit(sets["test"], te),
                 one_vs_rest(te, classes), True)
-    if args.data is None:
-        raise PCLError(f"no data: give the {args.dataset} root DIR, or --dataset demo")
-    transform = eval_transform(args.image_size)
+    if cfg.data is None:
+        raise PCLError(f"no data: give the {cfg.dataset} root DIR, or --dataset demo")
+    transform = eval_transform(cfg.image_size)
     read = dataset.load_reader()
-    train, test = read(args.data, dataset.train_split, transform), read(args.data, dataset.test_split, transform)
+    train, test = read(cfg.data, dataset.train_split, transform), read(cfg.data, dataset.test_split, transform)
     if dataset.multi_label:
         return train, train.labels, test, test.labels, False
     classes = _class_count(dataset.num_classes, train.targets, test.targets)
     return train, one_vs_rest(train.targets, classes), test, one_vs_rest(test.targets, classes), True
 
 
-def svm_loader(source: Any, rows: np.ndarray, args: Any, pin_memory: bool = False) -> Any:
+def svm_loader(source: Any, rows: np.ndarray, cfg: DataSettings, pin_memory: bool = False) -> Any:
     """A loader over ``rows`` of a split from :func:`svm_sets`, in that order, yielding (images, labels,
     position in ``rows``)."""
     if isinstance(source, TensorSplit):
         keep = torch.as_tensor(rows)
-        return TensorLabelledLoader(source.images[keep], source.labels[keep], args.batch_size)
-    loader = FileLoader(Subset(source, rows.tolist()), args.batch_size, args.workers, args.seed, train=False,
-                        pin_memory=pin_memory, timeout_min=args.loader_timeout)
+        return TensorLabelledLoader(source.images[keep], source.labels[keep], cfg.batch_size)
+    loader = FileLoader(Subset(source, rows.tolist()), cfg.batch_size, cfg.workers_per_node, cfg.seed, train=False,
+                        pin_memory=pin_memory, timeout_min=cfg.loader_timeout)
     return _SubsetIndex(loader)
 
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 from pcl import PCLError, checkpoint as ckpt_io, distributed as dist_utils
 from pcl.data.registry import resolve_auto
 from pcl.features import extract_features
-from pcl.settings import RunConfig
+from pcl.settings import DistSettings, RunConfig
 from pcl.log import setup_logging
 from pcl.model import build_backbone
 
@@ -42,14 +42,14 @@ def setup_eval_logging(args: RunConfig) -> logging.Logger:
     """Logging of an evaluation process, as pretraining's: a worker of the spawn launcher
     (--multiprocessing-distributed) logs as its global rank (--rank * nproc + local_rank), so only global rank 0
     logs INFO and writes EXP_DIR/train.log, the others WARNING and above with their own rank in the prefix."""
-    return setup_logging(args.exp_dir, args.debug, dist_utils.spawned_rank(args))
+    return setup_logging(args.exp_dir, args.debug, dist_utils.spawned_rank(DistSettings.of(args)))
 
 
 def prepare_eval(args: RunConfig) -> torch.device:
     """Logging, process group and device of an evaluation run (the batch is divided among the processes where
     the data is built)."""
     setup_eval_logging(args)
-    device = dist_utils.init(args)
+    device = dist_utils.init(DistSettings.of(args))
     world = dist_utils.world_size()
     if args.batch_size % world:
         raise PCLError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
@@ -60,11 +60,11 @@ def labelled_features(args: RunConfig, splits: tuple[str, ...] = ("train", "val"
                       ) -> tuple[torch.Tensor | None, ...]:
     """L2-normalised frozen features and labels of the labelled train (and val) split of --dataset:
     (train_feats, train_labels, val_feats, val_labels) on the CPU, None for a split not asked for."""
-    from pcl.data import build_labelled_data
+    from pcl.data import build_labelled_data, data_settings
 
-    device = dist_utils.init(args)
+    device = dist_utils.init(DistSettings.of(args))
     backbone = eval_backbone(args, device)  # cheap input first: a bad --pretrained fails before the data is read
-    data = build_labelled_data(args)
+    data = build_labelled_data(data_settings(args))
     out: list[torch.Tensor | None] = []
     for split, loader, labels in (("train", data.train_eval_loader, data.train_labels),
                                   ("val", data.val_loader, data.val_labels)):

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from pcl import PCLError, checkpoint as ckpt_io, distributed as dist_utils
 from pcl.config import RunConfig
-from pcl.data import LabelledData, build_labelled_data
+from pcl.data import LabelledData, build_labelled_data, data_settings
 from pcl.evaluation.common import LossGuard, eval_backbone, prepare_eval, resolve_eval_dataset
 from pcl.features import extract_features
 from pcl.log import AverageMeter, RunLog
@@ -202,7 +202,7 @@ def fit_linear(args: Any) -> dict[str, Any]:
         cfg = resume_settings(cfg)
     eval_backbone(cfg)  # cheap input first: a bad --pretrained fails before the dataset is scanned
     torch.manual_seed(cfg.seed)
-    data = build_labelled_data(cfg)
+    data = build_labelled_data(data_settings(cfg))
     num_classes = cfg.num_classes or data.num_classes
     model, frozen = build_probe(cfg, num_classes)
     cfg = cfg.replace(**backbone_settings(model))

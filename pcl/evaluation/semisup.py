@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from pcl import PCLError, checkpoint as ckpt_io, distributed as dist_utils
-from pcl.data import build_labelled_data, per_class_fraction, read_subset
+from pcl.data import build_labelled_data, data_settings, per_class_fraction, read_subset
 from pcl.data.registry import spec
 from pcl.config import RunConfig
 from pcl.evaluation.common import eval_backbone, prepare_eval, resolve_eval_dataset
@@ -75,7 +75,7 @@ def fit_semisup(args: Any) -> dict[str, Any]:
     device = prepare_eval(cfg)
     eval_backbone(cfg)  # cheap input first
     torch.manual_seed(cfg.seed)
-    data = build_labelled_data(cfg, _subset_picker(cfg))
+    data = build_labelled_data(data_settings(cfg), _subset_picker(cfg))
     model, _ = build_probe(cfg, data.num_classes)
     cfg = cfg.replace(**backbone_settings(model))
     for param in model.parameters():

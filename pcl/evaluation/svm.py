@@ -27,6 +27,8 @@ import torch.nn as nn
 
 from pcl import distributed as dist_utils
 from pcl.config import RunConfig, parse_list
+from pcl.settings import DistSettings
+from pcl.data.datasets import data_settings
 from pcl.data.registry import spec
 from pcl.data.transfer import svm_loader, svm_sets
 from pcl.evaluation.common import eval_backbone
@@ -137,7 +139,7 @@ def score_report(scores: np.ndarray, test_y: np.ndarray, single_label: bool) -> 
 # ----------------------------------------------------------------------------------------------------
 def _extract(backbone: nn.Module, source, rows: np.ndarray, args: Any, device: torch.device, desc: str) -> np.ndarray:
     """Normalised features (the official x / (||x|| + 1e-5)) of ``rows`` of a split, in that order."""
-    loader = svm_loader(source, rows, args, pin_memory=device.type == "cuda")
+    loader = svm_loader(source, rows, data_settings(args), pin_memory=device.type == "cuda")
     feats = extract_features(backbone, loader, device, len(rows), False, not args.no_progress, desc)
     return l2_normalize(feats)
 
@@ -152,11 +154,11 @@ def run_svm(args: Any) -> dict[str, Any]:
                     must=" is malformed: every value must be a finite number > 0")
     costs = parse_list(args.cost, "--cost", float, "0.5,1.0", **positive)
     shots = parse_list(args.shots, "--shots", int, "1,2,4,8,16", **positive) if args.low_shot else []
-    device = dist_utils.init(args)
+    device = dist_utils.init(DistSettings.of(args))
     start = time.perf_counter()
     backbone = eval_backbone(args, device)  # cheap input first: a bad --pretrained fails before the data is read
     args = RunConfig.of(args).replace(arch=backbone.arch)
-    train_src, train_y, test_src, test_y, single_label = svm_sets(args)
+    train_src, train_y, test_src, test_y, single_label = svm_sets(data_settings(args))
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
     logger.info("SVM transfer on %s: %s from %s, %d train / %d test images, %d classes, costs %s", args.dataset,
                 args.arch, args.pretrained or "random init", len(train_y), len(test_y), train_y.shape[1], costs)

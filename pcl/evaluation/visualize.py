@@ -31,6 +31,7 @@ import torch
 
 from pcl import PCLError, distributed as dist_utils
 from pcl.config import RunConfig, parse_list, parse_num_cluster
+from pcl.settings import DistSettings
 from pcl.evaluation.common import eval_backbone, resolve_eval_dataset
 from pcl.features import extract_features
 from pcl.gallery import GalleryRow, display_images, gallery_rows, render_gallery, render_grid
@@ -70,17 +71,17 @@ class _Split:
 def load_splits(args: RunConfig) -> tuple[_Split, _Split, bool]:
     """(train, test, labelled). Without a test split the training split serves as both (queries then never
     retrieve themselves). ``labelled``: the set has more than one class."""
-    from pcl.data import FileLoader, LabelledDataset, TensorLabelledLoader, file_sets, eval_transform, load_in_memory
+    from pcl.data import FileLoader, LabelledDataset, TensorLabelledLoader, data_settings, file_sets, eval_transform, load_in_memory
     from pcl.data.registry import spec
 
     if spec(args.dataset, "data").in_memory:
-        sets = load_in_memory(args)
+        sets = load_in_memory(data_settings(args))
         train = _Split(TensorLabelledLoader(sets["train"], sets["train_labels"], args.batch_size), sets["train_labels"])
         test = _Split(TensorLabelledLoader(sets["test"], sets["test_labels"], args.batch_size), sets["test_labels"])
     else:
         if args.data is None or not os.path.isdir(args.data):
             raise PCLError(f"data folder not found: {args.data}")
-        base_train, base_test = file_sets(args, labelled=False)
+        base_train, base_test = file_sets(data_settings(args), labelled=False)
         if len(base_train) == 0:
             raise PCLError(f"the training set in {args.data} is empty")
 
@@ -270,7 +271,7 @@ def run(args: RunConfig) -> dict[str, Any]:
     args = args.replace(dataset=resolve_eval_dataset(args))
     only = validate(args)
     setup_logging(args.exp_dir, args.debug)
-    device = dist_utils.init(args)
+    device = dist_utils.init(DistSettings.of(args))
     encoder = eval_backbone(args, device)  # cheap input first: a bad checkpoint fails before the dataset is read
     train, test, labelled = load_splits(args)
     same_set = test is train
