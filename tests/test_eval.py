@@ -266,8 +266,6 @@ def test_unreadable_class_folder_and_file_exp_dir_are_named(tmp_path, monkeypatc
 
 def test_validation_classes_that_differ_from_training_are_refused(tmp_path):
     """Labels are class positions: val/ with other class folders would be scored against the wrong labels."""
-    from types import SimpleNamespace
-
     from pcl import PCLError
     from pcl.data import file_sets
 
@@ -275,7 +273,9 @@ def test_validation_classes_that_differ_from_training_are_refused(tmp_path):
         for c in classes:
             (tmp_path / split / c).mkdir(parents=True)
             Image.new("RGB", (8, 8)).save(tmp_path / split / c / "0.png")
-    args = SimpleNamespace(dataset="imagefolder", data=str(tmp_path), class_list=None, bad_images="fail")
+    from pcl.config import build_linear_parser, parse_args
+
+    args = parse_args(build_linear_parser(), [str(tmp_path), "--dataset", "imagefolder"])
     with pytest.raises(PCLError, match=r"train/ and val/ hold different classes \(2 vs 2; e.g. \['dog', 'eel'\]\)"):
         file_sets(data_settings(args), labelled=True)
 
