@@ -32,8 +32,11 @@ EXP_ROOT/<variant>_seed<seed> (every run is started with ``--resume auto``). A J
 grid rather than mixing settings in one summary. The summary (OUT_DIR/summary.json and the printed markdown) is
 rebuilt from the JSONs at the end of each call: per variant mean +- sample standard deviation over seeds; per
 variant the paired difference to the baseline with a 95 % Student-t interval (n - 1 degrees of freedom).
+OUT_DIR/drift.png plots, per variant with E-steps, the drift and the coarsest k's NMI with the training labels at
+every E-step (matplotlib; skipped without it).
 
     python experiments/grid.py                                   # 8 variants x seeds 0,1,2, ~12 min a run on 2 cores
+    python experiments/grid.py --train-per-class 2000 -- -b 128 --lr 0.06   # 20k images: ~9 min a run, 1 thread
     python experiments/grid.py --variants pcl,moco,reseed --seeds 0,1,2,3,4
     python experiments/grid.py --epochs 2 --out-dir /tmp/grid -- --width 4   # a quick look
 """
@@ -59,7 +62,7 @@ import small_scale
 from pcl import checkpoint as ckpt_io
 from pcl.cluster import kmeans
 from pcl.config import build_pretrain_parser, parse_args, validate_pretrain_args
-from pcl.data import data_settings, load_in_memory
+from pcl.data import IDX_FILES, data_settings, load_in_memory, load_mnist_family, write_idx
 from pcl.evaluation.cluster_metrics import clustering_scores
 from pcl.evaluation.knn import knn_accuracy
 from pcl.evaluation.svm import l2_normalize
@@ -86,6 +89,26 @@ def variants(cfg: argparse.Namespace) -> dict[str, list[str]]:
             "unique": ["--unique-prototypes"],
             "moco_t03": moco + ["--temperature", "0.3"],
             "moco_t05": moco + ["--temperature", "0.5"]}
+
+
+def write_subset(name: str, source: str, per_class: int, out: str) -> str:
+    """The first ``per_class`` training images of every class of an MNIST-family set in ``source``, with the whole
+    test split, as idx files in ``out`` (kept when they are already there): a cheaper training split that keeps the
+    classes balanced and the test features the same. Returns ``out``."""
+    if all(os.path.isfile(os.path.join(out, f)) for pair in IDX_FILES.values() for f in pair):
+        return out
+    sets = load_mnist_family(name, source)
+    labels = sets["train_labels"]
+    keep = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(int(labels.max()) + 1)])
+    keep = keep.sort().values  # the official order, thinned
+    if len(keep) < per_class * (int(labels.max()) + 1):
+        raise SystemExit(f"error: --train-per-class {per_class}: {source} has fewer training images in some class")
+    os.makedirs(out, exist_ok=True)
+    (train_images, train_labels), (test_images, test_labels) = IDX_FILES["train"], IDX_FILES["test"]
+    for base, tensor in ((train_images, sets["train"][keep, 0]), (train_labels, labels[keep]),
+                         (test_images, sets["test"][:, 0]), (test_labels, sets["test_labels"])):
+        write_idx(os.path.join(out, base), tensor)
+    return out
 
 
 def run_name(variant: str, seed: int) -> str:
@@ -280,6 +303,9 @@ def main(argv: list[str] | None = None,
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "fmnist.yaml"))
     p.add_argument("--data", default=None, help="dataset folder (default: the config's)")
     p.add_argument("--epochs", type=int, default=None, help="override the config's epochs (warm-up scales with it)")
+    p.add_argument("--train-per-class", type=int, default=None,
+                   help="train on the first N training images of each class (idx files written to "
+                        "EXP_ROOT/data_<N>_per_class; the test split stays whole); MNIST-family configs only")
     p.add_argument("--variants", default="pcl,moco,reseed,proto_w001,k_large,unique,moco_t03,moco_t05",
                    help="comma-separated rows of the grid (see above)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (>= 2 for an interval; 3+ advised)")
@@ -301,6 +327,12 @@ def main(argv: list[str] | None = None,
 
     base = ["-c", opts.config, "--no-progress", "--no-knn-eval"] + ([opts.data] if opts.data else [])
     cfg = validate_pretrain_args(parse_args(build_pretrain_parser(), base + opts.overrides))
+    if opts.train_per_class is not None:
+        subset = write_subset(cfg.dataset, cfg.data, opts.train_per_class,
+                              os.path.join(opts.exp_root, f"data_{opts.train_per_class}_per_class"))
+        base = ["-c", opts.config, "--no-progress", "--no-knn-eval", subset,
+                "--expect-images", str(opts.train_per_class * cfg.expect_classes)]
+        cfg = validate_pretrain_args(parse_args(build_pretrain_parser(), base + opts.overrides))
     if opts.epochs is not None:
         warmup = max(1, round(cfg.warmup_epoch * opts.epochs / cfg.epochs))
         base += ["--epochs", str(opts.epochs), "--warmup-epoch", str(warmup),
@@ -347,7 +379,67 @@ def main(argv: list[str] | None = None,
     write_json({"hardware": hw, "config": opts.config, "epochs": cfg.epochs, "overrides": opts.overrides,
                 "variants": {v: grid[v] for v in chosen}, "seeds": seeds, "baseline": opts.baseline,
                 **summary, "table": text}, os.path.join(opts.out_dir, "summary.json"))
+    plotted = plot_drift(records, os.path.join(opts.out_dir, "drift.png"))
+    if plotted:
+        print(f"drift plot: {plotted}")
     return {"ran": ran, "skipped": skipped, "summary": summary, "table": text}
+
+
+def drift_curves(exp_dir: str) -> dict[str, dict[int, float]]:
+    """Per E-step epoch of one run (log.txt, the last entry of an epoch wins): 'drift' = the NMI % between this and
+    the previous E-step's assignments, averaged over the granularities, and 'labels' = the NMI % of the coarsest
+    granularity's assignment with the training labels (the monitor's ``nmi_k{k}``). Empty for MoCo-only runs."""
+    epochs: dict[int, dict[str, Any]] = {}
+    with open(os.path.join(exp_dir, "log.txt")) as f:
+        for line in f:
+            entry = json.loads(line)
+            epochs[int(entry["epoch"])] = entry
+    out: dict[str, dict[int, float]] = {"drift": {}, "labels": {}}
+    for epoch, entry in sorted(epochs.items()):
+        drift = [v for k, v in entry.items() if k.startswith("drift_nmi_k")]
+        if drift:
+            out["drift"][epoch] = float(np.mean(drift))
+        ks = sorted(int(k[len("nmi_k"):]) for k in entry if k.startswith("nmi_k"))
+        if ks:
+            out["labels"][epoch] = float(entry[f"nmi_k{ks[0]}"])
+    return out
+
+
+def plot_drift(records: dict[str, dict[int, dict[str, Any]]], path: str) -> str | None:
+    """The freeze diagnostic of the grid: per variant that runs E-steps, the prototype drift (left) and the coarsest
+    granularity's NMI with the training labels (right) at each E-step, the mean over its seeds (thin lines: each
+    seed). Written to ``path`` (PNG); None when matplotlib is missing or no run has an E-step."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    curves = {v: [drift_curves(r["exp_dir"]) for r in runs.values() if os.path.isfile(os.path.join(r["exp_dir"],
+                                                                                                   "log.txt"))]
+              for v, runs in records.items()}
+    curves = {v: c for v, c in curves.items() if any(run["labels"] or run["drift"] for run in c)}
+    if not curves:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for (key, title), ax in zip((("drift", "prototype drift: NMI % with the previous E-step (mean over k)"),
+                                 ("labels", "NMI % of the coarsest k with the training labels")), axes):
+        for i, (v, runs) in enumerate(curves.items()):
+            color = f"C{i}"
+            for run in runs:
+                ax.plot(list(run[key]), list(run[key].values()), color=color, alpha=0.25, lw=0.8)
+            epochs = sorted(set.intersection(*(set(run[key]) for run in runs))) if runs else []
+            if epochs:
+                ax.plot(epochs, [np.mean([run[key][e] for run in runs]) for e in epochs], color=color, lw=2,
+                        label=f"{v} ({len(runs)} seeds)")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch (E-step before it)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def check_same(found: dict[str, Any], wanted: dict[str, Any], path: str) -> None:

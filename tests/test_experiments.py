@@ -253,3 +253,64 @@ def test_every_study_driver_has_a_smoke_run():
     tested = {name[len("test_"):] + ".py" for name in globals() if name.startswith("test_")} | SMOKED_ELSEWHERE
     missing = sorted(set(drivers()) - tested)
     assert drivers() and not missing, f"no smoke run for {missing}: add one to tests/test_experiments.py"
+
+
+def test_grid_train_per_class_writes_a_balanced_subset_and_trains_on_it(tmp_path):
+    """--train-per-class N: the first N training images of each class (in the official order) with the whole test
+    split as idx files under EXP_ROOT, written once; every run of the grid trains on that folder and expects
+    N x classes images."""
+    from pcl.data import load_mnist_family
+
+    grid = driver("grid")
+    data = fake_mnist(tmp_path / "fm", n_train=200, n_test=60)
+    full = load_mnist_family("fashion-mnist", data)
+    sub = grid.write_subset("fashion-mnist", data, 5, str(tmp_path / "sub"))
+    part = load_mnist_family("fashion-mnist", sub)
+    labels = full["train_labels"]
+    keep = sorted(int(i) for c in range(10) for i in torch.nonzero(labels == c).flatten()[:5])
+    assert torch.equal(part["train"], full["train"][keep]) and torch.equal(part["train_labels"], labels[keep])
+    assert torch.equal(part["test"], full["test"]) and torch.equal(part["test_labels"], full["test_labels"])
+    stamp = os.path.getmtime(os.path.join(sub, "train-images-idx3-ubyte"))
+    assert grid.write_subset("fashion-mnist", data, 5, sub) == sub  # already there: kept as it is
+    assert os.path.getmtime(os.path.join(sub, "train-images-idx3-ubyte")) == stamp
+    with pytest.raises(SystemExit, match="fewer training images"):
+        grid.write_subset("fashion-mnist", data, 10_000, str(tmp_path / "too_many"))
+
+    seen: list[list[str]] = []
+
+    class Trained(Exception):
+        pass
+
+    def train(argv):
+        seen.append(argv)
+        raise Trained
+
+    with pytest.raises(Trained):
+        grid.main(["--data", data, "--train-per-class", "5", "--variants", "pcl", "--seeds", "0",
+                   "--exp-root", str(tmp_path / "exp"), "--out-dir", str(tmp_path / "out"), "--epochs", "2"],
+                  train=train)
+    argv = seen[0]
+    folder = str(tmp_path / "exp" / "data_5_per_class")
+    assert folder in argv and data not in argv and argv[argv.index("--expect-images") + 1] == "50"
+
+
+def test_grid_drift_curves_and_plot(tmp_path):
+    """drift_curves reads each E-step epoch's mean drift over k and the coarsest k's NMI with the labels (a repeated
+    epoch: the last entry wins); plot_drift draws the runs that have E-steps and skips MoCo-only ones."""
+    pytest.importorskip("matplotlib")
+    grid = driver("grid")
+    pcl_dir, moco_dir = tmp_path / "pcl", tmp_path / "moco"
+    for d, lines in ((pcl_dir, [{"epoch": 0, "loss": 7.0},
+                                {"epoch": 1, "nmi_k20": 40.0, "nmi_k10": 30.0},
+                                {"epoch": 2, "nmi_k10": 33.0, "drift_nmi_k10": 50.0, "drift_nmi_k20": 70.0},
+                                {"epoch": 2, "nmi_k10": 35.0, "drift_nmi_k10": 60.0, "drift_nmi_k20": 80.0}]),
+                     (moco_dir, [{"epoch": 0, "loss": 7.0}, {"epoch": 1, "loss": 6.5}])):
+        d.mkdir()
+        (d / "log.txt").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    curves = grid.drift_curves(str(pcl_dir))
+    assert curves == {"drift": {2: 70.0}, "labels": {1: 30.0, 2: 35.0}}
+    assert grid.drift_curves(str(moco_dir)) == {"drift": {}, "labels": {}}
+    out = tmp_path / "drift.png"
+    records = {"pcl": {0: {"exp_dir": str(pcl_dir)}}, "moco": {0: {"exp_dir": str(moco_dir)}}}
+    assert grid.plot_drift(records, str(out)) == str(out) and out.stat().st_size > 1000
+    assert grid.plot_drift({"moco": records["moco"]}, str(tmp_path / "none.png")) is None
