@@ -55,17 +55,22 @@ def write_fashion(idx_dir: str, root: str, per_class: dict[str, int], size: int 
         save_folder(root, split, rendered, labels[picked].tolist())
 
 
-def render_on_paper(glyphs: torch.Tensor, size: int, gen: torch.Generator, clutter: bool = True) -> torch.Tensor:
+def render_on_paper(glyphs: torch.Tensor, size: int, gen: torch.Generator, clutter: bool = True,
+                    anywhere: bool = False) -> torch.Tensor:
     """Write grey glyphs (N x h x w in [0, 1]) as ink on paper: N x 3 x size x size uint8.
 
     Per image: scale 0.55-0.85 of the canvas, rotation +-12 deg, shear +-0.25, a smooth elastic displacement,
     stroke width from a random threshold of the upsampled glyph, dark ink (black, blue or grey) on light paper
     with a slight tint and a lighting gradient, 0-2 faint ruled lines, 0-2 stray strokes, noise. ``clutter=False``:
-    the same digits, ink, tint and noise on flat paper (no gradient, lines or strokes; the random draws are the same)."""
+    the same digits, ink, tint and noise on flat paper (no gradient, lines or strokes; the random draws are the same).
+    ``anywhere``: as a digit written anywhere on a note, scale 0.4-0.7 and the centre anywhere the digit fits,
+    instead of near the centre (within 60 % of the free margin)."""
     n = glyphs.shape[0]
     u = lambda lo, hi, *shape: torch.empty(*shape).uniform_(lo, hi, generator=gen)  # noqa: E731
-    scale, angle, shear = u(0.55, 0.85, n), u(-0.21, 0.21, n), u(-0.25, 0.25, n)
-    cx, cy = u(-0.6, 0.6, n) * (1 - scale), u(-0.6, 0.6, n) * (1 - scale)
+    scale = u(0.4, 0.7, n) if anywhere else u(0.55, 0.85, n)
+    angle, shear = u(-0.21, 0.21, n), u(-0.25, 0.25, n)
+    reach = 1.0 if anywhere else 0.6
+    cx, cy = u(-reach, reach, n) * (1 - scale), u(-reach, reach, n) * (1 - scale)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin + shear / scale, -(cos * cx - sin * cy)], 1),
                          torch.stack([sin, cos, -(sin * cx + cos * cy)], 1)], 1)  # canvas -> glyph coords
@@ -102,7 +107,8 @@ def render_on_paper(glyphs: torch.Tensor, size: int, gen: torch.Generator, clutt
     return (img.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def write_digits(root: str, counts: dict[str, int], size: int = 32, seed: int = 1, clutter: bool = True) -> None:
+def write_digits(root: str, counts: dict[str, int], size: int = 32, seed: int = 1, clutter: bool = True,
+                 anywhere: bool = False) -> None:
     """Render scikit-learn's handwritten digits on paper: ``counts[split]`` images per split, the validation
     images from a fifth of the source digits that the training images never use."""
     from sklearn.datasets import load_digits
@@ -115,7 +121,7 @@ def write_digits(root: str, counts: dict[str, int], size: int = 32, seed: int = 
     n_val = len(glyphs) // 5
     for split, ids in (("val", order[:n_val]), ("train", order[n_val:])):
         src = ids[torch.arange(counts[split]) % len(ids)]
-        save_folder(root, split, render_on_paper(glyphs[src], size, gen, clutter), labels[src].tolist())
+        save_folder(root, split, render_on_paper(glyphs[src], size, gen, clutter, anywhere), labels[src].tolist())
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -128,6 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--train-images", type=int, default=4000, help="--source digits")
     p.add_argument("--val-images", type=int, default=1000, help="--source digits")
     p.add_argument("--no-clutter", action="store_true", help="--source digits: flat paper, no ruled lines or strokes")
+    p.add_argument("--anywhere", action="store_true",
+                   help="--source digits: smaller digits placed anywhere on the page, not near the centre")
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.yaml"))
     p.add_argument("--json", default=None, help="default experiments/results/demo_imagefolder[_digits].json")
     p.add_argument("overrides", nargs="*", help="extra main_pcl flags, after --")
@@ -140,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
         if opts.source == "fashion":
             write_fashion(opts.idx_dir, data, {"train": opts.train_per_class, "val": opts.val_per_class})
         else:
-            write_digits(data, {"train": opts.train_images, "val": opts.val_images}, clutter=not opts.no_clutter)
+            write_digits(data, {"train": opts.train_images, "val": opts.val_images}, clutter=not opts.no_clutter,
+                         anywhere=opts.anywhere)
     args = parse_args(build_pretrain_parser(), ["-c", opts.config, data, "--exp-dir", os.path.join(out_dir, "run"),
                                                 "--no-progress", *opts.overrides])
     stats = fit(args)
