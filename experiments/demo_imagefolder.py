@@ -56,7 +56,7 @@ def write_fashion(idx_dir: str, root: str, per_class: dict[str, int], size: int 
 
 
 def render_on_paper(glyphs: torch.Tensor, size: int, gen: torch.Generator, clutter: bool = True,
-                    anywhere: bool = False) -> torch.Tensor:
+                    anywhere: bool = False, nuisances: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Write grey glyphs (N x h x w in [0, 1]) as ink on paper: N x 3 x size x size uint8.
 
     Per image: scale 0.55-0.85 of the canvas, rotation +-12 deg, shear +-0.25, a smooth elastic displacement,
@@ -64,7 +64,9 @@ def render_on_paper(glyphs: torch.Tensor, size: int, gen: torch.Generator, clutt
     with a slight tint and a lighting gradient, 0-2 faint ruled lines, 0-2 stray strokes, noise. ``clutter=False``:
     the same digits, ink, tint and noise on flat paper (no gradient, lines or strokes; the random draws are the same).
     ``anywhere``: as a digit written anywhere on a note, scale 0.4-0.7 and the centre anywhere the digit fits,
-    instead of near the centre (within 60 % of the free margin)."""
+    instead of near the centre (within 60 % of the free margin). ``nuisances`` (a dict, filled in when given): per
+    image the draws that say nothing about the digit -- ``ink`` (0 black, 1 blue, 2 grey), ``ruled`` and ``stray``
+    (1 where drawn), ``paper`` (brightness), ``x`` and ``y`` (the digit's centre, -1..1)."""
     n = glyphs.shape[0]
     u = lambda lo, hi, *shape: torch.empty(*shape).uniform_(lo, hi, generator=gen)  # noqa: E731
     scale = u(0.4, 0.7, n) if anywhere else u(0.55, 0.85, n)
@@ -104,13 +106,19 @@ def render_on_paper(glyphs: torch.Tensor, size: int, gen: torch.Generator, clutt
     img = img + (inkc - img) * (0.6 * stray[:, None])
     img = img + (inkc - img) * ink
     img = img + 0.025 * torch.randn(n, 3, size, size, generator=gen)
+    if nuisances is not None:
+        nuisances.update(ink=kind, ruled=(ruled.flatten(1).amax(1) > 0).long(), stray=(stray.flatten(1).amax(1) > 0).long(),
+                         paper=paper.mean((1, 2, 3)), x=-cx, y=-cy)
     return (img.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def write_digits(root: str, counts: dict[str, int], size: int = 32, seed: int = 1, clutter: bool = True,
-                 anywhere: bool = False) -> None:
+def write_digits(root: str | None, counts: dict[str, int], size: int = 32, seed: int = 1, clutter: bool = True,
+                 anywhere: bool = False, images_out: dict[str, torch.Tensor] | None = None
+                 ) -> dict[str, dict[str, torch.Tensor]]:
     """Render scikit-learn's handwritten digits on paper: ``counts[split]`` images per split, the validation
-    images from a fifth of the source digits that the training images never use."""
+    images from a fifth of the source digits that the training images never use. Returns per split the labels
+    (``digit``) and the nuisances of :func:`render_on_paper`, image i being ``{i:05d}.png``; ``root`` None: the
+    same draws, nothing written. ``images_out`` (filled in when given): per split the uint8 images."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -119,9 +127,16 @@ def write_digits(root: str, counts: dict[str, int], size: int = 32, seed: int = 
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(glyphs), generator=gen)
     n_val = len(glyphs) // 5
+    out: dict[str, dict[str, torch.Tensor]] = {}
     for split, ids in (("val", order[:n_val]), ("train", order[n_val:])):
         src = ids[torch.arange(counts[split]) % len(ids)]
-        save_folder(root, split, render_on_paper(glyphs[src], size, gen, clutter, anywhere), labels[src].tolist())
+        out[split] = {"digit": labels[src]}
+        images = render_on_paper(glyphs[src], size, gen, clutter, anywhere, nuisances=out[split])
+        if images_out is not None:
+            images_out[split] = images
+        if root is not None:
+            save_folder(root, split, images, labels[src].tolist())
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -314,3 +314,23 @@ def test_grid_drift_curves_and_plot(tmp_path):
     records = {"pcl": {0: {"exp_dir": str(pcl_dir)}}, "moco": {0: {"exp_dir": str(moco_dir)}}}
     assert grid.plot_drift(records, str(out)) == str(out) and out.stat().st_size > 1000
     assert grid.plot_drift({"moco": records["moco"]}, str(tmp_path / "none.png")) is None
+
+
+def test_digits_nuisance_reads_back_the_draws_of_the_folder(tmp_path, tiny_checkpoint):
+    """The digits folder's nuisances are re-drawn exactly (checked against the saved images); every attribute gets a
+    kNN score per encoder; a folder written with other flags is refused."""
+    demo = driver("demo_imagefolder")
+    data = tmp_path / "data"
+    drawn = demo.write_digits(str(data), {"train": 60, "val": 30}, anywhere=True)
+    assert set(drawn["val"]) == {"digit", "ink", "ruled", "stray", "paper", "x", "y"}
+    assert drawn["train"]["x"].abs().max() <= 0.6 and drawn["train"]["ink"].max() <= 2
+    nuisance = driver("digits_nuisance")
+    out = tmp_path / "n.json"
+    res = nuisance.main([str(data), "--anywhere", "--train-images", "60", "--val-images", "30", "random",
+                         tiny_checkpoint, "--out", str(out)])
+    assert out.exists() and list(res["knn_top1"]) == ["raw_pixels", "random", tiny_checkpoint]
+    assert all(set(row) == set(drawn["val"]) and all(0 <= v <= 100 for v in row.values())
+               for row in res["knn_top1"].values())
+    with pytest.raises(SystemExit, match="differ from the re-drawn"):  # written --anywhere, read without it
+        nuisance.main([str(data), "--train-images", "60", "--val-images", "30", "random", tiny_checkpoint,
+                       "--out", str(out)])
