@@ -316,7 +316,7 @@ def test_grid_drift_curves_and_plot(tmp_path):
     assert grid.plot_drift({"moco": records["moco"]}, str(tmp_path / "none.png")) is None
 
 
-def test_digits_nuisance_reads_back_the_draws_of_the_folder(tmp_path, tiny_checkpoint):
+def test_digits_nuisance(tmp_path, tiny_checkpoint):
     """The digits folder's nuisances are re-drawn exactly (checked against the saved images); every attribute gets a
     kNN score per encoder; a folder written with other flags is refused."""
     demo = driver("demo_imagefolder")
