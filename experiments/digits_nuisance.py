@@ -19,19 +19,19 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 # study first: it puts this checkout (and benchmarks/common.py) on sys.path
 from study import RESULTS, hardware, use_cores, write_json
 from demo_imagefolder import write_digits
 from feature_rank import load_model
+from pcl.checkpoint import load_checkpoint
 from pcl.data import eval_transform
 from pcl.evaluation.knn import knn_accuracy
 
 
 def load_split(root: str, split: str, n: int) -> torch.Tensor:
     """Image i of the split (``class_*/{i:05d}.png``) as uint8 N x 3 x H x W, in index order."""
-    from PIL import Image
-
     paths: dict[int, str] = {}
     for folder in os.listdir(os.path.join(root, split)):
         for name in os.listdir(os.path.join(root, split, folder)):
@@ -91,11 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"{opts.data}/{s}: its images differ from the re-drawn ones; pass the flags it was "
                              f"written with (--anywhere, --no-clutter, --train-images, --val-images)")
     transform = eval_transform(opts.image_size)
-    from PIL import Image
     inputs = {s: torch.stack([transform(Image.fromarray(im.permute(1, 2, 0).numpy())) for im in raw[s]]) for s in raw}
 
     files = [c for c in opts.checkpoints if c != "random"]
-    from pcl.checkpoint import load_checkpoint
     like = load_checkpoint(files[0]) if files else None
     rows: dict[str, dict[str, float]] = {}
     chance = {k: float(torch.bincount(v).max()) / len(v) * 100 for k, v in labels["val"].items()}

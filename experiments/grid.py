@@ -325,13 +325,13 @@ def main(argv: list[str] | None = None,
     seeds = parse_list(opts.seeds, "--seeds")
     chosen = [v for v in opts.variants.split(",") if v]
 
-    base = ["-c", opts.config, "--no-progress", "--no-knn-eval"] + ([opts.data] if opts.data else [])
+    common = ["-c", opts.config, "--no-progress", "--no-knn-eval"]
+    base = common + ([opts.data] if opts.data else [])
     cfg = validate_pretrain_args(parse_args(build_pretrain_parser(), base + opts.overrides))
     if opts.train_per_class is not None:
         subset = write_subset(cfg.dataset, cfg.data, opts.train_per_class,
                               os.path.join(opts.exp_root, f"data_{opts.train_per_class}_per_class"))
-        base = ["-c", opts.config, "--no-progress", "--no-knn-eval", subset,
-                "--expect-images", str(opts.train_per_class * cfg.expect_classes)]
+        base = common + [subset, "--expect-images", str(opts.train_per_class * cfg.expect_classes)]
         cfg = validate_pretrain_args(parse_args(build_pretrain_parser(), base + opts.overrides))
     if opts.epochs is not None:
         warmup = max(1, round(cfg.warmup_epoch * opts.epochs / cfg.epochs))

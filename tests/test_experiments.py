@@ -279,7 +279,7 @@ def test_grid_train_per_class_writes_a_balanced_subset_and_trains_on_it(tmp_path
     seen: list[list[str]] = []
 
     class Trained(Exception):
-        pass
+        """Raised by the fake training call once it has recorded the argv the grid built."""
 
     def train(argv):
         seen.append(argv)
