@@ -98,7 +98,7 @@ def check_features(features: torch.Tensor, num_clusters: Sequence[int]) -> None:
                        f"the {n} training samples; choose every k <= {n}")
 
 
-def _faiss_kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, gpu_device: int | None
+def faiss_kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, gpu_device: int | None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Official settings; returns (centroids k x d, squared distances N, assignments N). The flat L2 index lives
     on ``gpu_device`` alone, the calling process's own GPU (the official code shards it over every visible GPU:
@@ -379,7 +379,7 @@ def kmeans(x: torch.Tensor, k: int, seed: int = 0, niter: int = 20, nredo: int =
                        "(use --kmeans-backend torch or torch-ranks, or --kmeans-precision fp32)")
     if backend == "faiss":
         host = x.detach().float().cpu().numpy()
-        out = interruptible(lambda: _faiss_kmeans(host, k, seed, niter, nredo, _faiss_gpu_device(x)), should_stop)
+        out = interruptible(lambda: faiss_kmeans(host, k, seed, niter, nredo, _faiss_gpu_device(x)), should_stop)
         return None if out is None else tuple(torch.from_numpy(a).to(x.device) for a in out)
     return _torch_kmeans(x.detach().float(), k, seed, niter, nredo, should_stop, precision)
 

@@ -85,7 +85,7 @@ def _refuse_overwriting_a_checkpoint(path: str, out: str, force: bool) -> None:
                        f"give another output file, or pass --force to replace it with the backbone")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pcl.export",
                                 description="Export a checkpoint's query backbone (projection head dropped)")
     p.add_argument("checkpoint", help="ours or an official PCL/MoCo checkpoint")
@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run(args: RunConfig) -> None:
+def run_export(args: RunConfig) -> None:
     fmt = args.format or ("detectron2" if args.out.endswith(".pkl") else "torchvision")
     export(args.checkpoint, args.out, fmt, args.arch, args.force)
     print(f"wrote {args.out} ({fmt})")
@@ -107,4 +107,4 @@ def _run(args: RunConfig) -> None:
 if __name__ == "__main__":
     from pcl.launch import run_cli
 
-    sys.exit(run_cli(_parser, _run))
+    sys.exit(run_cli(build_export_parser, run_export))

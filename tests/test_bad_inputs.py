@@ -123,7 +123,7 @@ def test_unwritable_export_target_is_one_line(tmp_path, monkeypatch, capsys, nam
     monkeypatch.setattr(export, "torchvision_state", lambda path, arch=None: {"conv1.weight": torch.zeros(1)})
     deny(monkeypatch, os, "open", folder)  # mkstemp
     deny(monkeypatch, builtins, "open", folder)
-    assert run_cli(export._parser, export._run, [str(ckpt), str(folder / name)]) == 2
+    assert run_cli(export.build_export_parser, export.run_export, [str(ckpt), str(folder / name)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: cannot write {folder / name}: Permission denied"
     assert os.listdir(folder) == []

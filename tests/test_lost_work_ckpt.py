@@ -14,7 +14,7 @@ import torch
 import pcl.checkpoint as ckpt_io
 from conftest import official_checkpoint
 from pcl import PCLError
-from pcl.export import _parser, _run, export
+from pcl.export import build_export_parser, run_export, export
 from pcl.launch import run_cli
 
 
@@ -85,7 +85,7 @@ def test_export_onto_its_own_checkpoint_is_refused_before_writing(tmp_path, pret
         assert "\n" not in str(refused.value) and out in str(refused.value)
         with pytest.raises(PCLError, match="is the input checkpoint"):
             export(out, pretrain, force=True)  # --force does not make it one
-    assert run_cli(_parser, _run, [pretrain, pretrain]) == 2
+    assert run_cli(build_export_parser, run_export, [pretrain, pretrain]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is the input checkpoint" in err
     assert open(pretrain, "rb").read() == before
@@ -99,7 +99,7 @@ def test_export_over_another_pretraining_checkpoint_needs_force(tmp_path, pretra
     with pytest.raises(PCLError, match="is a pretraining checkpoint .*pass --force"):
         export(pretrain, other)
     assert ckpt_io.checkpoint_kind(ckpt_io.load_checkpoint(other)) == "pretrain"
-    assert run_cli(_parser, _run, [pretrain, other, "--force"]) == 0
+    assert run_cli(build_export_parser, run_export, [pretrain, other, "--force"]) == 0
     assert "state_dict" not in ckpt_io.load_checkpoint(other)  # now the bare backbone
     export(pretrain, other)  # a bare backbone (an earlier export) is overwritten without --force
     (tmp_path / "old.pkl").write_bytes(b"not a checkpoint")

@@ -14,7 +14,7 @@ import torch
 from collectives import WorldAudit
 from conftest import HostSyncRecorder, run_e_step, run_epoch, tiny_args
 from pcl import PCLError
-from pcl.cluster import _faiss_kmeans, interruptible, kmeans, run_kmeans
+from pcl.cluster import faiss_kmeans, interruptible, kmeans, run_kmeans
 from pcl.config import validate_pretrain_args
 from pcl.data import TensorPairLoader
 from pcl.data.loaders import FileLoader, worker_seed
@@ -120,7 +120,7 @@ def test_faiss_k_means_uses_the_calling_ranks_gpu_only(monkeypatch):
     fake = _FakeFaiss(gpus=8)
     monkeypatch.setitem(sys.modules, "faiss", fake)
     x = np.random.default_rng(0).standard_normal((100, 4)).astype("float32")
-    _faiss_kmeans(x, 5, seed=0, niter=2, nredo=1, gpu_device=3)  # rank 3 of a node, on cuda:3
+    faiss_kmeans(x, 5, seed=0, niter=2, nredo=1, gpu_device=3)  # rank 3 of a node, on cuda:3
     assert fake.devices == [3]
 
 
