@@ -96,3 +96,19 @@ def test_imagenet100_preset_reads_only_the_listed_classes(tmp_path):
         build_pretrain_data(data_settings(args))
     stats = fit(parse_args(build_pretrain_parser(), argv))
     assert stats["epoch"] == 1
+
+
+def test_small_folder_preset_trains_on_an_image_folder_and_reports_knn(tmp_path):
+    root = image_folder(tmp_path / "data", ["a", "b", "c"], per_class=24, size=32)
+    argv = ["-c", os.path.join(CONFIGS, "small_folder.yaml"), root, "--width", "4", "--epochs", "2",
+            "--warmup-epoch", "1", "--num-cluster", "3,4", "--kmeans-nredo", "1", "--kmeans-niter", "3",
+            "--no-progress", "--exp-dir", str(tmp_path / "exp")]
+    preset = parse_args(build_pretrain_parser(), ["-c", os.path.join(CONFIGS, "small_folder.yaml"), root])
+    assert (preset.epochs, preset.warmup_epoch, preset.lr) == (80, 20, 0.06)  # the measured schedule
+    args = validate_pretrain_args(parse_args(build_pretrain_parser(), argv))
+    # the preset's own choices reach the run: batch 32 in two BatchNorm splits, large crops, MoCo v2 augmentation
+    assert args.dataset == "imagefolder" and args.batch_size == 32 and args.bn_splits == 2
+    assert args.crop_min_scale == 0.6 and args.aug_plus and args.pcl_r % args.batch_size == 0
+    stats = fit(parse_args(build_pretrain_parser(), argv))
+    assert stats["epoch"] == 1 and "loss_proto" in stats
+    assert set(stats["knn"]) >= {"learned", "random_init", "raw_pixels"}
