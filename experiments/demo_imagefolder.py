@@ -139,6 +139,31 @@ def write_digits(root: str | None, counts: dict[str, int], size: int = 32, seed:
     return out
 
 
+def run_summary(exp_dir: str) -> dict:
+    """What the run's ``log.txt`` says about its course: epochs, last InfoNCE loss, training seconds and the NMI (%)
+    of the coarsest granularity's clusters with the labels at the first and last E-step. The log is appended to,
+    so only the lines from the last start at epoch 0 count, and of an epoch repeated after a resume the last line;
+    {} (the kNN result is kept) when the log is missing or unreadable."""
+    import json
+
+    try:
+        with open(os.path.join(exp_dir, "log.txt")) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return {}
+    starts = [i for i, e in enumerate(lines) if e.get("epoch") == 0]
+    epochs = sorted({e["epoch"]: e for e in lines[starts[-1] if starts else 0:]}.items())
+    epochs = [e for _, e in epochs]
+    if not epochs:
+        return {}
+    ks = sorted(int(k[5:]) for k in epochs[-1] if k.startswith("nmi_k"))
+    nmi = [e[f"nmi_k{ks[0]}"] for e in epochs if ks and f"nmi_k{ks[0]}" in e]
+    return {"epochs": len(epochs), "loss_inst_last": round(epochs[-1]["loss_inst"], 3),
+            "train_seconds": round(sum(e["seconds"] for e in epochs), 1),  # an epoch's seconds include its E-step
+            "nmi_with_labels": {"k": ks[0], "first_estep": round(nmi[0], 2), "last_estep": round(nmi[-1], 2)}
+            if nmi else None}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", choices=("fashion", "digits"), default="fashion")
@@ -169,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                 "--no-progress", *opts.overrides])
     stats = fit(args)
     result = {"hardware": hardware(), "source": opts.source, "config": os.path.relpath(opts.config, ROOT),
-              "data": data, "overrides": opts.overrides, "knn": stats["knn"]}
+              "data": data, "overrides": opts.overrides, "knn": stats["knn"], **run_summary(args.exp_dir)}
     write_json(result, json_path)
     return result
 

@@ -68,6 +68,14 @@ def test_demo_imagefolder(tmp_path):
                                            "--epochs", "1", "--warmup-epoch", "0", *TINY_PRETRAIN, "-b", "16",
                                            "--pcl-r", "32", "--num-cluster", "3,4", "--bn-splits", "2"])
     assert out.exists() and set(res["knn"]) == {"learned", "random_init", "raw_pixels"}
+    assert res["epochs"] == 1 and res["loss_inst_last"] > 0 and res["train_seconds"] > 0
+    assert res["nmi_with_labels"]["k"] == 3 and 0 <= res["nmi_with_labels"]["last_estep"] <= 100  # coarsest k
+    log = tmp_path / "run" / "run" / "log.txt"
+    first = log.read_text().splitlines()[0]
+    log.write_text(f'{{"epoch": 0, "seconds": 5.0, "loss_inst": 9.0}}\n{first}\n{first}\n')  # an old run, a resume
+    summary = driver("demo_imagefolder").run_summary(str(tmp_path / "run" / "run"))
+    assert summary["epochs"] == 1 and summary["train_seconds"] == round(json.loads(first)["seconds"], 1)
+    assert driver("demo_imagefolder").run_summary(str(tmp_path / "absent")) == {}
 
 
 def test_demo_imagefolder_renders_handwritten_digits_its_own_way(tmp_path):
