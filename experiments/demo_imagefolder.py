@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 # study first: it puts this checkout (and benchmarks/common.py) on sys.path
-from study import ROOT, RESULTS, hardware, write_json, use_cores
+from study import ROOT, RESULTS, hardware, log_epochs, write_json, use_cores
 from pcl.config import build_pretrain_parser, parse_args
 from pcl.data import load_mnist_family, render_glyphs
 from pcl.engine import fit
@@ -144,16 +144,10 @@ def run_summary(exp_dir: str) -> dict:
     of the coarsest granularity's clusters with the labels at the first and last E-step. The log is appended to,
     so only the lines from the last start at epoch 0 count, and of an epoch repeated after a resume the last line;
     {} (the kNN result is kept) when the log is missing or unreadable."""
-    import json
-
     try:
-        with open(os.path.join(exp_dir, "log.txt")) as f:
-            lines = [json.loads(line) for line in f if line.strip()]
+        epochs = list(log_epochs(exp_dir).values())
     except (OSError, ValueError):
         return {}
-    starts = [i for i, e in enumerate(lines) if e.get("epoch") == 0]
-    epochs = sorted({e["epoch"]: e for e in lines[starts[-1] if starts else 0:]}.items())
-    epochs = [e for _, e in epochs]
     if not epochs:
         return {}
     ks = sorted(int(k[5:]) for k in epochs[-1] if k.startswith("nmi_k"))

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from sklearn.metrics import adjusted_rand_score
 
 # study first: it puts this checkout (and benchmarks/common.py) on sys.path
-from study import ROOT, RESULTS, fit_with_curve, hardware, use_cores, write_json
+from study import ROOT, RESULTS, fit_with_curve, hardware, log_epochs, use_cores, write_json
 import small_scale
 from pcl import checkpoint as ckpt_io
 from pcl.cluster import kmeans
@@ -389,13 +389,8 @@ def drift_curves(exp_dir: str) -> dict[str, dict[int, float]]:
     """Per E-step epoch of one run (log.txt, the last entry of an epoch wins): 'drift' = the NMI % between this and
     the previous E-step's assignments, averaged over the granularities, and 'labels' = the NMI % of the coarsest
     granularity's assignment with the training labels (the monitor's ``nmi_k{k}``). Empty for MoCo-only runs."""
-    epochs: dict[int, dict[str, Any]] = {}
-    with open(os.path.join(exp_dir, "log.txt")) as f:
-        for line in f:
-            entry = json.loads(line)
-            epochs[int(entry["epoch"])] = entry
     out: dict[str, dict[int, float]] = {"drift": {}, "labels": {}}
-    for epoch, entry in sorted(epochs.items()):
+    for epoch, entry in log_epochs(exp_dir).items():
         drift = [v for k, v in entry.items() if k.startswith("drift_nmi_k")]
         if drift:
             out["drift"][epoch] = float(np.mean(drift))

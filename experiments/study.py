@@ -23,7 +23,17 @@ for _path in (ROOT, os.path.join(ROOT, "benchmarks")):
 
 from common import hardware, use_cores, write_json  # noqa: E402
 
-__all__ = ["RESULTS", "ROOT", "fit_with_curve", "hardware", "use_cores", "write_json"]
+__all__ = ["RESULTS", "ROOT", "fit_with_curve", "hardware", "log_epochs", "use_cores", "write_json"]
+
+
+def log_epochs(exp_dir: str) -> dict[int, dict[str, Any]]:
+    """EXP_DIR/log.txt as {epoch: entry}, in epoch order. The log is appended to, so only the lines from the last
+    start at epoch 0 count, and of an epoch repeated after a resume the last line wins."""
+    with open(os.path.join(exp_dir, "log.txt")) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    starts = [i for i, entry in enumerate(lines) if entry.get("epoch") == 0]
+    epochs = {int(entry["epoch"]): entry for entry in lines[starts[-1] if starts else 0:]}
+    return dict(sorted(epochs.items()))
 
 
 def fit_with_curve(argv: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
