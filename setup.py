@@ -27,5 +27,6 @@ setup(
         "gpu": ["faiss-gpu>=1.15.1,<1.16"],
         "test": ["pytest", "matplotlib"],  # matplotlib: the t-SNE figure's tests
         "plots": ["matplotlib"],
+        "wandb": ["wandb"],  # --wandb: the same logs in Weights & Biases (WANDB_MODE=offline works without a server)
     },
 )

@@ -345,7 +345,7 @@ def table(proj: dict, gpu: GpuFigures, ks: list[int], nredo: int, epochs: int) -
 def main(argv: list[str] | None = None) -> dict:
     """Measure the CPU costs here, take the GPU figures, print the inputs and the table; return (and --json) them."""
     pre = preset()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", type=int, default=8, help="G GPUs (default 8)")
     p.add_argument("--cores-per-gpu", type=int, default=14, help="C CPU cores per GPU (default 14)")
     p.add_argument("--main-cores", type=int, default=1,

@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None,
     """Run the missing runs of the grid, then summarise every finished one. Returns {'ran': names (re)made in this
     call, 'skipped': names found finished, 'summary': the summary, 'table': its markdown}. ``train`` is the
     pretraining call (``study.fit_with_curve``)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "fmnist.yaml"))
     p.add_argument("--data", default=None, help="dataset folder (default: the config's)")
     p.add_argument("--epochs", type=int, default=None, help="override the config's epochs (warm-up scales with it)")

@@ -113,7 +113,7 @@ def faiss_kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, gpu_d
     clus.nredo = nredo
     clus.seed = seed
     clus.max_points_per_centroid = 1000
-    clus.min_points_per_centroid = 10
+    clus.min_points_per_centroid = 1  # only gates faiss's stderr warning (official 10): the start-up check advises on k
     if gpu_device is not None:
         res = faiss.StandardGpuResources()
         cfg = faiss.GpuIndexFlatConfig()

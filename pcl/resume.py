@@ -84,13 +84,15 @@ class EpochState:
 def checkpoint_contents(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, cfg: RunConfig,
                         clusters: ClusterResult | None, step: int = 0,
                         resume_states: list[dict[str, Any]] | None = None,
-                        scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
+                        scaler: torch.amp.GradScaler | None = None, wandb_id: str | None = None) -> dict[str, Any]:
     """Official keys (epoch = the epoch to resume at, arch, state_dict, optimizer) plus our settings and model
     config, the epoch's prototypes, the fp16 loss scale (``scaler``: --amp fp16) and, for a mid-epoch
     (preemption) checkpoint, ``step`` and every rank's loop state. Tensors and plain types only."""
     extra: dict[str, Any] = {"step": step, "args": {**cfg.plain(), "global_batch_size": cfg.batch_size}}
     if scaler is not None:
         extra["scaler"] = scaler.state_dict()
+    if wandb_id is not None:  # --wandb: a resumed run logs into the same W&B run
+        extra["wandb_id"] = wandb_id
     if clusters is not None:
         extra["cluster_result"] = clusters.state_dict()
     if resume_states is not None:
@@ -130,6 +132,31 @@ def _check_mid_epoch(ckpt: dict[str, Any], path: str, cfg: RunConfig, num_sample
                        f"has {num_samples}: resume it on the same data")
 
 
+SCHEDULE = {"epochs": "--epochs", "warmup_epoch": "--warmup-epoch", "lr": "--lr", "cos": "--cos",
+            "schedule": "--schedule"}
+
+
+def note_schedule_change(ckpt: dict[str, Any], path: str, cfg: RunConfig) -> None:
+    """Resuming with another --epochs / --warmup-epoch / --lr / --cos / --schedule than the run was started with
+    changes the learning rate (and where PCL starts) from here on: one line naming the old and the new values."""
+    saved = ckpt.get("args") or {}
+
+    def flag(key: str, value: Any) -> str:
+        if key == "cos":
+            return "--cos" if value else "--no-cos"
+        return f"{SCHEDULE[key]} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
+
+    def same(key: str) -> bool:
+        plain = [list(v) if isinstance(v, (list, tuple)) else v for v in (saved[key], cfg[key])]
+        return plain[0] == plain[1] or (key == "schedule" and cfg["cos"] and saved.get("cos"))  # unused with --cos
+
+    changed = [k for k in SCHEDULE if k in saved and k in cfg and not same(k)]
+    if changed:
+        logger.warning("resuming %s with another schedule: %s (from epoch %d on the learning rate follows the new "
+                       "one; the epochs already trained followed the old)", path,
+                       ", ".join(f"{flag(k, saved[k])} -> {flag(k, cfg[k])}" for k in changed), ckpt.get("epoch", 0))
+
+
 class Session:
     """One run's start, saves and stop (see the module docstring for the calls the loop makes)."""
 
@@ -140,6 +167,7 @@ class Session:
         self.resumed_preempt: str | None = None  # the preempt checkpoint this run resumed from, removed once passed
         self.stop = StopRequest()
         self.model = self.optimizer = self.device = self.scaler = None
+        self.wandb_id: str | None = None  # the W&B run the checkpoints name (--wandb), carried over from --resume
         self.epoch, self.clusters, self.stopping = cfg.start_epoch, None, False
 
     @classmethod
@@ -165,11 +193,12 @@ class Session:
         if self.path is None:
             return True
         self.resumed = load_into(self.path, model, optimizer, device, self.ckpt, scaler)
-        self.ckpt = None
+        self.ckpt, self.wandb_id = None, self.resumed.get("wandb_id")
         if os.path.abspath(self.path) == os.path.abspath(ckpt_io.preempt_path(cfg.exp_dir)):
             self.resumed_preempt = self.path
         _check_mid_epoch(self.resumed, self.path, cfg, data.num_samples)
         self.start_epoch = int(self.resumed["epoch"])
+        note_schedule_change(self.resumed, self.path, cfg)
         if self.start_epoch >= cfg.epochs:  # a mid-epoch file of epoch e holds 'epoch': e, with e's rest to train
             logger.warning("nothing to train: %s is at epoch %d of --epochs %d (raise --epochs to go on)",
                            self.path, self.start_epoch, cfg.epochs)
@@ -232,7 +261,7 @@ class Session:
         def write() -> None:
             check_weights(self.model, f"epoch {epoch} step {step}")
             ckpt_io.save_checkpoint(checkpoint_contents(self.model, self.optimizer, epoch, self.cfg, clusters, step,
-                                                        states, self.scaler), path)
+                                                        states, self.scaler, self.wandb_id), path)
             if step == 0 and self.resumed_preempt not in (None, path) and os.path.exists(self.resumed_preempt):
                 os.remove(self.resumed_preempt)  # the stop this run continued from is behind it now
         dist_utils.main_only(write, f"saving {path}")

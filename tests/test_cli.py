@@ -56,3 +56,30 @@ def test_help_lists_official_flags(flag):
                          text=True, timeout=120).stdout
     for name in ("--arch", "--pcl-r", "--moco-m", "--num-cluster", "--warmup-epoch", "--exp-dir", "--aug-plus"):
         assert name in out
+
+
+@pytest.mark.parametrize("typo, meant", [("--warmup-epochs", "--warmup-epoch"), ("--num-clusters", "--num-cluster"),
+                                         ("--epoch", "--epochs"), ("--warmup", "--warmup-epoch")])
+def test_a_flag_typo_is_one_line_naming_the_nearest_flag_and_no_prefix_is_taken(typo, meant, capsys):
+    """No silent prefix matching (--epoch was taken for --epochs), no 38-line usage block."""
+    from pcl.config import build_pretrain_parser, parse_args
+
+    with pytest.raises(SystemExit) as stop:
+        parse_args(build_pretrain_parser(), ["--dataset", "demo", typo, "1"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1, err
+    assert f"unrecognized arguments: {typo}" in err and f"{typo}: did you mean {meant}?" in err
+
+
+def test_every_parser_in_the_repository_refuses_abbreviations():
+    import ast
+
+    from test_layout import python_files
+
+    lax = []
+    for path in (p for p in python_files() if not p.startswith("tests/")):
+        for node in ast.walk(ast.parse(open(os.path.join(ROOT, path)).read())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "ArgumentParser":
+                if not any(k.arg == "allow_abbrev" and getattr(k.value, "value", True) is False for k in node.keywords):
+                    lax.append(f"{path}:{node.lineno}")
+    assert not lax, f"use pcl.config.Parser or allow_abbrev=False: {lax}"

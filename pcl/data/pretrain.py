@@ -26,6 +26,7 @@ class PretrainData:
     eval_loader: Any  # yields (images, index) over this rank's shard of the training set, eval transform
     num_samples: int
     knn: tuple[Any, torch.Tensor, Any, torch.Tensor] | None = None  # bank loader, labels, test loader, labels
+    labelled: bool = True  # False: a folder of images without classes (flat, or --unlabelled)
 
 
 def build_pretrain_data(cfg: DataSettings, device: torch.device | None = None, knn_wanted: bool = False
@@ -72,6 +73,7 @@ def build_pretrain_data(cfg: DataSettings, device: torch.device | None = None, k
     if len(base_train) == 0:
         raise PCLError(f"the training set in {cfg.data} is empty")
     check_expected(cfg, len(base_train), len(getattr(base_train, "classes", [])) or None)
+    labelled = getattr(base_train, "labelled", True)
     train_set = IndexedDataset(base_train, pretrain_transform(cfg.aug_plus, size, cfg.crop_min_scale), two_crops=True)
     eval_set = IndexedDataset(base_train, eval_transform(size))
     def make(ds: Any, bs: int, train: bool, pinned: bool | None = None, collate_fn: Any = None) -> FileLoader:
@@ -83,6 +85,8 @@ def build_pretrain_data(cfg: DataSettings, device: torch.device | None = None, k
     if base_test is not None and dataset.pretrain_labelled:  # the monitor's bank is the (labelled) training split
         test_set = IndexedDataset(base_test, eval_transform(size))
         knn = (make(eval_set, eval_bs, False), eval_set.targets, make(test_set, eval_bs, False), test_set.targets)
+    elif knn_wanted and not labelled:
+        logging.getLogger("pcl").info("no kNN/NMI report: the images in %s have no classes", cfg.data)
     elif knn_wanted:
         why = (f"{dataset.title}'s pretraining split is unlabeled" if not dataset.pretrain_labelled
                else f"{os.path.join(cfg.data, dataset.test_split)} does not exist")
@@ -102,5 +106,5 @@ def build_pretrain_data(cfg: DataSettings, device: torch.device | None = None, k
             crops = IndexedDataset(base_train, pretrain_crop_transform(size, cfg.crop_min_scale), two_crops=True)
             train = DeviceAugmentLoader(make(crops, batch, True), augment, device, cfg.seed)
         centre = DeviceEvalLoader(make(IndexedDataset(base_train, eval_crop_transform(size)), eval_bs, False), device)
-        return PretrainData(train, centre, len(base_train), knn)
-    return PretrainData(make(train_set, batch, True), make(eval_set, eval_bs, False), len(base_train), knn)
+        return PretrainData(train, centre, len(base_train), knn, labelled)
+    return PretrainData(make(train_set, batch, True), make(eval_set, eval_bs, False), len(base_train), knn, labelled)
