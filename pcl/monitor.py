@@ -72,10 +72,12 @@ def next_commands(s: MonitorSettings, checkpoint: str, labelled: bool = True) ->
         else f"--dataset {s.dataset} {q(str(s.data))}"
     data += f" --demo-renders {s.demo_renders}" if s.dataset == "demo" and s.demo_renders != 4 else ""
     data += f" --class-list {q(s.class_list)}" if s.class_list else ""
+    data += " --bad-images skip" if s.bad_images == "skip" else ""
     common = f"{data} --image-size {s.image_size} --pretrained {q(checkpoint)}"
     if not labelled:
         out = os.path.join(os.path.dirname(checkpoint), "visualize")
-        return [f"python -m pcl.evaluation.visualize {common} --exp-dir {q(out)}",
+        flag = " --unlabelled" if s.unlabelled else ""
+        return [f"python -m pcl.evaluation.visualize {common}{flag} --exp-dir {q(out)}",
                 f"python -m pcl.export {q(checkpoint)} backbone.pth"]
     stem, ext = os.path.splitext(s.config or "")
     linear = f"-c {q(stem + '_linear' + ext)} " if s.config and os.path.isfile(stem + "_linear" + ext) else ""

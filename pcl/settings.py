@@ -235,6 +235,8 @@ class MonitorSettings:
     data: str | None = None
     demo_renders: int = 4
     class_list: str | None = None
+    bad_images: str = "fail"
+    unlabelled: bool = False
     config: str | None = None
 
     @classmethod
@@ -243,7 +245,7 @@ class MonitorSettings:
                    cfg["knn_eval"], cfg["knn_k"], cfg["knn_t"], int(cfg["knn_max_bank_gb"] * 2 ** 30),
                    cfg["image_size"], "torch" if cfg["kmeans_backend"] == "torch-ranks" else cfg["kmeans_backend"],
                    cfg["kmeans_reseed"], cfg["dataset"], cfg["data"], cfg["demo_renders"], cfg["class_list"],
-                   cfg.get("config"))
+                   cfg["bad_images"], cfg.get("unlabelled", False), cfg.get("config"))
 
 
 def cannot_read(path: str, e: OSError, verb: str = "read") -> PCLError:
