@@ -109,49 +109,72 @@ def crop_boxes(b: int, height: int, width: int, scale: tuple[float, float], gen:
     return torch.stack([top, left, h, w], 1)
 
 
-def pil_bilinear_coefficients(in_size: int, start: torch.Tensor, length: torch.Tensor, out_size: int) -> torch.Tensor:
+def pil_bilinear_taps(in_size: int, start: torch.Tensor, length: torch.Tensor, out_size: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """PIL's 8-bit bilinear resampling coefficients (``precompute_coeffs`` + ``normalize_coeffs_8bpc``) of the segment
-    [start, start + length) of an ``in_size`` line resized to ``out_size``: float64 b x out_size x in_size holding
-    the integer fixed-point weights (zero outside each output pixel's window). PIL's own arithmetic in float64:
-    triangle filter with support scaled by the reduction factor (antialiasing), window rounded and clipped to the
-    segment, weights normalised per output pixel, then rounded to 22 fractional bits."""
+    [start, start + length) of an ``in_size`` line resized to ``out_size``, as taps: (first input pixel of each
+    output pixel's window, long b x out; integer fixed-point weights of the window's pixels, int32 b x out x K, zero
+    past the window). PIL's own arithmetic in float64: triangle filter with support scaled by the reduction factor
+    (antialiasing), window rounded and clipped to the segment, weights normalised per output pixel (summed in
+    PIL's order), rounded to 22 fractional bits. K = 2 ceil(in_size / out_size) + 1 bounds every window."""
     f64 = dict(device=start.device, dtype=torch.float64)
-    scale = (length.to(torch.float64) / out_size)[:, None, None]  # b x 1 x 1
+    taps = 2 * math.ceil(max(in_size / out_size, 1.0)) + 1
+    length = length.to(torch.float64)[:, None]  # b x 1
+    scale = length / out_size
     filterscale = scale.clamp(min=1.0)
     support = filterscale  # bilinear support 1.0, scaled
-    center = (torch.arange(out_size, **f64)[None, :, None] + 0.5) * scale  # b x out x 1
+    center = (torch.arange(out_size, **f64)[None] + 0.5) * scale  # b x out
     xmin = torch.trunc(center - support + 0.5).clamp(min=0)  # C's (int) truncation, as PIL rounds the window
-    xmax = torch.minimum(torch.trunc(center + support + 0.5), length.to(torch.float64)[:, None, None])
-    pos = torch.arange(in_size, **f64)[None, None, :] - start.to(torch.float64)[:, None, None]  # b x 1 x in
-    arg = (pos - center + 0.5) * (1.0 / filterscale)
-    weight = torch.where((pos >= xmin) & (pos < xmax), (1.0 - arg.abs()).clamp(min=0.0), torch.zeros((), **f64))
-    total = weight.cumsum(2)[..., -1:]  # summed left to right, as PIL does
-    weight = weight / torch.where(total == 0, torch.ones((), **f64), total)
-    return torch.trunc(0.5 + weight * (1 << PIL_PRECISION_BITS))
+    xmax = torch.minimum(torch.trunc(center + support + 0.5), length)
+    inv = 1.0 / filterscale
+    weights, total = [], torch.zeros_like(center)
+    for t in range(taps):  # tap t: input pixel xmin + t
+        w = (1.0 - ((xmin + t - center + 0.5) * inv).abs()).clamp(min=0.0)
+        w = torch.where(xmin + t < xmax, w, torch.zeros((), **f64))
+        weights.append(w)
+        total = total + w  # left to right, as PIL sums them
+    total = torch.where(total == 0, torch.ones((), **f64), total)
+    fixed = torch.stack([torch.trunc(0.5 + w / total * (1 << PIL_PRECISION_BITS)) for w in weights], 2)
+    return xmin.long() + start.long()[:, None], fixed.to(torch.int32)
 
 
-def _pil_pass(x: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
-    """One PIL resampling pass along the last dim: float64 B x C x H x W (integer values) with b x out x W
-    coefficients -> B x C x H x out, rounded and clipped to 0..255 as PIL's ``clip8``."""
-    acc = torch.einsum("bchw,bow->bcho", x, coefficients) + (1 << (PIL_PRECISION_BITS - 1))
-    return torch.floor(acc / (1 << PIL_PRECISION_BITS)).clamp(0, 255)
+SPLIT_BITS = 11  # PIL's 22-bit weights split in two 11-bit halves: float32 matmuls that stay exact
+
+
+def _pil_pass(x: torch.Tensor, first: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """One PIL resampling pass along the last dim: float32 B x C x H x W (integers 0..255) with taps
+    (:func:`pil_bilinear_taps`: first b x out, weights b x out x K) -> B x C x H x out, rounded and clipped to
+    0..255 as PIL's ``clip8``. One batched float32 matmul with the weights' high and low 11 bits side by side: every
+    product and partial sum is an integer below 2^24 (for K <= 31), so float32 holds it exactly; the halves are
+    joined in int32."""
+    b, c, h, w = x.shape
+    out, taps = weights.shape[1], weights.shape[2]
+    if taps > 31:
+        raise ValueError(f"resampling {w} -> {out} pixels needs {taps} taps per output pixel: at most 31 stay exact")
+    index = (first[:, :, None] + torch.arange(taps, device=x.device)).clamp(max=w - 1)  # b x out x K
+    halves = torch.cat([weights >> SPLIT_BITS, weights & ((1 << SPLIT_BITS) - 1)], 1).to(x.dtype)  # b x 2out x K
+    dense = torch.zeros(b, 2 * out, w, dtype=x.dtype, device=x.device)
+    dense.scatter_add_(2, index.repeat(1, 2, 1), halves)  # b x 2out x W (taps past the window weigh 0)
+    acc = torch.bmm(x.reshape(b, c * h, w), dense.transpose(1, 2)).to(torch.int32)  # b x CH x 2out, exact
+    joined = (acc[..., :out] << SPLIT_BITS) + acc[..., out:] + (1 << (PIL_PRECISION_BITS - 1))
+    return (joined >> PIL_PRECISION_BITS).clamp(0, 255).to(x.dtype).view(b, c, h, out)
 
 
 def random_resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor) -> torch.Tensor:
     """uint8 B x C x H x W, boxes B x 4 (top, left, h, w) from :func:`crop_boxes`, flip B bool -> uint8 B x C x size
     x size: each box resized as ``TF.resized_crop`` does on a PIL image, mirrored where ``flip``. PIL's bilinear
     resampling in two passes, each rounded to 8 bits, in Pillow 13's order: the rows first unless the height shrinks
-    by more than twice what the width does (then the columns first). Bit-exact with Pillow 13 on the CPU."""
+    by more than twice what the width does (then the columns first). Bit-exact with Pillow 13."""
     _, _, height, width = images.shape
-    cols = pil_bilinear_coefficients(width, boxes[:, 1], boxes[:, 3], size)  # B x size x W
-    rows = pil_bilinear_coefficients(height, boxes[:, 0], boxes[:, 2], size)  # B x size x H
-    cols = torch.where(flip.view(-1, 1, 1), cols.flip(1), cols)  # a mirrored output row: the columns reversed
-    x = images.to(torch.float64)
-    out = _pil_pass(_pil_pass(x, cols).transpose(2, 3), rows).transpose(2, 3)  # rows first: B x C x size x size
+    cols = pil_bilinear_taps(width, boxes[:, 1], boxes[:, 3], size)  # b x size, b x size x K
+    rows = pil_bilinear_taps(height, boxes[:, 0], boxes[:, 2], size)
+    cols = tuple(torch.where(flip.view(-1, *[1] * (t.dim() - 1)), t.flip(1), t) for t in cols)  # mirrored rows
+    x = images.to(torch.float32)
+    out = _pil_pass(_pil_pass(x, *cols).transpose(2, 3).contiguous(), *rows).transpose(2, 3)  # rows first
     if height > size:  # a box can shrink in height only when the image is taller than the output
         shrink_h, shrink_w = boxes[:, 2] - size, boxes[:, 3] - size
         columns_first = ((shrink_h > 0) & (shrink_h > 2 * shrink_w)).view(-1, 1, 1, 1)
-        other = _pil_pass(_pil_pass(x.transpose(2, 3), rows).transpose(2, 3), cols)
+        other = _pil_pass(_pil_pass(x.transpose(2, 3).contiguous(), *rows).transpose(2, 3).contiguous(), *cols)
         out = torch.where(columns_first, other, out)
     return out.to(torch.uint8)
 
@@ -179,19 +202,24 @@ def max_box_radius(max_sigma: float, passes: int = 3) -> int:
     return int(math.floor((math.sqrt(12.0 * max_sigma * max_sigma / passes + 1.0) - 1.0) / 2.0))
 
 
-def _box_pass(x: torch.Tensor, radius: torch.Tensor, inner: torch.Tensor, outer: torch.Tensor, pad: int) -> torch.Tensor:
-    """One pass of PIL's extended box blur along the last dim of long B x C x H x W (values 0..255), per-sample box,
-    edges extended (clamped indices), rounded to 8 bits: out[x] = (inner * sum_{|t| <= l} in[x + t]
-    + outer * (in[x - l - 1] + in[x + l + 1]) + 2^23) >> 24."""
-    b, c, h, w = x.shape
+def _box_pass(x: torch.Tensor, weights: torch.Tensor, pad: int) -> torch.Tensor:
+    """One pass of PIL's extended box blur along the last dim of float64 B x C x H x W (integer values 0..255):
+    out[x] = (sum_t weights[t] * in[x + t - pad] + 2^23) >> 24, edges extended (``weights``: B x (2 pad + 1), the
+    per-sample taps of :func:`_box_taps`). Exact in float64 (every sum is an integer below 2^35)."""
+    w = x.shape[-1]
     padded = x.index_select(3, torch.arange(-pad, w + pad, device=x.device).clamp(0, w - 1))  # edge extension
-    sums = torch.nn.functional.pad(padded.cumsum(3), (1, 0))  # sums[k] = padded[:k].sum()
-    lo = torch.arange(w, device=x.device)[None] + pad - radius[:, None]  # B x W: the window [lo, hi]
-    hi = torch.arange(w, device=x.device)[None] + pad + radius[:, None]
-    take = lambda t, i: t.gather(3, i.view(b, 1, 1, w).expand(b, c, h, w))  # noqa: E731
-    bulk = ((take(sums, hi + 1) - take(sums, lo)) * inner.view(b, 1, 1, 1)
-            + (take(padded, lo - 1) + take(padded, hi + 1)) * outer.view(b, 1, 1, 1))
-    return (bulk + (1 << 23)) >> 24
+    acc = torch.full_like(x, float(1 << 23))
+    for t in range(2 * pad + 1):
+        acc += padded[..., t:t + w] * weights[:, t].view(-1, 1, 1, 1)
+    return torch.floor(acc / (1 << 24))
+
+
+def _box_taps(radius: torch.Tensor, inner: torch.Tensor, outer: torch.Tensor, pad: int) -> torch.Tensor:
+    """The extended box as taps -pad..pad (float64 B x (2 pad + 1)): ``inner`` within the integer radius, ``outer``
+    at radius + 1, zero beyond."""
+    offset = torch.arange(-pad, pad + 1, device=radius.device).abs()[None]  # 1 x T
+    r = radius[:, None]
+    return torch.where(offset <= r, inner[:, None], torch.where(offset == r + 1, outer[:, None], 0)).to(torch.float64)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float = BLUR_SIGMA[1],
@@ -199,16 +227,17 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float = BLUR_
     """PIL's ``ImageFilter.GaussianBlur(radius=sigma)`` per sample on float B x C x H x W in [0, 1]: the image
     rounded to 8 bits (as PIL holds it), three extended box passes along the rows then three along the columns,
     each rounded to 8 bits, edges extended. Equal to PIL on uint8 images. ``sigma`` (B) is clipped to
-    ``max_sigma``, which sets the padding (no device sync)."""
+    ``max_sigma``, which sets the number of taps (no device sync)."""
     radius, inner, outer = pil_box_radius(sigma.clamp(max=max_sigma), passes)
     pad = max_box_radius(max_sigma, passes) + 2  # + 1 for the outer tap, + 1 against float rounding of the radius
-    y = torch.round(x * 255.0).to(torch.int64)
+    taps = _box_taps(radius, inner, outer, pad)
+    y = torch.round(x.to(torch.float64) * 255.0)
     for _ in range(passes):
-        y = _box_pass(y, radius, inner, outer, pad)
+        y = _box_pass(y, taps, pad)
     y = y.transpose(2, 3)
     for _ in range(passes):
-        y = _box_pass(y, radius, inner, outer, pad)
-    return y.transpose(2, 3).to(x.dtype) / 255.0
+        y = _box_pass(y, taps, pad)
+    return (y.transpose(2, 3) / 255.0).to(x.dtype)
 
 
 # --- torchvision's colour ops, batched ---------------------------------------------------------------------------------
@@ -242,20 +271,18 @@ def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """RGB -> HSV (torchvision's formulas), hue + factor mod 1, HSV -> RGB (the closed form of torchvision's
-    six-sector table: the same values, without its 18 stacked planes)."""
-    maxc, minc = x.max(dim=1, keepdim=True).values, x.min(dim=1, keepdim=True).values  # B x 1 x H x W
-    eqc, cr = maxc == minc, maxc - minc
-    s = cr / torch.where(eqc, torch.ones_like(maxc), maxc)
-    div = torch.where(eqc, torch.ones_like(cr), cr)
-    rc, gc, bc = ((maxc - x) / div).unbind(1)  # each B x H x W
-    r, g = x[:, 0], x[:, 1]
-    m = maxc[:, 0]
-    h = ((m == r) * (bc - gc) + ((m == g) & (m != r)) * (2.0 + rc - bc) + ((m != g) & (m != r)) * (4.0 + gc - rc))
-    h = torch.fmod(h / 6.0 + 1.0, 1.0)
-    h6 = ((h + factor.view(-1, 1, 1)) % 1.0)[:, None] * 6.0  # B x 1 x H x W
-    k = torch.cat([(h6 + n) % 6.0 for n in (5.0, 3.0, 1.0)], 1)  # B x 3 x H x W (no host constant)
-    return (maxc - maxc * s * torch.minimum(k, 4.0 - k).clamp(0, 1)).clamp(0, 1)
+    """torchvision's adjust_hue on float: RGB -> HSV, hue + factor mod 1, HSV -> RGB, in closed form (torchvision's
+    formulas with v * s = max - min folded in; equal to it to float rounding)."""
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]  # each B x 1 x H x W
+    maxc, minc = torch.maximum(torch.maximum(r, g), b), torch.minimum(torch.minimum(r, g), b)
+    cr = maxc - minc
+    div = torch.where(cr == 0, torch.ones_like(cr), cr)
+    h = torch.where(maxc == r, (g - b) / div, torch.where(maxc == g, 2.0 + (b - r) / div, 4.0 + (r - g) / div))
+    h = torch.fmod(h / 6.0 + 1.0, 1.0) + factor.view(-1, 1, 1, 1)  # in [-0.5, 1.5)
+    h = torch.where(h < 0, h + 1.0, torch.where(h >= 1.0, h - 1.0, h)) * 6.0  # (h + factor) mod 1, times 6
+    k = torch.cat([h + n for n in (5.0, 3.0, 1.0)], 1)  # B x 3 x H x W, in [1, 11)
+    k = torch.where(k >= 6.0, k - 6.0, k)  # mod 6 (exact: Sterbenz)
+    return maxc - cr * torch.minimum(k, 4.0 - k).clamp(0, 1)
 
 
 def jitter_bounds(strength: tuple[float, float, float, float], device: torch.device | str) -> torch.Tensor:
