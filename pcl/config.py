@@ -303,7 +303,7 @@ def eval_command_parser(description: str, batch: int | None = 256, spawns: bool 
     ``spawns`` False: a one-process command (it runs alone or under torchrun); --help leaves out the official
     launcher's flags it refuses (still parsed, so the refusal names them)."""
     p = Parser(description=description, parents=[data_parser(), model_parser(), dist_parser()],
-                                formatter_class=_formatter)
+               formatter_class=_formatter)
     for action in p._actions if not spawns else ():
         if action.dest in ("multiprocessing_distributed", "nproc"):
             action.help = argparse.SUPPRESS

@@ -126,7 +126,7 @@ class DataSettings:
     decode: str  # cpu | device
     demo_renders: int
     aug_plus: bool  # pretraining's MoCo v2 augmentation; the evaluation commands have no two-crop views: False
-    unlabelled: bool = False  # --unlabelled: DIR's images have no classes, whatever its folders (pretraining)
+    unlabelled: bool  # --unlabelled: DIR's images have no classes, whatever its folders (False where no such flag)
 
     @classmethod
     def of(cls, cfg: Mapping[str, Any], workers: int) -> "DataSettings":

@@ -127,3 +127,12 @@ def test_checkpoint_settings_read_ours_official_and_linear_heads(tiny_checkpoint
                                                             "image_size": 16}
     official_checkpoint(tmp_path / "o.pth.tar")
     assert common.checkpoint_settings(str(tmp_path / "o.pth.tar")) == {"arch": "resnet18"}
+
+
+def test_eval_svm_says_where_it_wrote_its_table(tiny_checkpoint, tmp_path, capsys):
+    args = parse_args(build_svm_parser(), ["--dataset", "demo", "--demo-renders", "1", "--pretrained", tiny_checkpoint,
+                                           "--exp-dir", str(tmp_path), "--workers", "0", "--no-progress", "--n-jobs", "1"])
+    svm.run_svm(args)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"wrote {tmp_path / 'svm_demo.md'} (this table) and {tmp_path / 'svm_demo.json'} (every run and cost)"
+    assert (tmp_path / "svm_demo.md").read_text().startswith("| demo mAP |")
