@@ -177,7 +177,8 @@ def _add_pcl_args(p: argparse.ArgumentParser) -> None:
                         "iteration, no N x d gather; the same result as torch)")
     g.add_argument("--kmeans-precision", default="fp32", choices=["fp32", "tf32", "bf16"],
                    help="the PyTorch k-means' assignment step in each Lloyd iteration: fp32 as faiss (default), or "
-                        "TF32 (CUDA) / bf16 matmuls; the best run, the final assignments and phi stay fp32 "
+                        "TF32 (CUDA) / bf16 matmuls (bf16 inputs, fp32 sums and scores; faster on CUDA only); the best "
+                        "run, the final assignments and phi stay fp32 "
                         "(agreement with fp32: benchmarks/bench_kmeans.py --precision)")
     g.add_argument("--kmeans-niter", default=20, type=int, help="Lloyd iterations (official 20)")
     g.add_argument("--kmeans-nredo", default=5, type=int, help="k-means restarts, best kept (official 5)")
