@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pcl import ABANDONED_THREAD, PCLError
-from pcl.distributed import all_reduce_sum, gather_rows_exact, is_dist, rank, world_size
+from pcl.distributed import all_gather_cat, all_reduce_sum, gather_rows_exact, is_dist, rank, world_size
 
 logger = logging.getLogger(__name__)
 
@@ -205,30 +205,44 @@ SPLIT_EPS = 1.0 / 1024  # faiss's relative perturbation of a split centroid (Clu
 
 @torch.no_grad()
 def split_empty_clusters(c: torch.Tensor, counts: torch.Tensor, gen: torch.Generator) -> int:
-    """Refill empty clusters as faiss's ``split_clusters`` does, in place; returns the number of splits.
+    """Refill empty clusters as faiss's ``split_clusters`` does, in place; returns the number of empty clusters.
 
-    c: k x d centroids, counts: k cluster sizes (float or int, updated). For each empty cluster in turn, a donor
-    is drawn with probability proportional to (size - 1) -- a singleton is never split -- the empty one gets a
-    copy of the donor's centroid, and the two are pushed apart per dimension: even dimensions x (1 + eps) for
-    the new one and x (1 - eps) for the donor, odd dimensions the other way round (a change of direction, not
-    only of norm); the donor's members are then assumed split evenly. faiss draws donors by a cyclic scan with
+    c: k x d centroids, counts: k cluster sizes (float or int, updated). Each empty cluster gets a donor drawn
+    with probability proportional to (size - 1) -- a singleton is never split --, a copy of the donor's centroid,
+    and the two are pushed apart per dimension: even dimensions x (1 + eps) for the new one and x (1 - eps) for
+    the donor, odd dimensions the other way round (a change of direction, not only of norm); the donor's members
+    are then assumed split evenly. When every cluster has <= 1 member nothing is split (faiss would loop forever).
+
+    In rounds, not one cluster after the other: in a round every still-empty cluster draws its donor at once
+    (with replacement) from the sizes at the round's start; a donor drawn by several serves the first of them
+    (the lowest cluster index), and the others draw again in the next round from the sizes its split left (its
+    halved size, the new cluster's). So a large cluster is still split again and again, as in faiss's sequential
+    loop, and one round costs a few kernels and three host syncs whatever the number of empty clusters (the
+    loop cost two syncs and ~10 kernels per cluster: thousands per Lloyd iteration at k = 100k early on). With
+    one empty cluster the draw and the result are the sequential loop's, bit for bit; with more, the draws of
+    one round do not see each other's splits (the probabilities differ by O(splits / N)), so the donors are
+    not those the sequential loop draws from the same generator. faiss draws donors by a cyclic scan with
     acceptance probability (size - 1) / (n - k), whose stationary choice is the same proportion.
     """
-    empty = (counts == 0).nonzero().flatten().tolist()  # one sync; empty clusters are rare after the first steps
-    if not empty:
-        return 0
+    remaining = (counts == 0).nonzero().flatten()  # the empty clusters, ascending; one sync
+    total = remaining.numel()
     sign = torch.ones(c.shape[1], dtype=c.dtype, device=c.device)
     sign[1::2] = -1  # even dims +, odd dims -
-    for ci in empty:
-        weight = (counts - 1).clamp_min(0).to(torch.float64)
+    while remaining.numel():
+        weight = (counts - 1).clamp_min(0).to(torch.float64)  # k
         if float(weight.sum()) <= 0:
-            break  # every cluster has <= 1 member: nothing to split (faiss would loop forever here)
-        cj = int(torch.multinomial(weight, 1, generator=gen))
+            break  # every cluster has <= 1 member: nothing to split
+        many = remaining.numel() > 1  # one: the sequential loop's very draw
+        donors = torch.multinomial(weight, remaining.numel(), replacement=many, generator=gen)  # m
+        first = _first_occurrences(donors) if many else torch.ones_like(donors, dtype=torch.bool)
+        served = first.nonzero().flatten()  # one donor each (distinct): one sync
+        ci, cj = remaining[served], donors[served]
         c[ci] = c[cj] * (1 + SPLIT_EPS * sign)
         c[cj] = c[cj] * (1 - SPLIT_EPS * sign)
         counts[ci] = counts[cj] // 2
         counts[cj] -= counts[ci]
-    return len(empty)
+        remaining = remaining[(~first).nonzero().flatten()]  # one sync
+    return total
 
 
 @torch.no_grad()
@@ -447,6 +461,42 @@ def run_kmeans(
         result.kmeans_seconds.append(seconds)
         logger.debug("k-means k=%d (%s): %.2f s", k, backend, seconds)
     return result
+
+
+@torch.no_grad()
+def _fingerprint(t: torch.Tensor) -> torch.Tensor:
+    """Two int64 numbers that change when any bit of ``t`` does (float32 values, or integers below 2^31): the
+    low and high 16 bits of each value, weighted by position and summed exactly (below 2^56 for up to 2^24
+    values), so the result does not depend on the order a device sums in."""
+    bits = (t.float().contiguous().view(torch.int32) if t.is_floating_point() else t.to(torch.int32)).reshape(-1)
+    bits = bits.to(torch.int64)
+    pos = torch.arange(bits.numel(), device=bits.device)
+    low, high = bits & 0xFFFF, (bits >> 16) & 0xFFFF
+    return torch.stack([(low * (pos % 65521 + 1)).sum(), (high * ((pos * 7919) % 65519 + 1)).sum()])
+
+
+@torch.no_grad()
+def check_same_on_ranks(result: ClusterResult, when: str) -> None:
+    """Refuse prototypes that are not bit for bit the same on every rank: one all-gather of a fingerprint
+    (:func:`_fingerprint`, 2 int64) of each granularity's centroids, concentration and assignments. The torch
+    k-means on every rank (``torch-ranks``) gets the same centroids only from the same random draws on every
+    GPU; on mixed GPUs (or drivers) they can differ while the all-gathered assignments are equal everywhere.
+    Call it on every rank alike (``when``: the E-step it checks, for the message); nothing with one process."""
+    if not is_dist():
+        return
+    parts = [t for ts in (result.centroids, result.concentration, result.im2cluster) for t in ts]
+    mine = torch.cat([_fingerprint(t) for t in parts]) if parts else torch.zeros(0, dtype=torch.int64)
+    device = parts[0].device if parts else torch.device("cpu")
+    every = all_gather_cat(mine.to(device)[None])  # W x 2P
+    differ = (every != every[0]).any(dim=1).nonzero().flatten().tolist()
+    if differ:
+        num = len(result.centroids)
+        what = sorted({("centroids", "phi", "assignments")[j // 2 // max(num, 1)]
+                       for j in (every != every[0]).any(dim=0).nonzero().flatten().tolist()})
+        raise PCLError(f"{when}: rank(s) {', '.join(map(str, differ))} hold other prototypes ({' and '.join(what)}) "
+                       f"than rank 0 of {world_size()}; with --kmeans-backend torch-ranks every GPU must make the same "
+                       f"random draws (the same GPU model and driver on every rank): use --kmeans-backend torch "
+                       f"(rank 0 clusters and broadcasts) on mixed GPUs")
 
 
 # The E-step's k-means on every rank: each rank keeps its own shard of the features, and only k x d sums, k
