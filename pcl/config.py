@@ -153,7 +153,8 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--channels-last", action="store_true",
                    help="NHWC memory format for the encoders and inputs (faster convs with --amp on GPUs; "
                         "ignored on the CPU, see docs/training.md)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the two encoders (first steps are slow)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the two encoders (first steps are slow; under DDP the gradient all-reduce "
+                        "no longer overlaps the backward and the first E-step recompiles: docs/training.md)")
     g.add_argument("--sgd-impl", default="auto", choices=["auto", "foreach", "fused", "loop"],
                    help="SGD kernel: auto (torch's choice), foreach, fused (one kernel), loop (per-parameter)")
 
