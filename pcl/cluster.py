@@ -101,9 +101,9 @@ def check_features(features: torch.Tensor, num_clusters: Sequence[int]) -> None:
 def faiss_kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, gpu_device: int | None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Official settings; returns (centroids k x d, squared distances N, assignments N). The flat L2 index lives
-    on ``gpu_device`` alone, the calling process's own GPU (the official code shards it over every visible GPU:
-    on a node with one process per GPU, rank 0 would then use the other ranks' GPUs too, which fails where GPUs
-    are in exclusive-process mode and contends with their work elsewhere); None: on the CPU."""
+    on ``gpu_device`` alone, the calling process's own GPU, as the official code's ``GpuIndexFlatL2`` (an index
+    sharded over every visible GPU would, on a node with one process per GPU, use the other ranks' GPUs too,
+    which fails where GPUs are in exclusive-process mode); None: on the CPU."""
     import faiss
 
     d = x.shape[1]
