@@ -218,7 +218,7 @@ def gpu_from_json(path: str, fallback: GpuFigures) -> GpuFigures:
         sizes = data.get("sizes", {})
         if sizes.get("arch") != "resnet50" or sizes.get("image_size") != 224:
             print(f"warning: {path} timed {sizes.get('arch')} at {sizes.get('image_size')} px, not ResNet-50 at "
-                  f"224 px (gpu_check --cpu?): the projection uses it as it is")
+                  f"224 px (gpu_check --smoke?): the projection uses it as it is")
         flat = {"gpu": name, "moco_pairs_per_s_fp32": ips["fp32"], "moco_pairs_per_s_fast": ips[thr["fast_variant"]]}
         if "overhead_pct" in sec.get("overhead", {}):
             flat["pcl_overhead_pct"] = sec["overhead"]["overhead_pct"]
