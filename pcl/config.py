@@ -78,8 +78,9 @@ def data_parser() -> argparse.ArgumentParser:
                    help="with --augment device, image folders, pretraining pairs: cpu = the workers decode each JPEG "
                         "and resize the crop; device = the workers only read the file and its header and draw the "
                         "official crop boxes and flips, the JPEGs are decoded batched on the training device "
-                        "(torchvision decode_jpeg, nvJPEG on CUDA), cropped and resized there (PNGs and CMYK JPEGs "
-                        "are still decoded in the workers)")
+                        "(torchvision decode_jpeg, nvJPEG on CUDA; torchvision >= 0.19), cropped and resized there "
+                        "(PNGs and CMYK JPEGs are still decoded in the workers; a file the device refuses is decoded "
+                        "on the host, --bad-images applying, and logged once per epoch)")
     g.add_argument("--demo-renders", default=4, type=int,
                    help="demo set: renders of each training digit (test digits get 2)")
     return p
