@@ -60,7 +60,7 @@ Part 2:
    images/s on one CPU core: how many cores one GPU step needs;
 14. device_aug (~10 s): ``--augment device``: (a) the loader worker's CPU per pair (decode + the official
    RandomResizedCrop + flip to uint8, twice) next to the official PIL MoCo v2 pipeline's on one core (goal <= 40 %),
-   and the E-step's per-image eval crop likewise; (b) ``TensorAugment(mode="torchvision")`` on a uint8 batch of 256
+   and the E-step's per-image eval crop likewise; (b) ``TensorAugment(crop=False)`` on a uint8 batch of 256
    at 224 px on the device: images/s;
 15. faiss (~10 s): faiss k-means on the GPU (N = 200k x 128, k = 10k, nredo 1) when faiss with GPU support is
    installed, else recorded as untested (not a failure).
