@@ -12,8 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from pcl import PCLError, distributed as dist_utils
-from pcl.data.device_input import (EncodedPairs, SideStreamPrefetch, check_torchvision, collate_encoded,
-                                   decode_crops)
+from pcl.data.device_input import SideStreamPrefetch, check_torchvision, decode_crops
 from pcl.data.tensor_augment import TensorAugment
 from pcl.data.transforms import MEAN, STD
 

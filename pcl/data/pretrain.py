@@ -11,8 +11,8 @@ import torch
 
 from pcl import PCLError, distributed as dist_utils
 from pcl.data.datasets import IndexedDataset, check_expected, file_sets, load_in_memory
-from pcl.data.loaders import (DeviceAugmentLoader, DeviceEvalLoader, EncodedPairs, FileLoader, TensorEvalLoader,
-                              TensorPairLoader, collate_encoded)
+from pcl.data.device_input import EncodedPairs, collate_encoded
+from pcl.data.loaders import DeviceAugmentLoader, DeviceEvalLoader, FileLoader, TensorEvalLoader, TensorPairLoader
 from pcl.data.registry import spec
 from pcl.data.tensor_augment import TensorAugment
 from pcl.settings import DataSettings
