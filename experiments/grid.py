@@ -278,7 +278,14 @@ def check_plan(runs: list[dict[str, Any]], train_images: int) -> None:
             check_same(run["done"]["settings"], run["settings"], run["path"])
         else:
             check_made_with(run["exp_dir"], run["made_with"], "a run", "delete it to train it again, or give "
-                            "another --exp-root", loose=("resolved",))
+                            "another --exp-root", loose=("resolved",), holds=holds_run)
+
+
+def holds_run(exp_dir: str) -> bool:
+    """Whether a run folder holds a run to protect: a checkpoint or a log line (a run that stopped before either
+    holds nothing, and its folder may be claimed by other settings)."""
+    return os.path.isfile(os.path.join(exp_dir, "log.txt")) or any(
+        e.name.startswith("checkpoint") and e.name.endswith(".pth.tar") for e in os.scandir(exp_dir))
 
 
 def factorial_cells(runs: list[dict[str, Any]]) -> dict[str, dict[str, str]] | None:

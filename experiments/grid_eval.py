@@ -97,7 +97,8 @@ def write_subset(name: str, source: str, per_class: int, out: str, val_per_class
         os.rename(tmp, out)
     except OSError:  # another call made it meanwhile: use theirs if it is the same
         shutil.rmtree(tmp, ignore_errors=True)
-        check_made_with(out, record, "a training subset", fix)
+        if not check_made_with(out, record, "a training subset", fix):
+            raise PCLError(f"could not put the training subset in place at {out}: {fix}") from None
     return out
 
 

@@ -105,28 +105,35 @@ def differences(found: Any, wanted: Any, loose: tuple[str, ...] = (), where: str
     return [f"{where or 'the record'}: {show(found)} there, {show(wanted)} now"]
 
 
-def check_made_with(folder: str, record: Mapping[str, Any], what: str, fix: str,
-                    loose: tuple[str, ...] = ()) -> bool:
-    """Whether ``folder`` may be (re)used for ``record``: False when it does not exist yet or is empty, True when
-    its ``made_with.json`` says the same. A folder made with other settings or data, or holding files but no
-    record (an older driver, an interrupted write), is a PCLError naming the differences and ``fix``."""
+def check_made_with(folder: str, record: Mapping[str, Any], what: str, fix: str, loose: tuple[str, ...] = (),
+                    holds: Callable[[str], bool] | None = None) -> bool:
+    """Whether ``folder`` may be (re)used for ``record``: False when it holds nothing yet (the caller makes it and
+    writes the record), True when its ``made_with.json`` says the same. A folder made with other settings or data,
+    or holding files but no record (an older driver, an interrupted write), is a PCLError naming the differences
+    and ``fix``. ``holds(folder)``: whether the folder holds anything to protect (default: any file but the
+    record); a run folder whose run never got to save anything may then be claimed again."""
     path = os.path.join(folder, MADE_WITH)
-    if not os.path.isfile(path):
-        if os.path.isdir(folder) and any(os.scandir(folder)):
-            raise PCLError(f"{folder} holds {what} but no {MADE_WITH} saying how it was made (an older driver or an "
-                           f"interrupted write): {fix}")
+    held = holds or (lambda f: any(e.name != MADE_WITH for e in os.scandir(f)))
+    if not os.path.isdir(folder) or not held(folder):
         return False
-    try:
-        with open(path, encoding="utf-8") as f:
-            found = json.load(f)
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise PCLError(f"{path} is unreadable ({e}): {fix}") from None
-    diff = differences(found, as_json(dict(record)), loose)
+    if not os.path.isfile(path):
+        raise PCLError(f"{folder} holds {what} but no {MADE_WITH} saying how it was made (an older driver or an "
+                       f"interrupted write): {fix}")
+    diff = differences(read_record(path, fix), as_json(dict(record)), loose)
     if diff:
         more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
         raise PCLError(f"{folder} holds {what} made with other settings or data ({'; '.join(diff[:3])}{more}): "
                        f"{fix}")
     return True
+
+
+def read_record(path: str, fix: str) -> Any:
+    """A made_with.json as JSON; an unreadable one is a PCLError naming it and ``fix``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise PCLError(f"{path} is unreadable ({e}): {fix}") from None
 
 
 def made_with(folder: str, record: Mapping[str, Any]) -> None:

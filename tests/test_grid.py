@@ -219,6 +219,14 @@ def test_grid_refuses_a_run_folder_without_its_record(tmp_path, tiny_checkpoint)
     with pytest.raises(PCLError, match="moco_seed0 holds a run but no made_with.json"):
         grid.main(grid_argv(data, tmp_path, "--variants", "moco", *TINY), train=fake_train(tiny_checkpoint, calls))
     assert not calls
+    # a folder whose run stopped before saving anything holds no run: other settings may claim it
+    shutil.rmtree(tmp_path / "exp" / "moco_seed0")
+    (tmp_path / "exp" / "moco_seed0").mkdir()
+    (tmp_path / "exp" / "moco_seed0" / "made_with.json").write_text('{"resolved": {"lr": 9.0}}')
+    grid.main(grid_argv(data, tmp_path, "--variants", "moco", "--seeds", "0", *TINY),
+              train=fake_train(tiny_checkpoint, calls))
+    assert len(calls) == 1
+    assert json.loads((tmp_path / "exp" / "moco_seed0" / "made_with.json").read_text())["resolved"]["lr"] == 0.12
 
 
 def test_grid_checks_every_variant_and_the_dataset_before_any_run(tmp_path):
