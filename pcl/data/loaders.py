@@ -246,7 +246,7 @@ class DeviceAugmentLoader:
     """``--augment device``: a :class:`FileLoader` whose workers yield uint8 crops (``pretrain_crop_transform``:
     the official RandomResizedCrop + flip), finished on ``device``. Each batch (uint8 B x 3 x S x S per view,
     pinned by the DataLoader when ``device`` is CUDA) is copied as uint8 (4x less than float32) without blocking,
-    then both views go through ``augment`` (a ``TensorAugment(mode="torchvision")``: colour jitter, grayscale,
+    then both views go through ``augment`` (a ``TensorAugment(crop=False)``: colour jitter, grayscale,
     blur, normalisation) as one 2B batch, drawn from this loader's own generator on ``device``, seeded per epoch
     from ``epoch_seed(seed, epoch, rank, DEVICE_AUG_OFFSET)``. Yields (im_q, im_k, index), all on ``device``.
 

@@ -89,7 +89,7 @@ def build_pretrain_data(cfg: DataSettings, device: torch.device | None = None, k
         logging.getLogger("pcl").warning("--knn-eval / --knn-every have no effect: the kNN monitor needs a labelled "
                                          "test split and %s", why)
     if on_device:
-        augment = TensorAugment(size, cfg.aug_plus, cfg.crop_min_scale, mode="torchvision")
+        augment = TensorAugment(size, cfg.aug_plus, cfg.crop_min_scale, crop=False)
         if decode == "device" and not hasattr(base_train, "samples"):
             logging.getLogger("pcl").warning("--decode device: %s is not a folder of image files; its images are "
                                              "decoded in the loader workers", dataset.title)
