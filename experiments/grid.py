@@ -66,7 +66,7 @@ import numpy as np
 # study first: it puts this checkout (and benchmarks/common.py) on sys.path
 from study import (ROOT, as_json, check_made_with, cli, differences, fingerprint, fit_with_curve, hardware,
                    log_epochs, made_with, write_json)
-from grid_eval import evaluate, read_validation, write_subset
+from grid_eval import evaluate, read_log, read_validation, write_subset
 from grid_stats import T975, markdown, summarise, t_quantile  # noqa: F401 (T975, t_quantile: the tests')
 from pcl import PCLError, checkpoint as ckpt_io
 from pcl.config import build_pretrain_parser, parse_args, validate_pretrain_args
@@ -130,31 +130,6 @@ def write_atomic(obj: dict[str, Any], path: str) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)
-
-
-def read_log(exp_dir: str) -> dict[str, Any]:
-    """What the run's log.txt says beyond fit's record: the training seconds with every epoch counted once (a
-    resume repeats the epochs after its checkpoint; the last entry of each wins), the last epoch's loss, the
-    checkpoints it resumed from, and the prototype drift (``drift_nmi_k*``) of the last epoch that logged one, with
-    that epoch."""
-    epochs: dict[int, dict[str, Any]] = {}
-    resumed: list[str] = []
-    with open(os.path.join(exp_dir, "log.txt"), encoding="utf-8") as f:
-        for line in f:
-            entry = json.loads(line)
-            epochs[int(entry["epoch"])] = entry
-            if entry.get("resumed_from"):
-                resumed.append(entry["resumed_from"])
-    last = epochs[max(epochs)] if epochs else {}
-    out: dict[str, Any] = {"train_seconds": round(sum(e["seconds"] for e in epochs.values()), 1),
-                           "epochs_logged": len(epochs), "final_loss": last.get("loss"), "resumed_from": resumed,
-                           "drift_epoch": None}
-    for epoch in sorted(epochs, reverse=True):
-        drift = {k: v for k, v in epochs[epoch].items() if k.startswith("drift_nmi_k")}
-        if drift:
-            out.update(drift, drift_epoch=epoch, drift_nmi_mean=float(np.mean(list(drift.values()))))
-            break
-    return out
 
 
 def parse_options(argv: list[str] | None) -> argparse.Namespace:

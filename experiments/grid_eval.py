@@ -1,6 +1,6 @@
 """What a run of ``grid.py`` is measured on, and how: the training subset and the validation split carved from the
-training images (``--train-per-class``, ``--val-per-class``), and the frozen-feature evaluation of a checkpoint on
-the test split and the validation split.
+training images (``--train-per-class``, ``--val-per-class``), what the run's log.txt says (time, loss, drift), and
+the frozen-feature evaluation of a checkpoint on the test split and the validation split.
 
 The validation split exists so that a choice among runs (the factorial's better temperature per method) is made on
 images that are neither trained on nor the test split: ``--val-per-class`` images of each class drawn, with a seeded
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import shutil
 import time
@@ -114,6 +115,31 @@ def read_validation(folder: str, size: int) -> dict[str, torch.Tensor]:
         x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True,
                           align_corners=False).round().clamp(0, 255).to(torch.uint8)
     return {"val": x.expand(-1, 3, -1, -1), "val_labels": labels.long()}
+
+
+def read_log(exp_dir: str) -> dict[str, Any]:
+    """What the run's log.txt says beyond fit's record: the training seconds with every epoch counted once (a
+    resume repeats the epochs after its checkpoint; the last entry of each wins), the last epoch's loss, the
+    checkpoints it resumed from, and the prototype drift (``drift_nmi_k*``) of the last epoch that logged one, with
+    that epoch."""
+    epochs: dict[int, dict[str, Any]] = {}
+    resumed: list[str] = []
+    with open(os.path.join(exp_dir, "log.txt"), encoding="utf-8") as f:
+        for line in f:
+            entry = json.loads(line)
+            epochs[int(entry["epoch"])] = entry
+            if entry.get("resumed_from"):
+                resumed.append(entry["resumed_from"])
+    last = epochs[max(epochs)] if epochs else {}
+    out: dict[str, Any] = {"train_seconds": round(sum(e["seconds"] for e in epochs.values()), 1),
+                           "epochs_logged": len(epochs), "final_loss": last.get("loss"), "resumed_from": resumed,
+                           "drift_epoch": None}
+    for epoch in sorted(epochs, reverse=True):
+        drift = {k: v for k, v in epochs[epoch].items() if k.startswith("drift_nmi_k")}
+        if drift:
+            out.update(drift, drift_epoch=epoch, drift_nmi_mean=float(np.mean(list(drift.values()))))
+            break
+    return out
 
 
 def partition_scores(train_n: torch.Tensor, train_y: torch.Tensor, x_n: torch.Tensor, y: torch.Tensor,
