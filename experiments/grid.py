@@ -21,6 +21,8 @@ own flags win; ``{epochs}`` and ``{batch_x4}`` etc. are filled from the resolved
   moco_t03     MoCo-only at --temperature 0.3
   moco_t05     MoCo-only at --temperature 0.5: does a softer InfoNCE alone give what the prototypes give?
   pcl_t05      PCL at --temperature 0.5 (InfoNCE's temperature, and phi's mean): the factorial's fourth cell
+  bank         --estep-features bank: the E-step clusters the keys the training steps computed (no feature pass)
+  bank_warm    bank with --kmeans-init previous: each E-step's k-means starts from the previous centroids
 
 Columns per run, on the L2-normalised features of the test split: k-means (k = number of classes, seeded with the
 run's seed) NMI, AMI, ARI and accuracy; kNN top-1 (k = 20, T = 0.07; the training split is the bank); low-shot SVM
@@ -65,7 +67,7 @@ import numpy as np
 
 # study first: it puts this checkout (and benchmarks/common.py) on sys.path
 from study import (ROOT, as_json, check_made_with, cli, differences, fingerprint, fit_with_curve, hardware,
-                   log_epochs, made_with, write_json)
+                   log_epochs, made_with, source_commit, write_json)
 from grid_eval import evaluate, read_log, read_validation, write_subset
 from grid_stats import T975, markdown, summarise, t_quantile  # noqa: F401 (T975, t_quantile: the tests')
 from pcl import PCLError, checkpoint as ckpt_io
@@ -88,6 +90,8 @@ VARIANTS: dict[str, list[str]] = {
     "moco_t03": ["--warmup-epoch", "{epochs}", "--temperature", "0.3"],
     "moco_t05": ["--warmup-epoch", "{epochs}", "--temperature", "0.5"],
     "pcl_t05": ["--temperature", "0.5"],
+    "bank": ["--estep-features", "bank"],
+    "bank_warm": ["--estep-features", "bank", "--kmeans-init", "previous"],
 }
 #: the pre-registered 2 x 2 of docs/results/factorial.md: method -> its variants, the config's temperature first;
 #: the control (MoCo) first. The temperatures are read from each variant's resolved settings.
@@ -301,6 +305,7 @@ def main(argv: list[str] | None = None,
         fitted = train(run["argv"])[1]
         record: dict[str, Any] = {"variant": v, "seed": seed, "flags": variants(cfg)[v], "settings": run["settings"],
                                   "exp_dir": run["exp_dir"], "wall_seconds": fitted["wall_seconds"],
+                                  "commit": source_commit(),
                                   **read_log(run["exp_dir"])}
         record.update(evaluate(os.path.join(run["exp_dir"], ckpt_io.LAST), sets, seed, opts))
         write_atomic(record, run["path"])

@@ -69,6 +69,21 @@ def cli(main: Callable[[], Any]) -> None:
         raise SystemExit(130) from None
 
 
+def source_commit() -> str:
+    """The checkout's commit (short hash, ``-dirty`` when tracked files differ from it), or ``unknown`` outside a
+    git checkout: what each study row records, so a table's rows can be traced to the code that made them."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "diff", "--quiet", "HEAD"], capture_output=True).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
 def fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
     """The identity of a study's data: SHA-256 (first 16 hex digits) over every tensor's name, shape, dtype and
     bytes, in name order. Two folders with the same images and labels in the same order have the same
