@@ -14,7 +14,7 @@ import torch.nn as nn
 from pcl import PCLError, distributed as dist_utils
 from pcl.cluster import ClusterResult, resolve_backend, run_kmeans, run_kmeans_across_ranks
 from pcl.features import FeatureBank, extract_features, nmi, shard_features
-from pcl.model import unwrap
+from pcl.model import channels_last, unwrap
 from pcl.preemption import StopRequest, Stopped
 from pcl.settings import EStepSettings
 
@@ -35,10 +35,13 @@ class EStep:
     warm_check: dict[str, float] = field(default_factory=dict)  # cold-start objective, NMI(warm, cold) per k
 
 
-def _key_encoder(model: nn.Module, device: torch.device, stop: StopRequest | None
-                 ) -> tuple[nn.Module, Callable[[], bool] | None, list[bool]]:
-    """(the MoCo model in eval mode with rank 0's BN statistics on every rank, as DDP's forward would have them;
-    a per-batch stop check agreed over ranks, or None; the list it marks when a stop came)."""
+def _key_encoder(model: nn.Module, device: torch.device, stop: StopRequest | None, amp: str = "none",
+                 nhwc: bool = False) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[], bool] | None,
+                                              list[bool]]:
+    """(the momentum encoder in eval mode with rank 0's BN statistics on every rank, as DDP's forward would have
+    them, as a function of a batch: under ``amp`` (bf16/fp16 autocast; "none": fp32) with NHWC inputs when
+    ``nhwc``, its features in fp32; a per-batch stop check agreed over ranks, or None; the list it marks when a
+    stop came)."""
     moco = unwrap(model)
     moco.eval()
     dist_utils.broadcast_buffers(moco.encoder_k)
@@ -49,31 +52,47 @@ def _key_encoder(model: nn.Module, device: torch.device, stop: StopRequest | Non
             stopped.append(True)
         return bool(stopped)
 
-    return moco, (should_stop if stop is not None else None), stopped
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        if nhwc:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if amp == "none":
+            return moco.encode_key(images)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16):
+            return moco.encode_key(images).float()
+
+    return encode, (should_stop if stop is not None else None), stopped
 
 
 def _momentum_features(model: nn.Module, loader, device: torch.device, num_samples: int, progress: bool,
-                       stop: StopRequest | None, dst: int | None) -> torch.Tensor | None:
+                       stop: StopRequest | None, dst: int | None, settings: EStepSettings | None = None
+                       ) -> torch.Tensor | None:
     """The key encoder's N x C features (on every rank, or on rank ``dst`` only: None on the others); raises
     :class:`Stopped` on every rank when a stop request (agreed over ranks, polled after every batch) came."""
-    moco, should_stop, stopped = _key_encoder(model, device, stop)
-    features = extract_features(moco.encode_key, loader, device, num_samples, normalize=False, progress=progress,
+    encode, should_stop, stopped = _key_encoder(model, device, stop, *_speed(settings, device))
+    features = extract_features(encode, loader, device, num_samples, normalize=False, progress=progress,
                                 should_stop=should_stop, dst=dst)
     if stopped:
         raise Stopped()
     return features
 
 
-def _momentum_shard(model: nn.Module, loader, device: torch.device, progress: bool, stop: StopRequest | None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def _momentum_shard(model: nn.Module, loader, device: torch.device, progress: bool, stop: StopRequest | None,
+                    settings: EStepSettings | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's key-encoder rows of ``loader`` and their dataset indices, nothing gathered; :class:`Stopped`
     on every rank when a stop request came."""
-    moco, should_stop, stopped = _key_encoder(model, device, stop)
-    shard = shard_features(moco.encode_key, loader, device, moco.queue.shape[0], normalize=False, progress=progress,
+    encode, should_stop, stopped = _key_encoder(model, device, stop, *_speed(settings, device))
+    shard = shard_features(encode, loader, device, unwrap(model).queue.shape[0], normalize=False, progress=progress,
                            should_stop=should_stop)
     if stopped:
         raise Stopped()
     return shard
+
+
+def _speed(settings: EStepSettings | None, device: torch.device) -> tuple[str, bool]:
+    """The feature pass's (--amp, channels-last in effect) from the run's settings; (fp32, NCHW) without them."""
+    if settings is None:
+        return "none", False
+    return settings.amp, channels_last(settings.channels_last, device)
 
 
 @torch.no_grad()
@@ -138,7 +157,7 @@ def _fill_bank(model: nn.Module, bank: FeatureBank, fill_loader: Callable[[torch
     if missing.numel() == 0:
         return 0
     rows, index = _momentum_shard(model, fill_loader(missing.cpu()), device,
-                                  settings.progress and dist_utils.is_main(), stop)
+                                  settings.progress and dist_utils.is_main(), stop, settings)
     full = dist_utils.gather_rows_exact(rows, index, bank.features.shape[0])  # N x d, zero outside `missing`
     bank.fill(full[missing], missing)
     return int(missing.numel())
@@ -178,9 +197,9 @@ def e_step(model: nn.Module, loader, num_samples: int, settings: EStepSettings, 
         filled = _fill_bank(model, bank, fill_loader, device, settings, stop)
         rows = bank.features if main or settings.backend == "torch-ranks" else None
     elif settings.backend == "torch-ranks":
-        rows, index = _momentum_shard(model, loader, device, progress, stop)
+        rows, index = _momentum_shard(model, loader, device, progress, stop, settings)
     else:
-        rows = _momentum_features(model, loader, device, num_samples, progress, stop, 0)
+        rows = _momentum_features(model, loader, device, num_samples, progress, stop, 0, settings)
     if settings.features == "bank" and settings.backend == "torch-ranks":  # each rank clusters every world-th row
         index = torch.arange(dist_utils.rank(), num_samples, dist_utils.world_size(), device=device)
         rows = rows[index]

@@ -192,13 +192,15 @@ class EStepSettings:
     features: str = "pass"  # pass (official centre-crop feature pass) | bank (the M-step's keys) (--estep-features)
     init: str = "random"  # random (official) | previous: warm start from the last E-step's centroids (--kmeans-init)
     warm_check: int = 0  # every this many E-steps a warm start is compared with a cold one (--kmeans-warm-check)
+    amp: str = "none"  # the feature pass's precision, the run's --amp (none: fp32, official)
+    channels_last: bool = False  # the feature pass's memory format, the run's --channels-last (GPUs only)
 
     @classmethod
     def of(cls, cfg: Mapping[str, Any]) -> "EStepSettings":
         return cls(tuple(cfg["num_cluster"]), cfg["temperature"], cfg["kmeans_niter"], cfg["kmeans_nredo"],
                    cfg["kmeans_backend"], cfg["fixed_concentration"], not cfg["no_progress"], cfg["prototype_gallery"],
                    cfg["kmeans_precision"], cfg["kmeans_reseed"], cfg["seed"], cfg["estep_features"],
-                   cfg["kmeans_init"], cfg["kmeans_warm_check"])
+                   cfg["kmeans_init"], cfg["kmeans_warm_check"], cfg["amp"], cfg["channels_last"])
 
     def kmeans_seed(self, epoch: int) -> int:
         """The k-means seed of the E-step at ``epoch`` (granularity g adds g): 0, as official, or with

@@ -189,3 +189,16 @@ def test_bank_and_warm_start_resume_bit_for_bit(tmp_path):
         _assert_same(want, _weights_and_bank(other / "checkpoint_0003.pth.tar"))
     lines = (full / "log.txt").read_text()
     assert '"nmi_warm_cold_k10"' in lines and '"estep_filled"' in lines and '"kmeans_obj_k20"' in lines
+
+
+def test_the_feature_pass_runs_under_the_runs_amp(tmp_path):
+    """--amp bf16 reaches the E-step's forward (features within bf16 rounding of fp32, not equal); fp32 by default."""
+    def clusters_and_features(*flags):
+        cfg = validate_pretrain_args(tiny_args(tmp_path, "--num-cluster", "4,8", "--low-dim", str(DIM),
+                                               "--prototype-gallery", *flags))
+        return e_step(_model(), TensorEvalLoader(_images(), 5), N, EStepSettings.of(cfg), torch.device("cpu"))
+
+    fp32, bf16 = clusters_and_features(), clusters_and_features("--amp", "bf16")
+    passed = compute_features(_model(), TensorEvalLoader(_images(), 5), torch.device("cpu"), N, False)
+    assert torch.equal(fp32.features, passed)
+    assert not torch.equal(bf16.features, passed) and torch.allclose(bf16.features, passed, atol=0.05)
