@@ -214,7 +214,9 @@ def e_step(model: nn.Module, loader, num_samples: int, settings: EStepSettings, 
     clusters, kmeans_seconds = cluster(init)
     check = {}
     if init is not None and settings.warm_check and epoch % settings.warm_check == 0:
+        started = time.perf_counter()
         check = _compare_with_cold(clusters, cluster(None)[0], settings.num_cluster)
+        check["warm_check_seconds"] = time.perf_counter() - started  # part of this E-step's seconds
     if settings.fixed_concentration:  # ablation: one temperature for every prototype
         clusters.concentration = [torch.full_like(phi, settings.temperature) for phi in clusters.concentration]
     if settings.features == "bank":
