@@ -333,12 +333,15 @@ class TensorPairLoader:
 
 
 class TensorEvalLoader:
-    """Yields (normalised images, index) in order over this rank's shard (no padding)."""
+    """Yields (normalised images, index) in order over this rank's shard (no padding); with ``indices``, over
+    those samples only (this rank's every world-th of them)."""
 
-    def __init__(self, images: torch.Tensor, batch_size: int, shard: bool = True) -> None:
+    def __init__(self, images: torch.Tensor, batch_size: int, shard: bool = True,
+                 indices: torch.Tensor | None = None) -> None:
         self.images, self.batch_size = images, batch_size
         rank, world = (dist_utils.rank(), dist_utils.world_size()) if shard else (0, 1)
-        self.indices = torch.arange(rank, images.shape[0], world)
+        chosen = torch.arange(images.shape[0]) if indices is None else torch.as_tensor(indices).long().cpu()
+        self.indices = chosen[rank::world]
         self.mean = torch.tensor(MEAN).view(1, 3, 1, 1)
         self.std = torch.tensor(STD).view(1, 3, 1, 1)
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch.utils.data import Subset
 
 from pcl import PCLError, distributed as dist_utils
 from pcl.data.datasets import IndexedDataset, check_expected, file_sets, load_in_memory
@@ -26,6 +27,7 @@ class PretrainData:
     eval_loader: Any  # yields (images, index) over this rank's shard of the training set, eval transform
     num_samples: int
     knn: tuple[Any, torch.Tensor, Any, torch.Tensor] | None = None  # bank loader, labels, test loader, labels
+    subset_loader: Callable[[torch.Tensor], Any] | None = None  # indices -> eval_loader over those samples only
 
 
 def build_pretrain_data(cfg: DataSettings, device: torch.device | None = None, knn_wanted: bool = False
@@ -56,7 +58,8 @@ def build_pretrain_data(cfg: DataSettings, device: torch.device | None = None, k
                                  cfg.seed)
         knn = (TensorEvalLoader(sets["train"], eval_bs), sets["train_labels"],  # sharded: each rank its part
                TensorEvalLoader(sets["test"], eval_bs), sets["test_labels"])
-        return PretrainData(train, TensorEvalLoader(sets["train"], eval_bs), sets["train"].shape[0], knn)
+        return PretrainData(train, TensorEvalLoader(sets["train"], eval_bs), sets["train"].shape[0], knn,
+                            lambda idx: TensorEvalLoader(sets["train"], eval_bs, indices=idx))
 
     if cfg.data is None or not os.path.isdir(cfg.data):
         raise PCLError(f"data folder not found: {cfg.data}")
@@ -101,6 +104,8 @@ def build_pretrain_data(cfg: DataSettings, device: torch.device | None = None, k
         else:
             crops = IndexedDataset(base_train, pretrain_crop_transform(size, cfg.crop_min_scale), two_crops=True)
             train = DeviceAugmentLoader(make(crops, batch, True), augment, device, cfg.seed)
-        centre = DeviceEvalLoader(make(IndexedDataset(base_train, eval_crop_transform(size)), eval_bs, False), device)
-        return PretrainData(train, centre, len(base_train), knn)
-    return PretrainData(make(train_set, batch, True), make(eval_set, eval_bs, False), len(base_train), knn)
+        centre_set = IndexedDataset(base_train, eval_crop_transform(size))
+        return PretrainData(train, DeviceEvalLoader(make(centre_set, eval_bs, False), device), len(base_train), knn,
+                            lambda idx: DeviceEvalLoader(make(Subset(centre_set, idx.tolist()), eval_bs, False), device))
+    return PretrainData(make(train_set, batch, True), make(eval_set, eval_bs, False), len(base_train), knn,
+                        lambda idx: make(Subset(eval_set, idx.tolist()), eval_bs, False))
