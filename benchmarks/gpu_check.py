@@ -37,8 +37,9 @@ Part 1:
 7. ddp (~20 s): the MoCo model wrapped in DistributedDataParallel in a 1-process NCCL group (what engine.setup does
    on several GPUs; no other check wraps it), bf16 + channels-last at batch 32: images/s against the same model
    unwrapped, loss finite;
-8. estep (~15 s): the E-step's feature pass as it runs (the key encoder in eval mode, fp32, batches of 160 through
-   pcl.features.extract_features, images already on the device): images/s, and the same under bf16 autocast.
+8. estep (~15 s): the E-step's feature pass (the key encoder in eval mode, channels-last, batches of 160 through
+   pcl.features.extract_features, images already on the device): images/s in fp32 (the official path) and under
+   bf16 autocast (the pass under --amp bf16).
 
 Part 2:
 9. kmeans (~45 s): the E-step's k-means on N = 1,281,167 x 128 at k = 25k/50k/100k, niter 20, nredo 1, with the

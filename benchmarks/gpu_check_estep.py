@@ -160,11 +160,11 @@ def section_kmeans_ranks(device: torch.device, sizes: dict, shared: dict) -> dic
 
 
 def section_estep(device: torch.device, sizes: dict, shared: dict) -> dict:
-    """The E-step's feature pass as pcl.estep runs it: the key encoder of a MoCo model of the run's size in eval
-    mode, fp32 (the E-step has no autocast), through pcl.features.extract_features (its per-batch bookkeeping
-    included) on batches of 5 x the per-GPU batch already on the device (the loader is not timed): images/s, the
-    seconds one E-step over ImageNet's 1,281,167 images would take on 8 GPUs at that rate, and the same under bf16
-    autocast for comparison."""
+    """The E-step's feature pass: the key encoder of a MoCo model of the run's size in eval mode (channels-last on
+    CUDA) through pcl.features.extract_features (its per-batch bookkeeping included) on batches of 5 x the per-GPU
+    batch already on the device (the loader is not timed), in fp32 (the official path) and under bf16 autocast (the
+    pass under --amp bf16): images/s, and the seconds one E-step over ImageNet's 1,281,167 images would take on 8
+    GPUs at that rate."""
     from pcl.features import extract_features
     from pcl.model import MoCo
 
