@@ -405,3 +405,29 @@ def test_a_pass_left_early_stops_its_thread_and_resumes_exactly(tmp_path):
     rest = [tuple(t.clone() for t in b) for b in train]
     assert len(rest) == 4 and all(torch.equal(x[2], y[2]) for x, y in zip(rest, full[2:]))
     assert all(torch.equal(x[2], y[2]) for x, y in zip(taken, full[:2]))
+
+
+def test_the_e_steps_centre_crops_are_decoded_on_the_device_too(tmp_path, monkeypatch, pcl_warnings):
+    """--decode device reaches the E-step's feature pass: the workers send bytes (a PNG named .jpg is cropped
+    there), the device decodes, resizes and centre-crops within a level of the PIL eval transform; the subset
+    loader (the bank's fill pass) and the gallery's host crops follow the same files."""
+    from pcl.data import DeviceEvalLoader, EncodedImages, eval_transform
+
+    root = _jpeg_folder(tmp_path / "data", n=6, size=(90, 70))
+    _picture(60, 80, seed=9).save(os.path.join(root, "train", "a", "png_named.jpg"), format="PNG")
+    args = tiny_args(tmp_path / "exp", "--dataset", "imagefolder", root, "--image-size", "32", "--aug-plus",
+                     "--augment", "device", "--decode", "device")
+    data = build_pretrain_data(data_settings(args), device=torch.device("cpu"))
+    loader = data.eval_loader
+    assert isinstance(loader, DeviceEvalLoader) and isinstance(loader.inner.loader.dataset, EncodedImages)
+    base = SafeImages(tvd.ImageFolder(os.path.join(root, "train"), loader=load_image))
+    want = torch.stack([eval_transform(32)(base[i][0]) for i in range(len(base))])  # the official path's
+    got, index = map(torch.cat, zip(*list(loader)))
+    assert torch.equal(index, torch.arange(len(base)))
+    levels = ((got - want) * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255).abs()
+    assert float(levels.mean()) < MEAN_TOL and float(levels.max()) <= MAX_TOL
+    subset = data.subset_loader(torch.tensor([1, 4]))
+    got_subset, index_subset = map(torch.cat, zip(*list(subset)))
+    assert torch.equal(index_subset, torch.tensor([1, 4])) and torch.equal(got_subset, got[[1, 4]])
+    shown, shown_index = loader.loader.dataset[4]
+    assert shown_index == 4 and torch.allclose(shown, want[4], atol=1e-6)  # the host's crop for the gallery

@@ -19,7 +19,8 @@ from pcl.data.datasets import (IDX_FILES, IndexedDataset, LabelledDataset, Liste
                                per_class_fraction, printable, read_class_list, read_idx, read_subset, write_idx)
 from pcl.data.demo import make_digits_demo, render_glyphs
 from pcl.data.labelled import LabelledData, build_labelled_data
-from pcl.data.device_input import EncodedPairs, SideStreamPrefetch, collate_encoded, decode_crops
+from pcl.data.device_input import (EncodedImages, EncodedPairs, SideStreamPrefetch, collate_encoded,
+                                    collate_encoded_images, decode_centre_crops, decode_crops)
 from pcl.data.loaders import (DeviceAugmentLoader, DeviceEvalLoader, FileLoader, ShardSampler, TensorEvalLoader,
                               TensorLabelledLoader, TensorPairLoader, epoch_seed, stream_seed)
 from pcl.data.pretrain import PretrainData, build_pretrain_data
@@ -33,8 +34,9 @@ __all__ = ["DATASETS", "DatasetSpec", "IDX_FILES", "IndexedDataset", "LabelledDa
            "Relabelled", "SafeImages", "check_expected", "data_settings", "file_sets", "image_folder", "load_image", "load_in_memory",
            "load_mnist_family", "per_class_fraction", "printable", "read_class_list", "read_idx", "read_subset",
            "write_idx", "make_digits_demo", "render_glyphs", "LabelledData", "build_labelled_data",
-           "DeviceAugmentLoader", "DeviceEvalLoader", "EncodedPairs", "FileLoader", "ShardSampler", "SideStreamPrefetch",
-           "TensorEvalLoader", "TensorLabelledLoader", "TensorPairLoader", "collate_encoded", "decode_crops",
+           "DeviceAugmentLoader", "DeviceEvalLoader", "EncodedImages", "EncodedPairs", "FileLoader", "ShardSampler",
+           "SideStreamPrefetch", "TensorEvalLoader", "TensorLabelledLoader", "TensorPairLoader", "collate_encoded",
+           "collate_encoded_images", "decode_centre_crops", "decode_crops",
            "epoch_seed", "stream_seed", "PretrainData", "build_pretrain_data", "TensorAugment", "PLACES_LAYOUT",
            "VOC_CLASSES", "VOC_LAYOUT", "VOC07", "Places205", "one_vs_rest", "MEAN", "STD", "GaussianBlur",
            "PretrainCropBoxes", "eval_crop_transform", "eval_transform", "linear_train_transform",

@@ -253,3 +253,66 @@ class SideStreamPrefetch:
     def close(self) -> None:
         self.stopping.set()
         self.thread.join()
+
+
+class EncodedImages(Dataset):
+    """The workers' side of the E-step's centre-crop pass with ``--decode device`` (an image-file dataset with
+    ``.samples``): item ``index`` is (payload, index). The payload of an RGB or grey JPEG is its bytes (uint8,
+    1-D; PIL reads the header only), decoded, resized and centre-cropped on the device
+    (:func:`decode_centre_crops`); any other file is decoded and cropped here by ``crop`` (the eval crop
+    transform, uint8 3 x S x S) through the base dataset, its ``--bad-images`` policy included."""
+
+    def __init__(self, base: Dataset, crop: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.base, self.crop = base, crop
+        self.samples = base.samples  # type: ignore[attr-defined]
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        jpeg = EncodedPairs._jpeg(self, index)  # type: ignore[arg-type]
+        if jpeg is None:
+            return self.crop(self.base[index][0]), index
+        return torch.frombuffer(bytearray(jpeg[0]), dtype=torch.uint8), index
+
+    def host_crop(self, index: int) -> torch.Tensor:
+        """Item ``index`` decoded and cropped on the host (a file the device decoder refused)."""
+        return self.crop(self.base[index][0])
+
+
+def collate_encoded_images(batch: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """:class:`EncodedImages` items as one batch: the payloads as a list, index int64 B."""
+    return [item[0] for item in batch], torch.tensor([item[1] for item in batch], dtype=torch.long)
+
+
+def resize_shorter(height: int, width: int, shorter: int) -> tuple[int, int]:
+    """torchvision's ``Resize(shorter)`` output size of a ``height`` x ``width`` image (the shorter side to
+    ``shorter``, the longer one scaled and truncated)."""
+    if height <= width:
+        return shorter, int(shorter * width / height)
+    return int(shorter * height / width), shorter
+
+
+def decode_centre_crops(payloads: Sequence[torch.Tensor], size: int, device: torch.device | str,
+                        host: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """The E-step's centre crops of an :func:`collate_encoded_images` batch on ``device``: uint8 B x 3 x size x size.
+    JPEG payloads are decoded in one ``decode_jpeg`` call, then each is resized as ``Resize(round(size * 256 /
+    224))`` and centre-cropped as ``CenterCrop(size)`` (torchvision's tensor ops, antialiased bilinear: within
+    1/255 of the PIL eval transform); payloads the workers cropped are copied; a JPEG the device refuses goes to
+    ``host(b)``."""
+    device = torch.device(device)
+    wait_for_queued_work(device)
+    jpeg = [k for k, p in enumerate(payloads) if p.dim() == 1]
+    images = dict(zip(jpeg, _device_images([payloads[k] for k in jpeg], device))) if jpeg else {}
+    shorter = int(round(size * 256 / 224))
+    crops = torch.empty(len(payloads), 3, size, size, dtype=torch.uint8, device=device)
+    for b, payload in enumerate(payloads):
+        img = images.get(b)
+        if b not in images:
+            crops[b] = payload.to(device, non_blocking=True)
+        elif img is None or img.dim() != 3 or img.shape[0] != 3 or min(img.shape[1:]) < 1:
+            crops[b] = host(b).to(device, non_blocking=True)
+        else:
+            resized = F2.resize(img, list(resize_shorter(img.shape[1], img.shape[2], shorter)), antialias=True)
+            crops[b] = F2.center_crop(resized, [size, size])
+    return crops

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from pcl import PCLError, distributed as dist_utils
-from pcl.data.device_input import SideStreamPrefetch, check_torchvision, decode_crops
+from pcl.data.device_input import SideStreamPrefetch, check_torchvision, decode_centre_crops, decode_crops
 from pcl.data.tensor_augment import TensorAugment
 from pcl.data.transforms import MEAN, STD
 
@@ -261,6 +261,21 @@ class NormalisedImages(Dataset):
         return ((image.float() / 255.0 - self.mean) / self.std, *rest)
 
 
+class _HostCrops(Dataset):
+    """(uint8 centre crop decoded on the host, index) of each item of ``items`` (an :class:`EncodedImages` or a
+    Subset of one, ``encoded``): what the gallery shows of a ``--decode device`` feature pass."""
+
+    def __init__(self, items: Dataset, encoded: Any) -> None:
+        self.items, self.encoded = items, encoded
+
+    def __len__(self) -> int:
+        return len(self.items)  # type: ignore[arg-type]
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
+        index = int(self.items[position][1])
+        return self.encoded.host_crop(index), index
+
+
 class _DatasetView:
     """Stands in for a DataLoader where only its ``dataset`` is read."""
 
@@ -271,13 +286,21 @@ class _DatasetView:
 class DeviceEvalLoader:
     """``--augment device``'s feature pass: a :class:`FileLoader` of uint8 center crops (``eval_crop_transform``)
     copied as uint8 and normalised on ``device``. Yields (images B x 3 x S x S float on ``device``, index on
-    ``device``) in the inner loader's order. ``.loader.dataset`` gives normalised single images (the gallery)."""
+    ``device``) in the inner loader's order. ``.loader.dataset`` gives normalised single images (the gallery).
 
-    def __init__(self, inner: FileLoader, device: torch.device | str) -> None:
-        self.inner, self.device = inner, torch.device(device)
+    With ``decode_size`` (``--decode device``) the inner loader's dataset is an :class:`EncodedImages` collated by
+    :func:`collate_encoded_images`: JPEG bytes, decoded, resized and centre-cropped on ``device``
+    (:func:`decode_centre_crops`) in a prefetch thread on a side stream (:class:`SideStreamPrefetch`)."""
+
+    def __init__(self, inner: FileLoader, device: torch.device | str, decode_size: int | None = None) -> None:
+        self.inner, self.device, self.decode_size = inner, torch.device(device), decode_size
         self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
-        self.loader = _DatasetView(NormalisedImages(inner.loader.dataset))
+        dataset = inner.loader.dataset
+        if decode_size is not None:  # the gallery's single images: the same crops, decoded on the host
+            self.encoded = getattr(dataset, "dataset", dataset)  # an EncodedImages, or a Subset of one
+            dataset = _HostCrops(dataset, self.encoded)
+        self.loader = _DatasetView(NormalisedImages(dataset))
 
     def set_epoch(self, epoch: int) -> None:
         self.inner.set_epoch(epoch)
@@ -285,10 +308,25 @@ class DeviceEvalLoader:
     def __len__(self) -> int:
         return len(self.inner)
 
+    def _prepare(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        payloads, index = batch
+        if self.decode_size is None:
+            images = payloads.to(self.device, non_blocking=True)  # uint8 B x 3 x S x S
+        else:
+            images = decode_centre_crops(payloads, self.decode_size, self.device,
+                                         lambda b: self.encoded.host_crop(int(index[b])))
+        x = images.float() / 255.0
+        return (x - self.mean) / self.std, torch.as_tensor(index).to(self.device, non_blocking=True)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, index in self.inner:
-            x = images.to(self.device, non_blocking=True).float() / 255.0  # B x 3 x S x S
-            yield (x - self.mean) / self.std, torch.as_tensor(index).to(self.device, non_blocking=True)
+        if self.decode_size is None:
+            yield from map(self._prepare, self.inner)
+            return
+        prefetch = SideStreamPrefetch(self._prepare, self.inner, self.device)
+        try:
+            yield from prefetch
+        finally:
+            prefetch.close()
 
 
 class TensorPairLoader:

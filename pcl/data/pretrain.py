@@ -12,7 +12,7 @@ from torch.utils.data import Subset
 
 from pcl import PCLError, distributed as dist_utils
 from pcl.data.datasets import IndexedDataset, check_expected, file_sets, load_in_memory
-from pcl.data.device_input import EncodedPairs, collate_encoded
+from pcl.data.device_input import EncodedImages, EncodedPairs, collate_encoded, collate_encoded_images
 from pcl.data.loaders import DeviceAugmentLoader, DeviceEvalLoader, FileLoader, TensorEvalLoader, TensorPairLoader
 from pcl.data.registry import spec
 from pcl.data.tensor_augment import TensorAugment
@@ -104,8 +104,14 @@ def build_pretrain_data(cfg: DataSettings, device: torch.device | None = None, k
         else:
             crops = IndexedDataset(base_train, pretrain_crop_transform(size, cfg.crop_min_scale), two_crops=True)
             train = DeviceAugmentLoader(make(crops, batch, True), augment, device, cfg.seed)
-        centre_set = IndexedDataset(base_train, eval_crop_transform(size))
-        return PretrainData(train, DeviceEvalLoader(make(centre_set, eval_bs, False), device), len(base_train), knn,
-                            lambda idx: DeviceEvalLoader(make(Subset(centre_set, idx.tolist()), eval_bs, False), device))
+        if decode == "device":  # the E-step's centre crops decoded on the device too
+            centre_set, decode_size = EncodedImages(base_train, eval_crop_transform(size)), size
+            centre = lambda ds: make(ds, eval_bs, False, pinned=False, collate_fn=collate_encoded_images)  # noqa: E731
+        else:
+            centre_set, decode_size = IndexedDataset(base_train, eval_crop_transform(size)), None
+            centre = lambda ds: make(ds, eval_bs, False)  # noqa: E731
+        return PretrainData(train, DeviceEvalLoader(centre(centre_set), device, decode_size), len(base_train), knn,
+                            lambda idx: DeviceEvalLoader(centre(Subset(centre_set, idx.tolist())), device,
+                                                         decode_size))
     return PretrainData(make(train_set, batch, True), make(eval_set, eval_bs, False), len(base_train), knn,
                         lambda idx: make(Subset(eval_set, idx.tolist()), eval_bs, False))
