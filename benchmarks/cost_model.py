@@ -218,7 +218,7 @@ def gpu_from_json(path: str, fallback: GpuFigures) -> GpuFigures:
         sizes = data.get("sizes", {})
         if sizes.get("arch") != "resnet50" or sizes.get("image_size") != 224:
             print(f"warning: {path} timed {sizes.get('arch')} at {sizes.get('image_size')} px, not ResNet-50 at "
-                  f"224 px (gpu_check --cpu?): the projection uses it as it is")
+                  f"224 px (gpu_check --smoke?): the projection uses it as it is")
         flat = {"gpu": name, "moco_pairs_per_s_fp32": ips["fp32"], "moco_pairs_per_s_fast": ips[thr["fast_variant"]]}
         if "overhead_pct" in sec.get("overhead", {}):
             flat["pcl_overhead_pct"] = sec["overhead"]["overhead_pct"]
@@ -345,7 +345,8 @@ def table(proj: dict, gpu: GpuFigures, ks: list[int], nredo: int, epochs: int) -
 def main(argv: list[str] | None = None) -> dict:
     """Measure the CPU costs here, take the GPU figures, print the inputs and the table; return (and --json) them."""
     pre = preset()
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", type=int, default=8, help="G GPUs (default 8)")
     p.add_argument("--cores-per-gpu", type=int, default=14, help="C CPU cores per GPU (default 14)")
     p.add_argument("--main-cores", type=int, default=1,

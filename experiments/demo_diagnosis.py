@@ -21,7 +21,7 @@ import os
 import torch
 
 # study first: it puts this checkout (and benchmarks/common.py) on sys.path
-from study import write_json
+from study import cli, write_json
 from pcl import checkpoint as ckpt_io
 from pcl.cluster import kmeans
 from pcl.data import TensorEvalLoader, make_digits_demo
@@ -80,7 +80,8 @@ def diagnose(path: str, demo: dict, ks: list[int]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+")
     p.add_argument("--num-cluster", default="20,40,80")
     p.add_argument("--image-size", type=int, default=32)
@@ -109,4 +110,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pcl import ABANDONED_THREAD, PCLError
-from pcl.distributed import all_reduce_sum, gather_rows_exact, is_dist, rank, world_size
+from pcl.distributed import all_gather_cat, all_reduce_sum, gather_rows_exact, is_dist, rank, world_size
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +32,12 @@ class ClusterResult:
     centroids: list[torch.Tensor] = field(default_factory=list)
     concentration: list[torch.Tensor] = field(default_factory=list)
     kmeans_seconds: list[float] = field(default_factory=list)  # per granularity, where it was computed (not saved)
+    objective: list[float] = field(default_factory=list)  # per granularity: mean squared distance (not saved)
 
     def to(self, device: torch.device | str) -> "ClusterResult":
         move = lambda ts: [t.to(device) for t in ts]  # noqa: E731
         return ClusterResult(move(self.im2cluster), move(self.centroids), move(self.concentration),
-                             list(self.kmeans_seconds))
+                             list(self.kmeans_seconds), list(self.objective))
 
     def state_dict(self) -> dict:
         return {"im2cluster": [t.cpu() for t in self.im2cluster], "centroids": [t.cpu() for t in self.centroids],
@@ -98,19 +99,20 @@ def check_features(features: torch.Tensor, num_clusters: Sequence[int]) -> None:
                        f"the {n} training samples; choose every k <= {n}")
 
 
-def faiss_kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, gpu_device: int | None
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def faiss_kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, gpu_device: int | None,
+                 init: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Official settings; returns (centroids k x d, squared distances N, assignments N). The flat L2 index lives
-    on ``gpu_device`` alone, the calling process's own GPU (the official code shards it over every visible GPU:
-    on a node with one process per GPU, rank 0 would then use the other ranks' GPUs too, which fails where GPUs
-    are in exclusive-process mode and contends with their work elsewhere); None: on the CPU."""
+    on ``gpu_device`` alone, the calling process's own GPU, as the official code's ``GpuIndexFlatL2`` (an index
+    sharded over every visible GPU would, on a node with one process per GPU, use the other ranks' GPUs too,
+    which fails where GPUs are in exclusive-process mode); None: on the CPU. ``init`` (k x d): start from these
+    centroids instead of k random rows (a warm start: one run, ``nredo`` is ignored)."""
     import faiss
 
     d = x.shape[1]
     clus = faiss.Clustering(d, k)
     clus.verbose = False
     clus.niter = niter
-    clus.nredo = nredo
+    clus.nredo = nredo if init is None else 1
     clus.seed = seed
     clus.max_points_per_centroid = 1000
     clus.min_points_per_centroid = 1  # only gates faiss's stderr warning (official 10): the start-up check advises on k
@@ -122,6 +124,8 @@ def faiss_kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, gpu_d
         index = faiss.GpuIndexFlatL2(res, d, cfg)
     else:
         index = faiss.IndexFlatL2(d)
+    if init is not None:  # faiss starts from the centroids it already holds
+        faiss.copy_array_to_vector(np.ascontiguousarray(init, dtype=np.float32).ravel(), clus.centroids)
     clus.train(x, index)  # leaves the best centroids in the index
     dist2, assign = index.search(x, 1)
     centroids = faiss.vector_to_array(clus.centroids).reshape(k, d)
@@ -160,12 +164,27 @@ def interruptible(fn: Callable[[], Any], should_stop: Callable[[], bool] | None,
 PRECISIONS = ("fp32", "tf32", "bf16")  # --kmeans-precision: the Lloyd iterations' assignment step
 
 
+def _bf16_scores(xs: torch.Tensor, ct: torch.Tensor) -> torch.Tensor:
+    """xs @ ct with xs (float32) rounded to bfloat16 like ct (bfloat16), the products summed and returned in
+    float32: chunk x k. Not a bfloat16 result: near 1 its 8-bit mantissa steps by 2^-7, more than the scores of
+    neighbouring centroids differ at large k, which rounded them together (30 % of assignments moved at k = 1000).
+    On CUDA one GEMM with float32 output (torch.mm's out_dtype); elsewhere the same numbers from float32 copies
+    (no speed-up there)."""
+    a = xs.to(torch.bfloat16)
+    if a.is_cuda:
+        try:
+            return torch.mm(a, ct, out_dtype=torch.float32)
+        except TypeError:  # a torch without mm's out_dtype
+            pass
+    return a.float() @ ct.float()
+
+
 @torch.no_grad()
 def _nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = 4096, precision: str = "fp32"
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared L2 distance to, and index of, the nearest centroid. x: N x d; c: k x d -> (N, N).
     ``precision``: the score matmul in fp32 (as faiss), TF32 (CUDA tensor cores; fp32 elsewhere) or bf16 inputs
-    with fp32 accumulation; the distances returned are then approximate too."""
+    with fp32 accumulation and output (:func:`_bf16_scores`); the distances returned are then approximate too."""
     half_norm = -0.5 * (c * c).sum(dim=1)  # k
     best_d = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
     best_i = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
@@ -173,7 +192,7 @@ def _nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = 4096, precision: str
     for s in range(0, x.shape[0], chunk):
         xs = x[s:s + chunk]
         if precision == "bf16":
-            score = (xs.to(torch.bfloat16) @ ct).float() + half_norm  # products rounded to bf16
+            score = _bf16_scores(xs, ct) + half_norm  # bf16 inputs, fp32 sums and scores
         elif precision == "tf32":
             with _matmul_precision("high"):
                 score = torch.addmm(half_norm, xs, ct)
@@ -190,36 +209,50 @@ SPLIT_EPS = 1.0 / 1024  # faiss's relative perturbation of a split centroid (Clu
 
 @torch.no_grad()
 def split_empty_clusters(c: torch.Tensor, counts: torch.Tensor, gen: torch.Generator) -> int:
-    """Refill empty clusters as faiss's ``split_clusters`` does, in place; returns the number of splits.
+    """Refill empty clusters as faiss's ``split_clusters`` does, in place; returns the number of empty clusters.
 
-    c: k x d centroids, counts: k cluster sizes (float or int, updated). For each empty cluster in turn, a donor
-    is drawn with probability proportional to (size - 1) -- a singleton is never split -- the empty one gets a
-    copy of the donor's centroid, and the two are pushed apart per dimension: even dimensions x (1 + eps) for
-    the new one and x (1 - eps) for the donor, odd dimensions the other way round (a change of direction, not
-    only of norm); the donor's members are then assumed split evenly. faiss draws donors by a cyclic scan with
+    c: k x d centroids, counts: k cluster sizes (float or int, updated). Each empty cluster gets a donor drawn
+    with probability proportional to (size - 1) -- a singleton is never split --, a copy of the donor's centroid,
+    and the two are pushed apart per dimension: even dimensions x (1 + eps) for the new one and x (1 - eps) for
+    the donor, odd dimensions the other way round (a change of direction, not only of norm); the donor's members
+    are then assumed split evenly. When every cluster has <= 1 member nothing is split (faiss would loop forever).
+
+    In rounds, not one cluster after the other: in a round every still-empty cluster draws its donor at once
+    (with replacement) from the sizes at the round's start; a donor drawn by several serves the first of them
+    (the lowest cluster index), and the others draw again in the next round from the sizes its split left (its
+    halved size, the new cluster's). So a large cluster is still split again and again, as in faiss's sequential
+    loop, and one round costs a few kernels and three host syncs whatever the number of empty clusters (the
+    loop cost two syncs and ~10 kernels per cluster: thousands per Lloyd iteration at k = 100k early on). With
+    one empty cluster the draw and the result are the sequential loop's, bit for bit; with more, the draws of
+    one round do not see each other's splits (the probabilities differ by O(splits / N)), so the donors are
+    not those the sequential loop draws from the same generator. faiss draws donors by a cyclic scan with
     acceptance probability (size - 1) / (n - k), whose stationary choice is the same proportion.
     """
-    empty = (counts == 0).nonzero().flatten().tolist()  # one sync; empty clusters are rare after the first steps
-    if not empty:
-        return 0
+    remaining = (counts == 0).nonzero().flatten()  # the empty clusters, ascending; one sync
+    total = remaining.numel()
     sign = torch.ones(c.shape[1], dtype=c.dtype, device=c.device)
     sign[1::2] = -1  # even dims +, odd dims -
-    for ci in empty:
-        weight = (counts - 1).clamp_min(0).to(torch.float64)
+    while remaining.numel():
+        weight = (counts - 1).clamp_min(0).to(torch.float64)  # k
         if float(weight.sum()) <= 0:
-            break  # every cluster has <= 1 member: nothing to split (faiss would loop forever here)
-        cj = int(torch.multinomial(weight, 1, generator=gen))
+            break  # every cluster has <= 1 member: nothing to split
+        many = remaining.numel() > 1  # one: the sequential loop's very draw
+        donors = torch.multinomial(weight, remaining.numel(), replacement=many, generator=gen)  # m
+        first = _first_occurrences(donors) if many else torch.ones_like(donors, dtype=torch.bool)
+        served = first.nonzero().flatten()  # one donor each (distinct): one sync
+        ci, cj = remaining[served], donors[served]
         c[ci] = c[cj] * (1 + SPLIT_EPS * sign)
         c[cj] = c[cj] * (1 - SPLIT_EPS * sign)
         counts[ci] = counts[cj] // 2
         counts[cj] -= counts[ci]
-    return len(empty)
+        remaining = remaining[(~first).nonzero().flatten()]  # one sync
+    return total
 
 
 @torch.no_grad()
 def _torch_kmeans(x: torch.Tensor, k: int, seed: int, niter: int, nredo: int,
-                  should_stop: Callable[[], bool] | None = None, precision: str = "fp32"
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+                  should_stop: Callable[[], bool] | None = None, precision: str = "fp32",
+                  init: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Lloyd k-means with faiss's semantics: random init from (a subsample of at most 1000 k) points,
     niter iterations, empty clusters refilled by :func:`split_empty_clusters`, the best of nredo runs by
     objective. Not bit-equal to faiss (its RNG), equal in distribution (measured: benchmarks/bench_kmeans.py).
@@ -229,7 +262,8 @@ def _torch_kmeans(x: torch.Tensor, k: int, seed: int, niter: int, nredo: int,
     :func:`kmeans_across_ranks`, whose code it shares, with the rows in dataset order."""
     n = x.shape[0]
     index = torch.arange(n, device=x.device)
-    return _lloyd(x, index, n, k, seed, niter, nredo, should_stop, across_ranks=False, precision=precision)
+    return _lloyd(x, index, n, k, seed, niter, nredo, should_stop, across_ranks=False, precision=precision,
+                  init=init)
 
 
 @contextlib.contextmanager
@@ -254,8 +288,8 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _lloyd(x: torch.Tensor, index: torch.Tensor, num_samples: int, k: int, seed: int, niter: int, nredo: int,
-           should_stop: Callable[[], bool] | None, across_ranks: bool, precision: str = "fp32"
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+           should_stop: Callable[[], bool] | None, across_ranks: bool, precision: str = "fp32",
+           init: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The Lloyd k-means of :func:`_torch_kmeans` and :func:`kmeans_across_ranks`, on this rank's rows.
 
     x: n_r x d float32, the rows this rank holds; index: n_r, their dataset indices (every index in
@@ -270,17 +304,20 @@ def _lloyd(x: torch.Tensor, index: torch.Tensor, num_samples: int, k: int, seed:
     Returns (centroids k x d, squared distances n_r, assignments n_r) of this rank's rows, or None on a stop.
     ``precision`` (:data:`PRECISIONS`) applies to the iterations' assignment step only; the objective that picks
     the best run, the final assignments and the distances phi is computed from stay in fp32.
+    ``init`` (k x d, the same on every rank): one run from these centroids instead of ``nredo`` runs from random
+    rows (a warm start); every other draw (the subsample, the split donors) as in a cold run.
     """
     if precision not in PRECISIONS:
         raise PCLError(f"--kmeans-precision {precision}: use one of {', '.join(PRECISIONS)}")
     with _strict_fp32():
         return _lloyd_runs(x, index, num_samples, k, seed, niter, nredo, should_stop,
-                           all_reduce_sum if across_ranks else _identity, precision)
+                           all_reduce_sum if across_ranks else _identity, precision, init)
 
 
 def _lloyd_runs(x: torch.Tensor, index: torch.Tensor, num_samples: int, k: int, seed: int, niter: int, nredo: int,
                 should_stop: Callable[[], bool] | None, reduce: Callable[[torch.Tensor], torch.Tensor],
-                precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+                precision: str = "fp32", init: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The body of :func:`_lloyd`; ``reduce``: the in-place sum over ranks, or the identity."""
     device, d = x.device, x.shape[1]
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -297,14 +334,17 @@ def _lloyd_runs(x: torch.Tensor, index: torch.Tensor, num_samples: int, k: int, 
     local_row = torch.full((num_samples,), -1, dtype=torch.long, device=device)  # N: dataset index -> local row
     local_row[index] = torch.arange(index.shape[0], device=device)
     best_obj, best_c = math.inf, None
-    for _ in range(nredo):
-        first = torch.randperm(num_train, generator=gen, device=device)[:k]  # k positions in the training set
-        init = first if sample is None else sample[first]  # k distinct dataset indices
-        rows = local_row[init]  # k: the local row of each, -1 where another rank holds it
-        held = rows >= 0
-        c = torch.zeros(k, d, dtype=x.dtype, device=device)
-        c[held] = x[rows[held]]
-        c = reduce(c)  # k x d: each row filled by the one rank holding it
+    for _ in range(nredo if init is None else 1):
+        if init is None:
+            first = torch.randperm(num_train, generator=gen, device=device)[:k]  # k positions in the training set
+            chosen = first if sample is None else sample[first]  # k distinct dataset indices
+            rows = local_row[chosen]  # k: the local row of each, -1 where another rank holds it
+            held = rows >= 0
+            c = torch.zeros(k, d, dtype=x.dtype, device=device)
+            c[held] = x[rows[held]]
+            c = reduce(c)  # k x d: each row filled by the one rank holding it
+        else:
+            c = init.to(device=device, dtype=x.dtype).clone()  # k x d, the same on every rank
         for _ in range(niter):
             _, assign = _nearest(train, c, precision=precision)
             counts = reduce(torch.bincount(assign, minlength=k))  # k
@@ -368,20 +408,23 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu") -> tuple[s
 
 
 def kmeans(x: torch.Tensor, k: int, seed: int = 0, niter: int = 20, nredo: int = 5, backend: str = "auto",
-           should_stop: Callable[[], bool] | None = None, precision: str = "fp32"
+           should_stop: Callable[[], bool] | None = None, precision: str = "fp32", init: torch.Tensor | None = None
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """One k-means on x: N x d with the resolved backend: (centroids k x d, squared distances N, assignments N),
     on the device of x (unnormalised centroids; no concentration). On CUDA it uses x's GPU only. None when
-    ``should_stop()`` said so (asked between Lloyd iterations, or every half second while faiss runs)."""
+    ``should_stop()`` said so (asked between Lloyd iterations, or every half second while faiss runs).
+    ``init`` (k x d): a warm start from these centroids (one run) instead of ``nredo`` random starts."""
     backend = resolve_backend(backend, x.device)[0]
     if backend == "faiss" and precision != "fp32":
         raise PCLError(f"--kmeans-precision {precision} applies to the PyTorch k-means: faiss computes in fp32 "
                        "(use --kmeans-backend torch or torch-ranks, or --kmeans-precision fp32)")
     if backend == "faiss":
         host = x.detach().float().cpu().numpy()
-        out = interruptible(lambda: faiss_kmeans(host, k, seed, niter, nredo, _faiss_gpu_device(x)), should_stop)
+        start = None if init is None else init.detach().float().cpu().numpy()
+        out = interruptible(lambda: faiss_kmeans(host, k, seed, niter, nredo, _faiss_gpu_device(x), start),
+                            should_stop)
         return None if out is None else tuple(torch.from_numpy(a).to(x.device) for a in out)
-    return _torch_kmeans(x.detach().float(), k, seed, niter, nredo, should_stop, precision)
+    return _torch_kmeans(x.detach().float(), k, seed, niter, nredo, should_stop, precision, init)
 
 
 def run_kmeans(
@@ -395,12 +438,15 @@ def run_kmeans(
     backend: str = "auto",
     should_stop: Callable[[], bool] | None = None,
     precision: str = "fp32",
+    init: Sequence[torch.Tensor | None] | None = None,
 ) -> ClusterResult:
     """k-means at each granularity (seed + granularity index, as official), then phi.
 
     features: N x d (the momentum features; the official code uses unit rows). Returns a ClusterResult on
-    the device of ``features`` with L2-normalised centroids. ``should_stop`` is asked before each granularity
-    and during each (see :func:`kmeans`); when it says yes the result holds only the granularities done so far.
+    the device of ``features`` with L2-normalised centroids and each granularity's objective (mean squared
+    distance to the assigned centroid). ``should_stop`` is asked before each granularity and during each (see
+    :func:`kmeans`); when it says yes the result holds only the granularities done so far. ``init``: per
+    granularity, k x d centroids to start from (a warm start, one run) or None (``nredo`` random starts).
     """
     ks = [num_clusters] if isinstance(num_clusters, int) else list(num_clusters)
     x = torch.as_tensor(features).detach().float().contiguous()
@@ -413,7 +459,7 @@ def run_kmeans(
             logger.warning("k-means stopped before k=%d: a stop was requested", k)
             break
         start = time.perf_counter()
-        out = kmeans(x, k, seed + g, niter, nredo, backend, should_stop, precision)
+        out = kmeans(x, k, seed + g, niter, nredo, backend, should_stop, precision, _initial(init, g, k, x.shape[1]))
         if out is None:
             logger.warning("k-means stopped during k=%d: a stop was requested", k)
             break
@@ -430,8 +476,56 @@ def run_kmeans(
         result.centroids.append(torch.nn.functional.normalize(c.float(), dim=1))
         result.concentration.append(phi.to(x.device))
         result.kmeans_seconds.append(seconds)
+        result.objective.append(float(dist2.clamp_min(0).to(torch.float64).sum()) / x.shape[0])
         logger.debug("k-means k=%d (%s): %.2f s", k, backend, seconds)
     return result
+
+
+@torch.no_grad()
+def _fingerprint(t: torch.Tensor) -> torch.Tensor:
+    """Two int64 numbers that change when any bit of ``t`` does (float32 values, or integers below 2^31): the
+    low and high 16 bits of each value, weighted by position and summed exactly (below 2^56 for up to 2^24
+    values), so the result does not depend on the order a device sums in."""
+    bits = (t.float().contiguous().view(torch.int32) if t.is_floating_point() else t.to(torch.int32)).reshape(-1)
+    bits = bits.to(torch.int64)
+    pos = torch.arange(bits.numel(), device=bits.device)
+    low, high = bits & 0xFFFF, (bits >> 16) & 0xFFFF
+    return torch.stack([(low * (pos % 65521 + 1)).sum(), (high * ((pos * 7919) % 65519 + 1)).sum()])
+
+
+@torch.no_grad()
+def check_same_on_ranks(result: ClusterResult, when: str) -> None:
+    """Refuse prototypes that are not bit for bit the same on every rank: one all-gather of a fingerprint
+    (:func:`_fingerprint`, 2 int64) of each granularity's centroids, concentration and assignments. The torch
+    k-means on every rank (``torch-ranks``) gets the same centroids only from the same random draws on every
+    GPU; on mixed GPUs (or drivers) they can differ while the all-gathered assignments are equal everywhere.
+    Call it on every rank alike (``when``: the E-step it checks, for the message); nothing with one process."""
+    if not is_dist():
+        return
+    parts = [t for ts in (result.centroids, result.concentration, result.im2cluster) for t in ts]
+    mine = torch.cat([_fingerprint(t) for t in parts]) if parts else torch.zeros(0, dtype=torch.int64)
+    device = parts[0].device if parts else torch.device("cpu")
+    every = all_gather_cat(mine.to(device)[None])  # W x 2P
+    differ = (every != every[0]).any(dim=1).nonzero().flatten().tolist()
+    if differ:
+        num = len(result.centroids)
+        what = sorted({("centroids", "phi", "assignments")[j // 2 // max(num, 1)]
+                       for j in (every != every[0]).any(dim=0).nonzero().flatten().tolist()})
+        raise PCLError(f"{when}: rank(s) {', '.join(map(str, differ))} hold other prototypes ({' and '.join(what)}) "
+                       f"than rank 0 of {world_size()}; with --kmeans-backend torch-ranks every GPU must make the same "
+                       f"random draws (the same GPU model and driver on every rank): use --kmeans-backend torch "
+                       f"(rank 0 clusters and broadcasts) on mixed GPUs")
+
+
+def _initial(init: Sequence[torch.Tensor | None] | None, g: int, k: int, d: int) -> torch.Tensor | None:
+    """Granularity ``g``'s starting centroids from ``init`` (None: a cold start); a shape other than k x d is an
+    error (the caller passes the previous E-step's centroids only when the granularities are the same)."""
+    if init is None or init[g] is None:
+        return None
+    if tuple(init[g].shape) != (k, d):
+        raise PCLError(f"k-means warm start for k={k}: the previous centroids are {tuple(init[g].shape)}, "
+                       f"expected ({k}, {d})")
+    return init[g]
 
 
 # The E-step's k-means on every rank: each rank keeps its own shard of the features, and only k x d sums, k
@@ -502,6 +596,7 @@ def kmeans_across_ranks(
     nredo: int = 5,
     should_stop: Callable[[], bool] | None = None,
     precision: str = "fp32",
+    init: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """One k-means over the rows of every rank, each rank keeping its own: the torch k-means (faiss's semantics,
     see :func:`_torch_kmeans`) with the per-centroid sums and counts all-reduced at each Lloyd iteration.
@@ -521,7 +616,8 @@ def kmeans_across_ranks(
     """
     x = local_x.detach().float()
     index = local_index.to(device=x.device, dtype=torch.long).reshape(-1)
-    return _lloyd(x, index, num_samples, k, seed, niter, nredo, should_stop, across_ranks=True, precision=precision)
+    return _lloyd(x, index, num_samples, k, seed, niter, nredo, should_stop, across_ranks=True, precision=precision,
+                  init=init)
 
 
 @torch.no_grad()
@@ -559,6 +655,7 @@ def run_kmeans_across_ranks(
     nredo: int = 5,
     should_stop: Callable[[], bool] | None = None,
     precision: str = "fp32",
+    init: Sequence[torch.Tensor | None] | None = None,
 ) -> ClusterResult:
     """:func:`run_kmeans` (backend torch) with the features left where they were computed: every rank calls it
     with its own shard and gets the same full :class:`ClusterResult` (on its device).
@@ -591,7 +688,8 @@ def run_kmeans_across_ranks(
             logger.warning("k-means stopped before k=%d: a stop was requested", k)
             break
         start = time.perf_counter()
-        out = kmeans_across_ranks(x, index, num_samples, k, seed + g, niter, nredo, should_stop, precision)
+        out = kmeans_across_ranks(x, index, num_samples, k, seed + g, niter, nredo, should_stop, precision,
+                                  _initial(init, g, k, d))
         if out is None:
             logger.warning("k-means stopped during k=%d: a stop was requested", k)
             break
@@ -612,6 +710,8 @@ def run_kmeans_across_ranks(
         result.centroids.append(torch.nn.functional.normalize(c.float(), dim=1))
         result.concentration.append(phi.to(x.device))
         result.kmeans_seconds.append(seconds)
+        total = all_reduce_sum(dist2.clamp_min(0).to(torch.float64).sum().reshape(1))  # one all-reduce of 1
+        result.objective.append(float(total) / num_samples)
         logger.debug("k-means k=%d (torch, %d ranks): %.2f s", k, world_size(), seconds)
     if assigns:  # every rank has done the same granularities (should_stop is agreed): the same gather
         full = gather_rows_exact(torch.stack(assigns, dim=1), index, num_samples)  # N x G

@@ -101,8 +101,9 @@ def data_parser() -> argparse.ArgumentParser:
                    help="with --augment device, image folders, pretraining pairs: cpu = the workers decode each JPEG "
                         "and resize the crop; device = the workers only read the file and its header and draw the "
                         "official crop boxes and flips, the JPEGs are decoded batched on the training device "
-                        "(torchvision decode_jpeg, nvJPEG on CUDA), cropped and resized there (PNGs and CMYK JPEGs "
-                        "are still decoded in the workers)")
+                        "(torchvision decode_jpeg, nvJPEG on CUDA; torchvision >= 0.19), cropped and resized there "
+                        "(PNGs and CMYK JPEGs are still decoded in the workers; a file the device refuses is decoded "
+                        "on the host, --bad-images applying, and logged once per epoch)")
     g.add_argument("--demo-renders", default=4, type=int,
                    help="demo set: renders of each training digit (test digits get 2)")
     return p
@@ -184,7 +185,8 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--channels-last", action="store_true",
                    help="NHWC memory format for the encoders and inputs (faster convs with --amp on GPUs; "
                         "ignored on the CPU, see docs/training.md)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the two encoders (first steps are slow)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the two encoders (first steps are slow; under DDP the gradient all-reduce "
+                        "no longer overlaps the backward and the first E-step recompiles: docs/training.md)")
     g.add_argument("--sgd-impl", default="auto", choices=["auto", "foreach", "fused", "loop"],
                    help="SGD kernel: auto (torch's choice), foreach, fused (one kernel), loop (per-parameter)")
 
@@ -208,8 +210,19 @@ def _add_pcl_args(p: argparse.ArgumentParser) -> None:
                         "iteration, no N x d gather; the same result as torch)")
     g.add_argument("--kmeans-precision", default="fp32", choices=["fp32", "tf32", "bf16"],
                    help="the PyTorch k-means' assignment step in each Lloyd iteration: fp32 as faiss (default), or "
-                        "TF32 (CUDA) / bf16 matmuls; the best run, the final assignments and phi stay fp32 "
+                        "TF32 (CUDA) / bf16 matmuls (bf16 inputs, fp32 sums and scores; faster on CUDA only); the best "
+                        "run, the final assignments and phi stay fp32 "
                         "(agreement with fp32: benchmarks/bench_kmeans.py --precision)")
+    g.add_argument("--estep-features", default="pass", choices=["pass", "bank"],
+                   help="what the E-step clusters: pass = a centre-crop feature pass over the training set with the "
+                        "momentum encoder (official); bank = the momentum keys the training steps computed during the "
+                        "previous epoch, kept in an N x --low-dim bank (no second pass; not official)")
+    g.add_argument("--kmeans-init", default="random", choices=["random", "previous"],
+                   help="random = --kmeans-nredo starts from random rows (official); previous = one run per "
+                        "granularity from the previous E-step's centroids (not official)")
+    g.add_argument("--kmeans-warm-check", default=10, type=int, metavar="E",
+                   help="with --kmeans-init previous: every E-th E-step also clusters from random starts and logs "
+                        "the NMI between the warm and cold assignments and both objectives (0: never)")
     g.add_argument("--kmeans-niter", default=20, type=int, help="Lloyd iterations (official 20)")
     g.add_argument("--kmeans-nredo", default=5, type=int, help="k-means restarts, best kept (official 5)")
     g.add_argument("--fixed-concentration", action="store_true",

@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT
 
 BENCH = os.path.join(ROOT, "benchmarks")
-SMOKED_ELSEWHERE = {"gpu_check.py", "cost_model.py"}  # cost_model: tests/test_cost_model.py
+SMOKED_ELSEWHERE = {"gpu_check.py", "gpu_check_input.py", "gpu_check_estep.py", "cost_model.py"}  # cost_model: tests/test_cost_model.py
 
 
 def script(name: str):
@@ -54,6 +54,16 @@ def test_bench_kmeans(tmp_path):
                                        "--precision", "bf16", "--out", str(out)])
     assert (tmp_path / "k_bf16.json").exists() and [r["k"] for r in low["rows"]] == [4, 12]
     assert all(0.9 < r["objective_ratio_low_over_fp32"] < 1.1 and 0 <= r["nmi_low_vs_fp32"] <= 100 for r in low["rows"])
+
+
+def test_bench_split(tmp_path):
+    out = tmp_path / "split.json"
+    res = script("bench_split").main(["--n", "1280", "--k", "100", "--dim", "8", "--repeats", "1",
+                                      "--out", str(out)])
+    assert out.exists() and [r["empty"] for r in res["rows"]] == [1, 4, 50] and res["points_per_cluster"] == 12.8
+    one, _, many = res["rows"]
+    assert one["sequential_draws"] == one["batched_draws"] == 1 and many["sequential_draws"] == 50
+    assert many["batched_draws"] < 10 and all(r["sequential_s"] > 0 and r["batched_s"] > 0 for r in res["rows"])
 
 
 @pytest.mark.parametrize("mode, extra", [("overhead", []), ("throughput", ["--variants", "fp32,fused_sgd"])])

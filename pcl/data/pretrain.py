@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch.utils.data import Subset
 
 from pcl import PCLError, distributed as dist_utils
 from pcl.data.datasets import IndexedDataset, check_expected, file_sets, load_in_memory
-from pcl.data.loaders import (DeviceAugmentLoader, DeviceEvalLoader, EncodedPairs, FileLoader, TensorEvalLoader,
-                              TensorPairLoader, collate_encoded)
+from pcl.data.device_input import EncodedImages, EncodedPairs, collate_encoded, collate_encoded_images
+from pcl.data.loaders import DeviceAugmentLoader, DeviceEvalLoader, FileLoader, TensorEvalLoader, TensorPairLoader
 from pcl.data.registry import spec
 from pcl.data.tensor_augment import TensorAugment
 from pcl.settings import DataSettings
@@ -26,6 +27,7 @@ class PretrainData:
     eval_loader: Any  # yields (images, index) over this rank's shard of the training set, eval transform
     num_samples: int
     knn: tuple[Any, torch.Tensor, Any, torch.Tensor] | None = None  # bank loader, labels, test loader, labels
+    subset_loader: Callable[[torch.Tensor], Any] | None = None  # indices -> eval_loader over those samples only
     labelled: bool = True  # False: a folder of images without classes (flat, or --unlabelled)
 
 
@@ -57,7 +59,8 @@ def build_pretrain_data(cfg: DataSettings, device: torch.device | None = None, k
                                  cfg.seed)
         knn = (TensorEvalLoader(sets["train"], eval_bs), sets["train_labels"],  # sharded: each rank its part
                TensorEvalLoader(sets["test"], eval_bs), sets["test_labels"])
-        return PretrainData(train, TensorEvalLoader(sets["train"], eval_bs), sets["train"].shape[0], knn)
+        return PretrainData(train, TensorEvalLoader(sets["train"], eval_bs), sets["train"].shape[0], knn,
+                            lambda idx: TensorEvalLoader(sets["train"], eval_bs, indices=idx))
 
     if cfg.data is None or not os.path.isdir(cfg.data):
         raise PCLError(f"data folder not found: {cfg.data}")
@@ -105,6 +108,14 @@ def build_pretrain_data(cfg: DataSettings, device: torch.device | None = None, k
         else:
             crops = IndexedDataset(base_train, pretrain_crop_transform(size, cfg.crop_min_scale), two_crops=True)
             train = DeviceAugmentLoader(make(crops, batch, True), augment, device, cfg.seed)
-        centre = DeviceEvalLoader(make(IndexedDataset(base_train, eval_crop_transform(size)), eval_bs, False), device)
-        return PretrainData(train, centre, len(base_train), knn, labelled)
-    return PretrainData(make(train_set, batch, True), make(eval_set, eval_bs, False), len(base_train), knn, labelled)
+        if decode == "device":  # the E-step's centre crops decoded on the device too
+            centre_set, decode_size = EncodedImages(base_train, eval_crop_transform(size)), size
+            centre = lambda ds: make(ds, eval_bs, False, pinned=False, collate_fn=collate_encoded_images)  # noqa: E731
+        else:
+            centre_set, decode_size = IndexedDataset(base_train, eval_crop_transform(size)), None
+            centre = lambda ds: make(ds, eval_bs, False)  # noqa: E731
+        return PretrainData(train, DeviceEvalLoader(centre(centre_set), device, decode_size), len(base_train), knn,
+                            lambda idx: DeviceEvalLoader(centre(Subset(centre_set, idx.tolist())), device,
+                                                         decode_size), labelled)
+    return PretrainData(make(train_set, batch, True), make(eval_set, eval_bs, False), len(base_train), knn,
+                        lambda idx: make(Subset(eval_set, idx.tolist()), eval_bs, False), labelled)
