@@ -452,6 +452,7 @@ def validate_pretrain_args(args: Any) -> RunConfig:
         try:
             import wandb  # noqa: F401
         except ImportError:
-            raise PCLError("--wandb needs the wandb package: pip install wandb (or pip install -e \".[wandb]\")") from None
+            raise PCLError("--wandb needs the wandb package: pip install wandb (or pip install -e "
+                           "\".[wandb]\")") from None
     warn_idle_flags(cfg, dataset)
     return cfg.replace(num_cluster=num_cluster, dataset=dataset)
