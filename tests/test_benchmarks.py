@@ -15,7 +15,8 @@ import pytest
 from conftest import ROOT
 
 BENCH = os.path.join(ROOT, "benchmarks")
-SMOKED_ELSEWHERE = {"gpu_check.py", "gpu_check_input.py", "gpu_check_estep.py", "cost_model.py"}  # cost_model: tests/test_cost_model.py
+SMOKED_ELSEWHERE = {"gpu_check.py", "gpu_check_input.py", "gpu_check_estep.py", "cost_model.py", "cost_inputs.py",
+                    "cost_tables.py"}  # cost_*: tests/test_cost_model.py
 
 
 def script(name: str):
