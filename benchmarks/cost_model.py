@@ -128,9 +128,9 @@ def read_preset(name: str, file: str, **overrides) -> Path:
 
 
 def build_paths(workers: int | None = None, epochs: int | None = None, warmup: int | None = None,
-                presets: dict[str, str] = PRESETS) -> list[Path]:
-    """official, fast as shipped, fast + pass + cold, fast + bank + cold, fast + bank + warm."""
-    common = dict(workers=workers, epochs=epochs, warmup=warmup)
+                warm_check: int | None = None, presets: dict[str, str] = PRESETS) -> list[Path]:
+    """official, fast as shipped, fast + pass + cold, fast + bank + cold, fast + bank + warm (None: the preset's)."""
+    common = dict(workers=workers, epochs=epochs, warmup=warmup, warm_check=warm_check)
     return [read_preset("official", presets["official"], **common), read_preset("fast", presets["fast"], **common),
             *(read_preset(name, presets["fast"], features=features, init=init, **common)
               for name, features, init in (("fast + pass + cold", "pass", "random"),
@@ -239,6 +239,9 @@ def _parser(epochs: int, warmup: int) -> argparse.ArgumentParser:
                    help="loader workers per node for every path (a what-if; default: each preset's own `workers`)")
     p.add_argument("--epochs", type=int, default=None, help=f"epochs (presets: {epochs})")
     p.add_argument("--warmup", type=int, default=None, help=f"epochs without an E-step (presets: {warmup})")
+    p.add_argument("--kmeans-warm-check", type=int, default=None, metavar="E",
+                   help="with --kmeans-init previous, a cold k-means every E-th E-step too, for every path (a what-if; "
+                        "default: the presets', 0: never)")
     p.add_argument("--n", type=int, default=IMAGENET_TRAIN, help="training images (ImageNet-1k: 1,281,167)")
     p.add_argument("--pairs", type=int, default=40, help="synthetic JPEGs timed per pipeline and round (default 40)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds: the fastest and slowest give the range (5)")
@@ -274,9 +277,11 @@ def main(argv: list[str] | None = None) -> dict:
     for flag in ("gpus", "cores_per_gpu", "n", "pairs", "rounds", "epochs", "workers"):
         if getattr(opts, flag) is not None and getattr(opts, flag) < 1:
             raise SystemExit(f"cost_model: --{flag.replace('_', '-')} must be >= 1")
-    paths = build_paths(opts.workers, opts.epochs, opts.warmup)
-    if not all(0 <= p.warmup <= p.epochs for p in paths) or not 0 < opts.kmeans_efficiency <= 1 or opts.main_cores < 0:
-        raise SystemExit("cost_model: need 0 <= --warmup <= --epochs, 0 < --kmeans-efficiency <= 1, --main-cores >= 0")
+    paths = build_paths(opts.workers, opts.epochs, opts.warmup, opts.kmeans_warm_check)
+    if (not all(0 <= p.warmup <= p.epochs and p.warm_check >= 0 for p in paths) or not 0 < opts.kmeans_efficiency <= 1
+            or opts.main_cores < 0):
+        raise SystemExit("cost_model: need 0 <= --warmup <= --epochs, --kmeans-warm-check >= 0, "
+                         "0 < --kmeans-efficiency <= 1, --main-cores >= 0")
     node = Node(opts.gpus, opts.cores_per_gpu, opts.main_cores, opts.n)
     start = time.perf_counter()
     cpu = measure_cpu(opts.pairs, opts.rounds)

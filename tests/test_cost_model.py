@@ -189,6 +189,8 @@ def test_gpu_json_reaches_the_tables(cm, tmp_path):
     assert gpu["decode_source"] == "given (--gpu-decode-ms)" and "Test GPU" in res["tables"]["parts"]
     assert source_of(res["tables"]["parts"], "M-step GPU, MoCo v2").strip().startswith("measured on GPU")
     assert res["paths"]["fast + bank + warm"]["kmeans_runs"] == [1, 7]
+    assert cm.main([*TOY, "--epochs", "30", "--kmeans-warm-check", "5"])["paths"]["fast + bank + warm"][
+        "kmeans_runs"] == [1 + 1, 9]  # epochs 20..29: cold at 20, warm 21..29, a cold check at 25
     full = cm.main([*TOY, "--gpu-json", gpu_check_json(tmp_path)])
     assert full["gpu"]["decode_source"].startswith("measured on GPU") and "(on published" not in "".join(
         full["verdicts"].values())
