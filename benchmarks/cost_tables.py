@@ -106,5 +106,5 @@ def sensitivity_table(hours: dict, hours_2x: dict, gpu: GpuFigures, goal_h: floa
         lines.append(f"| {name} | {cell(base['pcl_total'], 'h')} | {cell(slow['pcl_total'], 'h')} | "
                      f"{cell(base['moco_total'], 'h')} | {cell(slow['moco_total'], 'h')} | "
                      f"{cell(base['pcl_over_moco_pct'], '%')} | {cell(slow['pcl_over_moco_pct'], '%')} | "
-                     f"{'n/a' if at is None else 'never (over it at 0 ms)' if at < 0 else f'{at:.3f} ms'} |")
+                     f"{'n/a' if at is None else 'none (over it at 0 ms)' if at < 0 else f'{at:.3f} ms'} |")
     return "\n".join(lines)
