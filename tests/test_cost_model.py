@@ -135,8 +135,14 @@ def test_the_device_decode_is_an_explicit_input(cm, ci):
         if name == "official":  # the PIL loader: no device decode
             assert a == b
         else:  # each training image once per epoch, and each E-step image of a feature pass
-            extra = 200 * N / 8 * gpu.decode_s / 3600 + (180 * N / 8 * gpu.decode_s / 3600 if path.features == "pass" else 0)
+            images = 200 * N + (180 * N if path.features == "pass" else 0)
+            extra = images / 8 * gpu.decode_s / 3600
             assert b["pcl_total"] - a["pcl_total"] == pytest.approx(extra, rel=1e-6)
+    warm = paths["fast + bank + warm"]
+    at = cm.decode_for_goal(cpu, gpu, warm, node, 4.0)  # the decode figure at which the total is 4 h
+    assert 0 < at < gpu.decode_s
+    assert cm.project(cpu, replace(gpu, decode_s=at), warm, node)["pcl_total"] == pytest.approx(4.0, abs=1e-6)
+    assert cm.decode_for_goal(cpu, gpu, paths["fast + pass + cold"], node, 4.0) is None  # over 4 h at 0 ms
 
 
 def gpu_check_json(tmp_path, **extra_sections) -> str:
