@@ -21,8 +21,10 @@ own flags win; ``{epochs}`` and ``{batch_x4}`` etc. are filled from the resolved
   moco_t03     MoCo-only at --temperature 0.3
   moco_t05     MoCo-only at --temperature 0.5: does a softer InfoNCE alone give what the prototypes give?
   pcl_t05      PCL at --temperature 0.5 (InfoNCE's temperature, and phi's mean): the factorial's fourth cell
-  bank         --estep-features bank: the E-step clusters the keys the training steps computed (no feature pass)
+  bank         --estep-features bank: the E-step clusters what the training steps computed (no feature pass): per
+               sample the mean of its key and query (--bank-views pair, the default)
   bank_warm    bank with --kmeans-init previous: each E-step's k-means starts from the previous centroids
+  bank_key     bank with --bank-views key: the key alone
 
 Columns per run, on the L2-normalised features of the test split: k-means (k = number of classes, seeded with the
 run's seed) NMI, AMI, ARI and accuracy; kNN top-1 (k = 20, T = 0.07; the training split is the bank); low-shot SVM
@@ -92,6 +94,7 @@ VARIANTS: dict[str, list[str]] = {
     "pcl_t05": ["--temperature", "0.5"],
     "bank": ["--estep-features", "bank"],
     "bank_warm": ["--estep-features", "bank", "--kmeans-init", "previous"],
+    "bank_key": ["--estep-features", "bank", "--bank-views", "key"],
 }
 #: the pre-registered 2 x 2 of docs/results/factorial.md: method -> its variants, the config's temperature first;
 #: the control (MoCo) first. The temperatures are read from each variant's resolved settings.

@@ -217,6 +217,10 @@ def _add_pcl_args(p: argparse.ArgumentParser) -> None:
                    help="what the E-step clusters: pass = a centre-crop feature pass over the training set with the "
                         "momentum encoder (official); bank = the momentum keys the training steps computed during the "
                         "previous epoch, kept in an N x --low-dim bank (no second pass; not official)")
+    g.add_argument("--bank-views", default="pair", choices=["pair", "key"],
+                   help="with --estep-features bank, what a sample's row holds: pair = the mean of its key (one view, "
+                        "key encoder) and its query (the other view, query encoder), both computed by the step anyway "
+                        "(default: measured closer to the feature pass); key = the key alone")
     g.add_argument("--kmeans-init", default="random", choices=["random", "previous"],
                    help="random = --kmeans-nredo starts from random rows (official); previous = one run per "
                         "granularity from the previous E-step's centroids (not official)")

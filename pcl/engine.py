@@ -128,7 +128,7 @@ def _train_step(model: nn.Module, batch: tuple, optimizer: torch.optim.Optimizer
     guard.watch(step, out.total, out.inst, out.proto, optimizer.param_groups[0]["lr"])
     keys = moco.dequeue_and_enqueue(k)  # every rank's keys: B_global x C
     if bank is not None:
-        bank.write(keys, index)
+        bank.write(keys, index, q)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(out.total).backward()

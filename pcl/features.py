@@ -184,17 +184,25 @@ class FeatureBank:
     training step makes. Rows no step has written yet (a fresh run, a sample every epoch's sampler dropped) are
     :meth:`missing`; the E-step fills them with a feature pass over those samples only (:meth:`fill`)."""
 
-    def __init__(self, num_samples: int, dim: int, device: torch.device | str) -> None:
+    def __init__(self, num_samples: int, dim: int, device: torch.device | str, views: str = "pair") -> None:
+        if views not in ("pair", "key"):
+            raise PCLError(f"--bank-views {views}: use pair or key")
+        self.views = views  # pair: the mean of a sample's key and query (its two views); key: the key alone
         self.features = torch.zeros(num_samples, dim, device=device)  # N x d
         self.written = torch.zeros(num_samples, dtype=torch.bool, device=device)  # N
 
     @torch.no_grad()
-    def write(self, keys: torch.Tensor, index: torch.Tensor) -> None:
+    def write(self, keys: torch.Tensor, index: torch.Tensor, queries: torch.Tensor | None = None) -> None:
         """``keys``: B_global x d, the step's keys of every rank in rank order (what the queue received, already
-        gathered); ``index``: this rank's B sample indices, gathered here (one all-gather of B integers, the same
-        on every rank)."""
+        gathered); ``index``: this rank's B sample indices; ``queries``: this rank's B x d queries (the other view,
+        needed with views "pair"). Gathered here: one all-gather of B integers (and one of B x d queries), the
+        same on every rank. A pair row is the normalised mean of the key and the query: one augmented view is a
+        noisy embedding of its sample, two are less noisy (measured: docs/results/estep-cost.md)."""
         index = dist_utils.all_gather_cat(index.to(self.features.device, torch.long))  # B_global
-        self.features.index_copy_(0, index, keys.to(self.features.dtype))
+        rows = keys.to(self.features.dtype)
+        if self.views == "pair":
+            rows = F.normalize(rows + dist_utils.all_gather_cat(queries.detach().to(rows.dtype)), dim=1)
+        self.features.index_copy_(0, index, rows)
         self.written[index] = True
 
     def missing(self) -> torch.Tensor:

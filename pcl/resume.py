@@ -195,7 +195,7 @@ class Session:
         cfg = self.cfg
         self.model, self.optimizer, self.device, self.scaler = model, optimizer, device, scaler
         if cfg.estep_features == "bank":
-            self.bank = FeatureBank(data.num_samples, cfg.low_dim, device)
+            self.bank = FeatureBank(data.num_samples, cfg.low_dim, device, cfg.bank_views)
         if not cfg.resume and not cfg.overwrite:
             dist_utils.main_only(lambda: ckpt_io.refuse_other_runs(cfg.exp_dir), "checking --exp-dir")
         clear_marker(cfg.exp_dir)  # this run continues the preempted one

@@ -44,12 +44,12 @@ def _model():
 def _bank_e_step(rank: int, world: int, settings: EStepSettings):
     """Two training steps' writes (each rank its own B indices of a global batch), then the E-step on the bank."""
     order = torch.randperm(N, generator=torch.Generator().manual_seed(1))
-    bank = FeatureBank(N, DIM, "cpu")
+    bank = FeatureBank(N, DIM, "cpu", views="pair")
     for step in range(2):
         batch = order[step * B * 8:(step + 1) * B * 8]  # the global batch of this step
         mine = batch.view(8, B)[rank::world].flatten()  # what this rank trained on
         gathered = batch.view(8, B).view(world, -1)  # rank order, as all_gather_cat gives it
-        bank.write(_code(gathered.flatten()), mine)
+        bank.write(_code(gathered.flatten()), mine, queries=_code(mine + 1000))  # the queries: this rank's own
     images = _images()
     out = e_step(_model(), None, N, settings, torch.device("cpu"), bank=bank,
                  fill_loader=lambda idx: TensorEvalLoader(images, 5, indices=idx))
@@ -64,14 +64,15 @@ def test_bank_rows_land_at_their_indices_on_8_simulated_ranks_with_unequal_fill_
     assert not audit.mismatches(), "\n".join(audit.mismatches())
     single_bank, single, written = _bank_e_step(0, 1, settings)
     assert single.filled == N - 48 and bool(single_bank.written.all())
-    assert torch.equal(single_bank.features[written], _code(written))  # each key at its sample's row
+    pair = torch.nn.functional.normalize(_code(written) + _code(written + 1000), dim=1)
+    assert torch.equal(single_bank.features[written], pair)  # each key (+ its query) at its sample's row
     missing = torch.ones(N, dtype=torch.bool)
     missing[written] = False
     passed = compute_features(_model(), TensorEvalLoader(_images(), 5), torch.device("cpu"), N, False)
     # filled by the pass, those rows only (other batches than the full pass's: equal to float rounding)
     assert torch.allclose(single_bank.features[missing], passed[missing], atol=1e-6)
     first_bank, first, _ = outcomes[0]
-    assert torch.equal(first_bank.features[written], _code(written))
+    assert torch.equal(first_bank.features[written], pair)
     assert torch.allclose(first_bank.features, single_bank.features, atol=1e-6)  # the fill in other batches
     for bank, out, _ in outcomes:  # every rank: the same bank (bit for bit) and the same prototypes
         assert torch.equal(bank.features, first_bank.features) and bool(bank.written.all())
@@ -79,7 +80,7 @@ def test_bank_rows_land_at_their_indices_on_8_simulated_ranks_with_unequal_fill_
             assert torch.equal(a, b)
 
 
-def _gloo_worker(rank: int, world: int, port: int, out: str) -> None:
+def _gloo_worker(rank: int, world: int, port: int, out: str, views: str = "pair") -> None:
     torch.set_num_threads(1)
     from pcl.engine import setup
 
@@ -89,7 +90,7 @@ def _gloo_worker(rank: int, world: int, port: int, out: str) -> None:
     cfg = validate_pretrain_args(tiny_args(os.path.join(out, "exp"), *flags))
     device, data, model, _ = setup(cfg)
     moco = model.module if world > 1 else model
-    bank = FeatureBank(data.num_samples, cfg.low_dim, device)
+    bank = FeatureBank(data.num_samples, cfg.low_dim, device, views)
     data.train_loader.set_epoch(0)
     seen_keys, seen_index = [], []
     model.train()
@@ -97,25 +98,27 @@ def _gloo_worker(rank: int, world: int, port: int, out: str) -> None:
         if step == 3:
             break
         with torch.no_grad():
-            _, k = moco(im_q, im_k)
+            q, k = moco(im_q, im_k)
         keys = moco.dequeue_and_enqueue(k)
-        bank.write(keys, index)
-        seen_keys.append(k)
+        bank.write(keys, index, q)
+        seen_keys.append(torch.nn.functional.normalize(k + q, dim=1) if views == "pair" else k)
         seen_index.append(torch.as_tensor(index))
     torch.save({"features": bank.features, "written": bank.written, "keys": torch.cat(seen_keys),
                 "index": torch.cat(seen_index)}, os.path.join(out, f"rank{rank}.pt"))
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_training_steps_write_their_keys_at_their_samples_on_gloo(tmp_path, world):
+@pytest.mark.parametrize("world, views", [(1, "key"), (2, "pair")])
+def test_training_steps_write_their_keys_at_their_samples_on_gloo(tmp_path, world, views):
+    """Each rank's rows at its samples' indices, the same bank on every rank: the key alone, or the mean of the
+    sample's key and query (the other view)."""
     if world == 1:
-        _gloo_worker(0, 1, 0, str(tmp_path))
+        _gloo_worker(0, 1, 0, str(tmp_path), views)
     else:
-        mp.spawn(_gloo_worker, args=(world, free_port(), str(tmp_path)), nprocs=world)
+        mp.spawn(_gloo_worker, args=(world, free_port(), str(tmp_path), views), nprocs=world)
     recs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for rec in recs:
         assert torch.equal(rec["features"], recs[0]["features"]) and torch.equal(rec["written"], recs[0]["written"])
-        assert torch.equal(rec["features"][rec["index"]], rec["keys"])  # this rank's keys at its indices
+        assert torch.allclose(rec["features"][rec["index"]], rec["keys"], atol=1e-6)  # this rank's rows at its indices
     written = torch.cat([rec["index"] for rec in recs])
     assert written.unique().numel() == written.numel() == int(recs[0]["written"].sum()) == 3 * 32
     assert torch.equal(recs[0]["written"].nonzero().flatten(), written.sort().values)
