@@ -38,29 +38,53 @@ def preempt_path(exp_dir: str) -> str:
     return os.path.join(exp_dir, "checkpoint_preempt.pth.tar")
 
 
-def resolve_resume(resume: str, exp_dir: str, map_location: str | torch.device = "cpu"
-                   ) -> tuple[str | None, dict[str, Any] | None]:
-    """``--resume PATH`` -> (PATH, its contents). ``--resume auto`` -> the readable ``checkpoint_*.pth.tar`` in
-    ``exp_dir`` with the highest (epoch, step) stored in it, of equal ones the newest (a truncated or unreadable one
-    is skipped with a warning), or (None, None) when there is none: a fresh start."""
-    if resume != "auto":
-        return resume, load_checkpoint(resume, map_location)
-    names = [n for n in os.listdir(exp_dir) if n.startswith("checkpoint_") and n.endswith(".pth.tar")] \
-        if os.path.isdir(exp_dir) else []
-    paths = [os.path.join(exp_dir, n) for n in names]
-    dangling = [p for p in paths if not os.path.exists(p)]  # a symlink whose target is gone
-    for p in dangling:
-        logger.warning("--resume auto: skipping %s (a link to a file that no longer exists)", p)
-    best: tuple[tuple[int, int], str, dict[str, Any]] | None = None
-    # newest file first, so that of equal (epoch, step) the newest wins; the mtime alone lies after cp -r or touch
-    for path in sorted((p for p in paths if p not in dangling), key=os.path.getmtime, reverse=True):
-        try:
-            ckpt = load_checkpoint(path, map_location)
-        except PCLError as e:
-            logger.warning("--resume auto: skipping %s (%s)", path, e)
+def checkpoint_files(exp_dir: str) -> list[str]:
+    """The paths of the ``checkpoint_*.pth.tar`` entries in ``exp_dir`` (files, links and anything else of that
+    name), sorted; [] when there is no such folder."""
+    if not os.path.isdir(exp_dir):
+        return []
+    return sorted(os.path.join(exp_dir, n) for n in os.listdir(exp_dir)
+                  if n.startswith("checkpoint_") and n.endswith(".pth.tar"))
+
+
+def read_header(path: str) -> dict[str, Any]:
+    """A checkpoint's contents with every tensor memory-mapped, not read (``torch.load(mmap=True)``: only its
+    pickle, a few kB, comes off the disk): what ``--resume auto`` ranks the files by (epoch, step, run_id) for
+    milliseconds each instead of a full load. Files of torch's legacy (non-zip) format are loaded in full. Raises
+    PCLError as :func:`load_checkpoint` does (a truncated file loses the zip directory at its end)."""
+    return load_checkpoint(path, "cpu", mmap=True)
+
+
+def read_headers(exp_dir: str, quiet: bool = False) -> list[tuple[str, dict[str, Any]]]:
+    """(path, header) of every readable checkpoint file in ``exp_dir``, newest file first; a dangling link or an
+    unreadable (truncated) file is skipped with a warning (none: ``quiet``)."""
+    found = []
+    warn = (lambda *a: None) if quiet else logger.warning
+    for path in checkpoint_files(exp_dir):
+        if not os.path.exists(path):  # a symlink whose target is gone
+            warn("--resume auto: skipping %s (a link to a file that no longer exists)", path)
             continue
-        if "state_dict" in ckpt and "epoch" in ckpt and (best is None or _progress(ckpt) > best[0]):
-            best = (_progress(ckpt), path, ckpt)
+        if os.path.isdir(path):
+            continue  # refused by name where a run would save over it (pcl.resume.claim_exp_dir)
+        try:
+            found.append((path, read_header(path)))
+        except PCLError as e:
+            warn("--resume auto: skipping %s (%s)", path, e)
+    # newest file first, so that of equal (epoch, step) the newest wins; the mtime alone lies after cp -r or touch
+    return sorted(found, key=lambda item: os.path.getmtime(item[0]), reverse=True)
+
+
+def resolve_resume(resume: str, exp_dir: str) -> tuple[str | None, dict[str, Any] | None]:
+    """``--resume PATH`` -> (PATH, its header). ``--resume auto`` -> the readable ``checkpoint_*.pth.tar`` in
+    ``exp_dir`` with the highest (epoch, step) stored in it, of equal ones the newest (a truncated or unreadable one
+    is skipped with a warning), and its header; (None, None) when there is none: a fresh start. Only the headers
+    are read (:func:`read_header`: tensors memory-mapped); :func:`load_checkpoint` reads the chosen file."""
+    if resume != "auto":
+        return resume, read_header(resume)
+    best: tuple[tuple[int, int], str, dict[str, Any]] | None = None
+    for path, head in read_headers(exp_dir):
+        if "state_dict" in head and "epoch" in head and (best is None or progress(head) > best[0]):
+            best = (progress(head), path, head)
     if best is None:
         logger.info("--resume auto: no readable checkpoint in %s, starting from scratch", exp_dir)
         return None, None
@@ -69,7 +93,7 @@ def resolve_resume(resume: str, exp_dir: str, map_location: str | torch.device =
     return best[1], best[2]
 
 
-def _progress(ckpt: dict[str, Any]) -> tuple[int, int]:
+def progress(ckpt: dict[str, Any]) -> tuple[int, int]:
     """(epoch, step) a checkpoint resumes at: a mid-epoch one holds (e, s > 0), the next epoch-boundary (e + 1, 0)."""
     epoch, step = ckpt.get("epoch"), ckpt.get("step") or 0
     number = lambda v: v if isinstance(v, int) and not isinstance(v, bool) else -1  # noqa: E731
@@ -192,8 +216,9 @@ class ExpDirLock:
         return isinstance(e, BlockingIOError) or e.errno in (errno.EACCES, errno.EAGAIN, errno.EWOULDBLOCK)
 
 
-def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load with ``weights_only=True``; a missing, truncated or pickle-requiring file raises PCLError."""
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Load with ``weights_only=True``; a missing, truncated or pickle-requiring file raises PCLError. ``mmap``:
+    tensors memory-mapped from the file, read when used (see :func:`read_header`)."""
     if os.path.isdir(path):
         raise PCLError(f"checkpoint {path} is a directory: give a checkpoint file in it (e.g. {path}/checkpoint_last"
                        f".pth.tar), or --resume auto with --exp-dir {path}")
@@ -202,7 +227,7 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     try:
         kind = _sniff(path)
         if kind is None:
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+            ckpt = _torch_load(path, map_location, mmap and head_is_zip(path))
     except OSError as e:  # unreadable (permission denied, an I/O error): one line naming the file and the cause
         raise PCLError(f"cannot read {path}: {e.strerror or e}") from None
     except Exception as e:  # torch raises many types for garbage: name the file and the cause instead
@@ -216,6 +241,18 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     if not isinstance(ckpt, dict):
         raise PCLError(f"checkpoint {path} is not a dict of tensors")
     return ckpt
+
+
+def _torch_load(path: str, map_location: str | torch.device, mmap: bool) -> Any:
+    if mmap:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def head_is_zip(path: str) -> bool:
+    """torch.save's zip format (the only one torch.load can memory-map), not the legacy pickle stream."""
+    with open(path, "rb") as f:
+        return f.read(2) == b"PK"
 
 
 def _sniff(path: str) -> str | None:
@@ -362,17 +399,6 @@ def load_backbone(path: str, arch: str | None = None, map_location: str | torch.
                        f"pass the -a/--width/--stem it was trained with") from None
     backbone.arch = arch
     return backbone.eval()
-
-
-def refuse_other_runs(exp_dir: str) -> None:
-    """A fresh run (no --resume) must not write over another run's checkpoints: the official code overwrites them
-    epoch by epoch and mixes the two runs' logs, and users forget --resume auto once. Raise with the ways out."""
-    names = sorted(n for n in os.listdir(exp_dir) if n.startswith("checkpoint_") and n.endswith(".pth.tar")) \
-        if os.path.isdir(exp_dir) else []
-    if names:
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        raise PCLError(f"--exp-dir {exp_dir} holds another run's checkpoints ({shown}): continue it with --resume "
-                       f"auto, choose another --exp-dir, or pass --overwrite to start over there")
 
 
 def query_backbone(model: nn.Module) -> nn.Module:

@@ -176,6 +176,9 @@ def _check_batch(cfg: RunConfig, world: int) -> int:
 
 
 def _check_data(cfg: RunConfig, data: PretrainData) -> None:
+    dist_utils.require_same((data.num_samples, data.fingerprint), "the training set (images, sample-list hash)",
+                            f"every process must list the same files in {cfg.data} (a stale network-filesystem "
+                            f"listing, files still being copied?); wait until they agree, then start again")
     if len(data.train_loader) == 0:  # the last partial batch is dropped, as official: nothing would train
         raise PCLError(f"--batch-size {cfg.batch_size} is larger than the {data.num_samples} training "
                        f"samples: no full batch per epoch; choose at most {data.num_samples}")

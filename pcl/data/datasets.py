@@ -411,3 +411,24 @@ class Relabelled(Dataset):
     def __getitem__(self, i: int):
         img, label, _ = self.base[self.indices[i]]
         return img, label, i
+
+
+def sample_fingerprint(data: Any) -> str:
+    """A short hash of a training set's sample list, for checking that every process sees the same one: an image
+    folder's (path relative to its root, label) of every image, in order; a tensor's shape and bytes; otherwise
+    the number of samples and their labels. Differs when a file is missing or extra on one process."""
+    import hashlib
+
+    h = hashlib.sha256()
+    if torch.is_tensor(data):
+        h.update(repr(tuple(data.shape)).encode())
+        h.update(data.contiguous().cpu().numpy().tobytes())
+    elif hasattr(data, "samples"):
+        root = getattr(getattr(data, "base", data), "root", "")
+        rows = (f"{os.path.relpath(path, root) if root else path}\t{label}" for path, label in data.samples)
+        h.update("\n".join(rows).encode("utf-8", "surrogateescape"))
+    else:
+        labels = getattr(data, "targets", None)
+        labels = getattr(data, "labels", None) if labels is None else labels
+        h.update(f"{len(data)}:{list(labels) if labels is not None else ''}".encode())
+    return h.hexdigest()[:16]

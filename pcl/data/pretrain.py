@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from pcl import PCLError, distributed as dist_utils
-from pcl.data.datasets import IndexedDataset, check_expected, file_sets, load_in_memory
+from pcl.data.datasets import IndexedDataset, check_expected, file_sets, load_in_memory, sample_fingerprint
 from pcl.data.loaders import (DeviceAugmentLoader, DeviceEvalLoader, EncodedPairs, FileLoader, TensorEvalLoader,
                               TensorPairLoader, collate_encoded)
 from pcl.data.registry import spec
@@ -26,6 +26,7 @@ class PretrainData:
     eval_loader: Any  # yields (images, index) over this rank's shard of the training set, eval transform
     num_samples: int
     knn: tuple[Any, torch.Tensor, Any, torch.Tensor] | None = None  # bank loader, labels, test loader, labels
+    fingerprint: str = ""  # the sample list's hash (datasets.sample_fingerprint), with more than one process
 
 
 def build_pretrain_data(cfg: DataSettings, device: torch.device | None = None, knn_wanted: bool = False
@@ -56,7 +57,8 @@ def build_pretrain_data(cfg: DataSettings, device: torch.device | None = None, k
                                  cfg.seed)
         knn = (TensorEvalLoader(sets["train"], eval_bs), sets["train_labels"],  # sharded: each rank its part
                TensorEvalLoader(sets["test"], eval_bs), sets["test_labels"])
-        return PretrainData(train, TensorEvalLoader(sets["train"], eval_bs), sets["train"].shape[0], knn)
+        return PretrainData(train, TensorEvalLoader(sets["train"], eval_bs), sets["train"].shape[0], knn,
+                            _fingerprint(sets["train"]))
 
     if cfg.data is None or not os.path.isdir(cfg.data):
         raise PCLError(f"data folder not found: {cfg.data}")
@@ -102,5 +104,11 @@ def build_pretrain_data(cfg: DataSettings, device: torch.device | None = None, k
             crops = IndexedDataset(base_train, pretrain_crop_transform(size, cfg.crop_min_scale), two_crops=True)
             train = DeviceAugmentLoader(make(crops, batch, True), augment, device, cfg.seed)
         centre = DeviceEvalLoader(make(IndexedDataset(base_train, eval_crop_transform(size)), eval_bs, False), device)
-        return PretrainData(train, centre, len(base_train), knn)
-    return PretrainData(make(train_set, batch, True), make(eval_set, eval_bs, False), len(base_train), knn)
+        return PretrainData(train, centre, len(base_train), knn, _fingerprint(base_train))
+    return PretrainData(make(train_set, batch, True), make(eval_set, eval_bs, False), len(base_train), knn,
+                        _fingerprint(base_train))
+
+
+def _fingerprint(train: Any) -> str:
+    """The sample list's hash where processes must agree on it (none needed in one process)."""
+    return sample_fingerprint(train) if dist_utils.world_size() > 1 else ""
