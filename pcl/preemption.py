@@ -120,7 +120,7 @@ def raise_preempted(exp_dir: str, path: str, epoch: int, step: int, signal_name:
     err = Preempted(path, epoch, step, signal_name)
     if dist_utils.is_main():
         try:  # the checkpoint is saved: a full disk here must not keep the other ranks waiting at the barrier
-            with open(os.path.join(exp_dir, MARKER), "w") as f:
+            with open(os.path.join(exp_dir, MARKER), "w", encoding="utf-8") as f:
                 f.write(str(err) + "\n")
         except OSError as e:
             logger.warning("could not write %s (%s): the launch scripts will not requeue", MARKER, e.strerror)
@@ -138,7 +138,11 @@ def clear_marker(exp_dir: str) -> None:
 def preempted_from_marker(exp_dir: str) -> Preempted:
     """The workers' Preempted, rebuilt in the launcher from the PREEMPTED file rank 0 wrote (epoch, step, path)."""
     marker = os.path.join(exp_dir, MARKER)
-    text = open(marker).read() if os.path.exists(marker) else ""
+    try:
+        with open(marker, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:  # gone, or unreadable: the generic Preempted below
+        text = ""
     m = re.search(r"(\S+) received: stopped after epoch (\d+) step (\d+) and saved (.+?); rerun", text)
     if m is None:
         return Preempted(ckpt_io.preempt_path(exp_dir), -1, -1, "preemption signal")

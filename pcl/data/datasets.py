@@ -3,12 +3,13 @@ the in-memory sets, labelled subsets, and the start-up checks of a dataset."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import math
 import os
 import struct
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from torch.utils.data import Dataset
 from pcl import PCLError, distributed as dist_utils
 from pcl.data.demo import make_digits_demo
 from pcl.data.registry import DatasetSpec, spec
-from pcl.settings import DataSettings, DistSettings, cannot_read
+from pcl.settings import DataSettings, DistSettings, cannot_read, read_text
 
 
 class IndexedDataset(Dataset):
@@ -49,14 +50,8 @@ class IndexedDataset(Dataset):
 def read_class_list(path: str) -> list[str]:
     """Class folder names (e.g. ImageNet wnids), one per line, in label order; blank lines and '#' comments
     are skipped. A missing or empty file, or a name listed twice, is a PCLError."""
-    if not os.path.isfile(path):
-        raise PCLError(f"--class-list {path}: file not found (one class folder name per line)")
-    try:
-        with open(path) as f:
-            names = [line.split("#", 1)[0].strip() for line in f]
-    except OSError as e:
-        raise cannot_read(path, e) from None
-    names = [n for n in names if n]
+    text = read_text(path, "--class-list", "one class folder name per line")
+    names = [n for n in (line.split("#", 1)[0].strip() for line in text.splitlines()) if n]
     if not names:
         raise PCLError(f"--class-list {path} lists no classes")
     seen: set[str] = set()
@@ -174,11 +169,28 @@ def _torchvision_set(s: DatasetSpec, root: str, split: str, download: bool) -> D
     class and split keyword as the table gives them."""
     cls = getattr(tvd, s.torchvision)
     try:
-        if s.split_keyword == "split":
-            return cls(root, split=split, download=download)
-        return cls(root, train=split == "train", download=download)
+        with _download_errors(s.name, root) if download else contextlib.nullcontext():
+            if s.split_keyword == "split":
+                return cls(root, split=split, download=download)
+            return cls(root, train=split == "train", download=download)
+    except PCLError:
+        raise
     except RuntimeError as e:
         raise PCLError(f"{s.name} not found under {root}: {e}; put the torchvision files there or pass --download") from None
+
+
+@contextlib.contextmanager
+def _download_errors(name: str, root: str) -> Iterator[None]:
+    """torchvision's --download failures (no network, a proxy, a full disk: URLError/OSError, or its RuntimeError
+    'Error downloading ...') as one line naming the set and the folder."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "download" not in str(e).lower():
+            raise
+        why = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e).strip().splitlines()[0][:160]
+        raise PCLError(f"--download {name} into {root} failed ({why}): without a network, fetch the files elsewhere "
+                       f"and put them there (then drop --download)") from None
 
 
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -203,6 +215,9 @@ def read_idx(path: str) -> torch.Tensor:
     if len(raw) < start:
         raise PCLError(f"{path} is truncated inside its header ({len(raw)} bytes)")
     dims = struct.unpack(f">{ndim}I", raw[4:start])
+    if math.prod(dims) == 0:
+        raise PCLError(f"{path} is empty (its header says {' x '.join(map(str, dims))}); re-download it or check the "
+                       f"folder")
     if len(raw) - start != math.prod(dims):
         raise PCLError(f"{path}: the header says {' x '.join(map(str, dims))} = {math.prod(dims)} bytes of data, "
                        f"the file holds {len(raw) - start}; it is truncated or corrupt, re-download it")
@@ -238,8 +253,9 @@ def load_mnist_family(name: str, root: str | None, download: bool = False) -> di
         raise PCLError(f"--dataset {name} needs {s.layout} as DIR")
     if download and s.download:
         cls = getattr(tvd, s.torchvision)
-        cls(root, train=True, download=True)
-        cls(root, train=False, download=True)
+        with _download_errors(s.name, root):
+            cls(root, train=True, download=True)
+            cls(root, train=False, download=True)
     out: dict[str, torch.Tensor] = {}
     for split, (images_base, labels_base) in IDX_FILES.items():
         images_path, labels_path = _find_idx(root, name, images_base), _find_idx(root, name, labels_base)
@@ -365,15 +381,9 @@ def read_subset(train_dir: str, samples: Sequence[tuple[str, int]], list_file: s
     """Indices into an ImageFolder's ``samples`` of the images a subset file lists (one per line): a bare
     ImageNet name ``n01440764_10026.JPEG`` (its class folder is the part before '_', the SimCLR/SwAV 1% and
     10% files) or a path relative to the training folder. Every listed file must exist."""
-    if not os.path.isfile(list_file):
-        raise PCLError(f"subset file not found: {list_file} (one image name per line, e.g. SimCLR's 1percent.txt)")
+    lines = read_text(list_file, "subset", "one image name per line, e.g. SimCLR's 1percent.txt").splitlines()
     where = {os.path.normpath(path): i for i, (path, _) in enumerate(samples)}
     picked = []
-    try:
-        with open(list_file) as f:
-            lines = f.readlines()
-    except OSError as e:
-        raise cannot_read(list_file, e) from None
     for line in lines:
         name = line.strip()
         if not name:
