@@ -407,3 +407,11 @@ def query_backbone(model: nn.Module) -> nn.Module:
     backbone = copy.deepcopy(inner.encoder_q)
     backbone.fc = nn.Identity()
     return backbone.eval()
+
+
+if __name__ == "__main__":  # the command line an earlier version forwarded to pcl.export: say where it went
+    import sys
+
+    print(f"error: pcl.checkpoint has no command line; export a backbone with: python -m pcl.export "
+          f"{' '.join(a for a in sys.argv[1:] if a != 'export') or 'CKPT OUT'}", file=sys.stderr)
+    sys.exit(2)

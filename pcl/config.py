@@ -350,6 +350,10 @@ def warn_idle_flags(cfg: RunConfig, dataset: str) -> None:
     if cfg.nproc is not None and not cfg.multiprocessing_distributed:
         log.warning("--nproc %d has no effect without --multiprocessing-distributed (it sets how many processes "
                     "that launcher spawns per node; torchrun takes --nproc_per_node)", cfg.nproc)
+    idle = [f"--{k} device" for k in ("augment", "decode") if cfg.get(k) == "device"]
+    if idle and registry.spec(dataset).in_memory:
+        log.warning("%s: no effect with --dataset %s (an in-memory set: its batches are augmented as tensors on the "
+                    "training device's side already, nothing is decoded)", " / ".join(idle), dataset)
     if cfg.class_list and not registry.spec(dataset).class_list:
         log.warning("--class-list %s has no effect with --dataset %s (it selects class folders of an ImageFolder "
                     "root)", cfg.class_list, dataset)

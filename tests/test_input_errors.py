@@ -145,6 +145,15 @@ def test_class_list_with_a_builtin_dataset_warns_once(tmp_path, pcl_warnings):
     assert len(pcl_warnings) == 1
 
 
+def test_device_augment_and_decode_with_an_in_memory_set_warn_once(tmp_path, pcl_warnings):
+    """WA11: ignored without a word with --dataset demo."""
+    validate_pretrain_args(tiny_args(tmp_path / "exp", "--augment", "device", "--decode", "device"))
+    assert len(pcl_warnings) == 1, pcl_warnings
+    assert pcl_warnings[0].startswith("--augment device / --decode device: no effect with --dataset demo")
+    validate_pretrain_args(tiny_args(tmp_path / "exp", "--augment", "device", str(tmp_path)))  # ImageFolder
+    assert len(pcl_warnings) == 1
+
+
 def test_a_seed_beyond_64_bits_is_refused_at_parse_time():
     from pcl import PCLError
     from pcl.config import build_pretrain_parser, parse_args

@@ -109,3 +109,16 @@ def test_download_without_a_network_is_one_line(tmp_path, monkeypatch, name, err
     with pytest.raises(PCLError, match=rf"--download {name} into .* failed \(.*\): without a network, fetch the "
                                        rf"files elsewhere"):
         load_in_memory(cfg) if name == "fashion-mnist" else file_sets(cfg, labelled=False)
+
+
+def test_the_old_export_command_line_says_where_export_went(tmp_path):
+    """WX06: `python -m pcl.checkpoint export IN OUT` exited 0 and wrote nothing."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = subprocess.run([sys.executable, "-m", "pcl.checkpoint", "export", "in.pth.tar", str(tmp_path / "o.pth")],
+                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 2 and out.stderr.startswith("error: pcl.checkpoint has no command line; export a "
+                                                         "backbone with: python -m pcl.export in.pth.tar "), out.stderr
