@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = eval_command_parser("Prototype galleries, t-SNE and retrieval grids of a checkpoint (PNGs)", spawns=False)
     p.add_argument("--num-cluster", default="", type=str,
-                   help="k of a fresh k-means when the checkpoint holds no cluster result for this set "
-                        "(comma-separated; default the number of classes, else 10)")
+                   help="k of a fresh k-means for the galleries (comma-separated); default: the checkpoint's own "
+                        "E-step result for this set, else the number of classes, else 10")
     p.add_argument("--gallery-rows", default=8, type=int, help="prototypes drawn per gallery (plus largest, smallest)")
     p.add_argument("--columns", default=8, type=int, help="members shown per prototype / neighbours per query")
     p.add_argument("--tsne-samples", default=None, type=int, help="test images in the t-SNE figure (default: "
@@ -120,6 +120,11 @@ def galleries(feats: torch.Tensor, train: _Split, args: RunConfig, labelled: boo
     from pcl.cluster import run_kmeans
 
     saved = checkpoint_clusters(args.pretrained, feats.shape[0])
+    given = list(parse_num_cluster(args.num_cluster)) if args.num_cluster else None
+    if saved is not None and given is not None and given != [len(phi) for phi in saved["density"]]:
+        logger.info("--num-cluster %s: a fresh k-means (the checkpoint's saved E-step has k=%s)", args.num_cluster,
+                    ",".join(str(len(phi)) for phi in saved["density"]))
+        saved = None
     out = {}
     if saved is not None:
         for assign, phi in zip(saved["im2cluster"], saved["density"]):
@@ -128,8 +133,7 @@ def galleries(feats: torch.Tensor, train: _Split, args: RunConfig, labelled: boo
             means = sums / torch.bincount(assign, minlength=k).clamp_min(1)[:, None]  # backbone-space centroids
             out[k] = gallery_rows(feats, assign, means, phi, args.gallery_rows, args.columns, args.seed)
         return out
-    ks = (list(parse_num_cluster(args.num_cluster)) if args.num_cluster
-          else [int(torch.unique(train.labels).numel()) if labelled else 10])
+    ks = given or [min(int(torch.unique(train.labels).numel()) if labelled else 10, feats.shape[0])]
     result = run_kmeans(feats, ks, 0.2, seed=args.seed, niter=20, nredo=1)
     for k, assign, cent, phi in zip(ks, result.im2cluster, result.centroids, result.concentration):
         out[k] = gallery_rows(feats, assign, cent, phi, args.gallery_rows, args.columns, args.seed)
@@ -281,6 +285,14 @@ def run(args: RunConfig) -> dict[str, Any]:
                        f"{'training' if same_set else 'test'} split; choose at most {len(test)}")
     if "retrieval" in only and args.queries > len(test):
         raise PCLError(f"--queries {args.queries} is larger than the {len(test)} images to query from")
+    neighbours = len(train) - (1 if same_set else 0)  # a query from the training set is never its own neighbour
+    if "retrieval" in only and args.columns > neighbours:
+        raise PCLError(f"--columns {args.columns}: there are only {neighbours} training images to retrieve per query; "
+                       f"choose at most {neighbours}")
+    ks = parse_num_cluster(args.num_cluster) if args.num_cluster else ()
+    if "gallery" in only and ks and max(ks) > len(train):
+        raise PCLError(f"--num-cluster {args.num_cluster}: k={max(ks)} is larger than the {len(train)} training "
+                       f"images; choose every k <= {len(train)}")
     if not labelled:
         logger.info("the set has no class labels: plots are coloured by cluster only, no retrieval precision")
     os.makedirs(args.exp_dir, exist_ok=True)
