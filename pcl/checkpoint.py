@@ -328,6 +328,30 @@ def require_pretrain_checkpoint(ckpt: dict[str, Any], source: str) -> None:
                    f"or an official PCL/MoCo one")
 
 
+def require_linear_checkpoint(ckpt: dict[str, Any], source: str) -> None:
+    """eval_linear.py --resume takes a linear head it saved (or the official eval_cls_imagenet.py's): a state_dict
+    with the backbone and ``fc``, an epoch number, an optimizer state (when there is one) of the head. Anything else
+    is one line that says what the file is and which flag takes it."""
+    kind = checkpoint_kind(ckpt)
+    if kind == "pretrain":
+        raise PCLError(f"--resume {source} is a pretraining checkpoint (encoder_q/encoder_k/queue), not a linear head: "
+                       f"give it to --pretrained; --resume continues a head eval_linear.py saved "
+                       f"(EXP_DIR/linear_checkpoint.pth.tar)")
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict):
+        raise PCLError(f"--resume {source} has no 'state_dict' (it holds {', '.join(map(str, list(ckpt)[:6]))}): not "
+                       f"a linear checkpoint of eval_linear.py")
+    if not any(k.endswith("fc.weight") for k in state):
+        raise PCLError(f"--resume {source} holds no linear head (no fc.weight in its state_dict): give a "
+                       f"linear_checkpoint.pth.tar of eval_linear.py, or the file to --pretrained")
+    epoch = ckpt.get("epoch")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        raise PCLError(f"--resume {source}: its 'epoch' is {epoch!r}, not an epoch number")
+    if "optimizer" in ckpt and not isinstance(ckpt["optimizer"], dict):
+        raise PCLError(f"--resume {source}: its 'optimizer' is a {type(ckpt['optimizer']).__name__}, not an optimizer "
+                       f"state")
+
+
 def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     inner = unwrap(model)
     try:
