@@ -169,6 +169,9 @@ class ExpDirLock:
         import socket
         import time
 
+        if os.path.isdir(os.path.join(self.folder, ".lock")):
+            raise PCLError(f"--exp-dir {self.folder}: .lock is a directory, not the run's lock file; remove it (a "
+                           f"run keeps its lock file there)")
         try:  # a file in its place was refused by setup_logging, which every entry point calls first
             os.makedirs(self.folder, exist_ok=True)
             self.file = open(os.path.join(self.folder, ".lock"), "a+")

@@ -46,6 +46,7 @@ def run_cli(build_parser: Callable[[], argparse.ArgumentParser], run: Callable[[
     """The entry points' shared main: parse, run, and turn input errors into one line and an exit code
     (2: bad input; 75: preempted after saving; 130: Ctrl-C). ``--debug`` shows the traceback instead."""
     args = None
+    tolerant_console()
     try:
         args = parse_args(build_parser(), argv)
         run(args)
@@ -64,6 +65,15 @@ def run_cli(build_parser: Callable[[], argparse.ArgumentParser], run: Callable[[
     return 0
 
 
+def tolerant_console() -> None:
+    """stdout and stderr write what their encoding cannot (an ASCII terminal: LANG=C or PYTHONIOENCODING=ascii; a
+    file name with non-UTF-8 bytes) as backslash escapes instead of raising UnicodeEncodeError mid-run."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
+
+
 def exit_now(code: int) -> None:
     """Exit with ``code`` at once (no interpreter teardown) when a stop abandoned work in a thread (a faiss k-means
     still running on the GPU, see ``pcl.cluster.interruptible``): tearing CUDA and faiss down under it can crash
@@ -76,6 +86,7 @@ def exit_now(code: int) -> None:
 
 
 def _worker(local_rank: int, nprocs: int, args: Any, fn: Callable) -> None:
+    tolerant_console()
     try:
         fn(args.replace(local_rank=local_rank))
     except Preempted as e:  # saved already; tell the parent by the exit code

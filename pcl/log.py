@@ -40,7 +40,7 @@ def write_atomic(path: str, write_fn: Callable[[Any], None], binary: bool = Fals
     tmp = os.path.join(folder, f".tmp_{os.path.basename(path)}.{os.getpid()}")
     try:
         os.makedirs(folder, exist_ok=True)
-        with open(tmp, "wb" if binary else "w") as f:
+        with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8") as f:
             write_fn(f)
         os.replace(tmp, path)
     except OSError as e:
@@ -86,11 +86,20 @@ def setup_logging(exp_dir: str | None = None, debug: bool = False, rank: int | N
     if exp_dir and rank == 0:
         from pcl import PCLError
 
+        shown = os.fsencode(exp_dir).decode("utf-8", "backslashreplace")
+        try:
+            exp_dir.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8: TensorBoard and the JSON logs cannot name its files
+            raise PCLError(f"--exp-dir {shown}: its name has bytes that are not UTF-8 text; give a folder name in "
+                           f"UTF-8") from None
+        if os.path.islink(exp_dir) and not os.path.exists(exp_dir):
+            raise PCLError(f"--exp-dir {shown} is a symbolic link to {os.readlink(exp_dir)}, which does not exist (or "
+                           f"the link loops): create the folder it points to, or give another --exp-dir")
         if os.path.exists(exp_dir) and not os.path.isdir(exp_dir):
             raise PCLError(f"--exp-dir {exp_dir} is a file, not a folder")
         try:
             os.makedirs(exp_dir, exist_ok=True)
-            fh = OneLineFileHandler(os.path.join(exp_dir, "train.log"))
+            fh = OneLineFileHandler(os.path.join(exp_dir, "train.log"), encoding="utf-8", errors="backslashreplace")
         except OSError as e:
             raise PCLError(f"--exp-dir {exp_dir} is not writable ({e.strerror})") from None
         fh.setFormatter(fmt)

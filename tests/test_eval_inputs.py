@@ -102,3 +102,48 @@ def test_knn_k_above_the_training_set_is_reported_as_what_ran(tmp_path, monkeypa
     import json
 
     assert json.loads((tmp_path / "knn.json").read_text())["k_used"] == {"3": 3, "200": 20}
+
+
+def test_svm_map_is_over_the_classes_that_have_test_positives(pcl_warnings):
+    """NI15: an idx set with 2 of 10 classes present averaged in 8 APs of 0 (mAP 10.47) without a word."""
+    import numpy as np
+
+    from pcl.evaluation.svm import _warn_missing_classes, score_report
+
+    test_y = -np.ones((4, 10))
+    test_y[[0, 1], 0], test_y[[2, 3], 1] = 1, 1
+    scores = np.zeros((4, 10))
+    scores[[0, 1], 0], scores[[2, 3], 1] = 1.0, 1.0
+    assert score_report(scores, test_y, single_label=False)["mAP"] == pytest.approx(100.0)
+    _warn_missing_classes(test_y, test_y, [])
+    assert pcl_warnings == ["8 of the 10 classes have no positive in the test split: the mAP is over the other 2",
+                            "8 of the 10 classes have no positive in the training split: their SVM cannot be trained, "
+                            "they are never predicted"]
+
+
+def test_a_class_without_training_positives_is_never_predicted():
+    """S06: Places205 classes with no training positive scored 0, above every trained class's negative score."""
+    import numpy as np
+
+    from pcl.evaluation.svm import score_report, svm_scores
+
+    gen = np.random.default_rng(0)
+    x = gen.normal(size=(30, 4)).astype(np.float32)
+    labels = np.arange(30) % 3  # class 3 has no image
+    y = -np.ones((30, 4))
+    y[np.arange(30), labels] = 1
+    scores = svm_scores(x, y, x, 0.5, n_jobs=1)
+    assert np.isneginf(scores[:, 3]).all() and (scores.argmax(1) != 3).all()
+    assert score_report(scores, y, single_label=True)["top1"] > 0
+
+
+def test_low_shot_k_above_a_class_positives_is_said(pcl_warnings):
+    """NV07: --shots 100 with fewer positives ran and was reported as k=100 without a word."""
+    import numpy as np
+
+    from pcl.evaluation.svm import _warn_missing_classes
+
+    y = -np.ones((12, 3))
+    y[np.arange(12), np.arange(12) % 3] = 1  # 4 positives each
+    _warn_missing_classes(y, y, [1, 4, 100])
+    assert pcl_warnings == ["--shots 100: 3 classes have fewer positives (the fewest: 4); they train on all they have"]

@@ -220,3 +220,55 @@ def test_loader_timeout_is_off_without_workers_and_on_by_default(tmp_path):
     assert FileLoader(_Stuck(), 1, 0, 0, train=False, timeout_min=5).loader.timeout == 0  # torch refuses it then
     assert FileLoader(_Stuck(), 1, 2, 0, train=False, timeout_min=5).loader.timeout == 300
     assert validate_pretrain_args(tiny_args(tmp_path / "exp")).loader_timeout == 30
+
+
+# 5. the run folder, DIR and the console (reliability probe s4)
+
+
+def test_an_ascii_console_prints_every_line(monkeypatch):
+    """NV11: eval_svm's table (mean ± std) on an ASCII stdout was a UnicodeEncodeError after the files were written."""
+    import io
+    import sys
+
+    from pcl.config import build_svm_parser
+    from pcl.launch import run_cli
+
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    err = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    assert run_cli(build_svm_parser, lambda args: print("| k=1 | 50.00 \u00b1 1.00 | caf\udce9 |"), []) == 0
+    out.flush()
+    assert out.buffer.getvalue() == b"| k=1 | 50.00 \\xb1 1.00 | caf\\udce9 |\n"
+
+
+def test_exp_dir_names_the_logs_cannot_hold_are_one_line(tmp_path):
+    """F39 (non-UTF-8 bytes: a traceback in TensorBoard's writer), NS02/NS03 (a dangling or looping symlink: 'not
+    writable (File exists)'), NS12 (.lock a directory: 'not writable (Is a directory)')."""
+    from pcl.checkpoint import ExpDirLock
+    from pcl.log import setup_logging
+
+    with pytest.raises(PCLError, match=r"f39_\\xff: its name has bytes that are not UTF-8 text"):
+        setup_logging(str(tmp_path / "f39_\udcff"))
+    os.symlink(tmp_path / "gone", tmp_path / "dangling")
+    os.symlink("loop", tmp_path / "loop")
+    for name, target in (("dangling", str(tmp_path / "gone")), ("loop", "loop")):
+        with pytest.raises(PCLError, match=rf"{name} is a symbolic link to {target}, which does not exist \(or the "
+                                           rf"link loops\)"):
+            setup_logging(str(tmp_path / name))
+    (tmp_path / "run" / ".lock").mkdir(parents=True)
+    with pytest.raises(PCLError, match=r"run: .lock is a directory, not the run's lock file; remove it"):
+        ExpDirLock(str(tmp_path / "run")).__enter__()
+
+
+def test_dir_of_the_wrong_kind_is_named_as_such(tmp_path):
+    """D02 (a file as DIR) and NF03 (--dataset imagefolder without DIR) both said 'data folder not found'."""
+    from pcl.data import build_pretrain_data, data_settings
+
+    (tmp_path / "afile.txt").write_text("x")
+    for data, message in ((str(tmp_path / "afile.txt"), r"DIR .*afile.txt is a file, not a folder: --dataset "
+                                                         r"imagefolder needs an ImageFolder root"),
+                          (None, r"^--dataset imagefolder needs an ImageFolder root .* as DIR$")):
+        cfg = validate_pretrain_args(tiny_args(tmp_path / "exp", *([data] if data else []), "--dataset", "imagefolder"))
+        with pytest.raises(PCLError, match=message):
+            build_pretrain_data(data_settings(cfg))

@@ -311,6 +311,18 @@ def load_in_memory(cfg: DataSettings) -> dict[str, torch.Tensor]:
     return sets
 
 
+def data_root(path: str | None, dataset: str) -> str:
+    """DIR of a file dataset, checked: given, and a folder (a file or a missing path is one line saying which)."""
+    s = spec(dataset)
+    if path is None:
+        raise PCLError(f"--dataset {dataset} needs {s.layout} as DIR")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise PCLError(f"DIR {printable(path)} is a file, not a folder: --dataset {dataset} needs {s.layout}")
+    if not os.path.isdir(path):
+        raise PCLError(f"data folder not found: {printable(path)} (--dataset {dataset} needs {s.layout})")
+    return path
+
+
 def check_expected(cfg: DataSettings, num_images: int, num_classes: int | None) -> None:
     """A preset's start-up check (--expect-images / --expect-classes): a wrong folder fails in seconds."""
     where = cfg.data or cfg.dataset

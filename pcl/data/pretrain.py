@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from pcl import PCLError, distributed as dist_utils
-from pcl.data.datasets import IndexedDataset, check_expected, file_sets, load_in_memory, sample_fingerprint
+from pcl.data.datasets import IndexedDataset, check_expected, data_root, file_sets, load_in_memory, sample_fingerprint
 from pcl.data.loaders import (DeviceAugmentLoader, DeviceEvalLoader, EncodedPairs, FileLoader, TensorEvalLoader,
                               TensorPairLoader, collate_encoded)
 from pcl.data.registry import spec
@@ -60,8 +60,7 @@ def build_pretrain_data(cfg: DataSettings, device: torch.device | None = None, k
         return PretrainData(train, TensorEvalLoader(sets["train"], eval_bs), sets["train"].shape[0], knn,
                             _fingerprint(sets["train"]))
 
-    if cfg.data is None or not os.path.isdir(cfg.data):
-        raise PCLError(f"data folder not found: {cfg.data}")
+    data_root(cfg.data, cfg.dataset)
     size, pin = cfg.image_size, torch.cuda.is_available()
     on_device = cfg.augment == "device"
     if on_device and device is None:

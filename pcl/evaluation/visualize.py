@@ -72,6 +72,7 @@ def load_splits(args: RunConfig) -> tuple[_Split, _Split, bool]:
     """(train, test, labelled). Without a test split the training split serves as both (queries then never
     retrieve themselves). ``labelled``: the set has more than one class."""
     from pcl.data import FileLoader, LabelledDataset, TensorLabelledLoader, data_settings, file_sets, eval_transform, load_in_memory
+    from pcl.data.datasets import data_root
     from pcl.data.registry import spec
 
     if spec(args.dataset, "data").in_memory:
@@ -79,8 +80,7 @@ def load_splits(args: RunConfig) -> tuple[_Split, _Split, bool]:
         train = _Split(TensorLabelledLoader(sets["train"], sets["train_labels"], args.batch_size), sets["train_labels"])
         test = _Split(TensorLabelledLoader(sets["test"], sets["test_labels"], args.batch_size), sets["test_labels"])
     else:
-        if args.data is None or not os.path.isdir(args.data):
-            raise PCLError(f"data folder not found: {args.data}")
+        data_root(args.data, args.dataset)
         base_train, base_test = file_sets(data_settings(args), labelled=False)
         if len(base_train) == 0:
             raise PCLError(f"the training set in {args.data} is empty")
