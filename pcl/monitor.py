@@ -164,6 +164,11 @@ class Monitor:
                     ", ".join(f"k={k} (largest {int(z.max())}, {int((z == 0).sum())} empty)"
                               for k, z in zip(s.num_cluster, sizes)), estep.feature_seconds,
                     "/".join(f"{sec:.1f}" for sec in estep.kmeans_seconds), estep.seconds)
+        whole = [k for k, z in zip(s.num_cluster, sizes) if int(z.max()) == int(z.sum())]
+        if whole:  # k-means found no two distinct points: every prototype is one and ProtoNCE carries no signal
+            logger.warning("E-step epoch %d: k=%s put every sample in one cluster: the features have collapsed "
+                           "(identical images, or an encoder that maps every image to one point); the prototypes "
+                           "carry no signal", epoch, ",".join(map(str, whole)))
         return clusters
 
     def epoch_end(self, epoch: int, model: nn.Module, clusters: ClusterResult | None, stats: dict[str, Any],

@@ -147,6 +147,11 @@ def _check_mid_epoch(ckpt: dict[str, Any], path: str, cfg: RunConfig, num_sample
     if saved.get("global_batch_size") not in (None, cfg.batch_size):
         raise PCLError(f"--resume {path} was saved mid-epoch with --batch-size {saved['global_batch_size']}; resume "
                        f"it with that batch size (now {cfg.batch_size})")
+    saved_ks = [len(c) for c in (ckpt.get("cluster_result") or {}).get("centroids") or []]
+    if saved_ks and saved_ks != list(cfg.num_cluster):  # its prototypes continue the epoch; --num-cluster names them
+        raise PCLError(f"--resume {path} was saved mid-epoch with --num-cluster {','.join(map(str, saved_ks))}; resume "
+                       f"it with those (now {','.join(map(str, cfg.num_cluster))}), or from an epoch-boundary "
+                       f"checkpoint")
     assign = (ckpt.get("cluster_result") or {}).get("im2cluster") or []
     if assign and len(assign[0]) != num_samples:
         raise PCLError(f"--resume {path} was saved mid-epoch on a training set of {len(assign[0])} images, this one "

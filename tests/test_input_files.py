@@ -122,3 +122,16 @@ def test_the_old_export_command_line_says_where_export_went(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
     assert out.returncode == 2 and out.stderr.startswith("error: pcl.checkpoint has no command line; export a "
                                                          "backbone with: python -m pcl.export in.pth.tar "), out.stderr
+
+
+def test_a_float_image_in_0_1_is_read_with_1_as_white(tmp_path):
+    """NM03: a float TIFF of 0.8 became pixel value 1 (black) instead of 204."""
+    import numpy as np
+    from PIL import Image
+
+    from pcl.data import load_image
+
+    Image.fromarray(np.full((4, 4), 0.8, dtype=np.float32), mode="F").save(tmp_path / "f.tif")
+    Image.fromarray(np.full((4, 4), 200.0, dtype=np.float32), mode="F").save(tmp_path / "g.tif")
+    assert np.asarray(load_image(str(tmp_path / "f.tif"))).mean() == 204
+    assert np.asarray(load_image(str(tmp_path / "g.tif"))).mean() == 200  # a float image in 0-255 stays as it was

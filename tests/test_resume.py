@@ -267,3 +267,16 @@ def test_ranks_that_see_different_training_sets_stop_with_one_error(tmp_path):
     for err in outcomes:
         assert isinstance(err, PCLError) and "the training set (images, sample-list hash) differs between the " \
             "processes: rank 0 has (6, '" in str(err) and "rank 1 has" in str(err), err
+
+
+def test_a_mid_epoch_checkpoint_resumed_with_other_granularities_is_refused(tmp_path):
+    """R17: it continued with the checkpoint's k=2,3 prototypes while logging acc_proto_k4/k5 of --num-cluster 4,5."""
+    from pcl.resume import _check_mid_epoch
+
+    cfg = validate_pretrain_args(tiny_args(tmp_path, "--num-cluster", "4,5"))
+    ckpt = {"step": 3, "args": {"global_batch_size": 64},
+            "cluster_result": {"im2cluster": [torch.zeros(6), torch.zeros(6)], "centroids": [torch.eye(2, 4),
+                                                                                           torch.eye(3, 4)]}}
+    with pytest.raises(PCLError, match=r"saved mid-epoch with --num-cluster 2,3; resume it with those \(now 4,5\)"):
+        _check_mid_epoch(ckpt, "mid.pth.tar", cfg, 6)
+    _check_mid_epoch(ckpt, "mid.pth.tar", cfg.replace(num_cluster=(2, 3)), 6)

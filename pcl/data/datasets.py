@@ -64,13 +64,14 @@ def read_class_list(path: str) -> list[str]:
 
 def load_image(path: str) -> Image.Image:
     """An image file as 8-bit RGB. 16-bit and 32-bit grey images (PNG/TIFF modes I;16, I, F) are scaled to 8 bits
-    by their range (torchvision's loader clips them to 255: a white picture)."""
+    by their range (torchvision's loader clips them to 255: a white picture); a float image (F) whose values all
+    lie in [0, 1] follows the float convention, 1.0 = white."""
     with open(path, "rb") as f:
         img = Image.open(f)
         img.load()
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if arr.max() > 255 else 255.0
+        top = 1.0 if img.mode == "F" and arr.max() <= 1.0 else 65535.0 if arr.max() > 255 else 255.0
         img = Image.fromarray((arr / top * 255.0).round().clip(0, 255).astype(np.uint8))
     return img.convert("RGB")
 
