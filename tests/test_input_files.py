@@ -135,3 +135,33 @@ def test_a_float_image_in_0_1_is_read_with_1_as_white(tmp_path):
     Image.fromarray(np.full((4, 4), 200.0, dtype=np.float32), mode="F").save(tmp_path / "g.tif")
     assert np.asarray(load_image(str(tmp_path / "f.tif"))).mean() == 204
     assert np.asarray(load_image(str(tmp_path / "g.tif"))).mean() == 200  # a float image in 0-255 stays as it was
+
+
+@pytest.mark.parametrize("policy", ["fail", "skip"], ids=["NM04", "NM05"])
+def test_a_fifo_named_like_an_image_is_an_unreadable_image_not_a_hang(tmp_path, policy):
+    """NM04/NM05: open() of a FIFO named *.png blocked for ever (SIGKILL after 65 s)."""
+    import threading
+
+    from conftest import image_folder
+    from pcl.data import image_folder as scan
+
+    root = image_folder(tmp_path / "d", ["a"], per_class=1, splits=("train",))
+    os.mkfifo(os.path.join(root, "train", "a", "1.png"))
+    images = scan(root, "train", policy)
+    result = []
+    worker = threading.Thread(target=lambda: result.append(_outcome(images, 1)), daemon=True)
+    worker.start()
+    worker.join(10)
+    assert result, "reading the FIFO blocked"
+    if policy == "skip":
+        assert result[0] == "ok" and images.skipped == 1
+    else:
+        assert "not a regular file (a FIFO" in result[0]
+
+
+def _outcome(images, index):
+    try:
+        images[index]
+        return "ok"
+    except PCLError as e:
+        return str(e)

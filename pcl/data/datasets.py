@@ -4,10 +4,12 @@ the in-memory sets, labelled subsets, and the start-up checks of a dataset."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import logging
 import math
 import os
+import stat
 import struct
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -62,11 +64,26 @@ def read_class_list(path: str) -> list[str]:
     return names
 
 
+def open_regular(path: str) -> Any:
+    """``open(path, "rb")``, except that a FIFO, socket or device named like an image is an OSError instead of a
+    read that blocks for ever (opened without blocking, then checked: one fstat, no second lookup)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, socket or device named like an image)")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def load_image(path: str) -> Image.Image:
     """An image file as 8-bit RGB. 16-bit and 32-bit grey images (PNG/TIFF modes I;16, I, F) are scaled to 8 bits
     by their range (torchvision's loader clips them to 255: a white picture); a float image (F) whose values all
     lie in [0, 1] follows the float convention, 1.0 = white."""
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         img = Image.open(f)
         img.load()
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
