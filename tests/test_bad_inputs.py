@@ -202,3 +202,15 @@ def test_symlink_loop_in_a_class_folder_is_refused(tmp_path):
     with pytest.raises(PCLError, match=r"train/a/sub/up links back to .*train/a \(a symlink loop") as err:
         image_folder(str(tmp_path), "train")
     one_line(err)
+
+
+def test_every_seed_in_range_seeds_every_stream():
+    """NF17: --seed 10**12 passed the range check, then 'Overflow when unpacking long long' in manual_seed."""
+    from pcl.data.loaders import epoch_seed, stream_seed, worker_seed
+
+    for seed in (10 ** 12, 2 ** 63 - 1):
+        for value in (epoch_seed(seed, 199), epoch_seed(seed, 199, 7, 3), stream_seed(seed, 199, 7, 2),
+                      worker_seed(seed, 199, 7)):
+            torch.Generator().manual_seed(value)
+    assert epoch_seed(5, 3, 2, 1) == (5 * 100_003 + 3) * 1009 + 3 and stream_seed(5, 3, 2, 1) == \
+        ((5 * 1_000_003 + 3) * 1009 + 2) * 17 + 1  # the seeds earlier runs were drawn with

@@ -134,7 +134,7 @@ def galleries(feats: torch.Tensor, train: _Split, args: RunConfig, labelled: boo
             out[k] = gallery_rows(feats, assign, means, phi, args.gallery_rows, args.columns, args.seed)
         return out
     ks = given or [min(int(torch.unique(train.labels).numel()) if labelled else 10, feats.shape[0])]
-    result = run_kmeans(feats, ks, 0.2, seed=args.seed, niter=20, nredo=1)
+    result = run_kmeans(feats, ks, 0.2, seed=args.seed % 2 ** 31, niter=20, nredo=1)
     for k, assign, cent, phi in zip(ks, result.im2cluster, result.centroids, result.concentration):
         out[k] = gallery_rows(feats, assign, cent, phi, args.gallery_rows, args.columns, args.seed)
     return out
@@ -155,9 +155,9 @@ def tsne_figure(feats: torch.Tensor, labels: torch.Tensor | None, clusters: torc
 
     x = feats.numpy()
     if x.shape[1] > 50 and x.shape[0] > 50:
-        x = PCA(50, random_state=seed).fit_transform(x)
+        x = PCA(50, random_state=seed % 2 ** 32).fit_transform(x)
     perplexity = float(min(30.0, max(2.0, (x.shape[0] - 1) / 3)))
-    xy = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+    xy = TSNE(2, perplexity=perplexity, init="pca", random_state=seed % 2 ** 32).fit_transform(x)
     panels = ([("class label", labels)] if labels is not None else []) + [("k-means cluster", clusters)]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5.5), squeeze=False)
     for ax, (name, colour) in zip(axes[0], panels):
@@ -238,7 +238,7 @@ def _tsne(test_feats: torch.Tensor, test: _Split, n_tsne: int, args: RunConfig, 
 
     pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))[:n_tsne]
     k = int(torch.unique(test.labels).numel()) if labelled else 10
-    clusters = kmeans(test_feats[pick], min(k, n_tsne), seed=args.seed, nredo=1)[2].cpu()
+    clusters = kmeans(test_feats[pick], min(k, n_tsne), seed=args.seed % 2 ** 31, nredo=1)[2].cpu()
     path = os.path.join(args.exp_dir, "tsne.png")
     tsne_figure(test_feats[pick], test.labels[pick] if labelled else None, clusters, path, args.seed,
                 f"t-SNE of {n_tsne} {'training' if same_set else 'test'} images: {args.pretrained or 'random init'}")
