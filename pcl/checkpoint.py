@@ -393,6 +393,26 @@ def backbone_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {k: v for k, v in state.items() if not k.startswith("fc.")}
 
 
+MODEL_CONFIG_TYPES = {"width": int, "stem": str, "low_dim": int, "mlp": bool}
+_KIND_WORDS = {int: "an integer", str: "text", bool: "true or false"}
+
+
+def model_config(ckpt: dict[str, Any], path: str) -> dict[str, Any]:
+    """A checkpoint's ``model_config`` (what rebuilds its backbone: width, stem, low_dim, mlp), its shape checked:
+    a mapping whose known keys have their types ({} when the file has none, as official ones)."""
+    cfg = ckpt.get("model_config")
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise PCLError(f"checkpoint {path}: its 'model_config' is a {type(cfg).__name__}, not a mapping of width, "
+                       f"stem, ...; the file is damaged or hand-made: re-save it, or drop the key")
+    for key, kind in MODEL_CONFIG_TYPES.items():
+        value = cfg.get(key)
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise PCLError(f"checkpoint {path}: its model_config '{key}' is {value!r}, not {_KIND_WORDS[kind]}")
+    return cfg
+
+
 def load_backbone(path: str, arch: str | None = None, map_location: str | torch.device = "cpu",
                   width: int | None = None, stem: str | None = None) -> nn.Module:
     """The query backbone of a checkpoint of ours or of the official code (v1 or mlp v2): projection head
@@ -403,10 +423,12 @@ def load_backbone(path: str, arch: str | None = None, map_location: str | torch.
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise PCLError(f"checkpoint {path}: its state_dict is a {type(state).__name__} of the wrong shape, not a "
                        f"mapping of parameter names to tensors")
-    cfg = ckpt.get("model_config", {})
+    cfg = model_config(ckpt, path)
     arch = arch or ckpt.get("arch")
     if arch is None:
         raise PCLError(f"checkpoint {path} does not name its architecture: pass arch (e.g. -a resnet50)")
+    if not isinstance(arch, str):
+        raise PCLError(f"checkpoint {path}: its 'arch' is {arch!r}, not an architecture name")
     width = width or cfg.get("width", 64)
     stem = stem or cfg.get("stem", "standard")
     backbone = build_backbone(arch, width, stem)

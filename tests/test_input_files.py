@@ -165,3 +165,21 @@ def _outcome(images, index):
         return "ok"
     except PCLError as e:
         return str(e)
+
+
+@pytest.mark.parametrize("config, message", [
+    ("resnet18", r"its 'model_config' is a str, not a mapping of width, stem"),  # X11: AttributeError
+    ({"width": "64"}, r"its model_config 'width' is '64', not an integer"),
+])
+def test_a_checkpoints_model_config_of_the_wrong_shape_is_one_line(tmp_path, config, message):
+    import torch
+
+    from conftest import official_checkpoint
+    from pcl.export import export
+
+    official_checkpoint(tmp_path / "p.pth.tar")
+    ckpt = torch.load(tmp_path / "p.pth.tar", weights_only=True)
+    ckpt["model_config"] = config
+    torch.save(ckpt, tmp_path / "bad.pth.tar")
+    with pytest.raises(PCLError, match=message):
+        export(str(tmp_path / "bad.pth.tar"), str(tmp_path / "out.pth"))

@@ -168,7 +168,7 @@ def resume_settings(cfg: RunConfig) -> RunConfig:
     if cfg.pretrained and not recorded:
         logger.warning("--resume %s does not record its pretrained checkpoint (official layout): its backbone "
                        "weights are compared with --pretrained %s instead", cfg.resume, cfg.pretrained)
-    stored = {"arch": ckpt.get("arch"), **{k: (ckpt.get("model_config") or {}).get(k) for k in ("width", "stem")}}
+    stored = {"arch": ckpt.get("arch"), **{k: ckpt_io.model_config(ckpt, cfg.resume).get(k) for k in ("width", "stem")}}
     fill = {}
     for key, value in stored.items():
         given = getattr(cfg, key)
