@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from pcl import PCLError
-from pcl.model import build_backbone, unwrap
+from pcl.model import DIVERGED, build_backbone, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -433,10 +433,12 @@ def load_backbone(path: str, arch: str | None = None, map_location: str | torch.
     stem = stem or cfg.get("stem", "standard")
     backbone = build_backbone(arch, width, stem)
     weights = backbone_state(state)
-    bad = [k for k, v in weights.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [k for k, v in weights.items() if torch.is_tensor(v) and v.is_floating_point() and v.numel()
+           and not float(v.detach().abs().max()) < DIVERGED]  # NaN compares False: caught too
     if bad:
-        raise PCLError(f"checkpoint {path} has NaN/inf backbone weights in {len(bad)} tensors (first: {bad[0]}): the "
-                       f"run that wrote it diverged; take an earlier checkpoint of it")
+        raise PCLError(f"checkpoint {path} has NaN/inf or diverged (|w| >= {DIVERGED:.0e}) backbone weights in "
+                       f"{len(bad)} tensors (first: {bad[0]}): the run that wrote it diverged; take an earlier "
+                       f"checkpoint of it")
     if not set(weights) & set(backbone.state_dict()):
         raise PCLError(f"checkpoint {path} holds no backbone weights (no [module.]encoder_q.* keys)")
     try:

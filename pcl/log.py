@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -249,13 +250,16 @@ class FiniteGuard:
         flag = dist_utils.all_reduce_sum(self.bad.to(torch.float32).reshape(1))
         if float(flag) == 0:
             return
+        kept = "nothing of this epoch is saved"
         if not bool(self.bad):
             raise PCLError(f"non-finite loss on another rank by epoch {epoch} step {step} (its log has the values); "
-                           f"lower --lr (last checkpoint kept)")
+                           f"lower --lr ({kept})")
         first, inst, loss_proto, lr = self.first.tolist()
+        # both terms finite, their weighted sum not: the weight overflowed it, not the updates
+        fix = "lower --proto-weight" if proto and math.isfinite(inst) and math.isfinite(loss_proto) else "lower --lr"
         raise PCLError(f"non-finite loss at epoch {epoch} step {int(first)}: loss_inst={inst:.4g}"
                        + (f" loss_proto={loss_proto:.4g}" if proto else "")
-                       + f" lr={lr:.4g}; lower --lr (last checkpoint kept)")
+                       + f" lr={lr:.4g}; {fix} ({kept})")
 
 
 class InputClock:

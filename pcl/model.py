@@ -242,10 +242,14 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(getattr(model, "module", None), nn.Module) else model
 
 
-def check_weights(model: nn.Module, where: str) -> None:
+def check_weights(model: nn.Module, where: str, source: str | None = None) -> None:
     """Refuse diverged weights: non-finite, or finite but beyond DIVERGED (an update after the last loss check can
-    take them to 1e28 while every loss seen was finite). One host sync."""
+    take them to 1e28 while every loss seen was finite). One host sync. ``source``: the checkpoint they were just
+    loaded from (then the error names that file, not the lr)."""
     largest = torch.stack([p.detach().abs().max().float() for p in model.parameters()]).max().item()
+    if source is not None and (not math.isfinite(largest) or largest >= DIVERGED):
+        raise PCLError(f"--resume {source} holds diverged weights (largest |w| = {largest:.3g}): the run that wrote "
+                       f"it diverged; resume an earlier checkpoint of it (and lower --lr from there)")
     if not math.isfinite(largest) or largest >= DIVERGED:
         raise PCLError(f"the weights diverged by {where} (largest |w| = {largest:.3g}): nothing was saved; lower "
                        f"--lr and resume from the last checkpoint")

@@ -118,6 +118,7 @@ def load_into(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, dev
                        f"here, but epoch {expect[0]} step {expect[1]} on rank 0: the file changed as the run started "
                        f"(still being copied?); let it settle and start again")
     ckpt_io.load_model_state(model, ckpt["state_dict"], path)
+    check_weights(model, "", source=path)  # NaN or 1e28 weights: the file's fault, not the lr's
     if ckpt.get("optimizer"):  # official files written without one hold {}
         ckpt_io.load_optimizer_state(optimizer, model, ckpt["optimizer"], path)
     if scaler is not None and ckpt.get("scaler"):  # else it starts at GradScaler's initial scale, as a fresh run

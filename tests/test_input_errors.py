@@ -272,3 +272,29 @@ def test_dir_of_the_wrong_kind_is_named_as_such(tmp_path):
         cfg = validate_pretrain_args(tiny_args(tmp_path / "exp", *([data] if data else []), "--dataset", "imagefolder"))
         with pytest.raises(PCLError, match=message):
             build_pretrain_data(data_settings(cfg))
+
+
+# 6. divergence blamed on its cause
+
+
+def test_weight_decay_that_diverges_by_itself_is_refused_before_any_work(tmp_path):
+    """NN05: --wd 1e10 ended in 'non-finite loss ... lower --lr'."""
+    with pytest.raises(PCLError, match=r"--wd 1e\+10 with --lr 0.05: the weight decay alone makes every SGD step "
+                                       r"diverge \(lr x wd = 5e\+08 >= 2 \(1 \+ --momentum\) = 3.8\)"):
+        validate_pretrain_args(tiny_args(tmp_path, "--wd", "1e10"))
+    validate_pretrain_args(tiny_args(tmp_path, "--wd", "1e-3"))
+
+
+def test_a_finite_protonce_term_overflowed_by_its_weight_names_proto_weight():
+    """WF04: --proto-weight 1e30 was blamed on --lr, with '(last checkpoint kept)' where none existed."""
+    from pcl.log import FiniteGuard
+
+    guard = FiniteGuard(torch.device("cpu"))
+    guard.watch(1, torch.tensor(float("inf")), torch.tensor(5.2), torch.tensor(4.1), 0.03)
+    with pytest.raises(PCLError, match=r"step 1: loss_inst=5.2 loss_proto=4.1 lr=0.03; lower --proto-weight "
+                                       r"\(nothing of this epoch is saved\)$"):
+        guard.check(0, 1, True)
+    guard = FiniteGuard(torch.device("cpu"))
+    guard.watch(2, torch.tensor(float("nan")), torch.tensor(float("nan")), torch.tensor(4.1), 0.03)
+    with pytest.raises(PCLError, match=r"lower --lr \(nothing of this epoch is saved\)$"):
+        guard.check(0, 2, True)
