@@ -127,6 +127,26 @@ def load_into(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, dev
     return ckpt
 
 
+LOOP_STATE = ("shuffle_gen", "negative_gen", "meters", "loader", "torch_rng")  # what EpochState.capture stores
+
+
+def check_loop_states(ckpt: dict[str, Any], path: str) -> None:
+    """A mid-epoch checkpoint (step > 0) holds one loop state per process that saved it, each with every entry
+    :meth:`EpochState.capture` writes; anything else is damaged or hand-made: one line, before any work."""
+    step = ckpt.get("step") or 0
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise PCLError(f"--resume {path}: its 'step' is {step!r}, not a step number")
+    if not step:
+        return
+    states = ckpt.get("resume_states")
+    missing = ("no 'resume_states'" if not isinstance(states, list) or not states else
+               next((f"resume_states[{i}] lacks {', '.join(k for k in LOOP_STATE if k not in st)}"
+                     for i, st in enumerate(states) if not isinstance(st, dict) or set(LOOP_STATE) - set(st)), None))
+    if missing:
+        raise PCLError(f"--resume {path} was saved mid-epoch (step {step}) but holds {missing}: it is damaged or "
+                       f"hand-made; resume an epoch-boundary checkpoint (checkpoint_NNNN.pth.tar) instead")
+
+
 def agree_resume(path: str | None, head: dict[str, Any] | None) -> tuple[str | None, tuple[int, int] | None]:
     """Rank 0's --resume choice (path, and the (epoch, step) it read there) for every rank: ranks that listed
     --exp-dir differently (a stale NFS cache, a checkpoint still being copied) would otherwise start at different
@@ -265,6 +285,7 @@ class Session:
             path, head = ckpt_io.resolve_resume(cfg.resume, cfg.exp_dir)
             if head is not None:
                 ckpt_io.require_pretrain_checkpoint(head, path)
+                check_loop_states(head, path)
         return cls(cfg, path, head, claim_exp_dir(cfg.exp_dir, cfg.overwrite, path, head, cfg.resume == "auto"))
 
     def load(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: PretrainData,

@@ -280,3 +280,20 @@ def test_a_mid_epoch_checkpoint_resumed_with_other_granularities_is_refused(tmp_
     with pytest.raises(PCLError, match=r"saved mid-epoch with --num-cluster 2,3; resume it with those \(now 4,5\)"):
         _check_mid_epoch(ckpt, "mid.pth.tar", cfg, 6)
     _check_mid_epoch(ckpt, "mid.pth.tar", cfg.replace(num_cluster=(2, 3)), 6)
+
+
+@pytest.mark.parametrize("states, message", [
+    (None, r"holds no 'resume_states'"),  # NO06: 'saved mid-epoch by 0 processes ... (0)'
+    ([{}], r"holds resume_states\[0\] lacks shuffle_gen, negative_gen, meters, loader, torch_rng"),  # NO07: KeyError
+])
+def test_a_mid_epoch_checkpoint_without_its_loop_states_is_refused_before_any_work(tmp_path, states, message):
+    path = _ckpt(tmp_path, "mid.pth.tar", 2, step=3)
+    from pcl import checkpoint as ckpt_io
+
+    ckpt = ckpt_io.load_checkpoint(path)
+    if states is not None:
+        ckpt["resume_states"] = states
+    torch.save(ckpt, path)
+    cfg = validate_pretrain_args(tiny_args(tmp_path / "run", "--resume", path, "/no/such/data"))
+    with pytest.raises(PCLError, match=r"was saved mid-epoch \(step 3\) but " + message):
+        Session.prepare(cfg)
