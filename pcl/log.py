@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -128,16 +129,34 @@ class RunLog:
                 logging.getLogger("pcl").warning("tensorboard is not installed: no TensorBoard logs")
             except OSError as e:
                 self._tensorboard_failed(e)
+        self.thread_error: OSError | None = None  # what killed the writer's thread (a full disk), said at once
+        self._hook = None
+        if self.writer is not None:  # the writer's thread would print its OSError as a traceback, mid-line
+            self._hook, threading.excepthook = threading.excepthook, self._writer_thread_died
 
-    def _tensorboard_failed(self, err: OSError) -> None:
+    def _writer_thread_died(self, args: Any) -> None:
+        """threading.excepthook while this log's TensorBoard writer lives: its thread's OSError is one warning,
+        the moment it happens; anything else goes to the previous hook."""
+        ours = type(args.thread).__name__ == "_AsyncWriterThread"  # tensorboard's event-file writer thread
+        if ours and isinstance(args.exc_value, OSError) and self.writer is not None and self.thread_error is None:
+            self.thread_error = args.exc_value
+            logging.getLogger("pcl").warning("could not write %s (%s): TensorBoard is off for this run",
+                                             self.tb_dir, reason(args.exc_value))
+        elif not ours or self.thread_error is None:
+            (self._hook or threading.__excepthook__)(args)
+
+    def _tensorboard_failed(self, err: OSError, said: bool = False) -> None:
         writer, self.writer = self.writer, None
-        logging.getLogger("pcl").warning("could not write %s (%s): TensorBoard is off for this run", self.tb_dir,
-                                         reason(err))
+        if not said:
+            logging.getLogger("pcl").warning("could not write %s (%s): TensorBoard is off for this run", self.tb_dir,
+                                             reason(err))
         if writer is not None:
             with contextlib.suppress(Exception):
                 writer.close()
 
     def _tb(self, method: str, *args: Any, **kwargs: Any) -> None:
+        if self.writer is not None and self.thread_error is not None:  # said by the hook already
+            self._tensorboard_failed(self.thread_error, said=True)
         if self.writer is not None:
             try:
                 getattr(self.writer, method)(*args, **kwargs)
@@ -179,6 +198,9 @@ class RunLog:
 
     def close(self) -> None:
         self._tb("close")
+        if self._hook is not None and threading.excepthook == self._writer_thread_died:
+            threading.excepthook = self._hook
+        self._hook = None
 
 
 class AverageMeter:
