@@ -22,7 +22,7 @@ from pcl.data import PretrainData, build_pretrain_data, data_settings
 from pcl.estep import e_step, self_check
 from pcl.log import FiniteGuard, InputClock, RunLog, process_rank, setup_logging
 from pcl.loss import PCLLoss
-from pcl.model import MoCo, apply_speed_options, build_backbone, channels_last, unwrap
+from pcl.model import MoCo, apply_speed_options, build_backbone, channels_last, cpu_compile_problem, unwrap
 from pcl.monitor import Monitor
 from pcl.preemption import Stopped
 from pcl.resume import EpochState, Session
@@ -194,6 +194,9 @@ def setup(cfg: RunConfig) -> tuple[torch.device, PretrainData, nn.Module, torch.
     """Process group, data, model and optimiser from the resolved settings (checks that need the data too)."""
     dist = DistSettings.of(cfg)
     device = dist_utils.init(dist)
+    unsafe = cfg.compile and cpu_compile_problem(cfg.arch, cfg.width, cfg.stem, device)
+    if unsafe:
+        raise PCLError(unsafe)
     world = dist_utils.world_size()
     batch = _check_batch(cfg, world)
     m = ModelSettings.of(cfg, world)

@@ -260,6 +260,32 @@ def channels_last(requested: bool, device: torch.device) -> bool:
     return requested and device.type != "cpu"
 
 
+def onednn_block(capability: str | None = None) -> int:
+    """oneDNN's register block of input channels on this CPU (``capability``: torch's name of its vector ISA): 8
+    with AVX2, 16 with AVX-512 or anything unknown (uxlfoundation/oneDNN#6035)."""
+    capability = capability if capability is not None else torch.backends.cpu.get_cpu_capability()
+    return 8 if capability.upper() == "AVX2" else 16
+
+
+def cpu_compile_problem(arch: str, width: int, stem: str, device: torch.device,
+                        capability: str | None = None) -> str | None:
+    """Why --compile must not run here (None: it may): on the CPU, Inductor lays convolutions out channels-last by
+    itself, and oneDNN's NHWC 1x1 stride-2 backward crashes the process (a segmentation fault, no message) when the
+    conv has fewer input channels than its register block (:func:`onednn_block`) -- the downsampling convs of
+    narrow ResNets (--width 4 on AVX2, 3 of 3 runs; --width 8 trained there)."""
+    if device.type != "cpu":
+        return None
+    block = onednn_block(capability)
+    narrow = min((m.in_channels for m in build_backbone(arch, width, stem).modules()
+                  if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (2, 2)), default=None)
+    if narrow is None or narrow >= block:
+        return None
+    safe = math.ceil(block * width / narrow)
+    return (f"--compile on the CPU with -a {arch} --width {width}: its narrowest 1x1 stride-2 convolution has {narrow} "
+            f"input channels, and oneDNN's channels-last kernel (Inductor's choice on the CPU) crashes the process "
+            f"below {block} on this CPU (oneDNN#6035); drop --compile, or use --width {safe} or more")
+
+
 def apply_speed_options(model: MoCo, use_channels_last: bool, compile_encoders: bool) -> bool:
     """--channels-last and --compile on the encoders (numerics unchanged up to kernel choice); returns whether
     channels-last is in effect.

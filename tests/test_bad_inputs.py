@@ -214,3 +214,25 @@ def test_every_seed_in_range_seeds_every_stream():
             torch.Generator().manual_seed(value)
     assert epoch_seed(5, 3, 2, 1) == (5 * 100_003 + 3) * 1009 + 3 and stream_seed(5, 3, 2, 1) == \
         ((5 * 1_000_003 + 3) * 1009 + 2) * 17 + 1  # the seeds earlier runs were drawn with
+
+
+def test_compile_on_the_cpu_with_narrow_convs_is_refused_before_the_data():
+    """WF09: --compile on the CPU at --width 4 died of a segmentation fault in oneDNN (no message). The decision
+    only: nothing is compiled here."""
+    from pcl.model import cpu_compile_problem
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert "its narrowest 1x1 stride-2 convolution has 4 input channels" in \
+        cpu_compile_problem("resnet18", 4, "small", cpu, "AVX2")
+    assert cpu_compile_problem("resnet18", 8, "small", cpu, "AVX2") is None  # trained on AVX2 in the probe
+    assert "use --width 16 or more" in cpu_compile_problem("resnet18", 8, "small", cpu, "AVX512")
+    assert cpu_compile_problem("resnet50", 4, "small", cpu, "AVX512") is None  # bottlenecks: 4 x 4 channels
+    assert cpu_compile_problem("resnet18", 4, "small", gpu, "AVX2") is None
+
+
+def test_fit_refuses_an_unsafe_cpu_compile_before_reading_the_data(tmp_path):
+    from conftest import tiny_args
+    from pcl.engine import fit
+
+    with pytest.raises(PCLError, match=r"^--compile on the CPU with -a resnet18 --width 4"):
+        fit(tiny_args(tmp_path, "--compile", "--dataset", "imagefolder", str(tmp_path / "no_such_data")))
