@@ -78,8 +78,12 @@ class StopRequest:
                        "; press Ctrl-C again to abort without saving" if name == "SIGINT" else "")
 
     def restore(self) -> None:
+        """Put back the handlers :meth:`install` replaced, except after a stop: then a further SIGTERM/SIGUSR1 (SLURM
+        signals every task, schedulers repeat the signal) is logged and ignored where it would have killed the
+        process, which is about to exit 75 with its checkpoint saved (a kill now would make that 143)."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            late = self.signal_name is not None and handler == signal.SIG_DFL and sig != signal.SIGINT
+            signal.signal(sig, _after_the_stop if late else handler)
         self._previous.clear()
 
     def requested(self, device: torch.device) -> bool:
@@ -113,6 +117,10 @@ class StopRequest:
     @property
     def name(self) -> str:
         return self.signal_name or "signal on another rank"
+
+
+def _after_the_stop(signum: int, frame: Any) -> None:
+    logger.warning("%s received after the stop: ignored, the run has saved and exits 75", signal.Signals(signum).name)
 
 
 def raise_preempted(exp_dir: str, path: str, epoch: int, step: int, signal_name: str) -> None:
