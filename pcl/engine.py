@@ -83,6 +83,7 @@ def _pretrain(cfg: RunConfig, on_step: Callable[[int, int], None] | None) -> dic
                 session.save(epoch, clusters)  # before the epoch is logged: a full disk there loses no epoch
                 monitor.record(stats)
                 session.stop_if_requested(epoch)
+            session.stop.after_training = True  # every epoch is saved: a signal now stops nothing
             report = monitor.final_report(model, lambda: build_backbone(cfg.arch, cfg.width, cfg.stem))
             monitor.finished(ckpt_io.checkpoint_path(cfg.exp_dir, cfg.epochs - 1))
             return {**stats, "knn": report} if report else stats

@@ -54,6 +54,7 @@ class StopRequest:
         self._host: torch.Tensor | None = None
         self._event: Any = None
         self._first_interrupt: float | None = None
+        self.after_training = False  # set once the last checkpoint is saved: a signal then has nothing to save
 
     def install(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
@@ -73,6 +74,11 @@ class StopRequest:
                 return
             self._first_interrupt = now
         self.signal_name = self.signal_name or name
+        if self.after_training:
+            logger.warning("%s received after the last checkpoint was saved: nothing is lost; the final report "
+                           "finishes, then the run exits%s", name,
+                           "; press Ctrl-C again to abort it" if name == "SIGINT" else "")
+            return
         logger.warning("%s received: stopping at the next safe point (after this step, feature batch or "
                        "k-means iteration), then saving%s", name,
                        "; press Ctrl-C again to abort without saving" if name == "SIGINT" else "")

@@ -321,3 +321,17 @@ def test_unwritable_exp_dir_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "makedirs", refuse)
     with pytest.raises(PCLError, match=r"--exp-dir .*/ro is not writable \(Permission denied\)"):
         setup_logging(str(tmp_path / "ro"))
+
+
+def test_a_signal_after_the_last_checkpoint_says_what_happens(pcl_warnings):
+    """NG02: TERM during the final --knn-eval logged 'stopping at the next safe point ..., then saving', then the run
+    finished with exit 0 (nothing was lost: the message was wrong)."""
+    stop = StopRequest().install()
+    stop.after_training = True
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        stop.restore()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert pcl_warnings == ["SIGTERM received after the last checkpoint was saved: nothing is lost; the final report "
+                            "finishes, then the run exits"]
