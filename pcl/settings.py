@@ -395,9 +395,10 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
                      "print_freq", "pcl_r", "kmeans_niter", "kmeans_nredo", "bn_splits", "knn_k", "runs",
                      "svm_max_iter", "gallery_rows", "columns", "queries"), _at_least(1)),
     **dict.fromkeys(("expect_images", "expect_classes", "knn_every"), _at_least(0, " (0: off)")),
-    **dict.fromkeys(("lr", "temperature", "knn_t", "pauc_alpha", "pauc_t", "lr_last_layer", "dist_timeout",
-                     "knn_max_bank_gb"),
+    **dict.fromkeys(("lr", "temperature", "knn_t", "pauc_alpha", "pauc_t", "lr_last_layer", "knn_max_bank_gb"),
                     _POSITIVE),
+    # minutes; torch's rendezvous sockets overflow from about 1e10 (a 'timed out after ...ms' dump at once)
+    "dist_timeout": ((lambda v: _finite(v) and 0 < v <= 1e6), "a number of minutes > 0 and at most 1e6"),
     **dict.fromkeys(("weight_decay", "pauc_align", "pauc_uniform", "pauc_corr", "loader_timeout", "proto_weight"),
                     _NON_NEGATIVE),
     **dict.fromkeys(("schedule", "decay_epochs"), _EPOCH_LIST),
