@@ -19,8 +19,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from pcl import (ABANDONED_THREAD, EXIT_INPUT, EXIT_PREEMPTED, PCLError, Preempted, distributed as dist_utils,
-                 error_line)
+from pcl import (ABANDONED_THREAD, EXIT_INPUT, EXIT_PREEMPTED, PCLError, Preempted, RunFailed,
+                 distributed as dist_utils, error_line)
 from pcl.config import RunConfig, parse_args
 from pcl.preemption import StopRequest, preempted_from_marker
 
@@ -59,6 +59,9 @@ def run_cli(build_parser: Callable[[], argparse.ArgumentParser], run: Callable[[
         print(f"preempted: {e}", file=sys.stderr)
         exit_now(EXIT_PREEMPTED)
         return EXIT_PREEMPTED
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -144,7 +147,9 @@ def launch(args: RunConfig, fn: Callable[[RunConfig], Any]) -> Any:
             raise preempted_from_marker(args.exp_dir) from None
         if e.exit_code == EXIT_INPUT:
             raise PCLError(f"a worker stopped on bad input (its message is above); exit code {e.exit_code}") from None
-        raise
+        how = f"killed by {e.signal_name}" if getattr(e, "signal_name", None) else f"exit code {e.exit_code}"
+        raise RunFailed(f"worker process {e.error_index} (pid {e.error_pid}) died ({how}); the launcher stopped the "
+                        f"other workers. Rerun with --resume auto to continue from the last saved checkpoint") from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -307,3 +307,27 @@ def test_a_dist_timeout_that_overflows_torchs_sockets_is_refused_at_parse_time()
     with pytest.raises(PCLError, match=r"--dist-timeout 1000000000000.0: must be a number of minutes > 0 and at most 1e6"):
         parse_args(build_pretrain_parser(), ["--dist-timeout", "1e12"])
     assert parse_args(build_pretrain_parser(), ["--dist-timeout", "1e6"]).dist_timeout == 1e6
+
+
+def test_a_worker_killed_by_a_signal_is_one_line_from_the_launcher(tmp_path, monkeypatch, capsys):
+    """NG10: kill -9 of one worker gave the launcher a ProcessExitedException traceback."""
+    import types
+
+    import torch.multiprocessing as tmp
+
+    from pcl.config import build_pretrain_parser
+    from pcl.launch import main
+
+    def dead(*args, **kwargs):
+        def join():
+            raise tmp.ProcessExitedException("process 1 terminated with signal SIGKILL", error_index=1,
+                                             error_pid=4242, exit_code=-9, signal_name="SIGKILL")
+        return types.SimpleNamespace(join=join, processes=[])
+
+    monkeypatch.setattr(tmp, "start_processes", dead)
+    code = main(build_pretrain_parser, lambda args: None, tiny_argv(tmp_path, "--multiprocessing-distributed",
+                                                                    "--nproc", "2"))
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert err.strip() == ("error: worker process 1 (pid 4242) died (killed by SIGKILL); the launcher stopped the other "
+                           "workers. Rerun with --resume auto to continue from the last saved checkpoint")
