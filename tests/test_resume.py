@@ -297,3 +297,38 @@ def test_a_mid_epoch_checkpoint_without_its_loop_states_is_refused_before_any_wo
     cfg = validate_pretrain_args(tiny_args(tmp_path / "run", "--resume", path, "/no/such/data"))
     with pytest.raises(PCLError, match=r"was saved mid-epoch \(step 3\) but " + message):
         Session.prepare(cfg)
+
+
+def _listing_worker(rank, port, out_dir):
+    from conftest import image_folder
+    from pcl.engine import setup
+
+    torch.set_num_threads(1)
+    classes = ["a", "b"] if rank == 0 else ["a", "c"]  # rank 1's node lists another class folder: same N
+    root = image_folder(os.path.join(out_dir, f"data{rank}"), classes, per_class=4, splits=("train",))
+    cfg = validate_pretrain_args(tiny_args(os.path.join(out_dir, "exp"), root, "--dist-url", f"tcp://127.0.0.1:{port}",
+                                           "--world-size", "2", "--rank", str(rank), "-b", "4", "--pcl-r", "8",
+                                           "--num-cluster", "2", "--image-size", "8"))
+    try:
+        setup(cfg)
+        outcome = "no error"
+    except PCLError as e:
+        outcome = str(e)
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(outcome)
+    from pcl import distributed as dist_utils
+
+    dist_utils.cleanup()
+
+
+def test_two_gloo_processes_that_list_different_files_stop_with_one_error_each(tmp_path):
+    """Issue 38.1 with real collectives: the ranks' sample lists differ (same N), each stops with the same line."""
+    import torch.multiprocessing as mp
+
+    from conftest import free_port
+
+    mp.spawn(_listing_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    lines = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    same = [line.split(": every process must list")[0] for line in lines]  # then each names its own DIR
+    assert same[0] == same[1] and lines[0].startswith("the training set (images, sample-list hash) differs between "
+                                                        "the processes: rank 0 has (8, '"), lines
