@@ -31,7 +31,7 @@ on 2 CPU cores, most of it the tests section (nccl ~30 s, loader ~5 s, syncs, fa
    loader worker's CPU per pair (decode + the official RandomResizedCrop + flip to uint8, twice:
    ``pretrain_crop_transform``) next to the official PIL MoCo v2 pipeline's, and their ratio (goal <= 40 %); the
    E-step's per-image eval crop (``eval_crop_transform`` vs ``eval_transform``) likewise. (b) On the device, the
-   rest of the list (``TensorAugment(mode="torchvision")``: colour jitter, grayscale, blur, normalisation; fp32)
+   rest of the list (``TensorAugment(crop=False)``: colour jitter, grayscale, blur, normalisation; fp32)
    on a uint8 batch of 256 at 224 px: images/s, synchronised (keys ``worker_pair_ms``, ``official_pair_ms``,
    ``worker_over_official``, ``device_images_per_s``);
 12. kmeans_ranks (~70 s, a projection): ``--kmeans-backend torch-ranks``: ``run_kmeans_across_ranks`` in a
@@ -368,7 +368,7 @@ def section_device_aug(device: torch.device, sizes: dict) -> dict:
     """``--augment device``: (a) the loader worker's CPU per pair (decode + the official RandomResizedCrop + flip to
     uint8, twice: ``pretrain_crop_transform``) next to the official PIL MoCo v2 pipeline's, on one core and the
     pil section's JPEGs (and the E-step's per-image eval crop likewise); (b) the colour ops and normalisation on
-    the device (``TensorAugment(mode="torchvision")``, MoCo v2, fp32) on a uint8 batch: images/s, synchronised."""
+    the device (``TensorAugment(crop=False)``, MoCo v2, fp32) on a uint8 batch: images/s, synchronised."""
     from pcl.data import pretrain_transform
     from pcl.data.tensor_augment import TensorAugment
     from pcl.data.transforms import eval_crop_transform, eval_transform, pretrain_crop_transform
@@ -390,7 +390,7 @@ def section_device_aug(device: torch.device, sizes: dict) -> dict:
     size, b = sizes["aug_size"], sizes["aug_batch"]
     gen = torch.Generator(device=device).manual_seed(0)
     images = torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, device=device, generator=gen)
-    augment = TensorAugment(size, aug_plus=True, mode="torchvision")
+    augment = TensorAugment(size, aug_plus=True, crop=False)
     out = augment(images, gen)
     finite = tuple(out.shape) == (b, 3, size, size) and out.dtype == torch.float32 and bool(torch.isfinite(out).all())
     ms = _median_ms(lambda: augment(images, gen), device, repeats=20)

@@ -21,7 +21,7 @@ import os
 import torch
 
 # study first: it puts this checkout (and benchmarks/common.py) on sys.path
-from study import write_json
+from study import cli, write_json
 from pcl import checkpoint as ckpt_io
 from pcl.cluster import kmeans
 from pcl.data import TensorEvalLoader, make_digits_demo
@@ -109,4 +109,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -14,6 +14,11 @@ learned backbone, a random init and raw pixels:
   stray pen strokes, sensor noise -- mild clutter, little colour. Train and validation images come from disjoint
   source digits.
 
+The folder is written once into OUT_DIR/data (into a temporary folder, then renamed) with ``made_with.json``, the
+flags that drew it (and the Fashion-MNIST files' fingerprint); a later call reuses it only when it would draw the same
+folder, and refuses it in one line otherwise, as it refuses a run folder that holds a run (pass ``-- --resume auto``
+to continue it). The JSON goes to ``exp/results/demo_imagefolder[_digits].json`` unless ``--json`` names a path.
+
     python experiments/demo_imagefolder.py --idx-dir /usr/share/datasets/fashion-mnist --out-dir exp/clutter_fmnist
     python experiments/demo_imagefolder.py --source digits --out-dir exp/paper_digits
 """
@@ -21,14 +26,18 @@ learned backbone, a random init and raw pixels:
 from __future__ import annotations
 
 import argparse
+import glob
 import math
 import os
+import shutil
 
 import torch
 import torch.nn.functional as F
 
 # study first: it puts this checkout (and benchmarks/common.py) on sys.path
-from study import ROOT, RESULTS, hardware, log_epochs, write_json, use_cores
+from study import (ROOT, check_made_with, cli, default_out, fingerprint, hardware, log_epochs, made_with,
+                   write_json)
+from pcl import PCLError
 from pcl.config import build_pretrain_parser, parse_args
 from pcl.data import load_mnist_family, render_glyphs
 from pcl.engine import fit
@@ -127,8 +136,16 @@ def write_digits(root: str | None, counts: dict[str, int], size: int = 32, seed:
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(glyphs), generator=gen)
     n_val = len(glyphs) // 5
+    splits = (("val", order[:n_val]), ("train", order[n_val:]))
+    for split, ids in splits:  # before any drawing: a class without an image breaks the folder's layout
+        first = [int(torch.nonzero(labels[ids] == c)[0]) for c in range(10)]
+        if counts[split] <= max(first):
+            missing = [c for c in range(10) if first[c] >= counts[split]]
+            raise PCLError(f"--{split}-images {counts[split]}: the first {counts[split]} digits drawn for {split}/ "
+                           f"hold no {', '.join(map(str, missing))}, and every class needs an image: give "
+                           f"--{split}-images {max(first) + 1} or more")
     out: dict[str, dict[str, torch.Tensor]] = {}
-    for split, ids in (("val", order[:n_val]), ("train", order[n_val:])):
+    for split, ids in splits:
         src = ids[torch.arange(counts[split]) % len(ids)]
         out[split] = {"digit": labels[src]}
         images = render_on_paper(glyphs[src], size, gen, clutter, anywhere, nuisances=out[split])
@@ -158,6 +175,40 @@ def run_summary(exp_dir: str) -> dict:
             if nmi else None}
 
 
+def folder_record(opts: argparse.Namespace) -> dict:
+    """What draws the folder: the source and its flags (and, for Fashion-MNIST, the fingerprint of its idx files)."""
+    if opts.source == "fashion":
+        return {"source": "fashion", "train_per_class": opts.train_per_class, "val_per_class": opts.val_per_class,
+                "idx_fingerprint": fingerprint(load_mnist_family("fashion-mnist", opts.idx_dir))}
+    return {"source": "digits", "train_images": opts.train_images, "val_images": opts.val_images,
+            "clutter": not opts.no_clutter, "anywhere": opts.anywhere}
+
+
+def build_folder(opts: argparse.Namespace, data: str) -> None:
+    """OUT_DIR/data: reused when its made_with.json says it was drawn with these flags, refused when it was drawn
+    otherwise or has no record (a half-written folder of an older script); else drawn into a temporary folder that
+    is renamed into place once complete."""
+    record = folder_record(opts)
+    if check_made_with(data, record, "an image folder", "delete it to draw it again, or give another --out-dir"):
+        return
+    counts = (opts.train_per_class, opts.val_per_class) if opts.source == "fashion" else (opts.train_images,
+                                                                                           opts.val_images)
+    if min(counts) < 1:
+        raise PCLError(f"--source {opts.source}: {counts} images for train/ and val/: give at least 1 per class")
+    tmp = f"{data}.partial{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if opts.source == "fashion":
+            write_fashion(opts.idx_dir, tmp, {"train": opts.train_per_class, "val": opts.val_per_class})
+        else:
+            write_digits(tmp, {"train": opts.train_images, "val": opts.val_images}, clutter=not opts.no_clutter,
+                         anywhere=opts.anywhere)
+        made_with(tmp, record)
+        os.rename(tmp, data)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; a failed or interrupted draw leaves nothing
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", choices=("fashion", "digits"), default="fashion")
@@ -171,22 +222,23 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--anywhere", action="store_true",
                    help="--source digits: smaller digits placed anywhere on the page, not near the centre")
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.yaml"))
-    p.add_argument("--json", default=None, help="default experiments/results/demo_imagefolder[_digits].json")
+    p.add_argument("--json", default=None, help="default exp/results/demo_imagefolder[_digits].json")
     p.add_argument("overrides", nargs="*", help="extra main_pcl flags, after --")
     opts = p.parse_args(argv)
     out_dir = opts.out_dir or ("exp/clutter_fmnist" if opts.source == "fashion" else "exp/paper_digits")
-    json_path = opts.json or os.path.join(RESULTS, "demo_imagefolder" + ("_digits" if opts.source == "digits" else "")
-                                          + ".json")
+    json_path = opts.json or default_out("demo_imagefolder" + ("_digits" if opts.source == "digits" else "") + ".json")
     data = os.path.join(out_dir, "data")
-    if not os.path.isdir(os.path.join(data, "train")):
-        if opts.source == "fashion":
-            write_fashion(opts.idx_dir, data, {"train": opts.train_per_class, "val": opts.val_per_class})
-        else:
-            write_digits(data, {"train": opts.train_images, "val": opts.val_images}, clutter=not opts.no_clutter,
-                         anywhere=opts.anywhere)
     args = parse_args(build_pretrain_parser(), ["-c", opts.config, data, "--exp-dir", os.path.join(out_dir, "run"),
                                                 "--no-progress", *opts.overrides])
+    if glob.glob(os.path.join(glob.escape(args.exp_dir), "checkpoint_*.pth.tar")) and not (args.resume or
+                                                                                           args.overwrite):
+        raise PCLError(f"{args.exp_dir} holds a run already: give another --out-dir (or -- --exp-dir), or pass "
+                       f"-- --resume auto to continue it")
+    build_folder(opts, data)
     stats = fit(args)
+    if "knn" not in stats:
+        raise PCLError(f"{args.exp_dir}: the run reported no kNN result (it had finished already, or -- "
+                       f"--no-knn-eval): nothing to write to {json_path}")
     result = {"hardware": hardware(), "source": opts.source, "config": os.path.relpath(opts.config, ROOT),
               "data": data, "overrides": opts.overrides, "knn": stats["knn"], **run_summary(args.exp_dir)}
     write_json(result, json_path)
@@ -194,5 +246,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    use_cores()
-    main()
+    cli(main)

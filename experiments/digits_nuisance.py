@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 # study first: it puts this checkout (and benchmarks/common.py) on sys.path
-from study import RESULTS, hardware, use_cores, write_json
+from study import cli, default_out, hardware, write_json
 from demo_imagefolder import write_digits
 from feature_rank import load_model
 from pcl.checkpoint import load_checkpoint
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--train-images", type=int, default=4000)
     p.add_argument("--val-images", type=int, default=1000)
     p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--out", default=os.path.join(RESULTS, "digits_nuisance.json"))
+    p.add_argument("--out", default=default_out("digits_nuisance.json"))
     opts = p.parse_args(argv)
     counts = {"train": opts.train_images, "val": opts.val_images}
     drawn: dict[str, torch.Tensor] = {}
@@ -115,5 +115,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    use_cores()
-    main()
+    cli(main)

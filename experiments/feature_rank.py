@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 # study first: it puts this checkout (and benchmarks/common.py) on sys.path
-from study import RESULTS, use_cores, write_json
+from study import cli, default_out, write_json
 from pcl.checkpoint import load_checkpoint, load_model_state
 from pcl.data import eval_transform, image_folder
 from pcl.model import MoCo
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--images", type=int, default=512)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=os.path.join(RESULTS, "feature_rank.json"))
+    p.add_argument("--out", default=default_out("feature_rank.json"))
     opts = p.parse_args(argv)
     root, split = os.path.split(os.path.normpath(opts.split))
     data = image_folder(root, split)
@@ -91,5 +91,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    use_cores()
-    main()
+    cli(main)

@@ -12,7 +12,7 @@ import argparse
 import os
 
 # study first: it puts this checkout (and benchmarks/common.py) on sys.path
-from study import ROOT, RESULTS, fit_with_curve, hardware, write_json, use_cores
+from study import ROOT, cli, default_out, fit_with_curve, hardware, write_json
 
 
 def run(name: str, argv: list[str]) -> dict:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--warmup-epoch", type=int, default=10, help="PCL's warm-up (InfoNCE only) epochs")
     p.add_argument("--knn-every", type=int, default=5)
-    p.add_argument("--out", default=os.path.join(RESULTS, "learning_demo.json"))
+    p.add_argument("--out", default=default_out("learning_demo.json"))
     p.add_argument("--exp-root", default="exp/bench_learning")
     p.add_argument("overrides", nargs="*", help="extra main_pcl flags, after --")
     opts = p.parse_args(argv)
@@ -53,5 +53,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    use_cores()
-    main()
+    cli(main)

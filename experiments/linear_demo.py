@@ -14,7 +14,7 @@ import os
 import time
 
 # study first: it puts this checkout (and benchmarks/common.py) on sys.path
-from study import ROOT, RESULTS, hardware, write_json, use_cores
+from study import ROOT, cli, default_out, hardware, write_json
 from pcl.config import build_linear_parser, parse_args
 from pcl.evaluation.linear import fit_linear
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained", default="exp/demo/checkpoint_last.pth.tar")
     p.add_argument("--views", type=int, default=10, help="augmented views per image for the second cached run")
-    p.add_argument("--out", default=os.path.join(RESULTS, "linear_demo.json"))
+    p.add_argument("--out", default=default_out("linear_demo.json"))
     p.add_argument("--exp-root", default="exp/bench_linear")
     p.add_argument("overrides", nargs="*", help="extra eval_linear flags, after --")
     opts = p.parse_args(argv)
@@ -55,5 +55,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    use_cores()
-    main()
+    cli(main)

@@ -18,7 +18,7 @@ import time
 import torch
 
 # study first: it puts this checkout (and benchmarks/common.py) on sys.path
-from study import ROOT, RESULTS, hardware, write_json, use_cores
+from study import ROOT, cli, default_out, hardware, write_json
 from pcl import PCLError
 from pcl.checkpoint import LAST, load_checkpoint, load_model_state
 from pcl.cluster import run_kmeans
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--warmup-epoch", type=int, default=5)
     p.add_argument("--rows", default=",".join(ROWS), help="which rows, comma-separated")
-    p.add_argument("--out", default=os.path.join(RESULTS, "pauc_ablation.json"))
+    p.add_argument("--out", default=default_out("pauc_ablation.json"))
     p.add_argument("--exp-root", default="exp/pauc_ablation")
     p.add_argument("overrides", nargs="*", help="extra main_pcl flags, after --")
     opts = p.parse_args(argv)
@@ -92,5 +92,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    use_cores()
-    main()
+    cli(main)

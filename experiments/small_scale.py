@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # study first: it puts this checkout (and benchmarks/common.py) on sys.path
-from study import ROOT, RESULTS, fit_with_curve, hardware, write_json, use_cores
+from study import ROOT, cli, default_out, fit_with_curve, hardware, write_json
 from pcl import checkpoint as ckpt_io
 from pcl.cluster import kmeans
 from pcl.config import build_linear_parser, build_pretrain_parser, parse_args, validate_pretrain_args
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--linear-lr", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exp-root", default="exp/small_scale")
-    p.add_argument("--out", default=os.path.join(RESULTS, "small_scale_fmnist.json"))
+    p.add_argument("--out", default=default_out("small_scale_fmnist.json"))
     p.add_argument("overrides", nargs="*", help="extra main_pcl flags, after --")
     opts = p.parse_args(argv)
     opts.shots = parse_list(opts.shots, "--shots")
@@ -230,5 +230,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    use_cores()
-    main()
+    cli(main)

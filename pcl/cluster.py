@@ -32,11 +32,12 @@ class ClusterResult:
     centroids: list[torch.Tensor] = field(default_factory=list)
     concentration: list[torch.Tensor] = field(default_factory=list)
     kmeans_seconds: list[float] = field(default_factory=list)  # per granularity, where it was computed (not saved)
+    objective: list[float] = field(default_factory=list)  # per granularity: mean squared distance (not saved)
 
     def to(self, device: torch.device | str) -> "ClusterResult":
         move = lambda ts: [t.to(device) for t in ts]  # noqa: E731
         return ClusterResult(move(self.im2cluster), move(self.centroids), move(self.concentration),
-                             list(self.kmeans_seconds))
+                             list(self.kmeans_seconds), list(self.objective))
 
     def state_dict(self) -> dict:
         return {"im2cluster": [t.cpu() for t in self.im2cluster], "centroids": [t.cpu() for t in self.centroids],
@@ -98,19 +99,20 @@ def check_features(features: torch.Tensor, num_clusters: Sequence[int]) -> None:
                        f"the {n} training samples; choose every k <= {n}")
 
 
-def faiss_kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, gpu_device: int | None
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def faiss_kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, gpu_device: int | None,
+                 init: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Official settings; returns (centroids k x d, squared distances N, assignments N). The flat L2 index lives
     on ``gpu_device`` alone, the calling process's own GPU (the official code shards it over every visible GPU:
     on a node with one process per GPU, rank 0 would then use the other ranks' GPUs too, which fails where GPUs
-    are in exclusive-process mode and contends with their work elsewhere); None: on the CPU."""
+    are in exclusive-process mode and contends with their work elsewhere); None: on the CPU. ``init`` (k x d):
+    start from these centroids instead of k random rows (a warm start: one run, ``nredo`` is ignored)."""
     import faiss
 
     d = x.shape[1]
     clus = faiss.Clustering(d, k)
     clus.verbose = False
     clus.niter = niter
-    clus.nredo = nredo
+    clus.nredo = nredo if init is None else 1
     clus.seed = seed
     clus.max_points_per_centroid = 1000
     clus.min_points_per_centroid = 10
@@ -122,6 +124,8 @@ def faiss_kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, gpu_d
         index = faiss.GpuIndexFlatL2(res, d, cfg)
     else:
         index = faiss.IndexFlatL2(d)
+    if init is not None:  # faiss starts from the centroids it already holds
+        faiss.copy_array_to_vector(np.ascontiguousarray(init, dtype=np.float32).ravel(), clus.centroids)
     clus.train(x, index)  # leaves the best centroids in the index
     dist2, assign = index.search(x, 1)
     centroids = faiss.vector_to_array(clus.centroids).reshape(k, d)
@@ -218,8 +222,8 @@ def split_empty_clusters(c: torch.Tensor, counts: torch.Tensor, gen: torch.Gener
 
 @torch.no_grad()
 def _torch_kmeans(x: torch.Tensor, k: int, seed: int, niter: int, nredo: int,
-                  should_stop: Callable[[], bool] | None = None, precision: str = "fp32"
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+                  should_stop: Callable[[], bool] | None = None, precision: str = "fp32",
+                  init: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Lloyd k-means with faiss's semantics: random init from (a subsample of at most 1000 k) points,
     niter iterations, empty clusters refilled by :func:`split_empty_clusters`, the best of nredo runs by
     objective. Not bit-equal to faiss (its RNG), equal in distribution (measured: benchmarks/bench_kmeans.py).
@@ -229,7 +233,8 @@ def _torch_kmeans(x: torch.Tensor, k: int, seed: int, niter: int, nredo: int,
     :func:`kmeans_across_ranks`, whose code it shares, with the rows in dataset order."""
     n = x.shape[0]
     index = torch.arange(n, device=x.device)
-    return _lloyd(x, index, n, k, seed, niter, nredo, should_stop, across_ranks=False, precision=precision)
+    return _lloyd(x, index, n, k, seed, niter, nredo, should_stop, across_ranks=False, precision=precision,
+                  init=init)
 
 
 @contextlib.contextmanager
@@ -254,8 +259,8 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _lloyd(x: torch.Tensor, index: torch.Tensor, num_samples: int, k: int, seed: int, niter: int, nredo: int,
-           should_stop: Callable[[], bool] | None, across_ranks: bool, precision: str = "fp32"
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+           should_stop: Callable[[], bool] | None, across_ranks: bool, precision: str = "fp32",
+           init: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The Lloyd k-means of :func:`_torch_kmeans` and :func:`kmeans_across_ranks`, on this rank's rows.
 
     x: n_r x d float32, the rows this rank holds; index: n_r, their dataset indices (every index in
@@ -270,17 +275,20 @@ def _lloyd(x: torch.Tensor, index: torch.Tensor, num_samples: int, k: int, seed:
     Returns (centroids k x d, squared distances n_r, assignments n_r) of this rank's rows, or None on a stop.
     ``precision`` (:data:`PRECISIONS`) applies to the iterations' assignment step only; the objective that picks
     the best run, the final assignments and the distances phi is computed from stay in fp32.
+    ``init`` (k x d, the same on every rank): one run from these centroids instead of ``nredo`` runs from random
+    rows (a warm start); every other draw (the subsample, the split donors) as in a cold run.
     """
     if precision not in PRECISIONS:
         raise PCLError(f"--kmeans-precision {precision}: use one of {', '.join(PRECISIONS)}")
     with _strict_fp32():
         return _lloyd_runs(x, index, num_samples, k, seed, niter, nredo, should_stop,
-                           all_reduce_sum if across_ranks else _identity, precision)
+                           all_reduce_sum if across_ranks else _identity, precision, init)
 
 
 def _lloyd_runs(x: torch.Tensor, index: torch.Tensor, num_samples: int, k: int, seed: int, niter: int, nredo: int,
                 should_stop: Callable[[], bool] | None, reduce: Callable[[torch.Tensor], torch.Tensor],
-                precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+                precision: str = "fp32", init: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The body of :func:`_lloyd`; ``reduce``: the in-place sum over ranks, or the identity."""
     device, d = x.device, x.shape[1]
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -297,14 +305,17 @@ def _lloyd_runs(x: torch.Tensor, index: torch.Tensor, num_samples: int, k: int, 
     local_row = torch.full((num_samples,), -1, dtype=torch.long, device=device)  # N: dataset index -> local row
     local_row[index] = torch.arange(index.shape[0], device=device)
     best_obj, best_c = math.inf, None
-    for _ in range(nredo):
-        first = torch.randperm(num_train, generator=gen, device=device)[:k]  # k positions in the training set
-        init = first if sample is None else sample[first]  # k distinct dataset indices
-        rows = local_row[init]  # k: the local row of each, -1 where another rank holds it
-        held = rows >= 0
-        c = torch.zeros(k, d, dtype=x.dtype, device=device)
-        c[held] = x[rows[held]]
-        c = reduce(c)  # k x d: each row filled by the one rank holding it
+    for _ in range(nredo if init is None else 1):
+        if init is None:
+            first = torch.randperm(num_train, generator=gen, device=device)[:k]  # k positions in the training set
+            chosen = first if sample is None else sample[first]  # k distinct dataset indices
+            rows = local_row[chosen]  # k: the local row of each, -1 where another rank holds it
+            held = rows >= 0
+            c = torch.zeros(k, d, dtype=x.dtype, device=device)
+            c[held] = x[rows[held]]
+            c = reduce(c)  # k x d: each row filled by the one rank holding it
+        else:
+            c = init.to(device=device, dtype=x.dtype).clone()  # k x d, the same on every rank
         for _ in range(niter):
             _, assign = _nearest(train, c, precision=precision)
             counts = reduce(torch.bincount(assign, minlength=k))  # k
@@ -380,20 +391,23 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu") -> tuple[s
 
 
 def kmeans(x: torch.Tensor, k: int, seed: int = 0, niter: int = 20, nredo: int = 5, backend: str = "auto",
-           should_stop: Callable[[], bool] | None = None, precision: str = "fp32"
+           should_stop: Callable[[], bool] | None = None, precision: str = "fp32", init: torch.Tensor | None = None
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """One k-means on x: N x d with the resolved backend: (centroids k x d, squared distances N, assignments N),
     on the device of x (unnormalised centroids; no concentration). On CUDA it uses x's GPU only. None when
-    ``should_stop()`` said so (asked between Lloyd iterations, or every half second while faiss runs)."""
+    ``should_stop()`` said so (asked between Lloyd iterations, or every half second while faiss runs).
+    ``init`` (k x d): a warm start from these centroids (one run) instead of ``nredo`` random starts."""
     backend = resolve_backend(backend, x.device)[0]
     if backend == "faiss" and precision != "fp32":
         raise PCLError(f"--kmeans-precision {precision} applies to the PyTorch k-means: faiss computes in fp32 "
                        "(use --kmeans-backend torch or torch-ranks, or --kmeans-precision fp32)")
     if backend == "faiss":
         host = x.detach().float().cpu().numpy()
-        out = interruptible(lambda: faiss_kmeans(host, k, seed, niter, nredo, _faiss_gpu_device(x)), should_stop)
+        start = None if init is None else init.detach().float().cpu().numpy()
+        out = interruptible(lambda: faiss_kmeans(host, k, seed, niter, nredo, _faiss_gpu_device(x), start),
+                            should_stop)
         return None if out is None else tuple(torch.from_numpy(a).to(x.device) for a in out)
-    return _torch_kmeans(x.detach().float(), k, seed, niter, nredo, should_stop, precision)
+    return _torch_kmeans(x.detach().float(), k, seed, niter, nredo, should_stop, precision, init)
 
 
 def run_kmeans(
@@ -407,12 +421,15 @@ def run_kmeans(
     backend: str = "auto",
     should_stop: Callable[[], bool] | None = None,
     precision: str = "fp32",
+    init: Sequence[torch.Tensor | None] | None = None,
 ) -> ClusterResult:
     """k-means at each granularity (seed + granularity index, as official), then phi.
 
     features: N x d (the momentum features; the official code uses unit rows). Returns a ClusterResult on
-    the device of ``features`` with L2-normalised centroids. ``should_stop`` is asked before each granularity
-    and during each (see :func:`kmeans`); when it says yes the result holds only the granularities done so far.
+    the device of ``features`` with L2-normalised centroids and each granularity's objective (mean squared
+    distance to the assigned centroid). ``should_stop`` is asked before each granularity and during each (see
+    :func:`kmeans`); when it says yes the result holds only the granularities done so far. ``init``: per
+    granularity, k x d centroids to start from (a warm start, one run) or None (``nredo`` random starts).
     """
     ks = [num_clusters] if isinstance(num_clusters, int) else list(num_clusters)
     x = torch.as_tensor(features).detach().float().contiguous()
@@ -425,7 +442,7 @@ def run_kmeans(
             logger.warning("k-means stopped before k=%d: a stop was requested", k)
             break
         start = time.perf_counter()
-        out = kmeans(x, k, seed + g, niter, nredo, backend, should_stop, precision)
+        out = kmeans(x, k, seed + g, niter, nredo, backend, should_stop, precision, _initial(init, g, k, x.shape[1]))
         if out is None:
             logger.warning("k-means stopped during k=%d: a stop was requested", k)
             break
@@ -442,8 +459,20 @@ def run_kmeans(
         result.centroids.append(torch.nn.functional.normalize(c.float(), dim=1))
         result.concentration.append(phi.to(x.device))
         result.kmeans_seconds.append(seconds)
+        result.objective.append(float(dist2.clamp_min(0).to(torch.float64).sum()) / x.shape[0])
         logger.debug("k-means k=%d (%s): %.2f s", k, backend, seconds)
     return result
+
+
+def _initial(init: Sequence[torch.Tensor | None] | None, g: int, k: int, d: int) -> torch.Tensor | None:
+    """Granularity ``g``'s starting centroids from ``init`` (None: a cold start); a shape other than k x d is an
+    error (the caller passes the previous E-step's centroids only when the granularities are the same)."""
+    if init is None or init[g] is None:
+        return None
+    if tuple(init[g].shape) != (k, d):
+        raise PCLError(f"k-means warm start for k={k}: the previous centroids are {tuple(init[g].shape)}, "
+                       f"expected ({k}, {d})")
+    return init[g]
 
 
 # The E-step's k-means on every rank: each rank keeps its own shard of the features, and only k x d sums, k
@@ -514,6 +543,7 @@ def kmeans_across_ranks(
     nredo: int = 5,
     should_stop: Callable[[], bool] | None = None,
     precision: str = "fp32",
+    init: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """One k-means over the rows of every rank, each rank keeping its own: the torch k-means (faiss's semantics,
     see :func:`_torch_kmeans`) with the per-centroid sums and counts all-reduced at each Lloyd iteration.
@@ -533,7 +563,8 @@ def kmeans_across_ranks(
     """
     x = local_x.detach().float()
     index = local_index.to(device=x.device, dtype=torch.long).reshape(-1)
-    return _lloyd(x, index, num_samples, k, seed, niter, nredo, should_stop, across_ranks=True, precision=precision)
+    return _lloyd(x, index, num_samples, k, seed, niter, nredo, should_stop, across_ranks=True, precision=precision,
+                  init=init)
 
 
 @torch.no_grad()
@@ -571,6 +602,7 @@ def run_kmeans_across_ranks(
     nredo: int = 5,
     should_stop: Callable[[], bool] | None = None,
     precision: str = "fp32",
+    init: Sequence[torch.Tensor | None] | None = None,
 ) -> ClusterResult:
     """:func:`run_kmeans` (backend torch) with the features left where they were computed: every rank calls it
     with its own shard and gets the same full :class:`ClusterResult` (on its device).
@@ -603,7 +635,8 @@ def run_kmeans_across_ranks(
             logger.warning("k-means stopped before k=%d: a stop was requested", k)
             break
         start = time.perf_counter()
-        out = kmeans_across_ranks(x, index, num_samples, k, seed + g, niter, nredo, should_stop, precision)
+        out = kmeans_across_ranks(x, index, num_samples, k, seed + g, niter, nredo, should_stop, precision,
+                                  _initial(init, g, k, d))
         if out is None:
             logger.warning("k-means stopped during k=%d: a stop was requested", k)
             break
@@ -624,6 +657,8 @@ def run_kmeans_across_ranks(
         result.centroids.append(torch.nn.functional.normalize(c.float(), dim=1))
         result.concentration.append(phi.to(x.device))
         result.kmeans_seconds.append(seconds)
+        total = all_reduce_sum(dist2.clamp_min(0).to(torch.float64).sum().reshape(1))  # one all-reduce of 1
+        result.objective.append(float(total) / num_samples)
         logger.debug("k-means k=%d (torch, %d ranks): %.2f s", k, world_size(), seconds)
     if assigns:  # every rank has done the same granularities (should_stop is agreed): the same gather
         full = gather_rows_exact(torch.stack(assigns, dim=1), index, num_samples)  # N x G

@@ -182,6 +182,16 @@ def _add_pcl_args(p: argparse.ArgumentParser) -> None:
                    help="the PyTorch k-means' assignment step in each Lloyd iteration: fp32 as faiss (default), or "
                         "TF32 (CUDA) / bf16 matmuls; the best run, the final assignments and phi stay fp32 "
                         "(agreement with fp32: benchmarks/bench_kmeans.py --precision)")
+    g.add_argument("--estep-features", default="pass", choices=["pass", "bank"],
+                   help="what the E-step clusters: pass = a centre-crop feature pass over the training set with the "
+                        "momentum encoder (official); bank = the momentum keys the training steps computed during the "
+                        "previous epoch, kept in an N x --low-dim bank (no second pass; not official)")
+    g.add_argument("--kmeans-init", default="random", choices=["random", "previous"],
+                   help="random = --kmeans-nredo starts from random rows (official); previous = one run per "
+                        "granularity from the previous E-step's centroids (not official)")
+    g.add_argument("--kmeans-warm-check", default=10, type=int, metavar="E",
+                   help="with --kmeans-init previous: every E-th E-step also clusters from random starts and logs "
+                        "the NMI between the warm and cold assignments and both objectives (0: never)")
     g.add_argument("--kmeans-niter", default=20, type=int, help="Lloyd iterations (official 20)")
     g.add_argument("--kmeans-nredo", default=5, type=int, help="k-means restarts, best kept (official 5)")
     g.add_argument("--fixed-concentration", action="store_true",

@@ -20,6 +20,7 @@ from pcl.cluster import ClusterResult
 from pcl.config import RunConfig, validate_pretrain_args
 from pcl.data import PretrainData, build_pretrain_data, data_settings
 from pcl.estep import e_step, self_check
+from pcl.features import FeatureBank
 from pcl.log import FiniteGuard, InputClock, RunLog, process_rank, setup_logging
 from pcl.loss import PCLLoss
 from pcl.model import MoCo, apply_speed_options, build_backbone, channels_last, cpu_compile_problem, unwrap
@@ -62,6 +63,7 @@ def _pretrain(cfg: RunConfig, on_step: Callable[[int, int], None] | None) -> dic
     if not session.load(model, optimizer, data, device, scaler):
         return {}
     criterion, estep_settings, optim = build_loss(cfg), EStepSettings.of(cfg), OptimSettings.of(cfg)
+    bank, previous = session.bank, session.previous_clusters()  # --estep-features bank; --kmeans-init previous
     options = StepSettings.of(cfg, channels_last(cfg.channels_last, device))
     run_log, stats = RunLog(cfg.exp_dir, purge_step=session.start_epoch if session.path else None), {}
     try:
@@ -73,12 +75,13 @@ def _pretrain(cfg: RunConfig, on_step: Callable[[int, int], None] | None) -> dic
                 clusters = session.begin(epoch)  # seeds the epoch; mid-epoch: the checkpoint's prototypes
                 if clusters is None and epoch >= cfg.warmup_epoch:
                     estep = e_step(model, data.eval_loader, data.num_samples, estep_settings, device, session.stop,
-                                   epoch)
+                                   epoch, bank, data.subset_loader, previous)
                     clusters = monitor.e_step(epoch, estep)
+                previous = clusters or previous
                 lr = adjust_learning_rate(optimizer, epoch, optim.epochs, optim.lr, optim.cos, optim.schedule)
                 state = session.epoch_state(epoch, clusters, data.train_loader, criterion.meters)
                 stats = train_one_epoch(model, data.train_loader, optimizer, criterion, clusters, state, options,
-                                        scaler, on_step)
+                                        scaler, on_step, bank)
                 stats = monitor.epoch_end(epoch, model, clusters, stats, lr)
                 session.save(epoch, clusters)  # before the epoch is logged: a full disk there loses no epoch
                 monitor.record(stats)
@@ -93,9 +96,11 @@ def _pretrain(cfg: RunConfig, on_step: Callable[[int, int], None] | None) -> dic
 
 def _train_step(model: nn.Module, batch: tuple, optimizer: torch.optim.Optimizer, criterion: PCLLoss,
                 clusters: ClusterResult | None, state: EpochState, options: StepSettings,
-                scaler: torch.amp.GradScaler | None, guard: FiniteGuard, step: int) -> None:
-    """One SGD step on (im_q, im_k, index): the loss, the queue refilled, the meters updated. No host sync: the
-    loss is checked by ``guard`` on the device and read later."""
+                scaler: torch.amp.GradScaler | None, guard: FiniteGuard, step: int,
+                bank: FeatureBank | None = None) -> None:
+    """One SGD step on (im_q, im_k, index): the loss, the queue refilled (and with --estep-features bank the
+    E-step's bank), the meters updated. No host sync: the loss is checked by ``guard`` on the device and read
+    later."""
     moco, device = unwrap(model), state.device
     fmt = torch.channels_last if options.channels_last else torch.contiguous_format
     im_q, im_k, index = batch
@@ -107,7 +112,9 @@ def _train_step(model: nn.Module, batch: tuple, optimizer: torch.optim.Optimizer
     q, k = q.float(), k.float()  # losses in fp32
     out = criterion(q, k, moco.queue.clone().detach(), index, clusters, state.negatives)
     guard.watch(step, out.total, out.inst, out.proto, optimizer.param_groups[0]["lr"])
-    moco.dequeue_and_enqueue(k)
+    keys = moco.dequeue_and_enqueue(k)  # every rank's keys: B_global x C
+    if bank is not None:
+        bank.write(keys, index)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(out.total).backward()
@@ -123,18 +130,20 @@ def _train_step(model: nn.Module, batch: tuple, optimizer: torch.optim.Optimizer
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, criterion: PCLLoss,
                     clusters: ClusterResult | None, state: EpochState, options: StepSettings,
                     scaler: torch.amp.GradScaler | None = None,
-                    on_step: Callable[[int, int], None] | None = None) -> dict[str, float]:
+                    on_step: Callable[[int, int], None] | None = None,
+                    bank: FeatureBank | None = None) -> dict[str, float]:
     """One M-step epoch from ``state.start_step``: the loss (InfoNCE, plus ProtoNCE when there are ``clusters``)
     per batch; returns the meters' averages. The meters and the loss check stay on the device and are read every
     --print-freq steps (see :class:`FiniteGuard`). A stop request (``state.stop``, agreed over ranks) raises
-    :class:`Stopped` with this rank's loop state after the step it came in."""
+    :class:`Stopped` with this rank's loop state after the step it came in. ``bank``: where each step's keys go
+    (--estep-features bank)."""
     model.train()
     guard, clock = FiniteGuard(state.device), InputClock()
     last_step = state.start_step + len(loader) - 1
     bar = tqdm(loader, desc=f"epoch {state.epoch}", disable=not dist_utils.is_main() or not options.progress,
                leave=False)
     for step, batch in enumerate(clock.timed(bar), start=state.start_step):
-        _train_step(model, batch, optimizer, criterion, clusters, state, options, scaler, guard, step)
+        _train_step(model, batch, optimizer, criterion, clusters, state, options, scaler, guard, step, bank)
         if step % options.print_freq == 0:
             guard.check(state.epoch, step, clusters is not None)
             avg = state.meters.averages()

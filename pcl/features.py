@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pcl import distributed as dist_utils
+from pcl import PCLError, distributed as dist_utils
 
 logger = logging.getLogger("pcl")
 
@@ -177,3 +177,47 @@ def clustering_scores(labels: Sequence[int] | np.ndarray, assignments: Sequence[
     if with_acc:
         out["acc"] = cluster_accuracy(labels, assignments)
     return out
+
+
+class FeatureBank:
+    """The E-step's features taken from the M-step (``--estep-features bank``, after DeepCluster-v2's memory bank):
+    row i is the L2-normalised momentum key of sample i from the last training step that saw it; every rank holds
+    the whole N x d bank (4 N d bytes: 655 MB at ImageNet's N = 1.28M, d = 128). :meth:`write` is the one call the
+    training step makes. Rows no step has written yet (a fresh run, a sample every epoch's sampler dropped) are
+    :meth:`missing`; the E-step fills them with a feature pass over those samples only (:meth:`fill`)."""
+
+    def __init__(self, num_samples: int, dim: int, device: torch.device | str) -> None:
+        self.features = torch.zeros(num_samples, dim, device=device)  # N x d
+        self.written = torch.zeros(num_samples, dtype=torch.bool, device=device)  # N
+
+    @torch.no_grad()
+    def write(self, keys: torch.Tensor, index: torch.Tensor) -> None:
+        """``keys``: B_global x d, the step's keys of every rank in rank order (what the queue received, already
+        gathered); ``index``: this rank's B sample indices, gathered here (one all-gather of B integers, the same
+        on every rank)."""
+        index = dist_utils.all_gather_cat(index.to(self.features.device, torch.long))  # B_global
+        self.features.index_copy_(0, index, keys.to(self.features.dtype))
+        self.written[index] = True
+
+    def missing(self) -> torch.Tensor:
+        """The indices of the rows never written (long M, the same on every rank; one host sync)."""
+        return (~self.written).nonzero().flatten()
+
+    @torch.no_grad()
+    def fill(self, rows: torch.Tensor, index: torch.Tensor) -> None:
+        """Write feature-pass rows (M x d, already normalised) at ``index`` (M), the same on every rank."""
+        self.features[index] = rows.to(self.features.dtype)
+        self.written[index] = True
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"features": self.features.cpu(), "written": self.written.cpu()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], where: str = "the checkpoint") -> None:
+        """Restore a saved bank; a shape other than this run's N x d is an error naming ``where``."""
+        features, written = state["features"], state["written"]
+        if tuple(features.shape) != tuple(self.features.shape) or tuple(written.shape) != tuple(self.written.shape):
+            raise PCLError(f"{where} holds an E-step bank of {tuple(features.shape)} rows x dims, this run needs "
+                           f"{tuple(self.features.shape)} (another training set or --low-dim): resume on the same "
+                           f"data and settings, or start this run fresh")
+        self.features.copy_(features)
+        self.written.copy_(written)

@@ -192,8 +192,9 @@ class MoCo(nn.Module):
         torch._foreach_add_(params_k, params_q, alpha=1.0 - self.m)
 
     @torch.no_grad()
-    def dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
-        """Write the keys of all ranks (B_global x C) at the pointer; wraps around the ring of size r."""
+    def dequeue_and_enqueue(self, keys: torch.Tensor) -> torch.Tensor:
+        """Write the keys of all ranks (B_global x C) at the pointer; wraps around the ring of size r. Returns the
+        gathered keys (rank order), which ``--estep-features bank`` keeps too."""
         keys = dist_utils.all_gather_cat(keys)  # B_global x C
         b = keys.shape[0]
         if self.r % b:
@@ -204,6 +205,7 @@ class MoCo(nn.Module):
         cols = (self.queue_ptr + torch.arange(b, device=self.queue_ptr.device)) % self.r  # B_global
         self.queue.index_copy_(1, cols, keys.t().to(self.queue.dtype))  # queue: C x r
         self.queue_ptr.add_(b).remainder_(self.r)
+        return keys
 
     @torch.no_grad()
     def _shuffled_keys(self, im_k: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

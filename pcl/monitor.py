@@ -155,15 +155,21 @@ class Monitor:
                 for a, c, phi in zip(clusters.im2cluster, clusters.centroids, clusters.concentration)],
                 "the gallery") or []
         estep.features = None
-        self.estep = {"estep_seconds": estep.seconds,
+        self.estep = {"estep_seconds": estep.seconds, "estep_feature_seconds": estep.feature_seconds,
                       **{f"kmeans_seconds_k{k}": sec for k, sec in zip(s.num_cluster, estep.kmeans_seconds)},
-                      **self._drift(clusters),
+                      **{f"kmeans_obj_k{k}": obj for k, obj in zip(s.num_cluster, clusters.objective)},
+                      **estep.warm_check, **self._drift(clusters),
+                      **({"estep_filled": estep.filled} if estep.filled else {}),
                       **({"kmeans_seed": estep.seed} if s.kmeans_reseed else {})}
         sizes = [torch.bincount(a, minlength=len(c)) for a, c in zip(clusters.im2cluster, clusters.centroids)]
-        logger.info("E-step epoch %d: %s; features %.1f s, k-means %s s, total %.1f s", epoch,
+        logger.info("E-step epoch %d: %s; features %.1f s%s, k-means%s %s s, total %.1f s%s", epoch,
                     ", ".join(f"k={k} (largest {int(z.max())}, {int((z == 0).sum())} empty)"
                               for k, z in zip(s.num_cluster, sizes)), estep.feature_seconds,
-                    "/".join(f"{sec:.1f}" for sec in estep.kmeans_seconds), estep.seconds)
+                    f" ({estep.filled} rows encoded for the bank)" if estep.filled else "",
+                    " (warm start)" if estep.warm else "", "/".join(f"{sec:.1f}" for sec in estep.kmeans_seconds),
+                    estep.seconds, "; warm vs cold start: NMI " + "/".join(
+                        f"{v:.1f}" for key, v in estep.warm_check.items() if key.startswith("nmi_")) + " %"
+                    if estep.warm_check else "")
         whole = [k for k, z in zip(s.num_cluster, sizes) if int(z.max()) == int(z.sum())]
         if whole:  # k-means found no two distinct points: every prototype is one and ProtoNCE carries no signal
             logger.warning("E-step epoch %d: k=%s put every sample in one cluster: the features have collapsed "

@@ -32,6 +32,7 @@ import torch.nn as nn
 from pcl import PCLError, checkpoint as ckpt_io, distributed as dist_utils
 from pcl.cluster import ClusterResult
 from pcl.data import PretrainData, stream_seed
+from pcl.features import FeatureBank
 from pcl.log import StepMeters
 from pcl.model import check_weights
 from pcl.preemption import MARKER, StopRequest, Stopped, clear_marker, raise_preempted
@@ -86,11 +87,13 @@ class EpochState:
 def checkpoint_contents(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, cfg: RunConfig,
                         clusters: ClusterResult | None, step: int = 0,
                         resume_states: list[dict[str, Any]] | None = None,
-                        scaler: torch.amp.GradScaler | None = None, run_id: str | None = None) -> dict[str, Any]:
+                        scaler: torch.amp.GradScaler | None = None, bank: FeatureBank | None = None,
+                        run_id: str | None = None) -> dict[str, Any]:
     """Official keys (epoch = the epoch to resume at, arch, state_dict, optimizer) plus our settings and model
-    config, the epoch's prototypes, the fp16 loss scale (``scaler``: --amp fp16), the ``run_id`` every checkpoint
-    of one run shares (what tells a run folder's own files from another run's) and, for a mid-epoch (preemption)
-    checkpoint, ``step`` and every rank's loop state. Tensors and plain types only."""
+    config, the epoch's prototypes, the fp16 loss scale (``scaler``: --amp fp16), the E-step's bank (``bank``:
+    --estep-features bank), the ``run_id`` every checkpoint of one run shares (what tells a run folder's own files
+    from another run's) and, for a mid-epoch (preemption) checkpoint, ``step`` and every rank's loop state.
+    Tensors and plain types only."""
     extra: dict[str, Any] = {"step": step, "args": {**cfg.plain(), "global_batch_size": cfg.batch_size}}
     if run_id is not None:
         extra["run_id"] = run_id
@@ -98,6 +101,8 @@ def checkpoint_contents(model: nn.Module, optimizer: torch.optim.Optimizer, epoc
         extra["scaler"] = scaler.state_dict()
     if clusters is not None:
         extra["cluster_result"] = clusters.state_dict()
+    if bank is not None:
+        extra["estep_bank"] = bank.state_dict()
     if resume_states is not None:
         extra["resume_states"] = resume_states
     return ckpt_io.checkpoint_state(model, epoch + 1 if step == 0 else epoch, cfg.arch, optimizer,
@@ -274,6 +279,8 @@ class Session:
         self.stop = StopRequest()
         self.model = self.optimizer = self.device = self.scaler = None
         self.epoch, self.clusters, self.stopping = cfg.start_epoch, None, False
+        self.bank: FeatureBank | None = None  # --estep-features bank: created (and restored) by load
+        self.last_clusters: ClusterResult | None = None  # the prototypes of the last epoch trained with them
 
     @classmethod
     def prepare(cls, cfg: RunConfig) -> "Session":
@@ -295,6 +302,8 @@ class Session:
         --epochs (nothing to train). The checkpoints this session writes hold all three."""
         cfg = self.cfg
         self.model, self.optimizer, self.device, self.scaler = model, optimizer, device, scaler
+        if cfg.estep_features == "bank":
+            self.bank = FeatureBank(data.num_samples, cfg.low_dim, device)
         self.path, at = agree_resume(self.path, self.ckpt)
         self.ckpt = None
         if self.path is not None:
@@ -310,12 +319,32 @@ class Session:
         if os.path.exists(preempt) and os.path.exists(self.path) and os.path.samefile(self.path, preempt):
             self.resumed_preempt = preempt  # also when reached by checkpoint_last, its hard link
         _check_mid_epoch(self.resumed, self.path, cfg, data.num_samples)
+        self._restore_bank()
         self.start_epoch = int(self.resumed["epoch"])
         if self.start_epoch >= cfg.epochs:  # a mid-epoch file of epoch e holds 'epoch': e, with e's rest to train
             logger.warning("nothing to train: %s is at epoch %d of --epochs %d (raise --epochs to go on)",
                            self.path, self.start_epoch, cfg.epochs)
             return False
         return True
+
+    def _restore_bank(self) -> None:
+        """The bank as the checkpoint saved it; a checkpoint without one (another --estep-features, an official
+        file) leaves every row to the next E-step's feature pass."""
+        if self.bank is None:
+            return
+        saved = self.resumed.pop("estep_bank", None)
+        if saved is None:
+            logger.info("--estep-features bank: %s holds no bank; the next E-step encodes every sample once",
+                        self.path)
+            return
+        self.bank.load_state_dict(saved, self.path)
+
+    def previous_clusters(self) -> ClusterResult | None:
+        """The prototypes the resumed checkpoint holds (the E-step before it: --kmeans-init previous starts there),
+        None for a fresh start."""
+        saved = self.resumed.get("cluster_result")
+        self.last_clusters = ClusterResult.from_state_dict(saved).to(self.device) if saved else None
+        return self.last_clusters
 
     def __enter__(self) -> "Session":
         self.stop.install()
@@ -360,6 +389,7 @@ class Session:
                     meters: tuple[str, ...]) -> EpochState:
         """The M-step's loop state for ``epoch``, the loader positioned: fresh, or restored mid-epoch."""
         self.clusters = clusters
+        self.last_clusters = clusters or self.last_clusters
         state = self._mid_epoch_state(epoch)
         loader.set_epoch(epoch)
         if state is not None:
@@ -373,7 +403,7 @@ class Session:
         def write() -> None:
             check_weights(self.model, f"epoch {epoch} step {step}")
             ckpt_io.save_checkpoint(checkpoint_contents(self.model, self.optimizer, epoch, self.cfg, clusters, step,
-                                                        states, self.scaler, self.run_id), path)
+                                                        states, self.scaler, self.bank, self.run_id), path)
             if step == 0 and self.resumed_preempt not in (None, path) and os.path.exists(self.resumed_preempt):
                 os.remove(self.resumed_preempt)  # the stop this run continued from is behind it now
         dist_utils.main_only(write, f"saving {path}")
@@ -399,6 +429,6 @@ class Session:
         if stopped.step:
             states = dist_utils.all_gather_object(stopped.state)
             self._write(self.epoch, self.clusters, path, stopped.step, states)
-        else:
-            self._write(self.epoch - 1, None, path)
+        else:  # the last prototypes: where --kmeans-init previous starts the E-step again
+            self._write(self.epoch - 1, self.last_clusters, path)
         raise_preempted(self.cfg.exp_dir, path, self.epoch, stopped.step, self.stop.name)

@@ -189,12 +189,18 @@ class EStepSettings:
     precision: str  # the PyTorch k-means' assignment step: fp32 (as faiss) | tf32 | bf16 (--kmeans-precision)
     reseed: bool  # ablation: a fresh k-means seed per E-step (--kmeans-reseed); official: seed g every epoch
     run_seed: int  # --seed, what the fresh seeds are drawn from
+    features: str = "pass"  # pass (official centre-crop feature pass) | bank (the M-step's keys) (--estep-features)
+    init: str = "random"  # random (official) | previous: warm start from the last E-step's centroids (--kmeans-init)
+    warm_check: int = 0  # every this many E-steps a warm start is compared with a cold one (--kmeans-warm-check)
+    amp: str = "none"  # the feature pass's precision, the run's --amp (none: fp32, official)
+    channels_last: bool = False  # the feature pass's memory format, the run's --channels-last (GPUs only)
 
     @classmethod
     def of(cls, cfg: Mapping[str, Any]) -> "EStepSettings":
         return cls(tuple(cfg["num_cluster"]), cfg["temperature"], cfg["kmeans_niter"], cfg["kmeans_nredo"],
                    cfg["kmeans_backend"], cfg["fixed_concentration"], not cfg["no_progress"], cfg["prototype_gallery"],
-                   cfg["kmeans_precision"], cfg["kmeans_reseed"], cfg["seed"])
+                   cfg["kmeans_precision"], cfg["kmeans_reseed"], cfg["seed"], cfg["estep_features"],
+                   cfg["kmeans_init"], cfg["kmeans_warm_check"], cfg["amp"], cfg["channels_last"])
 
     def kmeans_seed(self, epoch: int) -> int:
         """The k-means seed of the E-step at ``epoch`` (granularity g adds g): 0, as official, or with
@@ -394,7 +400,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(("prefetch_factor", "demo_renders", "width", "low_dim", "nproc", "epochs", "batch_size",
                      "print_freq", "pcl_r", "kmeans_niter", "kmeans_nredo", "bn_splits", "knn_k", "runs",
                      "svm_max_iter", "gallery_rows", "columns", "queries"), _at_least(1)),
-    **dict.fromkeys(("expect_images", "expect_classes", "knn_every"), _at_least(0, " (0: off)")),
+    **dict.fromkeys(("expect_images", "expect_classes", "knn_every", "kmeans_warm_check"), _at_least(0, " (0: off)")),
     **dict.fromkeys(("lr", "temperature", "knn_t", "pauc_alpha", "pauc_t", "lr_last_layer", "knn_max_bank_gb"),
                     _POSITIVE),
     # minutes; torch's rendezvous sockets overflow from about 1e10 (a 'timed out after ...ms' dump at once)

@@ -1,5 +1,7 @@
-"""--augment device: the workers' uint8 crop is the official one, each device colour op is torchvision's, the jitter
-order is a per-sample random permutation, the loader wrappers are seeded and resumable, --augment pil is unchanged."""
+"""The batched augmentation (in-memory sets and --augment device): the crop is the official one (the workers' PIL crop,
+or the batched crop bit-exact with it), each colour op is torchvision's, the blur is PIL's bit for bit, the jitter
+order is a per-sample random permutation, no host constant per call, the loader wrappers are seeded and resumable,
+--augment pil is unchanged."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from conftest import image_folder, tiny_args
 from pcl.data import (DeviceAugmentLoader, DeviceEvalLoader, FileLoader, TensorAugment, build_pretrain_data,
@@ -53,24 +55,115 @@ def test_colour_op_matches_torchvision(name, ours, theirs, values):
         assert (got - want_float).abs().max() <= 1e-4, (name, v)
 
 
-def test_grayscale_and_blur_match_torchvision():
+def test_grayscale_matches_torchvision():
     x8 = _crops()
     x = x8.float() / 255
     assert (ta.rgb_to_grayscale(x).expand_as(x) - TF.rgb_to_grayscale(x8, 3).float() / 255).abs().max() <= TOL
-    for sigma in (0.1, 0.7, 2.0):
-        got = ta.gaussian_blur(x, torch.full((x.shape[0],), sigma))
-        want = TF.gaussian_blur(x8, [ta.BLUR_KERNEL] * 2, [sigma] * 2).float() / 255
-        assert (got - want).abs().max() <= TOL, sigma
-    sigmas = torch.tensor([0.1, 0.5, 1.3, 2.0])  # per-sample sigma in one call
-    got = ta.gaussian_blur(x, sigmas)
-    for i, s in enumerate(sigmas.tolist()):
-        assert (got[i] - TF.gaussian_blur(x8[i], [ta.BLUR_KERNEL] * 2, [s] * 2).float() / 255).abs().max() <= TOL
+
+
+def _pil_blur(x8: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The official blur (transforms.GaussianBlur's filter) on a uint8 3 x H x W tensor."""
+    img = Image.fromarray(x8.permute(1, 2, 0).numpy()).filter(ImageFilter.GaussianBlur(radius=sigma))
+    return TF.pil_to_tensor(img)
+
+
+def test_blur_is_pils_gaussian_blur_bit_for_bit():
+    """The batched blur equals PIL's ImageFilter.GaussianBlur on uint8 images: per-sample sigma over MoCo v2's
+    [0.1, 2] (and beyond, up to the clip), images narrower than the box, borders extended as PIL does."""
+    gen = torch.Generator().manual_seed(0)
+    for h, w in [(32, 32), (7, 40), (1, 5), (3, 3), (23, 17)]:
+        x8 = torch.randint(0, 256, (12, 3, h, w), dtype=torch.uint8, generator=gen)
+        sigma = torch.empty(12).uniform_(0.1, 2.0, generator=gen)
+        sigma[:3] = torch.tensor([0.1, 0.3, 2.0])
+        got = (ta.gaussian_blur(x8.float() / 255, sigma) * 255).round().to(torch.uint8)
+        for i in range(12):
+            assert torch.equal(got[i], _pil_blur(x8[i], float(sigma[i]))), (h, w, float(sigma[i]))
+    x8 = torch.randint(0, 256, (2, 3, 9, 9), dtype=torch.uint8, generator=gen)
+    wide = (ta.gaussian_blur(x8.float() / 255, torch.tensor([7.5, 30.0]), max_sigma=30.0) * 255).round()
+    assert torch.equal(wide[1].to(torch.uint8), _pil_blur(x8[1], 30.0))
+
+
+def test_blur_has_pils_effective_sigma_on_an_impulse():
+    """The spread of an impulse's response follows PIL's over [0.1, 2] (the earlier sampled 13-tap Gaussian gave
+    0.09 instead of 0.30 at sigma 0.3)."""
+    def spread(image: torch.Tensor) -> float:
+        row = image.double().sum(0)  # the response's profile along x
+        t = torch.arange(row.numel(), dtype=torch.float64)
+        mean = (row * t).sum() / row.sum()
+        return float(((row * (t - mean) ** 2).sum() / row.sum()).sqrt())
+    impulse = torch.zeros(1, 3, 41, 41, dtype=torch.uint8)
+    impulse[..., 20, 20] = 255
+    for sigma in (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0):
+        ours = ta.gaussian_blur(impulse.float() / 255, torch.tensor([sigma]))[0, 0] * 255
+        pil = _pil_blur(impulse[0], sigma)[0].double()
+        assert abs(spread(ours) - spread(pil)) < 1e-9, sigma
+        if sigma >= 0.3:
+            assert abs(spread(pil) - sigma) < 0.2 * sigma  # PIL's box passes follow sigma itself
+
+
+def test_in_memory_crop_is_torchvisions_random_resized_crop_on_pil():
+    """crop=True: each box is resized exactly as TF.resized_crop resizes a PIL image (Pillow's bilinear), then
+    flipped; upscaled and downscaled boxes, non-square images."""
+    gen = torch.Generator().manual_seed(1)
+    for h, w, size in [(32, 32, 32), (28, 28, 28), (40, 25, 16), (17, 45, 24), (9, 9, 30)]:
+        x8 = torch.randint(0, 256, (16, 3, h, w), dtype=torch.uint8, generator=gen)
+        boxes = ta.crop_boxes(16, h, w, (0.08, 1.0), gen)
+        flip = torch.rand(16, generator=gen) < 0.5
+        got = ta.random_resized_crop(x8, boxes, size, flip)
+        for i in range(16):
+            top, left, bh, bw = boxes[i].tolist()
+            want = TF.resized_crop(Image.fromarray(x8[i].permute(1, 2, 0).numpy()), top, left, bh, bw, [size, size])
+            want = TF.pil_to_tensor(TF.hflip(want) if flip[i] else want)
+            assert torch.equal(got[i], want), (h, w, size, boxes[i].tolist())
+
+
+def test_crop_boxes_follow_torchvisions_distribution():
+    """Area, aspect ratio and position of the batched boxes against RandomResizedCrop.get_params' own draws, and its
+    centre-crop fallback on an image no box fits (every try's rounded box too wide)."""
+    gen, n = torch.Generator().manual_seed(2), 20_000
+    ours = ta.crop_boxes(n, 30, 40, (0.2, 1.0), gen).double()
+    torch.manual_seed(2)
+    theirs = torch.tensor([T.RandomResizedCrop.get_params(torch.empty(3, 30, 40), [0.2, 1.0], [3 / 4, 4 / 3])
+                           for _ in range(n)], dtype=torch.float64)
+    for stat in (lambda b: b[:, 2] * b[:, 3] / 1200, lambda b: (b[:, 3] / b[:, 2]).log(), lambda b: b[:, 0],
+                 lambda b: b[:, 1] + b[:, 3] / 2):
+        a, b = stat(ours), stat(theirs)
+        assert abs(float(a.mean() - b.mean())) < 4 * float(b.std()) / n ** 0.5 * 1.5
+        assert abs(float(a.std() - b.std())) < 0.03 * float(b.std())
+    thin = ta.crop_boxes(8, 100, 1, (0.5, 1.0), gen)  # 100 x 1: only the fallback fits (ratio clamped to 3/4)
+    assert thin.tolist() == [[49, 0, 1, 1]] * 8 == [list(T.RandomResizedCrop.get_params(
+        torch.empty(3, 100, 1), [0.5, 1.0], [3 / 4, 4 / 3]))] * 8
+
+
+def test_augment_builds_no_host_constant_after_its_first_call():
+    """No tensor from host data per call once the constants are on the device (on a GPU each would be a blocking
+    host-to-device copy per step): recorded as the dispatcher's lift_fresh / device copies."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.host = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default):
+                self.host.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x8 = torch.randint(0, 256, (4, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for augment in (TensorAugment(16, True), TensorAugment(16, False), TensorAugment(20, True, crop=False)):
+        gen = torch.Generator().manual_seed(0)
+        augment(x8, gen)  # the first call builds the constants
+        with Recorder() as rec:
+            augment(x8, gen)
+            augment.normalise(x8)
+        assert rec.host == [], (augment.aug_plus, augment.crop, rec.host)
 
 
 def test_jitter_order_is_a_uniform_permutation_and_ranges_match():
     gen = torch.Generator().manual_seed(0)
     n = 24_000
-    order, factors = ta.jitter_params(n, (0.4, 0.4, 0.4, 0.1), gen)
+    order, factors = ta.jitter_params(n, ta.jitter_bounds(ta.JITTER_V2, "cpu"), gen)
     assert (order.sort(1).values == torch.arange(4)).all()  # every row a permutation
     counts = collections.Counter(map(tuple, order.tolist()))
     assert set(counts) == set(itertools.permutations(range(4)))
@@ -78,7 +171,7 @@ def test_jitter_order_is_a_uniform_permutation_and_ranges_match():
     lo, hi = factors.min(0).values, factors.max(0).values
     assert torch.allclose(lo, torch.tensor([0.6, 0.6, 0.6, -0.1]), atol=1e-3)
     assert torch.allclose(hi, torch.tensor([1.4, 1.4, 1.4, 0.1]), atol=1e-3)
-    _, v1 = ta.jitter_params(n, (0.4, 0.4, 0.4, 0.4), gen)
+    _, v1 = ta.jitter_params(n, ta.jitter_bounds(ta.JITTER_V1, "cpu"), gen)
     assert abs(float(v1[:, 3].min()) + 0.4) < 1e-3 and abs(float(v1[:, 3].max()) - 0.4) < 1e-3
 
 
@@ -100,16 +193,15 @@ def test_color_jitter_applies_the_ops_in_each_samples_order():
 def test_augment_draws_torchvisions_parameters(monkeypatch):
     seen = []
     real = ta.jitter_params
-    monkeypatch.setattr(ta, "jitter_params", lambda b, strength, gen: seen.append(strength) or real(b, strength, gen))
+    monkeypatch.setattr(ta, "jitter_params", lambda b, bounds, gen: seen.append(bounds.tolist()) or real(b, bounds, gen))
     x8, gen = _crops(), torch.Generator().manual_seed(0)
     for aug_plus in (True, False):
-        out = TensorAugment(32, aug_plus, mode="torchvision")(x8, gen)
+        out = TensorAugment(32, aug_plus, crop=False)(x8, gen)
         assert out.shape == (4, 3, 32, 32) and out.dtype == torch.float32
-    assert seen == [(0.4, 0.4, 0.4, 0.1), (0.4, 0.4, 0.4, 0.4)]
-    plain = TensorAugment(32, True, color=False, mode="torchvision")
+    v2, v1 = ([[0.6, 0.6, 0.6, -s], [1.4, 1.4, 1.4, s]] for s in (0.1, 0.4))
+    assert torch.allclose(torch.tensor(seen), torch.tensor([v2, v1]))
+    plain = TensorAugment(32, True, color=False, crop=False)
     assert torch.equal(plain(x8, gen), plain.normalise(x8))
-    with pytest.raises(ValueError):
-        TensorAugment(32, True, mode="kornia")
 
 
 def test_worker_crop_is_the_official_crop_and_flip():
@@ -125,7 +217,7 @@ def test_worker_crop_is_the_official_crop_and_flip():
         got = worker(img)
         assert got.dtype == torch.uint8 and got.shape == (3, 24, 24)
         assert torch.equal(got, want)
-    aug = TensorAugment(24, True, mode="torchvision")
+    aug = TensorAugment(24, True, crop=False)
     assert torch.allclose(aug.normalise(eval_crop_transform(24)(img)[None])[0], eval_transform(24)(img), atol=1e-6)
 
 

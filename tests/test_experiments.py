@@ -21,7 +21,7 @@ import torch
 from conftest import ROOT, fake_mnist, image_folder, tiny_argv
 
 EXPERIMENTS = os.path.join(ROOT, "experiments")
-SHARED = {"study.py"}  # what the drivers share, not a driver
+SHARED = {"study.py", "grid_eval.py", "grid_stats.py"}  # what the drivers share, not drivers
 SMOKED_ELSEWHERE = {"small_scale.py"}
 TINY_PRETRAIN = ["--demo-renders", "1", "--image-size", "16", "-a", "resnet18", "--width", "4", "--stem", "small",
                  "-b", "64", "--pcl-r", "256", "--num-cluster", "10,20", "--kmeans-nredo", "1", "--kmeans-niter", "5",
@@ -257,6 +257,34 @@ def test_drivers_use_only_public_entry_points():
                     f"{name}:{node.lineno} builds arguments by hand: use the protocol's parser (pcl.config)"
 
 
+def test_drivers_print_errors_as_one_line_and_never_default_to_the_committed_results():
+    """Every driver's ``__main__`` is ``study.cli(main)`` (a PCLError is one line and exit 2, not a traceback:
+    WG01, WG03, WG05, WC04, WI01, WI03, WI04), and none names the checkout's experiments/results (``study.RESULTS``)
+    as a default output: a driver run without --out writes under exp/results (WG09, WI02)."""
+    for name in drivers():
+        tree = ast.parse(open(os.path.join(EXPERIMENTS, name)).read(), name)
+        blocks = [n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)]
+        assert blocks and ast.unparse(blocks[0].body[0]) == "cli(main)", f"{name}: __main__ must be cli(main)"
+        assert "RESULTS" not in {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}, \
+            f"{name} writes into experiments/results by default: use study.default_out"
+    assert driver("study").default_out("x.json") == os.path.join("exp", "results", "x.json")
+
+
+def test_study_cli_turns_errors_into_one_line(capsys):
+    from pcl import PCLError
+
+    study = driver("study")
+
+    def fails():
+        raise PCLError("--exp-dir X is in use by another run (pid 1): give another --exp-dir")
+
+    with pytest.raises(SystemExit) as exit_:
+        study.cli(fails)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err == "error: --exp-dir X is in use by another run (pid 1): give another " \
+                                            "--exp-dir\n"
+
+
 def test_every_study_driver_has_a_smoke_run():
     tested = {name[len("test_"):] + ".py" for name in globals() if name.startswith("test_")} | SMOKED_ELSEWHERE
     missing = sorted(set(drivers()) - tested)
@@ -295,7 +323,8 @@ def test_grid_train_per_class_writes_a_balanced_subset_and_trains_on_it(tmp_path
 
     with pytest.raises(Trained):
         grid.main(["--data", data, "--train-per-class", "5", "--variants", "pcl", "--seeds", "0",
-                   "--exp-root", str(tmp_path / "exp"), "--out-dir", str(tmp_path / "out"), "--epochs", "2"],
+                   "--exp-root", str(tmp_path / "exp"), "--out-dir", str(tmp_path / "out"), "--epochs", "2",
+                   "--", "--num-cluster", "5,10"],  # k <= the 50 images: a larger k is refused before any run
                   train=train)
     argv = seen[0]
     folder = str(tmp_path / "exp" / "data_5_per_class")

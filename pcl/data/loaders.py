@@ -251,7 +251,7 @@ class DeviceAugmentLoader:
     """``--augment device``: a :class:`FileLoader` whose workers yield uint8 crops (``pretrain_crop_transform``:
     the official RandomResizedCrop + flip), finished on ``device``. Each batch (uint8 B x 3 x S x S per view,
     pinned by the DataLoader when ``device`` is CUDA) is copied as uint8 (4x less than float32) without blocking,
-    then both views go through ``augment`` (a ``TensorAugment(mode="torchvision")``: colour jitter, grayscale,
+    then both views go through ``augment`` (a ``TensorAugment(crop=False)``: colour jitter, grayscale,
     blur, normalisation) as one 2B batch, drawn from this loader's own generator on ``device``, seeded per epoch
     from ``epoch_seed(seed, epoch, rank, DEVICE_AUG_OFFSET)``. Yields (im_q, im_k, index), all on ``device``.
 
@@ -389,12 +389,15 @@ class TensorPairLoader:
 
 
 class TensorEvalLoader:
-    """Yields (normalised images, index) in order over this rank's shard (no padding)."""
+    """Yields (normalised images, index) in order over this rank's shard (no padding); with ``indices``, over
+    those samples only (this rank's every world-th of them)."""
 
-    def __init__(self, images: torch.Tensor, batch_size: int, shard: bool = True) -> None:
+    def __init__(self, images: torch.Tensor, batch_size: int, shard: bool = True,
+                 indices: torch.Tensor | None = None) -> None:
         self.images, self.batch_size = images, batch_size
         rank, world = (dist_utils.rank(), dist_utils.world_size()) if shard else (0, 1)
-        self.indices = torch.arange(rank, images.shape[0], world)
+        chosen = torch.arange(images.shape[0]) if indices is None else torch.as_tensor(indices).long().cpu()
+        self.indices = chosen[rank::world]
         self.mean = torch.tensor(MEAN).view(1, 3, 1, 1)
         self.std = torch.tensor(STD).view(1, 3, 1, 1)
 

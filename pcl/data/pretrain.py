@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch.utils.data import Subset
 
 from pcl import PCLError, distributed as dist_utils
 from pcl.data.datasets import IndexedDataset, check_expected, data_root, file_sets, load_in_memory, sample_fingerprint
@@ -26,6 +27,7 @@ class PretrainData:
     eval_loader: Any  # yields (images, index) over this rank's shard of the training set, eval transform
     num_samples: int
     knn: tuple[Any, torch.Tensor, Any, torch.Tensor] | None = None  # bank loader, labels, test loader, labels
+    subset_loader: Callable[[torch.Tensor], Any] | None = None  # indices -> eval_loader over those samples only
     fingerprint: str = ""  # the sample list's hash (datasets.sample_fingerprint), with more than one process
 
 
@@ -58,7 +60,8 @@ def build_pretrain_data(cfg: DataSettings, device: torch.device | None = None, k
         knn = (TensorEvalLoader(sets["train"], eval_bs), sets["train_labels"],  # sharded: each rank its part
                TensorEvalLoader(sets["test"], eval_bs), sets["test_labels"])
         return PretrainData(train, TensorEvalLoader(sets["train"], eval_bs), sets["train"].shape[0], knn,
-                            _fingerprint(sets["train"]))
+                            lambda idx: TensorEvalLoader(sets["train"], eval_bs, indices=idx),
+                            fingerprint=_fingerprint(sets["train"]))
 
     data_root(cfg.data, cfg.dataset)
     size, pin = cfg.image_size, torch.cuda.is_available()
@@ -90,7 +93,7 @@ def build_pretrain_data(cfg: DataSettings, device: torch.device | None = None, k
         logging.getLogger("pcl").warning("--knn-eval / --knn-every have no effect: the kNN monitor needs a labelled "
                                          "test split and %s", why)
     if on_device:
-        augment = TensorAugment(size, cfg.aug_plus, cfg.crop_min_scale, mode="torchvision")
+        augment = TensorAugment(size, cfg.aug_plus, cfg.crop_min_scale, crop=False)
         if decode == "device" and not hasattr(base_train, "samples"):
             logging.getLogger("pcl").warning("--decode device: %s is not a folder of image files; its images are "
                                              "decoded in the loader workers", dataset.title)
@@ -102,10 +105,13 @@ def build_pretrain_data(cfg: DataSettings, device: torch.device | None = None, k
         else:
             crops = IndexedDataset(base_train, pretrain_crop_transform(size, cfg.crop_min_scale), two_crops=True)
             train = DeviceAugmentLoader(make(crops, batch, True), augment, device, cfg.seed)
-        centre = DeviceEvalLoader(make(IndexedDataset(base_train, eval_crop_transform(size)), eval_bs, False), device)
-        return PretrainData(train, centre, len(base_train), knn, _fingerprint(base_train))
+        centre_set = IndexedDataset(base_train, eval_crop_transform(size))
+        return PretrainData(train, DeviceEvalLoader(make(centre_set, eval_bs, False), device), len(base_train), knn,
+                            lambda idx: DeviceEvalLoader(make(Subset(centre_set, idx.tolist()), eval_bs, False), device),
+                            fingerprint=_fingerprint(base_train))
     return PretrainData(make(train_set, batch, True), make(eval_set, eval_bs, False), len(base_train), knn,
-                        _fingerprint(base_train))
+                        lambda idx: make(Subset(eval_set, idx.tolist()), eval_bs, False),
+                        fingerprint=_fingerprint(base_train))
 
 
 def _fingerprint(train: Any) -> str:
