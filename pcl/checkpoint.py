@@ -314,6 +314,25 @@ def checkpoint_kind(ckpt: dict[str, Any]) -> str:
     return "unknown"
 
 
+def check_cluster_result(state: Any, source: str) -> None:
+    """A checkpoint's ``cluster_result`` (the E-step's prototypes: per granularity im2cluster N, centroids k x d,
+    density k), its shapes checked without reading the tensors' data: one line naming what is wrong."""
+    def bad(why: str) -> PCLError:
+        return PCLError(f"checkpoint {source}: its cluster_result {why}; the file is damaged or hand-made")
+
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), (list, tuple)) for k in
+                                              ("im2cluster", "centroids", "density")):
+        raise bad("is not a mapping of im2cluster, centroids and density lists")
+    assign, cents, phi = state["im2cluster"], state["centroids"], state["density"]
+    if not assign or not len(assign) == len(cents) == len(phi):
+        raise bad(f"holds {len(assign)} / {len(cents)} / {len(phi)} granularities (im2cluster / centroids / density)")
+    for g, (a, c, p) in enumerate(zip(assign, cents, phi)):
+        if not all(torch.is_tensor(t) for t in (a, c, p)) or a.dim() != 1 or c.dim() != 2 or p.dim() != 1 \
+                or p.shape[0] != c.shape[0] or a.shape != assign[0].shape or a.is_floating_point():
+            raise bad(f"granularity {g} has the wrong shapes (expected im2cluster N integers, centroids k x d, density "
+                      f"k)")
+
+
 def require_pretrain_checkpoint(ckpt: dict[str, Any], source: str) -> None:
     """--resume of pretraining takes a pretraining checkpoint; say what else a file is and which flag takes it."""
     kind = checkpoint_kind(ckpt)
@@ -323,6 +342,8 @@ def require_pretrain_checkpoint(ckpt: dict[str, Any], source: str) -> None:
         if "optimizer" in ckpt and not isinstance(ckpt["optimizer"], dict):
             raise PCLError(f"--resume {source}: its 'optimizer' is a {type(ckpt['optimizer']).__name__}, not an "
                            f"optimizer state")
+        if ckpt.get("cluster_result") is not None:
+            check_cluster_result(ckpt["cluster_result"], source)
         return
     what = {"linear": "a linear-probe checkpoint of eval_linear.py (resume it with eval_linear.py --resume)",
             "weights": "a bare weights file (a backbone: give it to the evaluation commands' --pretrained)",

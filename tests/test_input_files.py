@@ -183,3 +183,21 @@ def test_a_checkpoints_model_config_of_the_wrong_shape_is_one_line(tmp_path, con
     torch.save(ckpt, tmp_path / "bad.pth.tar")
     with pytest.raises(PCLError, match=message):
         export(str(tmp_path / "bad.pth.tar"), str(tmp_path / "out.pth"))
+
+
+@pytest.mark.parametrize("result, message", [
+    ({"im2cluster": [], "centroids": [], "density": []}, r"holds 0 / 0 / 0 granularities"),
+    ("k=2", r"is not a mapping of im2cluster, centroids and density lists"),
+])
+def test_a_damaged_cluster_result_is_one_line(result, message):
+    """Checkpoints of each kind are shape-checked where they are read (issue 41 item 4): the E-step's prototypes."""
+    import torch
+
+    from pcl.checkpoint import check_cluster_result
+
+    with pytest.raises(PCLError, match=message):
+        check_cluster_result(result, "c.pth.tar")
+    good = {"im2cluster": [torch.zeros(6, dtype=torch.long)], "centroids": [torch.eye(2, 4)], "density": [torch.ones(2)]}
+    check_cluster_result(good, "c.pth.tar")
+    with pytest.raises(PCLError, match=r"granularity 0 has the wrong shapes"):
+        check_cluster_result({**good, "density": [torch.ones(3)]}, "c.pth.tar")

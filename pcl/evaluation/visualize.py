@@ -107,9 +107,11 @@ def checkpoint_clusters(path: str, n: int) -> dict | None:
     """The checkpoint's E-step result when it has one for a training set of n samples."""
     if not path:
         return None
-    from pcl.checkpoint import load_checkpoint
+    from pcl.checkpoint import check_cluster_result, load_checkpoint
 
     result = load_checkpoint(path).get("cluster_result")
+    if result:
+        check_cluster_result(result, path)
     if not result or any(len(a) != n for a in result["im2cluster"]):
         return None
     return result
