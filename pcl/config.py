@@ -388,7 +388,7 @@ def validate_pretrain_args(args: Any) -> RunConfig:
     if cfg.lr * cfg.weight_decay >= 2 * (1 + cfg.momentum):  # w <- w (1 - lr wd) (+ momentum): unstable past this
         raise PCLError(f"--wd {cfg.weight_decay:g} with --lr {cfg.lr:g}: the weight decay alone makes every SGD step "
                        f"diverge (lr x wd = {cfg.lr * cfg.weight_decay:.3g} >= 2 (1 + --momentum) = "
-                       f"{2 * (1 + cfg.momentum):.3g}); the official --wd is 1e-4")
+                       f"{2 * (1 + cfg.momentum):.3g}); lower --wd or --lr (official: 1e-4 and 0.03)")
     if cfg.proto_chunks > 1 and cfg.pauc:
         raise PCLError("--pauc needs one set of ProtoNCE columns per batch: use it with --proto-chunks 1")
     num_cluster = parse_num_cluster(cfg.num_cluster)

@@ -152,8 +152,8 @@ def test_queue_not_divisible_by_batch(tmp_path):
 
 
 def test_non_finite_loss_stops_with_the_step_and_terms(tmp_path):
-    code, err = run_main("--dataset", "demo", "--demo-renders", "1", *TINY, "--lr", "1e30", "--epochs", "2",
-                         "--exp-dir", str(tmp_path / "e"))
+    code, err = run_main("--dataset", "demo", "--demo-renders", "1", *TINY, "--lr", "1e30", "--wd", "0", "--epochs",
+                         "2", "--exp-dir", str(tmp_path / "e"))  # wd 0: with 1e-4, lr x wd is refused at start
     assert_clean_error(code, err, "non-finite loss at epoch", "loss_inst=", "lr=")
 
 
