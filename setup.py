@@ -8,8 +8,10 @@ setup(
     py_modules=["main_pcl"],
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.1",
-        "torchvision>=0.16",
+        # torch 2.4 / torchvision 0.19: init_process_group(device_id=...) and decode_jpeg on a list of files
+        # with device=... (--decode device's batched nvJPEG decode)
+        "torch>=2.4",
+        "torchvision>=0.19",
         "numpy",
         "scikit-learn",
         "PyYAML",
@@ -27,5 +29,6 @@ setup(
         "gpu": ["faiss-gpu>=1.15.1,<1.16"],
         "test": ["pytest", "matplotlib"],  # matplotlib: the t-SNE figure's tests
         "plots": ["matplotlib"],
+        "wandb": ["wandb"],  # --wandb: the same logs in Weights & Biases (WANDB_MODE=offline works without a server)
     },
 )

@@ -159,7 +159,8 @@ def sampling_section(out: dict, opts, ks: list[int], rng: np.random.Generator, d
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=N_IMAGENET)
     p.add_argument("--ks", default="25000,50000,100000")
     p.add_argument("--r", type=int, default=16384)

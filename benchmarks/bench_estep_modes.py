@@ -69,7 +69,8 @@ def summarise(rows: list[dict], ks: list[int]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "fmnist.yaml"))
     p.add_argument("--data", default=None, help="DIR for the config (default: the config's own)")
     p.add_argument("--epochs", type=int, default=6)
@@ -79,10 +80,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", default=None)
     p.add_argument("extra", nargs="*", help="more main_pcl flags after --")
     opts = p.parse_args(argv)
-    import yaml
-
-    with open(opts.config) as f:
-        ks = [int(k) for k in str(yaml.safe_load(f)["num_cluster"]).split(",")]
     root = opts.exp_root or tempfile.mkdtemp(prefix="estep_modes_")
     out = {"hardware": hardware(), "config": opts.config, "epochs": opts.epochs, "warmup_epoch": opts.warmup_epoch,
            "threads": os.environ.get("OMP_NUM_THREADS"), "modes": {}}
@@ -93,7 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
                "--overwrite", "--no-progress", *MODES[mode], *opts.extra, *([opts.data] if opts.data else [])]
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
-        out["modes"][mode] = summarise(epochs_of(os.path.join(exp, "log.txt")), ks)
+        rows = epochs_of(os.path.join(exp, "log.txt"))
+        ks = sorted(int(key[len("kmeans_obj_k"):]) for key in rows[-1] if key.startswith("kmeans_obj_k"))
+        out["modes"][mode] = summarise(rows, ks)
     print(f"\n{out['hardware']}; {opts.config}, {opts.epochs} epochs (E-steps from {opts.warmup_epoch}), OMP threads "
           f"{out['threads']}\n")
     print("| mode | E-step s (mean, after the first) | of which features s | epoch s | E-step share | first E-step s "

@@ -90,7 +90,8 @@ def precision_rows(x: torch.Tensor, opts: argparse.Namespace) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", choices=["synthetic", "fmnist"], default="synthetic")
     p.add_argument("--fmnist-dir", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--n", type=int, default=50_000)

@@ -208,7 +208,8 @@ def host_syncs(device: torch.device, exp_dir: str, extra: tuple[str, ...] = ()) 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["overhead", "throughput"], default="overhead")
     p.add_argument("-a", "--arch", default="resnet18")
     p.add_argument("--width", type=int, default=64)

@@ -41,7 +41,8 @@ def drifted(x: torch.Tensor, drift: float, seed: int = 1) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=200_000)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--k", type=int, default=5000)

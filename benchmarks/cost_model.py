@@ -1,39 +1,47 @@
 #!/usr/bin/env python
-"""Projected wall time of 200-epoch PCL v2 ImageNet pretraining (and of MoCo v2 in the same model) on G GPUs with
-C CPU cores per GPU, part by part, the official path against the fast path.
+"""Projected wall time of 200-epoch PCL v2 ImageNet pretraining, and of MoCo v2 with the same loader and GPUs, on G
+GPUs, part by part, for the official preset, the fast preset as it ships, and explicit variants of the fast path.
 
-Why: whether a full run fits a budget, and which part bounds it, depends on the cluster (GPUs, cores per GPU);
-the parts are measured or published one by one, so the projection names the source of every number it uses.
+Why: whether a full run fits a budget, what PCL costs over MoCo, and which part bounds each, depend on the node and
+on the preset's settings; the parts are measured or published one by one, so the projection names the source of
+every number it uses, and gives a range (the fastest and the slowest round of the CPU timings) rather than one
+number.
 
-The model (per run of ``--epochs`` E epochs, ``--warmup`` W of them without an E-step, N = 1,281,167 images):
+The paths (each read from its YAML: loader, precision, k-means backend, E-step features, k-means start, workers):
+``official`` = configs/pcl_v2_imagenet.yaml; ``fast`` = configs/pcl_v2_imagenet_fast.yaml as it ships; then the
+fast preset with ``--estep-features pass --kmeans-init random``, ``bank --kmeans-init random`` and ``bank
+--kmeans-init previous``. The model, per run of E epochs, W of them warm-up, N = 1,281,167 images:
 
-* M-step, every epoch: time = max(input pipeline, GPU steps) over N pairs.
-  Input: G x (C - ``--main-cores``) loader cores, each spending the CPU seconds per pair *measured here*: the
-  official PIL MoCo v2 pipeline (``pcl.data.transforms.pretrain_transform(aug_plus=True)``) twice per decoded
-  JPEG; the fast path's workers only decode, RandomResizedCrop and flip to uint8 (torchvision's
-  ``RandomResizedCrop``, ``RandomHorizontalFlip``, ``PILToTensor``), twice; its colour ops run batched on the GPU
-  and are not timed here (gpu_check does not time them either). GPU: G x MoCo pairs/s per GPU x the DDP scaling
-  efficiency; official path fp32 (TF32 convolutions, torch's default), fast path bf16 + channels-last. A PCL
-  step is the MoCo step plus the ProtoNCE terms (overhead from the GPU JSON, else a FLOP-count estimate).
-* E-step, E - W times: features of N images through the eval transform (Resize 256, CenterCrop 224; CPU cost per
-  image measured here, fast path: uint8 out, normalised on the GPU) vs the key encoder's forward on G GPUs
-  (forward = 1/4 of a MoCo step: query fwd + bwd ~ 3 forwards, key fwd 1), time = max of the two; then k-means
-  at every granularity (k = 25k/50k/100k, d = 128, niter and nredo of configs/pcl_v2_imagenet.yaml and
-  pcl/config.py): FLOPs = 2 N k d niter nredo each. Official: on one GPU (rank 0), the others wait. Fast path:
-  each of G ranks assigns N / G rows, plus one all-reduce of the k x (d + 1) sums and counts per iteration.
+* Loader: the preset's ``workers`` per node (``--workers`` overrides it for every path, a what-if), capped at
+  G x (C - ``--main-cores``) cores, each worker one core spending the CPU seconds per item measured here
+  (benchmarks/cost_inputs.py: PIL pipeline, --augment device's crop to uint8, or --decode device's bytes + header).
+* M-step, every epoch: max(loader, GPU). GPU per pair = the MoCo step at the path's precision (fp32, or bf16 +
+  channels-last), / the DDP scaling on G > 1, plus the device input (--augment device's colour ops; --decode device's
+  nvJPEG decode, crop and resize of the pair's image), in series. PCL: the step x (1 + the ProtoNCE overhead) after
+  warm-up; with ``bank`` one all-gather of the batch's indices per step.
+* E-step, E - W times. ``pass``: max(loader over N centre crops, key-encoder forward on G GPUs at the path's
+  precision + the device decode of each image with --decode device). ``bank``: no pass (the rows were written by
+  the training steps; a pass only at the first E-step when W = 0). k-means at every granularity (2 N k d niter FLOPs
+  per run): cold = ``--kmeans-nredo`` runs; warm (``previous``) = one run, except the first E-step and every
+  ``--kmeans-warm-check``-th, which also run cold. Official backend: rank 0's GPU, the others wait; torch-ranks: N / G
+  rows per GPU plus one all-reduce of the k x (d + 1) sums per iteration.
 
-GPU figures: ``--gpu-json PATH`` takes either the JSON of benchmarks/gpu_check.py (its ``sections.throughput``:
-``images_per_s`` ``fp32`` and ``fast_variant``, each the batch size over a MoCo step's seconds, i.e. pairs/s;
-``sections.overhead.overhead_pct``; ``sections.kmeans``: ``n``, ``seconds_nredo<R>`` per k, turned into an
-effective FLOP/s) or a flat JSON with these keys (documented here, all per GPU):
+GPU figures: ``--gpu-json PATH`` takes benchmarks/gpu_check.py's JSON (sections throughput, overhead, kmeans,
+kmeans_ranks, estep, device_aug, fast_path: benchmarks/cost_inputs.py reads them) or a flat JSON (per GPU):
 
     {"gpu": "NVIDIA H100 80GB HBM3",          # the name shown in the source column
-     "moco_pairs_per_s_fp32": 700.0,          # MoCo v2 step (ResNet-50, 224 px), pairs/s, fp32: official path
-     "moco_pairs_per_s_fast": 1900.0,         # the same step with --amp bf16 --channels-last: fast path
+     "moco_pairs_per_s_fp32": 700.0,          # MoCo v2 step (ResNet-50, 224 px), pairs/s, fp32
+     "moco_pairs_per_s_fast": 1900.0,         # the same step with --amp bf16 --channels-last
+     "forward_images_per_s_fp32": 2800.0,     # optional: the E-step's feature pass, fp32 (else 4 x the MoCo step)
+     "forward_images_per_s_fast": 7600.0,     # optional: the same under bf16 autocast
      "pcl_overhead_pct": 1.5,                 # optional: PCL step over MoCo step, percent
-     "kmeans_tflops": 30.0}                   # optional: effective fp32 TFLOP/s of the E-step's k-means
+     "kmeans_tflops": 30.0,                   # optional: effective fp32 TFLOP/s of the official backend's k-means
+     "kmeans_tflops_ranks": 30.0,             # optional: the same for torch-ranks, per GPU (else kmeans_tflops)
+     "gpu_decode_ms": 0.1,                    # optional: GPU ms per image decoded + resized on the device
+     "gpu_augment_ms": 0.02}                  # optional: GPU ms per pair of the device colour ops
 
-Without it the published figures are used, and the table says "published, not measured".
+Without it the published figures are used, and the table says "published, not measured"; the device input's
+figures are then assumed (``--gpu-decode-ms`` / ``--gpu-augment-ms`` set them by hand; the JSON's win otherwise).
 
     PYTHONPATH=. python benchmarks/cost_model.py                          # 8 GPUs x 14 cores, published GPU figures
     PYTHONPATH=. python benchmarks/cost_model.py --gpu-json $OUT/gpu_check.json --json benchmarks/results/cost.json
@@ -42,364 +50,286 @@ Without it the published figures are used, and the table says "published, not me
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import os
 import sys
-import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
-
-import numpy as np
-import torch
-import torchvision.transforms as T
-from PIL import Image
+from dataclasses import asdict, dataclass, replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from common import hardware, write_json  # noqa: E402
+from cost_inputs import (ALLREDUCE_BUS_GBPS, ALLREDUCE_LATENCY_S, JPEG_QUALITY, JPEG_SIZE,  # noqa: E402
+                         SCALING_8GPU, CpuCosts, CpuRange, GpuFigures, gpu_from_json, kmeans_flops, measure_cpu,
+                         published_gpu)
+from cost_tables import parts_table, sensitivity_table, summary_table  # noqa: E402
 from pcl.config import build_pretrain_parser  # noqa: E402
-from pcl.data.transforms import MEAN, STD, pretrain_transform  # noqa: E402
 from pcl.settings import load_config_defaults, parse_list  # noqa: E402
 
-PRESET = os.path.join(ROOT, "configs", "pcl_v2_imagenet.yaml")
+PRESETS = {"official": os.path.join(ROOT, "configs", "pcl_v2_imagenet.yaml"),
+           "fast": os.path.join(ROOT, "configs", "pcl_v2_imagenet_fast.yaml")}
 IMAGENET_TRAIN = 1_281_167
-JPEG_SIZE, JPEG_QUALITY = (500, 375), 90  # a typical ImageNet photo, as gpu_check's pil section
-
-# Published figures (not measured by this script); each names its source.
-DLE = "NVIDIA DeepLearningExamples, PyTorch ResNet-50 v1.5 README, DGX A100 80GB, pytorch-21.03 NGC"
-A100_TRAIN_IMG_S = {"official": 938.0, "fast": 2470.0}  # ResNet-50 training images/s on one A100 (DLE)
-SCALING_8GPU = {"official": 7.72 / 8, "fast": 6.72 / 8}  # DDP efficiency on 8 GPUs (DLE), used for any G > 1
-H100_OVER_A100 = 1.8  # assumed ratio (issue 26's figure), applied to the A100 numbers for --published-gpu h100
-FP32_PEAK_TFLOPS = {"a100": 19.5, "h100": 67.0}  # NVIDIA datasheets: A100 SXM, H100 SXM non-tensor FP32
-MOCO_OVER_TRAIN = 4 / 3  # MoCo step = query fwd + bwd (~3 forwards) + key fwd (1) vs a training step's 3 forwards
-FORWARD_OVER_MOCO = 4.0  # forward-only images/s = 4 x MoCo pairs/s (DLE's V100 inference/training ratio is 2.8-3.4x
-# for training steps of 3 forwards: consistent)
-RESNET50_GMACS = 4.09  # torchvision's ResNet50_Weights.IMAGENET1K_V1 "GFLOPS" (multiply-adds) at 224 px
-ALLREDUCE_BUS_GBPS = 300.0  # assumed NCCL all-reduce bus bandwidth within an NVLink node (H100 NVLink 4: 450 GB/s
-# per direction, datasheet); below it on purpose
-ALLREDUCE_LATENCY_S = 50e-6  # assumed NCCL latency per all-reduce call
+OFFICIAL_WORKERS = 32  # -j's official value, for a preset that does not set workers
+GOAL_TOTAL_H, GOAL_OVERHEAD_PCT, MOONSHOT_OVERHEAD_PCT = 4.0, 10.0, 5.0  # issue 37's goals for the fast path
 
 
-@dataclass
-class CpuCosts:
-    """CPU seconds per pair (pretraining) or per image (eval) on one core of this machine, one thread each."""
-    official_pair_s: float  # decode + pretrain_transform(aug_plus=True) twice
-    fast_pair_s: float  # decode + RandomResizedCrop + flip + PILToTensor twice
-    official_eval_s: float  # decode + Resize 256 + CenterCrop 224 + ToTensor + Normalize
-    fast_eval_s: float  # decode + Resize 256 + CenterCrop 224 + PILToTensor
-    decode_s: float  # the JPEG decode alone (part of every figure above)
-    pairs: int
-    rounds: int
+@dataclass(frozen=True)
+class Path:
+    """What one row runs, as its preset (plus overrides) sets it."""
+    name: str
+    preset: str  # the YAML's file name
+    loader: str  # pil | augment (--augment device) | decode (--augment device --decode device)
+    amp: str  # none | bf16 | fp16
+    backend: str  # --kmeans-backend
+    features: str  # --estep-features: pass | bank
+    init: str  # --kmeans-init: random | previous
+    workers: int  # per node
+    warm_check: int
+    epochs: int
+    warmup: int
+    ks: tuple[int, ...]
+    dim: int
+    niter: int
+    nredo: int
+    batch: int
+    r: int
+
+    @property
+    def mode(self) -> str:
+        return "fp32" if self.amp == "none" else "amp"
 
 
-@dataclass
-class GpuFigures:
-    """Per-GPU throughputs of the two paths and where each comes from."""
-    moco_pairs_per_s: dict[str, float]  # {"official": fp32, "fast": bf16 + channels-last}
-    step_source: str
-    pcl_overhead: float  # fraction: PCL step time / MoCo step time - 1
-    overhead_source: str
-    kmeans_flops_per_s: float  # effective fp32 FLOP/s of the k-means on one GPU
-    kmeans_source: str
+@dataclass(frozen=True)
+class Node:
+    gpus: int
+    cores_per_gpu: int
+    main_cores: int
+    n: int
+
+    def loader_cores(self, path: Path) -> int:
+        return max(min(path.workers, self.gpus * max(self.cores_per_gpu - self.main_cores, 1)), 1)
 
 
-def _write_jpeg(rng: np.random.Generator, path: str) -> None:
-    """A 500 x 375 JPEG of quality 90 with smooth (photo-like, not noise) content: photo-like sizes and decode times."""
-    w, h = JPEG_SIZE
-    smooth = rng.integers(0, 255, (h // 8, w // 8, 3), dtype=np.uint8)
-    Image.fromarray(smooth).resize((w, h), Image.BILINEAR).save(path, quality=JPEG_QUALITY)
+def read_preset(name: str, file: str, **overrides) -> Path:
+    """The path a preset runs: its YAML over pcl/config.py's defaults, then ``overrides`` (Path's field names)."""
+    parser = build_pretrain_parser()
+    yaml = load_config_defaults(parser, file)
+    parser.set_defaults(**yaml)
+    get = parser.get_default
+    loader = "pil" if get("augment") == "pil" else "decode" if get("decode") == "device" else "augment"
+    path = Path(name=name, preset=os.path.basename(file), loader=loader, amp=get("amp"), backend=get("kmeans_backend"),
+                features=get("estep_features"), init=get("kmeans_init"),
+                workers=int(yaml.get("workers", OFFICIAL_WORKERS)), warm_check=get("kmeans_warm_check"),
+                epochs=get("epochs"), warmup=get("warmup_epoch"),
+                ks=tuple(parse_list(get("num_cluster"), "num_cluster")),
+                dim=get("low_dim"), niter=get("kmeans_niter"), nredo=get("kmeans_nredo"), batch=get("batch_size"),
+                r=get("pcl_r"))
+    return replace(path, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _timed(fn: Callable[..., object], *args: object) -> tuple[float, object]:
-    """(seconds, result) of ``fn(*args)``."""
-    start = time.perf_counter()
-    out = fn(*args)
-    return time.perf_counter() - start, out
+def build_paths(workers: int | None = None, epochs: int | None = None, warmup: int | None = None,
+                warm_check: int | None = None, presets: dict[str, str] = PRESETS) -> list[Path]:
+    """official, fast as shipped, fast + pass + cold, fast + bank + cold, fast + bank + warm (None: the preset's)."""
+    common = dict(workers=workers, epochs=epochs, warmup=warmup, warm_check=warm_check)
+    return [read_preset("official", presets["official"], **common), read_preset("fast", presets["fast"], **common),
+            *(read_preset(name, presets["fast"], features=features, init=init, **common)
+              for name, features, init in (("fast + pass + cold", "pass", "random"),
+                                           ("fast + bank + cold", "bank", "random"),
+                                           ("fast + bank + warm", "bank", "previous")))]
 
 
-def _decode(path: str) -> Image.Image:
-    """Read and decode a JPEG as a loader worker does (torchvision's pil_loader)."""
-    with open(path, "rb") as f:
-        return Image.open(io.BytesIO(f.read())).convert("RGB")
+def kmeans_runs(path: Path) -> tuple[int, int]:
+    """(cold runs of nredo restarts, warm runs of one) over the run's E-steps at epochs warmup .. epochs - 1: the
+    first E-step has no previous centroids; with a warm start every warm_check-th epoch after it also runs cold."""
+    esteps = max(path.epochs - path.warmup, 0)
+    if esteps == 0 or path.init == "random":
+        return esteps, 0
+    checks = sum(1 for e in range(path.warmup + 1, path.epochs) if path.warm_check and e % path.warm_check == 0)
+    return 1 + checks, esteps - 1
 
 
-def _twice(transform: Callable, img: Image.Image) -> tuple:
-    """Both crops of a pair from one decoded image, as TwoCropsTransform."""
-    return transform(img), transform(img)
+def _collective_s(bus_bytes: float, calls: int = 1) -> float:
+    """NCCL collectives moving ``bus_bytes`` per rank in all (a ring all-reduce of S bytes: 2 (G - 1) / G x S; an
+    all-gather of S bytes in all: (G - 1) / G x S), ``calls`` latencies."""
+    return calls * ALLREDUCE_LATENCY_S + bus_bytes / (ALLREDUCE_BUS_GBPS * 1e9)
 
 
-def measure_cpu(pairs: int, rounds: int, seed: int = 0) -> CpuCosts:
-    """Time each pipeline on ``pairs`` synthesised JPEGs on one thread, ``rounds`` times; the fastest round counts
-    (the least disturbed by other work on shared cores). Each image is decoded once per round, as a loader worker
-    does (one decode, two crops); the eval paths share the resize + crop and differ in the tensor conversion only,
-    so the fast path's figure is the official one's minus work it does not do."""
-    official = pretrain_transform(aug_plus=True, size=224, min_scale=0.2)
-    fast = T.Compose([T.RandomResizedCrop(224, scale=(0.2, 1.0)), T.RandomHorizontalFlip(), T.PILToTensor()])
-    eval_crop = T.Compose([T.Resize(256), T.CenterCrop(224)])
-    eval_official = T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)])
-    eval_fast = T.PILToTensor()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(seed)
-    totals: dict[str, list[float]] = {key: [] for key in ("decode", "official", "fast", "crop", "eval_o", "eval_f")}
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            rng = np.random.default_rng(seed)
-            paths = [os.path.join(tmp, f"{i}.jpg") for i in range(pairs)]
-            for path in paths:
-                _write_jpeg(rng, path)
-            for r in range(rounds + 1):  # round 0 warms up (imports, allocator, page cache) and is dropped
-                acc = dict.fromkeys(totals, 0.0)
-                for path in paths:
-                    t, img = _timed(_decode, path)
-                    acc["decode"] += t
-                    acc["official"] += _timed(_twice, official, img)[0]
-                    acc["fast"] += _timed(_twice, fast, img)[0]
-                    t, cropped = _timed(eval_crop, img)
-                    acc["crop"] += t
-                    acc["eval_o"] += _timed(eval_official, cropped)[0]
-                    acc["eval_f"] += _timed(eval_fast, cropped)[0]
-                if r:
-                    for key, value in acc.items():
-                        totals[key].append(value / pairs)
-    finally:
-        torch.set_num_threads(threads)
-    best = {key: min(values) for key, values in totals.items()}
-    return CpuCosts(official_pair_s=best["decode"] + best["official"], fast_pair_s=best["decode"] + best["fast"],
-                    official_eval_s=best["decode"] + best["crop"] + best["eval_o"],
-                    fast_eval_s=best["decode"] + best["crop"] + best["eval_f"], decode_s=best["decode"],
-                    pairs=pairs, rounds=rounds)
+def _mstep(cpu: CpuCosts, gpu: GpuFigures, path: Path, node: Node) -> dict[str, float]:
+    """Seconds over the run's epochs; PCL's warm-up epochs are MoCo steps (InfoNCE only)."""
+    scaling = SCALING_8GPU[path.mode] if node.gpus > 1 else 1.0
+    cpu_pair = {"pil": cpu.pil_pair_s, "augment": cpu.augment_pair_s, "decode": cpu.bytes_pair_s}[path.loader]
+    device = {"pil": 0.0, "augment": gpu.augment_s, "decode": gpu.augment_s + gpu.decode_s}[path.loader]
+    step, per_gpu = 1.0 / (gpu.moco_pairs_per_s[path.mode] * scaling), node.n / node.gpus
+    input_s = node.n * cpu_pair / node.loader_cores(path)
+    upkeep = 0.0
+    if path.features == "bank" and node.gpus > 1:  # the batch's indices all-gathered (8 bytes each) every step
+        upkeep = node.n // path.batch * _collective_s((node.gpus - 1) / node.gpus * 8 * path.batch)
+    moco = per_gpu * (step + device)
+    warm, pcl = moco + upkeep, per_gpu * (step * (1 + gpu.pcl_overhead) + device) + upkeep
+    e, w = path.epochs, min(path.warmup, path.epochs)
+    return {"mstep_input": e * input_s, "mstep_gpu_device_input": e * per_gpu * device, "mstep_gpu_moco": e * moco,
+            "bank_upkeep": e * upkeep, "mstep_gpu_pcl": w * warm + (e - w) * pcl, "mstep_moco": e * max(input_s, moco),
+            "mstep_pcl": w * max(input_s, warm) + (e - w) * max(input_s, pcl)}
 
 
-def kmeans_flops(n: int, ks: list[int], dim: int, niter: int, nredo: int) -> float:
-    """FLOPs of Lloyd's assignment (the N x k distance products) over every granularity: 2 N k d niter nredo each."""
-    return float(sum(2.0 * n * k * dim * niter * nredo for k in ks))
-
-
-def pcl_overhead_estimate(r: int, dim: int, granularities: int) -> float:
-    """ProtoNCE's extra FLOPs per pair over a MoCo v2 step's (a lower bound: sampling and gathers are not FLOPs):
-    per granularity 1 + r prototype logits of d products each, forward and backward (x3), vs 4 ResNet-50 forwards."""
-    extra = granularities * 3 * 2.0 * (r + 1) * dim
-    return extra / (FORWARD_OVER_MOCO * 2.0 * RESNET50_GMACS * 1e9)
-
-
-def published_gpu(gpu: str, r: int, dim: int, granularities: int, efficiency: float) -> GpuFigures:
-    """The GPU figures from published numbers (see the constants' sources), for an A100 or an H100."""
-    ratio = H100_OVER_A100 if gpu == "h100" else 1.0
-    pairs = {path: ips * ratio / MOCO_OVER_TRAIN for path, ips in A100_TRAIN_IMG_S.items()}
-    how = f" x {H100_OVER_A100} (assumed H100/A100)" if gpu == "h100" else ""
-    return GpuFigures(
-        moco_pairs_per_s=pairs,
-        step_source=f"published, not measured ({gpu.upper()}: A100 ResNet-50 training, 1 GPU, 938 img/s TF32 and "
-                    f"2470 img/s AMP ({DLE}){how}, / {MOCO_OVER_TRAIN:.2f} for a MoCo step)",
-        pcl_overhead=pcl_overhead_estimate(r, dim, granularities),
-        overhead_source="estimated (ProtoNCE FLOPs over ResNet-50's 4.09 GMACs, torchvision docs)",
-        kmeans_flops_per_s=FP32_PEAK_TFLOPS[gpu] * 1e12 * efficiency,
-        kmeans_source=f"published, not measured ({gpu.upper()} fp32 peak {FP32_PEAK_TFLOPS[gpu]:.1f} TFLOP/s, "
-                      f"NVIDIA datasheet, x {efficiency:.0%} assumed efficiency)")
-
-
-def gpu_from_json(path: str, fallback: GpuFigures) -> GpuFigures:
-    """GPU figures from gpu_check.py's JSON or a flat JSON (keys in the module docstring); a figure the file
-    lacks (no overhead, no k-means) keeps ``fallback``'s value and source."""
-    with open(path) as f:
-        data = json.load(f)
-    if "sections" in data:  # gpu_check.py's output
-        sec = data["sections"]
-        name = data.get("hardware", "?").split(", ")[-1] if data.get("device", "cuda") != "cpu" else "the CPU"
-        thr = sec.get("throughput", {})
-        ips = thr.get("images_per_s") or {}
-        if "fp32" not in ips or thr.get("fast_variant") not in ips:
-            raise SystemExit(f"cost_model: {path} has no throughput section with fp32 and its fast variant")
-        sizes = data.get("sizes", {})
-        if sizes.get("arch") != "resnet50" or sizes.get("image_size") != 224:
-            print(f"warning: {path} timed {sizes.get('arch')} at {sizes.get('image_size')} px, not ResNet-50 at "
-                  f"224 px (gpu_check --cpu?): the projection uses it as it is")
-        flat = {"gpu": name, "moco_pairs_per_s_fp32": ips["fp32"], "moco_pairs_per_s_fast": ips[thr["fast_variant"]]}
-        if "overhead_pct" in sec.get("overhead", {}):
-            flat["pcl_overhead_pct"] = sec["overhead"]["overhead_pct"]
-        km = sec.get("kmeans", {})
-        runs = sorted(int(key[len("seconds_nredo"):]) for key in km if key.startswith("seconds_nredo"))
-        if runs:
-            per_k = km[f"seconds_nredo{runs[-1]}"]
-            flops = kmeans_flops(km["n"], [int(k) for k in per_k], 128, 20, runs[-1])
-            flat["kmeans_tflops"] = flops / sum(per_k.values()) / 1e12
+def _estep(cpu: CpuCosts, gpu: GpuFigures, path: Path, node: Node) -> dict[str, float]:
+    """Seconds over the run's E-steps: the feature passes, then the k-means runs."""
+    esteps = max(path.epochs - path.warmup, 0)
+    scaling = SCALING_8GPU[path.mode] if node.gpus > 1 else 1.0
+    cpu_image = {"pil": cpu.pil_eval_s, "augment": cpu.augment_eval_s, "decode": cpu.bytes_image_s}[path.loader]
+    device = gpu.decode_s if path.loader == "decode" else 0.0
+    pass_cpu = node.n * cpu_image / node.loader_cores(path)
+    pass_gpu = node.n / node.gpus * (1.0 / (gpu.forward_images_per_s[path.mode] * scaling) + device)
+    passes = esteps if path.features == "pass" else int(esteps > 0 and path.warmup == 0)  # bank: the unwritten rows
+    cold, warm = kmeans_runs(path)
+    units = cold * path.nredo + warm  # Lloyd runs of niter iterations each
+    flops = kmeans_flops(node.n, path.ks, path.dim, path.niter, 1) * units
+    if path.backend == "torch-ranks":
+        sums = sum(k * (path.dim + 1) * 4 for k in path.ks)  # per iteration: every granularity's sums and counts
+        ring = 2 * (node.gpus - 1) / node.gpus
+        reduce = _collective_s(ring * sums, calls=len(path.ks)) if node.gpus > 1 else 0.0
+        kmeans = flops / (node.gpus * gpu.kmeans_flops_per_s["ranks"]) + reduce * path.niter * units
     else:
-        flat = data
-    missing = [k for k in ("moco_pairs_per_s_fp32", "moco_pairs_per_s_fast") if k not in flat]
-    if missing:
-        raise SystemExit(f"cost_model: {path} lacks {missing} (see the keys in benchmarks/cost_model.py's docstring)")
-    where = f"measured on GPU ({flat.get('gpu', 'unnamed')}, {os.path.basename(path)})"
-    out = GpuFigures(**asdict(fallback))
-    out.moco_pairs_per_s = {"official": float(flat["moco_pairs_per_s_fp32"]),
-                            "fast": float(flat["moco_pairs_per_s_fast"])}
-    out.step_source = where
-    if "pcl_overhead_pct" in flat:
-        out.pcl_overhead, out.overhead_source = max(float(flat["pcl_overhead_pct"]), 0.0) / 100.0, where
-    if "kmeans_tflops" in flat:
-        out.kmeans_flops_per_s, out.kmeans_source = float(flat["kmeans_tflops"]) * 1e12, where
+        kmeans = flops / gpu.kmeans_flops_per_s["one_gpu"]
+    return {"estep_features_input": passes * pass_cpu, "estep_features_gpu": passes * pass_gpu,
+            "estep_features": passes * max(pass_cpu, pass_gpu), "estep_kmeans": kmeans}
+
+
+def project(cpu: CpuCosts, gpu: GpuFigures, path: Path, node: Node) -> dict[str, float]:
+    """Hours of every part of ``path`` (percent in the two ``_pct`` rows); see the module docstring."""
+    hours = {key: s / 3600 for key, s in {**_mstep(cpu, gpu, path, node), **_estep(cpu, gpu, path, node)}.items()}
+    hours["estep"] = hours["estep_features"] + hours["estep_kmeans"]
+    hours["pcl_total"] = hours["mstep_pcl"] + hours["estep"]
+    hours["moco_total"] = hours["mstep_moco"]
+    hours["pcl_over_moco_pct"] = 100 * (hours["pcl_total"] / hours["moco_total"] - 1)
+    hours["estep_share_pct"] = 100 * hours["estep"] / hours["pcl_total"]
+    return hours
+
+
+def project_range(cpu: CpuRange, gpu: GpuFigures, paths: list[Path], node: Node) -> dict[str, dict[str, list]]:
+    """{path: {row: [low, high]}} from the fastest and the slowest CPU round (a ratio row: the smaller and the
+    larger of its two values)."""
+    out = {}
+    for path in paths:
+        a, b = project(cpu.low, gpu, path, node), project(cpu.high, gpu, path, node)
+        out[path.name] = {key: [min(a[key], b[key]), max(a[key], b[key])] for key in a}
     return out
 
 
-def preset() -> dict:
-    """The ImageNet preset's values with pcl/config.py's defaults under it (k-means niter/nredo are not in the YAML)."""
-    parser = build_pretrain_parser()
-    parser.set_defaults(**load_config_defaults(parser, PRESET))
-    return {key: parser.get_default(key) for key in ("epochs", "warmup_epoch", "num_cluster", "low_dim", "pcl_r",
-                                                       "kmeans_niter", "kmeans_nredo")}
+def decode_for_goal(cpu: CpuCosts, gpu: GpuFigures, path: Path, node: Node, goal_h: float) -> float | None:
+    """The device decode (GPU seconds per image) at which ``path``'s PCL total reaches ``goal_h`` with ``cpu``'s
+    costs (the total grows with it; bisection up to 1 ms), None when it is over ``goal_h`` at 0 ms already."""
+    def total(decode_s: float) -> float:
+        return project(cpu, replace(gpu, decode_s=decode_s), path, node)["pcl_total"]
+
+    low, high = 0.0, 1e-3
+    if total(low) > goal_h:
+        return None
+    if total(high) <= goal_h:
+        return high
+    for _ in range(40):
+        low, high = ((low + high) / 2, high) if total((low + high) / 2) <= goal_h else (low, (low + high) / 2)
+    return low
 
 
-def project(cpu: CpuCosts, gpu: GpuFigures, gpus: int, cores_per_gpu: int, main_cores: int, epochs: int,
-            warmup: int, n: int, ks: list[int], dim: int, niter: int, nredo: int) -> dict:
-    """Hours of every part for 200 (``epochs``) epochs, official and fast path; see the module docstring."""
-    loader_cores = gpus * max(cores_per_gpu - main_cores, 1)
-    esteps = max(epochs - warmup, 0)
-    scaling = {p: SCALING_8GPU[p] if gpus > 1 else 1.0 for p in ("official", "fast")}
-    cpu_pair = {"official": cpu.official_pair_s, "fast": cpu.fast_pair_s}
-    cpu_eval = {"official": cpu.official_eval_s, "fast": cpu.fast_eval_s}
-    flops = kmeans_flops(n, ks, dim, niter, nredo)
-    allreduce = 2 * (gpus - 1) / gpus * sum(k * (dim + 1) * 4 for k in ks) / (ALLREDUCE_BUS_GBPS * 1e9)
-    allreduce = (allreduce + len(ks) * ALLREDUCE_LATENCY_S) * niter * nredo if gpus > 1 else 0.0
-
-    def hours(seconds_per_epoch: float, times: int) -> float:
-        return seconds_per_epoch * times / 3600
-
-    rows: dict[str, dict[str, float]] = {}
-    for p in ("official", "fast"):
-        moco_rate = gpus * gpu.moco_pairs_per_s[p] * scaling[p]  # pairs/s over all GPUs
-        fwd_rate = gpus * gpu.moco_pairs_per_s[p] * FORWARD_OVER_MOCO * scaling[p]
-        input_s = n * cpu_pair[p] / loader_cores
-        moco_s, pcl_s = n / moco_rate, n / moco_rate * (1 + gpu.pcl_overhead)
-        feat_cpu_s, feat_gpu_s = n * cpu_eval[p] / loader_cores, n / fwd_rate
-        km_s = (flops / gpu.kmeans_flops_per_s if p == "official"
-                else flops / (gpus * gpu.kmeans_flops_per_s) + allreduce)
-        part = {
-            "mstep_input": hours(input_s, epochs),
-            "mstep_gpu_moco": hours(moco_s, epochs),
-            "mstep_gpu_pcl": hours(pcl_s, epochs),
-            "mstep_moco": hours(max(input_s, moco_s), epochs),
-            "mstep_pcl": hours(max(input_s, pcl_s), epochs),
-            "estep_features_input": hours(feat_cpu_s, esteps),
-            "estep_features_gpu": hours(feat_gpu_s, esteps),
-            "estep_features": hours(max(feat_cpu_s, feat_gpu_s), esteps),
-            "estep_kmeans": hours(km_s, esteps),
-        }
-        part["estep"] = part["estep_features"] + part["estep_kmeans"]
-        part["pcl_total"] = part["mstep_pcl"] + part["estep"]
-        part["moco_total"] = part["mstep_moco"]
-        part["pcl_over_moco_pct"] = 100 * (part["pcl_total"] / part["moco_total"] - 1)
-        part["estep_share_pct"] = 100 * part["estep"] / part["pcl_total"]
-        for key, value in part.items():
-            rows.setdefault(key, {})[p] = value
-    return {"rows": rows, "loader_cores": loader_cores, "esteps": esteps, "kmeans_flops_per_estep": flops,
-            "allreduce_seconds_per_estep_fast": allreduce, "scaling": scaling}
+def verdict(rows: dict[str, list], gpu_measured: bool) -> str:
+    """Issue 37's goal for the fast path (total <= 4 h, overhead over MoCo v2 <= 10 %, moonshot 5 %) on the range."""
+    total, over = rows["pcl_total"], rows["pcl_over_moco_pct"]
+    if total[1] <= GOAL_TOTAL_H and over[1] <= GOAL_OVERHEAD_PCT:
+        moonshot = over[1] <= MOONSHOT_OVERHEAD_PCT
+        text = "meets" + (f" (and the {MOONSHOT_OVERHEAD_PCT:.0f} % moonshot)" if moonshot else "")
+    elif total[0] <= GOAL_TOTAL_H and over[0] <= GOAL_OVERHEAD_PCT:
+        text = "at the range's low end only"
+    else:
+        missed = [what for what, bad in ((f"total > {GOAL_TOTAL_H:.0f} h", total[0] > GOAL_TOTAL_H),
+                                         (f"overhead > {GOAL_OVERHEAD_PCT:.0f} %", over[0] > GOAL_OVERHEAD_PCT)) if bad]
+        text = "misses: " + ", ".join(missed)
+    return text + ("" if gpu_measured else " (on published and assumed GPU figures)")
 
 
-def table(proj: dict, gpu: GpuFigures, ks: list[int], nredo: int, epochs: int) -> str:
-    """The markdown table: part | official | fast | source, hours for ``epochs`` epochs (percent in the last two).
-    The source column gives each source's kind ("measured here", "measured on GPU", "published, not measured",
-    "estimated", "assumed") with a numbered note under the table saying exactly what it is."""
-    here = "measured here (CPU seconds per pair or image per core, this machine, see above)"
-    fwd = "derived (forward = MoCo step / 4: query fwd + bwd ~ 3 forwards + key fwd)"
-    allreduce = (f"assumed (fast path's all-reduce: {ALLREDUCE_BUS_GBPS:.0f} GB/s NCCL bus bandwidth, "
-                 f"{ALLREDUCE_LATENCY_S * 1e6:.0f} us per call; H100 NVLink 4: 450 GB/s per direction, datasheet)")
-    scaling = f"published, not measured (DDP scaling on 8 A100s: 7.72x TF32, 6.72x AMP, {DLE}; used for any G > 1)"
-    ktext = "/".join(f"{k // 1000}k" for k in ks)
-    parts = [
-        ("mstep_input", "M-step input pipeline (CPU loader)", [here]),
-        ("mstep_gpu_moco", "M-step GPU steps, MoCo v2", [gpu.step_source, scaling]),
-        ("mstep_gpu_pcl", "M-step GPU steps, PCL (+ ProtoNCE)", [gpu.step_source, scaling, gpu.overhead_source]),
-        ("mstep_pcl", "M-step wall, PCL = max(input, GPU)", [here, gpu.step_source]),
-        ("estep_features_input", "E-step features, CPU eval loader", [here]),
-        ("estep_features_gpu", "E-step features, GPU forward", [gpu.step_source, scaling, fwd]),
-        ("estep_features", "E-step features wall = max(CPU, GPU)", [here, gpu.step_source]),
-        ("estep_kmeans", f"E-step k-means ({ktext}, nredo {nredo}; official: 1 GPU, fast: all GPUs)",
-         [gpu.kmeans_source, allreduce]),
-        ("estep", "E-step total (features + k-means)", []),
-        ("pcl_total", f"**PCL v2, {epochs} epochs**", []),
-        ("moco_total", f"**MoCo v2, {epochs} epochs** (M-step wall)", [here, gpu.step_source]),
-        ("pcl_over_moco_pct", "PCL overhead over MoCo v2", []),
-        ("estep_share_pct", "E-step share of PCL", []),
-    ]
-    notes: list[str] = []
-    lines = ["| part | official path | fast path | source |", "|---|---|---|---|"]
-    for key, label, sources in parts:
-        refs = []
-        for source in dict.fromkeys(sources):
-            if source not in notes:
-                notes.append(source)
-            refs.append(f"{source.split(' (')[0]} [{notes.index(source) + 1}]")
-        row = proj["rows"][key]
-        unit = " %" if key.endswith("_pct") else " h"
-        lines.append(f"| {label} | {row['official']:.2f}{unit} | {row['fast']:.2f}{unit} | "
-                     f"{'; '.join(refs) or 'sum / ratio of the rows above'} |")
-    lines.append("")
-    lines += [f"[{i + 1}] {note}" for i, note in enumerate(notes)]
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """Measure the CPU costs here, take the GPU figures, print the inputs and the table; return (and --json) them."""
-    pre = preset()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parser(epochs: int, warmup: int) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", type=int, default=8, help="G GPUs (default 8)")
-    p.add_argument("--cores-per-gpu", type=int, default=14, help="C CPU cores per GPU (default 14)")
-    p.add_argument("--main-cores", type=int, default=1,
-                   help="cores per GPU kept by the training process, not loading (default 1)")
-    p.add_argument("--epochs", type=int, default=pre["epochs"], help=f"epochs (preset: {pre['epochs']})")
-    p.add_argument("--warmup", type=int, default=pre["warmup_epoch"],
-                   help=f"epochs without an E-step (preset: {pre['warmup_epoch']})")
+    p.add_argument("--cores-per-gpu", type=int, default=14, help="C CPU cores per GPU: caps the workers (default 14)")
+    p.add_argument("--main-cores", type=int, default=1, help="cores per GPU kept by the training process (default 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="loader workers per node for every path (a what-if; default: each preset's own `workers`)")
+    p.add_argument("--epochs", type=int, default=None, help=f"epochs (presets: {epochs})")
+    p.add_argument("--warmup", type=int, default=None, help=f"epochs without an E-step (presets: {warmup})")
+    p.add_argument("--kmeans-warm-check", type=int, default=None, metavar="E",
+                   help="with --kmeans-init previous, a cold k-means every E-th E-step too, for every path (a what-if; "
+                        "default: the presets', 0: never)")
     p.add_argument("--n", type=int, default=IMAGENET_TRAIN, help="training images (ImageNet-1k: 1,281,167)")
     p.add_argument("--pairs", type=int, default=40, help="synthetic JPEGs timed per pipeline and round (default 40)")
-    p.add_argument("--rounds", type=int, default=3, help="timing rounds, the fastest kept (default 3)")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds: the fastest and slowest give the range (5)")
     p.add_argument("--gpu-json", default=None, help="gpu_check.py's JSON or a flat JSON (see above)")
     p.add_argument("--published-gpu", choices=("h100", "a100"), default="h100",
                    help="GPU whose published figures stand in for what --gpu-json lacks (default h100)")
     p.add_argument("--kmeans-efficiency", type=float, default=0.5,
                    help="assumed fraction of fp32 peak the k-means reaches, without a measured figure (default 0.5)")
+    p.add_argument("--gpu-decode-ms", type=float, default=None,
+                   help="GPU ms per image decoded on the device (default: --gpu-json's fast_path, else 0.10, assumed)")
+    p.add_argument("--gpu-augment-ms", type=float, default=None,
+                   help="GPU ms per pair of the device colour ops (default: --gpu-json's device_aug, else 0.02, "
+                        "assumed)")
     p.add_argument("--json", default=None, help="write the inputs and every number here")
-    opts = p.parse_args(argv)
-    for flag in ("gpus", "cores_per_gpu", "epochs", "n", "pairs", "rounds"):
-        if getattr(opts, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if not 0 <= opts.warmup <= opts.epochs or not 0 < opts.kmeans_efficiency <= 1 or opts.main_cores < 0:
-        p.error("need 0 <= --warmup <= --epochs, 0 < --kmeans-efficiency <= 1, --main-cores >= 0")
-    ks = parse_list(pre["num_cluster"], "num_cluster")
-    dim, niter, nredo = pre["low_dim"], pre["kmeans_niter"], pre["kmeans_nredo"]
+    return p
 
-    start = time.perf_counter()
-    cpu = measure_cpu(opts.pairs, opts.rounds)
-    gpu = published_gpu(opts.published_gpu, pre["pcl_r"], dim, len(ks), opts.kmeans_efficiency)
+
+def gpu_figures(opts: argparse.Namespace, path: Path) -> GpuFigures:
+    """Published figures, then --gpu-json's, then the device input's figures given on the command line."""
+    gpu = published_gpu(opts.published_gpu, path.r, path.dim, len(path.ks), opts.kmeans_efficiency)
     if opts.gpu_json:
         gpu = gpu_from_json(opts.gpu_json, gpu)
-    proj = project(cpu, gpu, opts.gpus, opts.cores_per_gpu, opts.main_cores, opts.epochs, opts.warmup, opts.n, ks,
-                   dim, niter, nredo)
-    text = table(proj, gpu, ks, nredo, opts.epochs)
+    if opts.gpu_decode_ms is not None:
+        gpu = replace(gpu, decode_s=opts.gpu_decode_ms / 1e3, decode_source="given (--gpu-decode-ms)")
+    if opts.gpu_augment_ms is not None:
+        gpu = replace(gpu, augment_s=opts.gpu_augment_ms / 1e3, augment_source="given (--gpu-augment-ms)")
+    return gpu
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Measure the CPU costs here, take the GPU figures, print the inputs and the tables; return (and --json) them."""
+    official = read_preset("official", PRESETS["official"])
+    opts = _parser(official.epochs, official.warmup).parse_args(argv)
+    for flag in ("gpus", "cores_per_gpu", "n", "pairs", "rounds", "epochs", "workers"):
+        if getattr(opts, flag) is not None and getattr(opts, flag) < 1:
+            raise SystemExit(f"cost_model: --{flag.replace('_', '-')} must be >= 1")
+    paths = build_paths(opts.workers, opts.epochs, opts.warmup, opts.kmeans_warm_check)
+    if (not all(0 <= p.warmup <= p.epochs and p.warm_check >= 0 for p in paths) or not 0 < opts.kmeans_efficiency <= 1
+            or opts.main_cores < 0):
+        raise SystemExit("cost_model: need 0 <= --warmup <= --epochs, --kmeans-warm-check >= 0, "
+                         "0 < --kmeans-efficiency <= 1, --main-cores >= 0")
+    node = Node(opts.gpus, opts.cores_per_gpu, opts.main_cores, opts.n)
+    start = time.perf_counter()
+    cpu = measure_cpu(opts.pairs, opts.rounds)
+    gpu = gpu_figures(opts, official)
+    hours = project_range(cpu, gpu, paths, node)
+    slower = replace(gpu, decode_s=2 * gpu.decode_s)
+    decoding = [p for p in paths if p.loader == "decode"]
+    hours_2x = project_range(cpu, slower, decoding, node)
+    reach = {p.name: decode_for_goal(cpu.high, gpu, p, node, GOAL_TOTAL_H) for p in decoding}
+    measured = all(src.startswith("measured") for src in (gpu.step_source, gpu.forward_source, gpu.overhead_source,
+                                                          gpu.decode_source, gpu.augment_source,
+                                                          *gpu.kmeans_source.values()))
+    verdicts = {p.name: verdict(hours[p.name], measured) for p in paths if p.name != "official"}
+    summary = summary_table(paths, hours, node, verdicts)
+    parts = parts_table(paths, hours, gpu, node)
+    sensitivity = sensitivity_table(hours, hours_2x, gpu, GOAL_TOTAL_H, reach)
     print(f"{hardware()}\nmeasured here ({cpu.pairs} synthetic {JPEG_SIZE[0]}x{JPEG_SIZE[1]} JPEGs of quality "
-          f"{JPEG_QUALITY}, 1 thread, fastest of {cpu.rounds} rounds), CPU seconds per core:")
-    print(f"  decode only                                   {cpu.decode_s * 1e3:7.2f} ms per image")
-    print(f"  official pair (PIL MoCo v2 aug x2)            {cpu.official_pair_s * 1e3:7.2f} ms per pair")
-    print(f"  fast pair (crop + flip -> uint8 x2)           {cpu.fast_pair_s * 1e3:7.2f} ms per pair")
-    print(f"  official eval (Resize 256, CenterCrop 224)    {cpu.official_eval_s * 1e3:7.2f} ms per image")
-    print(f"  fast eval (same, uint8 out)                   {cpu.fast_eval_s * 1e3:7.2f} ms per image")
-    print(f"GPU per GPU: MoCo step {gpu.moco_pairs_per_s['official']:.0f} pairs/s official, "
-          f"{gpu.moco_pairs_per_s['fast']:.0f} fast ({gpu.step_source}); PCL step overhead "
-          f"{gpu.pcl_overhead:.2%} ({gpu.overhead_source}); k-means {gpu.kmeans_flops_per_s / 1e12:.1f} TFLOP/s "
-          f"({gpu.kmeans_source})")
-    print(f"\n{opts.gpus} GPUs x {opts.cores_per_gpu} cores ({proj['loader_cores']} loader cores), {opts.epochs} "
-          f"epochs, {proj['esteps']} E-steps, N = {opts.n:,}, k = {ks}, d = {dim}, niter {niter}, nredo {nredo}; "
-          f"DDP scaling {proj['scaling']['official']:.2f} / {proj['scaling']['fast']:.2f} (official / fast, "
-          f"{'published 8-GPU figures' if opts.gpus > 1 else 'one GPU'}); hours:\n\n{text}\n")
-    res = {"hardware": hardware(), "argv": list(argv) if argv is not None else sys.argv[1:],
-           "inputs": {"gpus": opts.gpus, "cores_per_gpu": opts.cores_per_gpu, "main_cores": opts.main_cores,
-                      "epochs": opts.epochs, "warmup": opts.warmup, "n": opts.n, "ks": ks, "dim": dim,
-                      "niter": niter, "nredo": nredo},
-           "cpu_measured_here": asdict(cpu), "gpu": asdict(gpu), "hours": proj["rows"],
-           "model": {k: v for k, v in proj.items() if k != "rows"}, "table": text,
+          f"{JPEG_QUALITY}, 1 thread, {len(cpu.rounds)} rounds: fastest - slowest), CPU ms per core:")
+    for name in CpuCosts.__dataclass_fields__:
+        print(f"  {name[:-2]:<14} {getattr(cpu.low, name) * 1e3:7.3f} - {getattr(cpu.high, name) * 1e3:7.3f} ms")
+    print(f"\n{node.gpus} GPUs x {node.cores_per_gpu} cores, N = {node.n:,}; hours (low - high):\n\n{summary}\n\n"
+          f"{parts}\n\n{sensitivity}\n")
+    res = {"hardware": hardware(), "argv": list(argv) if argv is not None else sys.argv[1:], "node": asdict(node),
+           "paths": {p.name: {**asdict(p), "loader_cores": node.loader_cores(p), "kmeans_runs": list(kmeans_runs(p))}
+                     for p in paths},
+           "cpu_measured_here": asdict(cpu), "gpu": asdict(gpu), "hours": hours, "hours_decode_2x": hours_2x,
+           "verdicts": verdicts, "decode_s_for_goal": reach,
+           "tables": {"summary": summary, "parts": parts, "decode_2x": sensitivity},
            "seconds": time.perf_counter() - start}
     print(f"took {res['seconds']:.1f} s")
     if opts.json:

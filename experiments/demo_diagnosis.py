@@ -80,7 +80,8 @@ def diagnose(path: str, demo: dict, ks: list[int]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+")
     p.add_argument("--num-cluster", default="20,40,80")
     p.add_argument("--image-size", type=int, default=32)

@@ -210,7 +210,8 @@ def build_folder(opts: argparse.Namespace, data: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", choices=("fashion", "digits"), default="fashion")
     p.add_argument("--idx-dir", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST idx files")
     p.add_argument("--out-dir", default=None, help="default exp/clutter_fmnist or exp/paper_digits")

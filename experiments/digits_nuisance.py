@@ -71,7 +71,8 @@ def backbone_features(model: torch.nn.Module, images: torch.Tensor, batch: int =
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="the folder demo_imagefolder.py wrote (with train/ and val/)")
     p.add_argument("checkpoints", nargs="+", help="checkpoint files, or 'random' (shaped like the first file)")
     p.add_argument("--anywhere", action="store_true", help="the folder was written with --anywhere")

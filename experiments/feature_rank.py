@@ -63,7 +63,8 @@ def summarise(model: MoCo, images: torch.Tensor) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("split", help="an ImageFolder split (class folders of images), e.g. DIR/val")
     p.add_argument("checkpoints", nargs="+", help="checkpoint files, or 'random' (shaped like the first file)")
     p.add_argument("--images", type=int, default=512)

@@ -138,7 +138,8 @@ def write_atomic(obj: dict[str, Any], path: str) -> None:
 
 def parse_options(argv: list[str] | None) -> argparse.Namespace:
     """The grid's own flags, parsed and checked (lists split, OUT_DIR defaulted to EXP_ROOT/results)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "fmnist.yaml"))
     p.add_argument("--data", default=None, help="dataset folder (default: the config's)")
     p.add_argument("--epochs", type=int, default=None,

@@ -22,7 +22,8 @@ def run(name: str, argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--warmup-epoch", type=int, default=10, help="PCL's warm-up (InfoNCE only) epochs")
     p.add_argument("--knn-every", type=int, default=5)

@@ -28,7 +28,8 @@ def run(name: str, argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained", default="exp/demo/checkpoint_last.pth.tar")
     p.add_argument("--views", type=int, default=10, help="augmented views per image for the second cached run")
     p.add_argument("--out", default=default_out("linear_demo.json"))

@@ -172,7 +172,8 @@ def plot(results: list[dict], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "fmnist.yaml"))
     p.add_argument("--data", default=None, help="dataset folder (default: the config's)")
     p.add_argument("--epochs", type=int, default=None, help="override the config's epochs (warm-up scales with it)")

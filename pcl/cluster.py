@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pcl import ABANDONED_THREAD, PCLError
-from pcl.distributed import all_reduce_sum, gather_rows_exact, is_dist, rank, world_size
+from pcl.distributed import all_gather_cat, all_reduce_sum, gather_rows_exact, is_dist, rank, world_size
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +102,10 @@ def check_features(features: torch.Tensor, num_clusters: Sequence[int]) -> None:
 def faiss_kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, gpu_device: int | None,
                  init: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Official settings; returns (centroids k x d, squared distances N, assignments N). The flat L2 index lives
-    on ``gpu_device`` alone, the calling process's own GPU (the official code shards it over every visible GPU:
-    on a node with one process per GPU, rank 0 would then use the other ranks' GPUs too, which fails where GPUs
-    are in exclusive-process mode and contends with their work elsewhere); None: on the CPU. ``init`` (k x d):
-    start from these centroids instead of k random rows (a warm start: one run, ``nredo`` is ignored)."""
+    on ``gpu_device`` alone, the calling process's own GPU, as the official code's ``GpuIndexFlatL2`` (an index
+    sharded over every visible GPU would, on a node with one process per GPU, use the other ranks' GPUs too,
+    which fails where GPUs are in exclusive-process mode); None: on the CPU. ``init`` (k x d): start from these
+    centroids instead of k random rows (a warm start: one run, ``nredo`` is ignored)."""
     import faiss
 
     d = x.shape[1]
@@ -115,7 +115,7 @@ def faiss_kmeans(x: np.ndarray, k: int, seed: int, niter: int, nredo: int, gpu_d
     clus.nredo = nredo if init is None else 1
     clus.seed = seed
     clus.max_points_per_centroid = 1000
-    clus.min_points_per_centroid = 10
+    clus.min_points_per_centroid = 1  # only gates faiss's stderr warning (official 10): the start-up check advises on k
     if gpu_device is not None:
         res = faiss.StandardGpuResources()
         cfg = faiss.GpuIndexFlatConfig()
@@ -164,12 +164,27 @@ def interruptible(fn: Callable[[], Any], should_stop: Callable[[], bool] | None,
 PRECISIONS = ("fp32", "tf32", "bf16")  # --kmeans-precision: the Lloyd iterations' assignment step
 
 
+def _bf16_scores(xs: torch.Tensor, ct: torch.Tensor) -> torch.Tensor:
+    """xs @ ct with xs (float32) rounded to bfloat16 like ct (bfloat16), the products summed and returned in
+    float32: chunk x k. Not a bfloat16 result: near 1 its 8-bit mantissa steps by 2^-7, more than the scores of
+    neighbouring centroids differ at large k, which rounded them together (30 % of assignments moved at k = 1000).
+    On CUDA one GEMM with float32 output (torch.mm's out_dtype); elsewhere the same numbers from float32 copies
+    (no speed-up there)."""
+    a = xs.to(torch.bfloat16)
+    if a.is_cuda:
+        try:
+            return torch.mm(a, ct, out_dtype=torch.float32)
+        except TypeError:  # a torch without mm's out_dtype
+            pass
+    return a.float() @ ct.float()
+
+
 @torch.no_grad()
 def _nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = 4096, precision: str = "fp32"
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared L2 distance to, and index of, the nearest centroid. x: N x d; c: k x d -> (N, N).
     ``precision``: the score matmul in fp32 (as faiss), TF32 (CUDA tensor cores; fp32 elsewhere) or bf16 inputs
-    with fp32 accumulation; the distances returned are then approximate too."""
+    with fp32 accumulation and output (:func:`_bf16_scores`); the distances returned are then approximate too."""
     half_norm = -0.5 * (c * c).sum(dim=1)  # k
     best_d = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
     best_i = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
@@ -177,7 +192,7 @@ def _nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = 4096, precision: str
     for s in range(0, x.shape[0], chunk):
         xs = x[s:s + chunk]
         if precision == "bf16":
-            score = (xs.to(torch.bfloat16) @ ct).float() + half_norm  # products rounded to bf16
+            score = _bf16_scores(xs, ct) + half_norm  # bf16 inputs, fp32 sums and scores
         elif precision == "tf32":
             with _matmul_precision("high"):
                 score = torch.addmm(half_norm, xs, ct)
@@ -194,30 +209,44 @@ SPLIT_EPS = 1.0 / 1024  # faiss's relative perturbation of a split centroid (Clu
 
 @torch.no_grad()
 def split_empty_clusters(c: torch.Tensor, counts: torch.Tensor, gen: torch.Generator) -> int:
-    """Refill empty clusters as faiss's ``split_clusters`` does, in place; returns the number of splits.
+    """Refill empty clusters as faiss's ``split_clusters`` does, in place; returns the number of empty clusters.
 
-    c: k x d centroids, counts: k cluster sizes (float or int, updated). For each empty cluster in turn, a donor
-    is drawn with probability proportional to (size - 1) -- a singleton is never split -- the empty one gets a
-    copy of the donor's centroid, and the two are pushed apart per dimension: even dimensions x (1 + eps) for
-    the new one and x (1 - eps) for the donor, odd dimensions the other way round (a change of direction, not
-    only of norm); the donor's members are then assumed split evenly. faiss draws donors by a cyclic scan with
+    c: k x d centroids, counts: k cluster sizes (float or int, updated). Each empty cluster gets a donor drawn
+    with probability proportional to (size - 1) -- a singleton is never split --, a copy of the donor's centroid,
+    and the two are pushed apart per dimension: even dimensions x (1 + eps) for the new one and x (1 - eps) for
+    the donor, odd dimensions the other way round (a change of direction, not only of norm); the donor's members
+    are then assumed split evenly. When every cluster has <= 1 member nothing is split (faiss would loop forever).
+
+    In rounds, not one cluster after the other: in a round every still-empty cluster draws its donor at once
+    (with replacement) from the sizes at the round's start; a donor drawn by several serves the first of them
+    (the lowest cluster index), and the others draw again in the next round from the sizes its split left (its
+    halved size, the new cluster's). So a large cluster is still split again and again, as in faiss's sequential
+    loop, and one round costs a few kernels and three host syncs whatever the number of empty clusters (the
+    loop cost two syncs and ~10 kernels per cluster: thousands per Lloyd iteration at k = 100k early on). With
+    one empty cluster the draw and the result are the sequential loop's, bit for bit; with more, the draws of
+    one round do not see each other's splits (the probabilities differ by O(splits / N)), so the donors are
+    not those the sequential loop draws from the same generator. faiss draws donors by a cyclic scan with
     acceptance probability (size - 1) / (n - k), whose stationary choice is the same proportion.
     """
-    empty = (counts == 0).nonzero().flatten().tolist()  # one sync; empty clusters are rare after the first steps
-    if not empty:
-        return 0
+    remaining = (counts == 0).nonzero().flatten()  # the empty clusters, ascending; one sync
+    total = remaining.numel()
     sign = torch.ones(c.shape[1], dtype=c.dtype, device=c.device)
     sign[1::2] = -1  # even dims +, odd dims -
-    for ci in empty:
-        weight = (counts - 1).clamp_min(0).to(torch.float64)
+    while remaining.numel():
+        weight = (counts - 1).clamp_min(0).to(torch.float64)  # k
         if float(weight.sum()) <= 0:
-            break  # every cluster has <= 1 member: nothing to split (faiss would loop forever here)
-        cj = int(torch.multinomial(weight, 1, generator=gen))
+            break  # every cluster has <= 1 member: nothing to split
+        many = remaining.numel() > 1  # one: the sequential loop's very draw
+        donors = torch.multinomial(weight, remaining.numel(), replacement=many, generator=gen)  # m
+        first = _first_occurrences(donors) if many else torch.ones_like(donors, dtype=torch.bool)
+        served = first.nonzero().flatten()  # one donor each (distinct): one sync
+        ci, cj = remaining[served], donors[served]
         c[ci] = c[cj] * (1 + SPLIT_EPS * sign)
         c[cj] = c[cj] * (1 - SPLIT_EPS * sign)
         counts[ci] = counts[cj] // 2
         counts[cj] -= counts[ci]
-    return len(empty)
+        remaining = remaining[(~first).nonzero().flatten()]  # one sync
+    return total
 
 
 @torch.no_grad()
@@ -462,6 +491,42 @@ def run_kmeans(
         result.objective.append(float(dist2.clamp_min(0).to(torch.float64).sum()) / x.shape[0])
         logger.debug("k-means k=%d (%s): %.2f s", k, backend, seconds)
     return result
+
+
+@torch.no_grad()
+def _fingerprint(t: torch.Tensor) -> torch.Tensor:
+    """Two int64 numbers that change when any bit of ``t`` does (float32 values, or integers below 2^31): the
+    low and high 16 bits of each value, weighted by position and summed exactly (below 2^56 for up to 2^24
+    values), so the result does not depend on the order a device sums in."""
+    bits = (t.float().contiguous().view(torch.int32) if t.is_floating_point() else t.to(torch.int32)).reshape(-1)
+    bits = bits.to(torch.int64)
+    pos = torch.arange(bits.numel(), device=bits.device)
+    low, high = bits & 0xFFFF, (bits >> 16) & 0xFFFF
+    return torch.stack([(low * (pos % 65521 + 1)).sum(), (high * ((pos * 7919) % 65519 + 1)).sum()])
+
+
+@torch.no_grad()
+def check_same_on_ranks(result: ClusterResult, when: str) -> None:
+    """Refuse prototypes that are not bit for bit the same on every rank: one all-gather of a fingerprint
+    (:func:`_fingerprint`, 2 int64) of each granularity's centroids, concentration and assignments. The torch
+    k-means on every rank (``torch-ranks``) gets the same centroids only from the same random draws on every
+    GPU; on mixed GPUs (or drivers) they can differ while the all-gathered assignments are equal everywhere.
+    Call it on every rank alike (``when``: the E-step it checks, for the message); nothing with one process."""
+    if not is_dist():
+        return
+    parts = [t for ts in (result.centroids, result.concentration, result.im2cluster) for t in ts]
+    mine = torch.cat([_fingerprint(t) for t in parts]) if parts else torch.zeros(0, dtype=torch.int64)
+    device = parts[0].device if parts else torch.device("cpu")
+    every = all_gather_cat(mine.to(device)[None])  # W x 2P
+    differ = (every != every[0]).any(dim=1).nonzero().flatten().tolist()
+    if differ:
+        num = len(result.centroids)
+        what = sorted({("centroids", "phi", "assignments")[j // 2 // max(num, 1)]
+                       for j in (every != every[0]).any(dim=0).nonzero().flatten().tolist()})
+        raise PCLError(f"{when}: rank(s) {', '.join(map(str, differ))} hold other prototypes ({' and '.join(what)}) "
+                       f"than rank 0 of {world_size()}; with --kmeans-backend torch-ranks every GPU must make the same "
+                       f"random draws (the same GPU model and driver on every rank): use --kmeans-backend torch "
+                       f"(rank 0 clusters and broadcasts) on mixed GPUs")
 
 
 def _initial(init: Sequence[torch.Tensor | None] | None, g: int, k: int, d: int) -> torch.Tensor | None:

@@ -9,6 +9,7 @@ an error. Validation that argparse cannot express lives in :func:`validate_pretr
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import sys
@@ -34,8 +35,30 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
     return _HelpFormatter(prog, max_help_position=36)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse without prefix matching (``--epoch`` is not taken for ``--epochs``: with this many flags a typo
+    would silently set another one) and with one-line errors: an unknown flag names the nearest real one, as an
+    unknown YAML key does, instead of a usage block."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # argparse's hook: must not return
+        hints = []
+        if message.startswith("unrecognized arguments: "):
+            flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            for word in message.split(": ", 1)[1].split():
+                flag = word.split("=", 1)[0]
+                longer = [f for f in flags if f.startswith(flag)]  # an abbreviation: argparse no longer guesses
+                close = longer[:2] or difflib.get_close_matches(flag, flags, n=1, cutoff=0.6)
+                hints += [f"{flag}: did you mean {' or '.join(close)}?"] if close and flag.startswith("--") else []
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        self.exit(2, f"{self.prog}: error: {message}{hint}; see {self.prog} --help\n")
+
+
 def data_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
+    p = Parser(add_help=False)
     g = p.add_argument_group("data")
     g.add_argument("data", metavar="DIR", nargs="?", default=None,
                    help="dataset root: an ImageFolder root with train/ (and val/), or the torchvision root "
@@ -78,15 +101,24 @@ def data_parser() -> argparse.ArgumentParser:
                    help="with --augment device, image folders, pretraining pairs: cpu = the workers decode each JPEG "
                         "and resize the crop; device = the workers only read the file and its header and draw the "
                         "official crop boxes and flips, the JPEGs are decoded batched on the training device "
-                        "(torchvision decode_jpeg, nvJPEG on CUDA), cropped and resized there (PNGs and CMYK JPEGs "
-                        "are still decoded in the workers)")
+                        "(torchvision decode_jpeg, nvJPEG on CUDA; torchvision >= 0.19), cropped and resized there "
+                        "(PNGs and CMYK JPEGs are still decoded in the workers; a file the device refuses is decoded "
+                        "on the host, --bad-images applying, and logged once per epoch)")
     g.add_argument("--demo-renders", default=4, type=int,
                    help="demo set: renders of each training digit (test digits get 2)")
     return p
 
 
+def add_unlabelled_flag(p: argparse.ArgumentParser) -> None:
+    """--unlabelled, in the data group of the commands that take images without classes (pretraining, visualize)."""
+    group = next(g for g in p._action_groups if g.title == "data")
+    group.add_argument("--unlabelled", action="store_true",
+                       help="DIR's images have no classes: every image under DIR/train/ (or DIR), its subfolders "
+                            "carrying no class; a flat folder of images needs no flag. No kNN/NMI report then")
+
+
 def model_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
+    p = Parser(add_help=False)
     g = p.add_argument_group("model")
     g.add_argument("-a", "--arch", metavar="ARCH", default="resnet50", help=ARCH_HELP)
     g.add_argument("--width", default=64, type=int,
@@ -99,7 +131,7 @@ def model_parser() -> argparse.ArgumentParser:
 
 
 def dist_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
+    p = Parser(add_help=False)
     g = p.add_argument_group("distributed / device")
     g.add_argument("--world-size", default=-1, type=int, help="number of nodes (processes with env://)")
     g.add_argument("--rank", default=-1, type=int, help="node rank for distributed training")
@@ -156,7 +188,8 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--channels-last", action="store_true",
                    help="NHWC memory format for the encoders and inputs (faster convs with --amp on GPUs; "
                         "ignored on the CPU, see docs/training.md)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the two encoders (first steps are slow)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the two encoders (first steps are slow; under DDP the gradient all-reduce "
+                        "no longer overlaps the backward and the first E-step recompiles: docs/training.md)")
     g.add_argument("--sgd-impl", default="auto", choices=["auto", "foreach", "fused", "loop"],
                    help="SGD kernel: auto (torch's choice), foreach, fused (one kernel), loop (per-parameter)")
 
@@ -180,7 +213,8 @@ def _add_pcl_args(p: argparse.ArgumentParser) -> None:
                         "iteration, no N x d gather; the same result as torch)")
     g.add_argument("--kmeans-precision", default="fp32", choices=["fp32", "tf32", "bf16"],
                    help="the PyTorch k-means' assignment step in each Lloyd iteration: fp32 as faiss (default), or "
-                        "TF32 (CUDA) / bf16 matmuls; the best run, the final assignments and phi stay fp32 "
+                        "TF32 (CUDA) / bf16 matmuls (bf16 inputs, fp32 sums and scores; faster on CUDA only); the best "
+                        "run, the final assignments and phi stay fp32 "
                         "(agreement with fp32: benchmarks/bench_kmeans.py --precision)")
     g.add_argument("--estep-features", default="pass", choices=["pass", "bank"],
                    help="what the E-step clusters: pass = a centre-crop feature pass over the training set with the "
@@ -235,18 +269,24 @@ def _add_pauc_and_monitor_args(p: argparse.ArgumentParser) -> None:
                    help="every N epochs, log kNN top-1 of the learned backbone on the labelled test split (0: off)")
     g.add_argument("--knn-k", default=20, type=int, help="neighbours of the kNN classifier")
     g.add_argument("--knn-t", default=0.07, type=float, help="temperature of the weighted kNN vote")
+    g.add_argument("--wandb", action="store_true",
+                   help="also log the TensorBoard scalars, histograms and galleries to Weights & Biases (rank 0; "
+                        "pip install wandb). Its own environment sets the rest: WANDB_MODE=offline logs without a "
+                        "server. The run id is kept in the checkpoints: --resume continues the same W&B run")
+    g.add_argument("--wandb-project", default="pcl", help="the W&B project of --wandb")
     g.add_argument("--knn-max-bank-gb", default=8.0, type=float, metavar="GB",
                    help="the kNN monitor's feature bank on rank 0 at most (x2 while it is gathered): a larger one keeps "
                         "every m-th training image, and the raw-pixel baseline pools its images (both logged)")
 
 
 def build_pretrain_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         description="PCL pretraining (E-step: k-means + concentration; M-step: ProtoNCE)",
         parents=[data_parser(), model_parser(), dist_parser()],
         formatter_class=_formatter,
     )
     p.add_argument("-c", "--config", default=None, help="YAML file of defaults; the command line wins")
+    add_unlabelled_flag(p)
     _add_pretrain_args(p)
     _add_pcl_args(p)
     _add_pauc_and_monitor_args(p)
@@ -259,8 +299,18 @@ def _add_eval_common(p: argparse.ArgumentParser) -> None:
                    help="checkpoint of ours or of the official PCL/MoCo code (module.encoder_q.*, v1 or mlp v2); "
                         "empty: random initialisation (a baseline)")
     p.add_argument("--exp-dir", default="experiment_eval", type=str, help="where logs, results and checkpoints go")
-    # architecture flags come from the checkpoint unless given (a given one must match it)
-    p.set_defaults(arch=None, width=None, stem=None, crop_min_scale=0.08)
+    # the architecture and the image size come from the checkpoint unless given (None: not given; see
+    # pcl.evaluation.common.follow_checkpoint): a given architecture must match it, a given image size may differ
+    p.set_defaults(arch=None, width=None, stem=None, image_size=None, crop_min_scale=0.08)
+    follows = {"arch": ARCH_HELP + "; default: the checkpoint's (resnet50 without --pretrained)",
+               "width": "channels of the first ResNet stage; default: the checkpoint's (64 without --pretrained)",
+               "stem": "standard or small (3x3 conv, no max-pool); default: the checkpoint's (standard without "
+                       "--pretrained)",
+               "image_size": "crop size of the evaluation; default: the size the checkpoint was trained at (224 "
+                             "for official checkpoints and without --pretrained); another size is evaluated with a "
+                             "warning"}
+    for action in p._actions:
+        action.help = follows.get(action.dest, action.help)
 
 
 def eval_command_parser(description: str, batch: int | None = 256, spawns: bool = True) -> argparse.ArgumentParser:
@@ -268,8 +318,8 @@ def eval_command_parser(description: str, batch: int | None = 256, spawns: bool 
     -c/--config, --pretrained, --exp-dir, and (``batch`` not None) -b/--batch-size for the feature pass.
     ``spawns`` False: a one-process command (it runs alone or under torchrun); --help leaves out the official
     launcher's flags it refuses (still parsed, so the refusal names them)."""
-    p = argparse.ArgumentParser(description=description, parents=[data_parser(), model_parser(), dist_parser()],
-                                formatter_class=_formatter)
+    p = Parser(description=description, parents=[data_parser(), model_parser(), dist_parser()],
+               formatter_class=_formatter)
     for action in p._actions if not spawns else ():
         if action.dest in ("multiprocessing_distributed", "nproc"):
             action.help = argparse.SUPPRESS
@@ -325,7 +375,7 @@ def build_svm_parser() -> argparse.ArgumentParser:
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> RunConfig:
     """Parse ``argv`` with YAML defaults from ``-c/--config`` applied first; every value checked against its
     range (:data:`RANGES`); the seed resolved. Returns the read-only :class:`RunConfig`."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = Parser(add_help=False)
     pre.add_argument("-c", "--config", default=None)
     known, _ = pre.parse_known_args(argv)
     if known.config:
@@ -340,6 +390,26 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     if "no_progress" in values and not getattr(sys.stderr, "isatty", lambda: False)():  # a SLURM file, a pipe
         values["no_progress"] = True
     return RunConfig(values)
+
+
+PATH_SETTINGS = ("data", "class_list", "resume")  # written absolute: the file may be read from anywhere
+
+
+def resolved_settings(cfg: RunConfig, parser: argparse.ArgumentParser | None = None) -> dict[str, Any]:
+    """The run's settings as ``-c`` takes them back (EXP_DIR/config.yaml): every flag of ``parser`` (default
+    pretraining's) with its value after parsing and validation, under the flag's own key, so the file holds only
+    keys ``-c`` accepts. Left out: -c itself and values of None (the flags' own defaults). Paths are absolute."""
+    parser = parser or build_pretrain_parser()
+    out: dict[str, Any] = {}
+    for action in parser._actions:
+        key = action.dest
+        value = cfg.get(key)
+        if key in ("help", "config") or value is None:
+            continue
+        if key in PATH_SETTINGS and value not in ("", "auto"):
+            value = os.path.abspath(value)
+        out[key] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 def parse_num_cluster(value: Any) -> tuple[int, ...]:
@@ -392,5 +462,11 @@ def validate_pretrain_args(args: Any) -> RunConfig:
     if cfg.proto_chunks > 1 and cfg.pauc:
         raise PCLError("--pauc needs one set of ProtoNCE columns per batch: use it with --proto-chunks 1")
     num_cluster = parse_num_cluster(cfg.num_cluster)
+    if cfg.get("wandb"):  # before any work, not after the dataset is read
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise PCLError("--wandb needs the wandb package: pip install wandb (or pip install -e "
+                           "\".[wandb]\")") from None
     warn_idle_flags(cfg, dataset)
     return cfg.replace(num_cluster=num_cluster, dataset=dataset)

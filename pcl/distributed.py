@@ -75,6 +75,15 @@ def stray_rank() -> str | None:
     return None
 
 
+def torchrun_variables() -> list[str]:
+    """The variables of this process's environment that say a launcher (torchrun, torch.distributed.launch)
+    already started one process per GPU: TORCHELASTIC_RUN_ID, or LOCAL_RANK with WORLD_SIZE."""
+    names = [v for v in ("TORCHELASTIC_RUN_ID",) if v in os.environ]
+    if "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        names += ["LOCAL_RANK", "WORLD_SIZE"]
+    return names
+
+
 def spawned_rank(args: DistSettings) -> int | None:
     """The global rank of a worker of the official launcher (None otherwise: torchrun's RANK is read directly)."""
     return layout(args)[1] if args.multiprocessing_distributed else None
@@ -109,9 +118,10 @@ def init(args: DistSettings) -> torch.device:
         timeout = datetime.timedelta(minutes=args.dist_timeout)
         logging.getLogger("pcl").info("rank %d joining %d processes at %s (waits up to --dist-timeout %g min for "
                                       "the others)", global_rank, world, args.dist_url, timeout.total_seconds() / 60)
+        bound = {"device_id": device} if use_cuda else {}  # NCCL's communicator on this GPU, set up at once
         try:
             dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=world, rank=global_rank,
-                                    timeout=timeout)
+                                    timeout=timeout, **bound)
         except RuntimeError as e:  # DistNetworkError (a RuntimeError) when rank 0 cannot listen on the port
             if global_rank == 0 and ("EADDRINUSE" in str(e) or "address already in use" in str(e).lower()):
                 raise PCLError(_port_in_use(args.dist_url)) from None

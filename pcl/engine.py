@@ -17,11 +17,11 @@ from tqdm import tqdm
 
 from pcl import PCLError, checkpoint as ckpt_io, distributed as dist_utils
 from pcl.cluster import ClusterResult
-from pcl.config import RunConfig, validate_pretrain_args
+from pcl.config import RunConfig, resolved_settings, validate_pretrain_args
 from pcl.data import PretrainData, build_pretrain_data, data_settings
 from pcl.estep import e_step, self_check
 from pcl.features import FeatureBank
-from pcl.log import FiniteGuard, InputClock, RunLog, process_rank, setup_logging
+from pcl.log import FiniteGuard, InputClock, RunLog, process_rank, setup_logging, versions, write_run_config
 from pcl.loss import PCLLoss
 from pcl.model import MoCo, apply_speed_options, build_backbone, channels_last, cpu_compile_problem, unwrap
 from pcl.monitor import Monitor
@@ -48,6 +48,8 @@ def fit(args: Any, on_step: Callable[[int, int], None] | None = None) -> dict[st
     hint = dist_utils.spawned_rank(DistSettings.of(cfg))
     setup_logging(cfg.exp_dir, cfg.debug, hint)
     main = process_rank(hint) == 0
+    if main:
+        logger.info("versions: %s", versions())
     with ckpt_io.ExpDirLock(cfg.exp_dir) if main else contextlib.nullcontext():
         if main:
             ckpt_io.remove_stale_temps(cfg.exp_dir)
@@ -65,7 +67,7 @@ def _pretrain(cfg: RunConfig, on_step: Callable[[int, int], None] | None) -> dic
     criterion, estep_settings, optim = build_loss(cfg), EStepSettings.of(cfg), OptimSettings.of(cfg)
     bank, previous = session.bank, session.previous_clusters()  # --estep-features bank; --kmeans-init previous
     options = StepSettings.of(cfg, channels_last(cfg.channels_last, device))
-    run_log, stats = RunLog(cfg.exp_dir, purge_step=session.start_epoch if session.path else None), {}
+    run_log, stats = _open_logs(cfg, session), {}
     try:
         with session:
             monitor = Monitor(MonitorSettings.of(cfg), run_log, data, device, session.stop, session.path)
@@ -92,6 +94,19 @@ def _pretrain(cfg: RunConfig, on_step: Callable[[int, int], None] | None) -> dic
             return {**stats, "knn": report} if report else stats
     finally:
         run_log.close()
+
+
+def _open_logs(cfg: RunConfig, session: Session) -> RunLog:
+    """EXP_DIR/config.yaml (rank 0; after ``session.load``: a run refused in another run's folder leaves that run's
+    file alone), then the run's log sinks: log.txt, TensorBoard and, with --wandb, the W&B run that the resumed
+    checkpoint names (or a new one), whose id the checkpoints then store."""
+    resolved = resolved_settings(cfg)
+    if dist_utils.is_main():
+        write_run_config(cfg.exp_dir, resolved)
+    wandb = {"project": cfg.wandb_project, "run_id": session.wandb_id, "config": resolved} if cfg.wandb else None
+    run_log = RunLog(cfg.exp_dir, purge_step=session.start_epoch if session.path else None, wandb=wandb)
+    session.wandb_id = run_log.wandb_id or session.wandb_id  # without --wandb a resumed run keeps naming it
+    return run_log
 
 
 def _train_step(model: nn.Module, batch: tuple, optimizer: torch.optim.Optimizer, criterion: PCLLoss,
@@ -198,6 +213,24 @@ def _check_data(cfg: RunConfig, data: PretrainData) -> None:
     if cfg.warmup_epoch < cfg.epochs and cfg.pcl_r >= min(cfg.num_cluster):
         logger.info("--pcl-r %d is more than the smallest granularity (k=%d) can supply: granularities with k <= r "
                     "use all their non-positive prototypes as negatives", cfg.pcl_r, min(cfg.num_cluster))
+    _advise_on_size(cfg, data.num_samples)
+
+
+def _advise_on_size(cfg: RunConfig, n: int) -> None:
+    """Settings far from the data, one line of advice each with the values to use: a queue longer than the training
+    set (each image is among its own negatives several times over), and k-means asked for fewer than 10 images per
+    cluster on average (the official faiss setting's minimum; ImageNet's k = 100k has 12.8)."""
+    if cfg.pcl_r > n:
+        fit = max(n // cfg.batch_size * cfg.batch_size, cfg.batch_size)
+        logger.warning("--pcl-r %d is longer than the %d training images: the queue holds each image %.1f times as a "
+                       "negative of itself; use --pcl-r %d (at most N, a multiple of --batch-size %d)", cfg.pcl_r, n,
+                       cfg.pcl_r / n, fit, cfg.batch_size)
+    if cfg.warmup_epoch < cfg.epochs and max(cfg.num_cluster) * 10 > n:
+        top = max(n // 10, 2)
+        ks = sorted({max(2, k * top // max(cfg.num_cluster)) for k in cfg.num_cluster})
+        logger.warning("--num-cluster %s: k-means gets fewer than 10 of the %d training images per cluster at k=%d; "
+                       "use --num-cluster %s (k <= N/10)", ",".join(map(str, cfg.num_cluster)), n,
+                       max(cfg.num_cluster), ",".join(map(str, ks)))
 
 
 def setup(cfg: RunConfig) -> tuple[torch.device, PretrainData, nn.Module, torch.optim.Optimizer]:
@@ -220,8 +253,13 @@ def setup(cfg: RunConfig) -> tuple[torch.device, PretrainData, nn.Module, torch.
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    logger.info("PCL: %s (width %d, stem %s) on %s, %d samples, %d processes, global batch %d, %d per %s%s",
-                cfg.arch, cfg.width, cfg.stem, device, data.num_samples, world, cfg.batch_size, batch,
+    moco_only = cfg.warmup_epoch >= cfg.epochs
+    if moco_only:
+        logger.warning("--warmup-epoch %d is not below --epochs %d: no E-step will run, this is a MoCo-only run "
+                       "(for PCL lower it, e.g. --epochs %d --warmup-epoch %d)", cfg.warmup_epoch, cfg.epochs,
+                       cfg.epochs, max(cfg.epochs // 2, 1) if cfg.epochs > 1 else 0)
+    logger.info("%s: %s (width %d, stem %s) on %s, %d samples, %d processes, global batch %d, %d per %s%s",
+                "MoCo only (no E-step)" if moco_only else "PCL", cfg.arch, cfg.width, cfg.stem, device, data.num_samples, world, cfg.batch_size, batch,
                 "GPU" if device.type == "cuda" else "process",
                 " (-b/--batch-size is the total over all nodes here; the official code's -b is per node)"
                 if world > dist_utils.local_processes(dist) else "")

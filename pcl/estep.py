@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from pcl import PCLError, distributed as dist_utils
-from pcl.cluster import ClusterResult, resolve_backend, run_kmeans, run_kmeans_across_ranks
+from pcl.cluster import ClusterResult, check_same_on_ranks, resolve_backend, run_kmeans, run_kmeans_across_ranks
 from pcl.features import FeatureBank, extract_features, nmi, shard_features
 from pcl.model import channels_last, unwrap
 from pcl.preemption import StopRequest, Stopped
@@ -212,6 +212,7 @@ def e_step(model: nn.Module, loader, num_samples: int, settings: EStepSettings, 
 
     init = _warm_start(settings, previous, dim)
     clusters, kmeans_seconds = cluster(init)
+    check_same_on_ranks(clusters, f"the E-step at epoch {epoch}")  # one all-gather of 2 x 3G int64
     check = {}
     if init is not None and settings.warm_check and epoch % settings.warm_check == 0:
         started = time.perf_counter()
@@ -275,6 +276,7 @@ def self_check(settings: EStepSettings, device: torch.device, dim: int) -> float
                                          settings.temperature, niter=2, nredo=1)
     else:
         result = _cluster_on_rank0(gathered, (n, dim), rehearsal, device, None)[0]
+    check_same_on_ranks(result, "start-up check of the E-step")
     digest = torch.stack([a.sum() for a in result.im2cluster]).to(torch.float64)  # same on every rank?
     spread = dist_utils.all_reduce_sum(digest.clone()) - world * digest
     if spread.abs().max() > 0:

@@ -114,6 +114,9 @@ def launch(args: RunConfig, fn: Callable[[RunConfig], Any]) -> Any:
             return fn(args)
         finally:
             dist_utils.cleanup()
+    if dist_utils.torchrun_variables():  # each of torchrun's processes would spawn one per GPU again
+        raise PCLError(f"--multiprocessing-distributed under torchrun ({', '.join(dist_utils.torchrun_variables())} "
+                       "set): torchrun starts the processes already; drop --multiprocessing-distributed")
     use_cuda = torch.cuda.is_available() and not args.cpu
     nprocs = args.nproc or (torch.cuda.device_count() if use_cuda else 1)
     args = RunConfig.of(args).replace(nproc=nprocs)  # the workers' ranks, and their share of -j, follow from it

@@ -7,6 +7,8 @@ import json
 import logging
 import math
 import os
+import platform
+import subprocess
 import sys
 import threading
 import time
@@ -54,6 +56,57 @@ def write_atomic(path: str, write_fn: Callable[[Any], None], binary: bool = Fals
 def write_json(path: str, obj: Any) -> None:
     """``obj`` as indented JSON at ``path``, atomically (see :func:`write_atomic`)."""
     write_atomic(path, lambda f: json.dump(obj, f, indent=1))
+
+
+RUN_CONFIG = "config.yaml"
+
+
+def write_run_config(exp_dir: str, settings: dict[str, Any]) -> str:
+    """EXP_DIR/config.yaml: the run's resolved settings (:func:`pcl.config.resolved_settings`), which ``-c`` reads
+    back: ``python main_pcl.py -c EXP_DIR/config.yaml --exp-dir NEW`` reruns the run. Atomic; returns the path."""
+    import yaml
+
+    path = os.path.join(exp_dir, RUN_CONFIG)
+    head = (f"# The resolved settings of the run in {exp_dir}, written at its start ({versions()}).\n"
+            f"# Rerun it: python main_pcl.py -c {path} --exp-dir NEW_DIR (the command line wins over this file)\n")
+    write_atomic(path, lambda f: f.write(head + yaml.safe_dump(settings, sort_keys=False, default_flow_style=None)))
+    return path
+
+
+def git_commit(folder: str) -> str | None:
+    """The commit checked out at ``folder`` ('+ changes' when tracked files differ from it); None when ``folder`` is
+    not the top of a git checkout (an installed copy inside some other repository is not this code's commit) or
+    there is no git."""
+    try:
+        run = lambda *a: subprocess.run(["git", "-C", folder, *a], capture_output=True, text=True,  # noqa: E731
+                                        timeout=10, check=True).stdout.strip()
+        if os.path.realpath(run("rev-parse", "--show-toplevel")) != os.path.realpath(folder):
+            return None
+        commit = run("rev-parse", "--short=12", "HEAD")
+        return commit + (" + changes" if run("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> str:
+    """What a result depends on beyond the settings, in one line: Python, torch, torchvision, faiss and whether it
+    can use GPUs, the CUDA torch was built with and the GPUs visible (counted without creating a CUDA context),
+    and the commit of this code when it runs from a git checkout."""
+    import torchvision
+
+    try:
+        import faiss
+
+        gpu = hasattr(faiss, "StandardGpuResources")
+        found = f"faiss {getattr(faiss, '__version__', '?')} ({'GPU build' if gpu else 'CPU only'})"
+    except ImportError:
+        found = "no faiss (k-means: PyTorch)"
+    cuda = (f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPUs visible" if torch.version.cuda
+            else "CPU build of torch")
+    commit = git_commit(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return ", ".join([f"python {platform.python_version()}", f"torch {torch.__version__}",
+                      f"torchvision {torchvision.__version__}", found, cuda,
+                      f"commit {commit}" if commit else "not a git checkout"])
 
 
 class OneLineFileHandler(logging.FileHandler):
@@ -109,17 +162,41 @@ def setup_logging(exp_dir: str | None = None, debug: bool = False, rank: int | N
     return logger
 
 
-class RunLog:
-    """JSON lines in EXP_DIR/log.txt plus TensorBoard scalars under EXP_DIR/tb (rank 0 only). A full disk is one
-    warning each and never stops the run: the checkpoint, saved before, is what matters."""
+def open_wandb(exp_dir: str, project: str, run_id: str | None, config: dict[str, Any]) -> Any:
+    """A W&B run for this experiment folder (files under EXP_DIR/wandb): run ``run_id`` continued when given (the id
+    a resumed checkpoint stores), else a new one. Offline mode, the entity, the API key come from W&B's own
+    environment (WANDB_MODE=offline logs without a server; ``wandb sync`` uploads later)."""
+    try:
+        import wandb
+    except ImportError:
+        raise PCLError("--wandb needs the wandb package: pip install wandb (or pip install -e \".[wandb]\")") from None
+    try:
+        return wandb.init(project=project, id=run_id, resume="allow", dir=exp_dir, config=config,
+                          name=os.path.basename(os.path.abspath(exp_dir)))
+    except Exception as e:  # noqa: BLE001  (no login, no network: wandb raises its own types)
+        raise PCLError(f"--wandb: W&B could not start a run ({reason(e)}); log in (wandb login), or set "
+                       f"WANDB_MODE=offline to log without a server") from None
 
-    def __init__(self, exp_dir: str, tensorboard: bool = True, purge_step: int | None = None) -> None:
+
+class RunLog:
+    """JSON lines in EXP_DIR/log.txt plus the sinks of the same scalars, histograms, images and text: TensorBoard
+    under EXP_DIR/tb and, with ``wandb``, a W&B run (rank 0 only). A full disk, or a W&B failure, is one warning
+    each and never stops the run: the checkpoint, saved before, is what matters."""
+
+    def __init__(self, exp_dir: str, tensorboard: bool = True, purge_step: int | None = None,
+                 wandb: dict[str, Any] | None = None) -> None:
         """``purge_step``: a resumed run's first epoch; TensorBoard hides the earlier run's events from there on,
-        so the resumed run continues one curve instead of drawing a second one over it."""
+        so the resumed run continues one curve instead of drawing a second one over it. ``wandb``: the keyword
+        arguments of :func:`open_wandb` but ``exp_dir`` (project, run_id, config); ``wandb_id`` is then the run's id,
+        which the checkpoints store so that a resumed run logs into the same W&B run."""
         self.active = dist_utils.is_main()
         self.path = os.path.join(exp_dir, "log.txt")
         self.tb_dir = os.path.join(exp_dir, "tb")
-        self.writer, self.record_failed = None, False
+        self.writer, self.record_failed, self.wandb = None, False, None
+        self.wandb_id = (wandb or {}).get("run_id")
+        if self.active and wandb is not None:
+            self.wandb = open_wandb(exp_dir, **wandb)
+            self.wandb_id = self.wandb.id
         if self.active and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -163,19 +240,38 @@ class RunLog:
             except OSError as e:
                 self._tensorboard_failed(e)
 
+    def _wandb(self, step: int, make: Callable[[Any], dict[str, Any]]) -> None:
+        """Log ``make(wandb)`` at ``step`` (the epoch) to the W&B run; its first failure turns W&B off, one warning."""
+        if self.wandb is None:
+            return
+        try:
+            import wandb
+
+            self.wandb.log(make(wandb), step=step)
+        except Exception as e:  # noqa: BLE001  (a network or disk error inside wandb must not stop the run)
+            self.wandb = None
+            logging.getLogger("pcl").warning("W&B logging failed (%s): W&B is off for the rest of this run", reason(e))
+
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for key, value in values.items():
             self._tb("add_scalar", key, value, step)
+        self._wandb(step, lambda wandb: dict(values))
 
     def histogram(self, tag: str, values, step: int) -> None:
-        self._tb("add_histogram", tag, values.detach().cpu() if hasattr(values, "detach") else values, step)
+        values = values.detach().cpu() if hasattr(values, "detach") else values
+        self._tb("add_histogram", tag, values, step)
+        self._wandb(step, lambda wandb: {tag: wandb.Histogram(torch.as_tensor(values).float().numpy())})
 
     def image(self, tag: str, image, step: int) -> None:
         """uint8 3 x H x W."""
         self._tb("add_image", tag, image, step, dataformats="CHW")
+        self._wandb(step, lambda wandb: {tag: wandb.Image(torch.as_tensor(image).permute(1, 2, 0).cpu().numpy())})
 
     def text(self, tag: str, text: str, step: int) -> None:
+        import html
+
         self._tb("add_text", tag, text, step)
+        self._wandb(step, lambda wandb: {f"{tag}_text": wandb.Html(f"<pre>{html.escape(text)}</pre>")})
 
     def record(self, entry: dict[str, Any]) -> None:
         """Append one JSON line; on a full disk the partial line is cut off again and the first failure warns."""
@@ -201,6 +297,10 @@ class RunLog:
         if self._hook is not None and threading.excepthook == self._writer_thread_died:
             threading.excepthook = self._hook
         self._hook = None
+        if self.wandb is not None:
+            with contextlib.suppress(Exception):
+                self.wandb.finish()
+            self.wandb = None
 
 
 class AverageMeter:

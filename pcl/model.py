@@ -138,7 +138,7 @@ class SplitBatchNorm(nn.BatchNorm2d):
         s = self.num_splits
         count = n // s * h * w  # values per (split, channel): > 1, forward checked it
         x5 = x.view(n // s, s, c, h, w)  # N/s x s x C x H x W: sample i in split i % s; a view for NHWC strides
-        var, mean = torch.var_mean(x5, dim=(0, 3, 4), unbiased=False)  # s x C each (biased: normalisation)
+        var, mean = _SplitMoments.apply(x5)  # s x C each, float32 (biased: normalisation)
         scale = self.weight * torch.rsqrt(var + self.eps)  # s x C
         shift = self.bias - mean * scale  # s x C
         out = torch.addcmul(shift.to(x.dtype)[:, :, None, None], x5, scale.to(x.dtype)[:, :, None, None])
@@ -147,6 +147,29 @@ class SplitBatchNorm(nn.BatchNorm2d):
             self.running_mean.copy_(((1 - factor) * self.running_mean + factor * mean).mean(dim=0))
             self.running_var.copy_(((1 - factor) * self.running_var + factor * var_unbiased).mean(dim=0))
         return out.view(n, c, h, w)  # N x C x H x W with x's NHWC strides (view: no copy)
+
+
+class _SplitMoments(torch.autograd.Function):
+    """(biased variance, mean) over dims (0, 3, 4) of an N/s x s x C x H x W view, in float32 whatever its dtype.
+
+    Under --amp fp16 the activations are float16: ``torch.var_mean`` on them returns float16, whose largest
+    value is 65504, so activations of std ~ 256 and above give an infinite variance (and bfloat16 keeps only 8
+    bits of it). Here the moments are reduced from a float32 copy that lives only inside each pass: the input
+    itself is what is kept for the backward (the scale-and-shift keeps it anyway), not a float32 copy of it."""
+
+    @staticmethod
+    def forward(ctx, x5: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        var, mean = torch.var_mean(x5.float(), dim=(0, 3, 4), unbiased=False)  # s x C each
+        ctx.save_for_backward(x5, mean)
+        return var, mean
+
+    @staticmethod
+    def backward(ctx, grad_var: torch.Tensor, grad_mean: torch.Tensor) -> torch.Tensor:
+        x5, mean = ctx.saved_tensors
+        count = x5.numel() // mean.numel()  # values per (split, channel)
+        centred = x5.float() - mean[None, :, :, None, None]
+        grad = (centred * (2.0 * grad_var[None, :, :, None, None]) + grad_mean[None, :, :, None, None]) / count
+        return grad.to(x5.dtype)
 
 
 def convert_split_bn(module: nn.Module, num_splits: int) -> nn.Module:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shlex
 import time
 from typing import Any, Callable
 
@@ -17,6 +19,7 @@ from pcl import distributed as dist_utils
 from pcl.checkpoint import query_backbone
 from pcl.cluster import ClusterResult
 from pcl.data import PretrainData
+from pcl.data.registry import DIR_DATASET, spec
 from pcl.estep import EStep
 from pcl.features import AMI_MAX_SAMPLES, clustering_scores, extract_features, knn_accuracy, nmi
 from pcl.gallery import GalleryRow, caption, gallery_rows, render_gallery
@@ -56,6 +59,29 @@ def _monitor_encoder(encoder: nn.Module | None, num_rows: int, image_size: int, 
         return pooled, 1, f"raw pixels average-pooled to {side} x {side} px"
     stride = bank_stride(num_rows, getattr(encoder, "feature_dim", 2048), budget)
     return encoder, stride, f"every {stride}th training image in the bank" if stride > 1 else ""
+
+
+def next_commands(s: MonitorSettings, checkpoint: str, labelled: bool = True) -> list[str]:
+    """The evaluations to run next, complete and runnable as printed: this run's data (``--dataset demo``, the real
+    DIR, --class-list), image size and checkpoint, and the linear preset next to the run's ``-c`` preset
+    (``configs/demo.yaml`` -> ``configs/demo_linear.yaml``) when there is one. Images without labels (a flat
+    folder, --unlabelled) have nothing to score: the galleries and the export instead."""
+    q = shlex.quote
+    entry = spec(s.dataset)
+    data = f"--dataset {s.dataset}" if not entry.takes_dir else q(str(s.data)) if s.dataset == DIR_DATASET \
+        else f"--dataset {s.dataset} {q(str(s.data))}"
+    data += f" --demo-renders {s.demo_renders}" if s.dataset == "demo" and s.demo_renders != 4 else ""
+    data += f" --class-list {q(s.class_list)}" if s.class_list else ""
+    data += " --bad-images skip" if s.bad_images == "skip" else ""
+    common = f"{data} --image-size {s.image_size} --pretrained {q(checkpoint)}"
+    if not labelled:
+        out = os.path.join(os.path.dirname(checkpoint), "visualize")
+        flag = " --unlabelled" if s.unlabelled else ""
+        return [f"python -m pcl.evaluation.visualize {common}{flag} --exp-dir {q(out)}",
+                f"python -m pcl.export {q(checkpoint)} backbone.pth"]
+    stem, ext = os.path.splitext(s.config or "")
+    linear = f"-c {q(stem + '_linear' + ext)} " if s.config and os.path.isfile(stem + "_linear" + ext) else ""
+    return [f"python eval_linear.py {linear}{common}", f"python -m pcl.evaluation.knn {common}"]
 
 
 def coprime_stride(stride: int, world: int) -> int:
@@ -214,9 +240,8 @@ class Monitor:
         """The run's last line: where its weights are, the epoch convention, and what to run next."""
         epoch = self.settings.epochs - 1
         logger.info("finished %d epochs (counted from 0): %s holds the weights after epoch %d (its 'epoch' entry, "
-                    "%d, is where --resume continues). Next: python eval_linear.py DIR --pretrained %s; "
-                    "python -m pcl.evaluation.knn DIR --pretrained %s", self.settings.epochs, last_checkpoint, epoch,
-                    epoch + 1, last_checkpoint, last_checkpoint)
+                    "%d, is where --resume continues). Next: %s", self.settings.epochs, last_checkpoint, epoch,
+                    epoch + 1, "; ".join(next_commands(self.settings, last_checkpoint, self.data.labelled)))
 
     def final_report(self, model: nn.Module, random_init: Callable[[], nn.Module]) -> dict[str, float]:
         """With --knn-eval: kNN top-1 on the labelled test split of the learned backbone, a random-init one (built by

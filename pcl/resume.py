@@ -88,17 +88,19 @@ def checkpoint_contents(model: nn.Module, optimizer: torch.optim.Optimizer, epoc
                         clusters: ClusterResult | None, step: int = 0,
                         resume_states: list[dict[str, Any]] | None = None,
                         scaler: torch.amp.GradScaler | None = None, bank: FeatureBank | None = None,
-                        run_id: str | None = None) -> dict[str, Any]:
+                        wandb_id: str | None = None, run_id: str | None = None) -> dict[str, Any]:
     """Official keys (epoch = the epoch to resume at, arch, state_dict, optimizer) plus our settings and model
     config, the epoch's prototypes, the fp16 loss scale (``scaler``: --amp fp16), the E-step's bank (``bank``:
-    --estep-features bank), the ``run_id`` every checkpoint of one run shares (what tells a run folder's own files
-    from another run's) and, for a mid-epoch (preemption) checkpoint, ``step`` and every rank's loop state.
-    Tensors and plain types only."""
+    --estep-features bank), the W&B run's id (``wandb_id``: --wandb), the ``run_id`` every checkpoint of one run
+    shares (what tells a run folder's own files from another run's) and, for a mid-epoch (preemption) checkpoint,
+    ``step`` and every rank's loop state. Tensors and plain types only."""
     extra: dict[str, Any] = {"step": step, "args": {**cfg.plain(), "global_batch_size": cfg.batch_size}}
     if run_id is not None:
         extra["run_id"] = run_id
     if scaler is not None:
         extra["scaler"] = scaler.state_dict()
+    if wandb_id is not None:  # --wandb: a resumed run logs into the same W&B run
+        extra["wandb_id"] = wandb_id
     if clusters is not None:
         extra["cluster_result"] = clusters.state_dict()
     if bank is not None:
@@ -182,6 +184,31 @@ def _check_mid_epoch(ckpt: dict[str, Any], path: str, cfg: RunConfig, num_sample
     if assign and len(assign[0]) != num_samples:
         raise PCLError(f"--resume {path} was saved mid-epoch on a training set of {len(assign[0])} images, this one "
                        f"has {num_samples}: resume it on the same data")
+
+
+SCHEDULE = {"epochs": "--epochs", "warmup_epoch": "--warmup-epoch", "lr": "--lr", "cos": "--cos",
+            "schedule": "--schedule"}
+
+
+def note_schedule_change(ckpt: dict[str, Any], path: str, cfg: RunConfig) -> None:
+    """Resuming with another --epochs / --warmup-epoch / --lr / --cos / --schedule than the run was started with
+    changes the learning rate (and where PCL starts) from here on: one line naming the old and the new values."""
+    saved = ckpt.get("args") or {}
+
+    def flag(key: str, value: Any) -> str:
+        if key == "cos":
+            return "--cos" if value else "--no-cos"
+        return f"{SCHEDULE[key]} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
+
+    def same(key: str) -> bool:
+        plain = [list(v) if isinstance(v, (list, tuple)) else v for v in (saved[key], cfg[key])]
+        return plain[0] == plain[1] or (key == "schedule" and cfg["cos"] and saved.get("cos"))  # unused with --cos
+
+    changed = [k for k in SCHEDULE if k in saved and k in cfg and not same(k)]
+    if changed:
+        logger.warning("resuming %s with another schedule: %s (from epoch %d on the learning rate follows the new "
+                       "one; the epochs already trained followed the old)", path,
+                       ", ".join(f"{flag(k, saved[k])} -> {flag(k, cfg[k])}" for k in changed), ckpt.get("epoch", 0))
 
 
 RUN_FILES = ("log.txt", "tb", MARKER)  # what a run writes into --exp-dir besides its checkpoints (train.log: the
@@ -278,6 +305,7 @@ class Session:
         self.resumed_preempt: str | None = None  # the preempt checkpoint this run resumed from, removed once passed
         self.stop = StopRequest()
         self.model = self.optimizer = self.device = self.scaler = None
+        self.wandb_id: str | None = None  # the W&B run the checkpoints name (--wandb), carried over from --resume
         self.epoch, self.clusters, self.stopping = cfg.start_epoch, None, False
         self.bank: FeatureBank | None = None  # --estep-features bank: created (and restored) by load
         self.last_clusters: ClusterResult | None = None  # the prototypes of the last epoch trained with them
@@ -311,6 +339,7 @@ class Session:
             self.resumed = dist_utils.on_every_rank(
                 lambda: load_into(path, model, optimizer, device, scaler=scaler, expect=at), f"loading --resume {path}")
             self.run_id = self.resumed.get("run_id") or self.run_id
+            self.wandb_id = self.resumed.get("wandb_id")
         dist_utils.main_only(lambda: clear_files(self.claim), f"preparing --exp-dir {cfg.exp_dir}")
         clear_marker(cfg.exp_dir)  # this run continues the preempted one
         if self.path is None:
@@ -321,6 +350,7 @@ class Session:
         _check_mid_epoch(self.resumed, self.path, cfg, data.num_samples)
         self._restore_bank()
         self.start_epoch = int(self.resumed["epoch"])
+        note_schedule_change(self.resumed, self.path, cfg)
         if self.start_epoch >= cfg.epochs:  # a mid-epoch file of epoch e holds 'epoch': e, with e's rest to train
             logger.warning("nothing to train: %s is at epoch %d of --epochs %d (raise --epochs to go on)",
                            self.path, self.start_epoch, cfg.epochs)
@@ -403,7 +433,8 @@ class Session:
         def write() -> None:
             check_weights(self.model, f"epoch {epoch} step {step}")
             ckpt_io.save_checkpoint(checkpoint_contents(self.model, self.optimizer, epoch, self.cfg, clusters, step,
-                                                        states, self.scaler, self.bank, self.run_id), path)
+                                                        states, self.scaler, self.bank, self.wandb_id,
+                                                        self.run_id), path)
             if step == 0 and self.resumed_preempt not in (None, path) and os.path.exists(self.resumed_preempt):
                 os.remove(self.resumed_preempt)  # the stop this run continued from is behind it now
         dist_utils.main_only(write, f"saving {path}")

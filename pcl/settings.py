@@ -126,6 +126,7 @@ class DataSettings:
     decode: str  # cpu | device
     demo_renders: int
     aug_plus: bool  # pretraining's MoCo v2 augmentation; the evaluation commands have no two-crop views: False
+    unlabelled: bool  # --unlabelled: DIR's images have no classes, whatever its folders (False where no such flag)
 
     @classmethod
     def of(cls, cfg: Mapping[str, Any], workers: int) -> "DataSettings":
@@ -135,7 +136,7 @@ class DataSettings:
                    cfg["batch_size"], cfg["seed"], workers, cfg["workers"], cfg["prefetch_factor"],
                    cfg["persistent_workers"], cfg["loader_timeout"], cfg["bad_images"], cfg["class_list"],
                    cfg["expect_images"], cfg["expect_classes"], cfg["augment"], cfg["decode"], cfg["demo_renders"],
-                   cfg["aug_plus"] if "aug_plus" in cfg else False)
+                   cfg["aug_plus"] if "aug_plus" in cfg else False, cfg.get("unlabelled", False))
 
 
 @dataclass(frozen=True)
@@ -236,13 +237,21 @@ class MonitorSettings:
     image_size: int  # the raw-pixel baseline's resolution
     kmeans_backend: str  # the monitor's NMI k-means
     kmeans_reseed: bool = False  # --kmeans-reseed: each E-step's seed is logged
+    dataset: str = ""  # the run's data (resolved --dataset, DIR, its flags, -c), for the end-of-run commands
+    data: str | None = None
+    demo_renders: int = 4
+    class_list: str | None = None
+    bad_images: str = "fail"
+    unlabelled: bool = False
+    config: str | None = None
 
     @classmethod
     def of(cls, cfg: Mapping[str, Any]) -> "MonitorSettings":
         return cls(tuple(cfg["num_cluster"]), cfg["epochs"], cfg["seed"], cfg["prototype_gallery"], cfg["knn_every"],
                    cfg["knn_eval"], cfg["knn_k"], cfg["knn_t"], int(cfg["knn_max_bank_gb"] * 2 ** 30),
                    cfg["image_size"], "torch" if cfg["kmeans_backend"] == "torch-ranks" else cfg["kmeans_backend"],
-                   cfg["kmeans_reseed"])
+                   cfg["kmeans_reseed"], cfg["dataset"], cfg["data"], cfg["demo_renders"], cfg["class_list"],
+                   cfg["bad_images"], cfg.get("unlabelled", False), cfg.get("config"))
 
 
 def cannot_read(path: str, e: OSError, verb: str = "read") -> PCLError:

@@ -21,7 +21,7 @@ def _threads():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (PCL_TEST_DEVICE=cpu runs them on the CPU: "
-                                       "scripts/gpu_check.sh --cpu)")
+                                       "scripts/gpu_check.sh --smoke)")
 
 
 @pytest.fixture

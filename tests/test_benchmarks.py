@@ -15,7 +15,8 @@ import pytest
 from conftest import ROOT
 
 BENCH = os.path.join(ROOT, "benchmarks")
-SMOKED_ELSEWHERE = {"gpu_check.py", "cost_model.py"}  # cost_model: tests/test_cost_model.py
+SMOKED_ELSEWHERE = {"gpu_check.py", "gpu_check_input.py", "gpu_check_estep.py", "cost_model.py", "cost_inputs.py",
+                    "cost_tables.py"}  # cost_*: tests/test_cost_model.py
 
 
 def script(name: str):
@@ -54,6 +55,35 @@ def test_bench_kmeans(tmp_path):
                                        "--precision", "bf16", "--out", str(out)])
     assert (tmp_path / "k_bf16.json").exists() and [r["k"] for r in low["rows"]] == [4, 12]
     assert all(0.9 < r["objective_ratio_low_over_fp32"] < 1.1 and 0 <= r["nmi_low_vs_fp32"] <= 100 for r in low["rows"])
+
+
+def test_bench_split(tmp_path):
+    out = tmp_path / "split.json"
+    res = script("bench_split").main(["--n", "1280", "--k", "100", "--dim", "8", "--repeats", "1",
+                                      "--out", str(out)])
+    assert out.exists() and [r["empty"] for r in res["rows"]] == [1, 4, 50] and res["points_per_cluster"] == 12.8
+    one, _, many = res["rows"]
+    assert one["sequential_draws"] == one["batched_draws"] == 1 and many["sequential_draws"] == 50
+    assert many["batched_draws"] < 10 and all(r["sequential_s"] > 0 and r["batched_s"] > 0 for r in res["rows"])
+
+
+def test_bench_warm_kmeans(tmp_path):
+    out = tmp_path / "w.json"
+    res = script("bench_warm_kmeans").main(["--n", "600", "--dim", "8", "--k", "12", "--centres", "6", "--niter", "3",
+                                            "--nredo", "2", "--json", str(out)])
+    assert out.exists() and res["cold"]["seconds"] > 0 and res["warm"]["seconds"] > 0
+    assert 0 <= res["nmi_warm_cold"] <= 100 and 0.5 < res["objective_ratio"] < 2
+
+
+def test_bench_estep_modes(tmp_path):
+    out = tmp_path / "modes.json"
+    res = script("bench_estep_modes").main(["--config", os.path.join(ROOT, "configs", "demo.yaml"), "--epochs", "3",
+                                            "--warmup-epoch", "1", "--modes", "pass,bank_warm", "--exp-root",
+                                            str(tmp_path / "runs"), "--json", str(out), "--", "--demo-renders", "1",
+                                            "--image-size", "16", "--width", "4", "--num-cluster", "10,20,40"])
+    assert out.exists() and set(res["modes"]) == {"pass", "bank_warm"}
+    assert res["modes"]["pass"]["feature_seconds"] > 0 and res["modes"]["bank_warm"]["feature_seconds"] < 0.05
+    assert res["modes"]["bank_warm"]["first_estep_filled"] > 0 and "nmi_warm_cold_k20" in res["modes"]["bank_warm"]
 
 
 @pytest.mark.parametrize("mode, extra", [("overhead", []), ("throughput", ["--variants", "fp32,fused_sgd"])])

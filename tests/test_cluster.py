@@ -172,6 +172,70 @@ def test_empty_cluster_split_matches_faiss_semantics():
     assert split_empty_clusters(torch.eye(3), cnt, gen) == 1 and cnt.tolist() == [0, 1, 1]
 
 
+def _sequential_split(c, counts, gen):
+    """The empty-cluster split one cluster after the other (faiss's loop, with its draw by size - 1): the
+    reference the batched split_empty_clusters keeps bit for bit when at most one cluster is empty."""
+    from pcl.cluster import SPLIT_EPS
+
+    empty = (counts == 0).nonzero().flatten().tolist()
+    sign = torch.ones(c.shape[1], dtype=c.dtype)
+    sign[1::2] = -1
+    for ci in empty:
+        weight = (counts - 1).clamp_min(0).to(torch.float64)
+        if float(weight.sum()) <= 0:
+            break
+        cj = int(torch.multinomial(weight, 1, generator=gen))
+        c[ci] = c[cj] * (1 + SPLIT_EPS * sign)
+        c[cj] = c[cj] * (1 - SPLIT_EPS * sign)
+        counts[ci] = counts[cj] // 2
+        counts[cj] -= counts[ci]
+    return len(empty)
+
+
+def test_empty_cluster_split_is_the_sequential_one_with_one_empty_cluster():
+    from pcl.cluster import split_empty_clusters
+
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for trial in range(40):
+        k = int(torch.randint(3, 60, (1,), generator=g))
+        counts = torch.randint(1, 30, (k,), generator=g)
+        if trial % 4:  # one empty cluster (else none)
+            counts[int(torch.randint(k, (1,), generator=g))] = 0
+        dtype = (torch.float32, torch.float64)[trial % 2]
+        cases.append((torch.randn(k, 5, generator=g, dtype=dtype), counts if trial % 3 else counts.double()))
+    cases.append((torch.eye(3), torch.tensor([0, 1, 1])))  # nothing to split: every cluster has <= 1 member
+    for seed, (c, counts) in enumerate(cases):
+        ca, na, ga = c.clone(), counts.clone(), torch.Generator().manual_seed(seed)
+        cb, nb, gb = c.clone(), counts.clone(), torch.Generator().manual_seed(seed)
+        assert split_empty_clusters(ca, na, ga) == _sequential_split(cb, nb, gb)
+        assert torch.equal(ca, cb) and torch.equal(na, nb), seed
+        assert torch.equal(ga.get_state(), gb.get_state())  # the same draws: later ones line up too
+
+
+def test_many_empty_clusters_are_split_in_a_few_batched_rounds(monkeypatch):
+    """200 empty clusters: a few multinomial draws (rounds), not one per cluster; sizes kept, none left empty,
+    every new centroid its donor's perturbed copy, and a collapsed cluster split again and again."""
+    import pcl.cluster as cl
+
+    draws = []
+    real = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda *a, **k: draws.append(a[1]) or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    counts = torch.cat([torch.zeros(200, dtype=torch.long), torch.randint(20, 40, (800,), generator=g)])
+    c = torch.randn(1000, 8, generator=g, dtype=torch.float64)
+    before, n_before = c.clone(), counts.clone()
+    assert cl.split_empty_clusters(c, counts, g) == 200
+    assert len(draws) <= 4 and draws[0] == 200, draws  # the sequential loop: 200 draws, 400 host syncs
+    assert counts.sum() == n_before.sum() and (counts > 0).all()
+    for i in range(200):  # an original centroid scaled per dimension by (1 +- eps) once or twice: even / odd alike
+        ratio = c[i] / before[200:][(c[i] / before[200:]).std(1).argmin()]
+        assert (ratio - 1).abs().max() < 2.1 * cl.SPLIT_EPS and ratio[0::2].std() < 1e-12 and ratio[1::2].std() < 1e-12
+    collapsed = torch.tensor([0] * 15 + [64])  # every sample in one cluster
+    cl.split_empty_clusters(torch.randn(16, 4, generator=g), collapsed, g)
+    assert collapsed.sum() == 64 and (collapsed >= 1).all()
+
+
 def test_reduced_precision_assignments_agree_with_fp32_and_faiss_refuses_them():
     from pcl.cluster import kmeans
 
@@ -189,6 +253,21 @@ def test_reduced_precision_assignments_agree_with_fp32_and_faiss_refuses_them():
     pytest.importorskip("faiss")
     with pytest.raises(PCLError, match="--kmeans-precision bf16 applies to the PyTorch k-means"):
         kmeans(x, 6, backend="faiss", precision="bf16")
+
+
+def test_bf16_scores_are_summed_and_kept_in_float32():
+    """--kmeans-precision bf16 rounds the inputs only: the assignment is the float64 argmax over bf16-rounded rows
+    and centroids (a bf16 score, 2^-8 apart near 1, tied neighbouring centroids: 2.8 % of these rows moved)."""
+    from pcl.cluster import _nearest, _strict_fp32
+
+    g = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(20, 64, generator=g), dim=1)
+    x = F.normalize(centres[torch.arange(2000) % 20] + 0.1 * torch.randn(2000, 64, generator=g), dim=1)
+    c = F.normalize(x[torch.randperm(2000, generator=g)[:400]] + 0.02 * torch.randn(400, 64, generator=g), dim=1)
+    want = (x.bfloat16().double() @ c.bfloat16().double().t() - 0.5 * (c.double() ** 2).sum(1)).argmax(1)
+    with _strict_fp32():
+        _, got = _nearest(x, c, precision="bf16")
+    assert torch.equal(got, want)
 
 
 def test_nmi_on_the_device_is_scikit_learns_in_float64():

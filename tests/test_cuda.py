@@ -1,7 +1,7 @@
 """The GPU path: k-means, negative sampling, logits and a short pretraining run on the accelerator.
 
 Marked ``cuda``: they run where CUDA is (scripts/gpu_check.sh), and on the CPU with PCL_TEST_DEVICE=cpu
-(scripts/gpu_check.sh --cpu, which the suite runs), so the code they cover is exercised on every machine.
+(scripts/gpu_check.sh --smoke, which the suite runs), so the code they cover is exercised on every machine.
 """
 
 import os

@@ -108,3 +108,73 @@ def test_proto_weight_one_is_the_official_loss_and_zero_drops_the_term(tmp_path)
     assert torch.equal(one.total, one.inst + one.proto)
     zero = build_loss(cfg.replace(proto_weight=0.0))(q, k, queue, index, clusters, torch.Generator().manual_seed(1))
     assert torch.equal(zero.total, zero.inst) and torch.equal(zero.proto, one.proto)  # still logged
+
+
+def test_prototypes_that_differ_on_one_rank_are_refused_naming_it():
+    """torch-ranks needs the same random draws on every GPU; a rank whose draws differ holds other centroids or
+    phi while the all-gathered assignments agree: every rank refuses, naming the ranks that differ."""
+    from pcl import PCLError
+    from pcl.cluster import ClusterResult, check_same_on_ranks
+
+    g = torch.Generator().manual_seed(0)
+    base = ClusterResult([torch.randint(4, (N,), generator=g), torch.randint(8, (N,), generator=g)],
+                         [torch.randn(4, 16, generator=g), torch.randn(8, 16, generator=g)],
+                         [torch.rand(4, generator=g), torch.rand(8, generator=g)])
+
+    def on_rank(rank, centroid_ranks=(), phi_ranks=()):
+        res = ClusterResult([a.clone() for a in base.im2cluster], [c.clone() for c in base.centroids],
+                            [p.clone() for p in base.concentration])
+        if rank in centroid_ranks:  # one float32 step off in one coordinate
+            res.centroids[1][5, 3] = torch.nextafter(res.centroids[1][5, 3], torch.tensor(9.0))
+        if rank in phi_ranks:
+            res.concentration[0][2] *= 1.5
+        return check_same_on_ranks(res, "the E-step at epoch 7")
+
+    assert WorldAudit(4).run(on_rank) == [None] * 4
+    for outcome in WorldAudit(4).run(lambda rank: on_rank(rank, centroid_ranks=(2,))):
+        assert isinstance(outcome, PCLError), outcome
+        assert str(outcome).startswith("the E-step at epoch 7: rank(s) 2 hold other prototypes (centroids) than rank 0")
+        assert "--kmeans-backend torch " in str(outcome) and "\n" not in str(outcome)
+    for outcome in WorldAudit(4).run(lambda rank: on_rank(rank, (3,), (1, 3))):
+        assert "rank(s) 1, 3 hold other prototypes (centroids and phi)" in str(outcome), outcome
+
+
+def test_the_start_up_check_and_every_e_step_compare_the_prototypes_over_ranks(tmp_path, monkeypatch):
+    """The start-up rehearsal compared only the assignments (all-gathered: equal whatever the centroids)."""
+    import pcl.estep as estep
+    from pcl import PCLError
+
+    real = estep.run_kmeans_across_ranks
+
+    def drifted(*a, **k):  # rank 1's draws differ: one centroid one float32 step off
+        result = real(*a, **k)
+        if estep.dist_utils.rank() == 1:
+            result.centroids[0][1, 3] = torch.nextafter(result.centroids[0][1, 3], torch.tensor(2.0))
+        return result
+
+    monkeypatch.setattr(estep, "run_kmeans_across_ranks", drifted)
+    outcomes = WorldAudit(2).run(lambda rank: self_check(_settings(tmp_path, "torch-ranks"), torch.device("cpu"), 16),
+                                 passes=100)
+    for o in outcomes:
+        assert isinstance(o, PCLError) and str(o).startswith("start-up check of the E-step: rank(s) 1 "), o
+    checked = []
+    monkeypatch.setattr(estep, "check_same_on_ranks", lambda result, when: checked.append((result, when)))
+    for backend in ("torch-ranks", "torch"):
+        out = e_step(_model(), TensorEvalLoader(_images(), 5), N, _settings(tmp_path, backend), torch.device("cpu"),
+                     epoch=7)
+        assert checked[-1] == (out.clusters, "the E-step at epoch 7")
+
+
+def test_the_fingerprint_sees_every_bit_and_every_position():
+    from pcl.cluster import _fingerprint
+
+    x = torch.randn(50, 7, generator=torch.Generator().manual_seed(0))
+    base = _fingerprint(x)
+    assert torch.equal(base, _fingerprint(x.clone())) and base.dtype == torch.int64
+    bits = x.view(torch.int32)
+    for i, j, b in [(0, 0, 0), (17, 3, 15), (49, 6, 16), (30, 2, 31)]:
+        y = bits.clone()
+        y[i, j] ^= 1 << b if b < 31 else -(2 ** 31)
+        assert not torch.equal(_fingerprint(y.view(torch.float32)), base), (i, j, b)
+    assert not torch.equal(_fingerprint(x[torch.randperm(50)]), base)  # the same values elsewhere
+    assert not torch.equal(_fingerprint(torch.tensor([3, 1, 2])), _fingerprint(torch.tensor([1, 2, 3])))

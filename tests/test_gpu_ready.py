@@ -115,8 +115,8 @@ def test_proto_chunks_run(tmp_path):
     assert "loss_proto" in stats and stats["acc_proto"] >= 0
 
 
-def test_gpu_check_cpu_fallback_runs_every_section(tmp_path):
-    """scripts/gpu_check.sh --cpu: the prepared GPU check at toy sizes, every section measured, one JSON."""
+def test_gpu_check_smoke_runs_every_section(tmp_path):
+    """scripts/gpu_check.sh --smoke: the prepared GPU check at toy sizes, every section measured, one JSON."""
     import json
     import math
     import subprocess
@@ -125,14 +125,14 @@ def test_gpu_check_cpu_fallback_runs_every_section(tmp_path):
 
     out = tmp_path / "gpu_check.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([os.path.join(ROOT, "scripts", "gpu_check.sh"), "--cpu", "--out", str(out)],
+    proc = subprocess.run([os.path.join(ROOT, "scripts", "gpu_check.sh"), "--smoke", "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     sections = res["sections"]
-    assert set(sections) == {"tests", "throughput", "overhead", "sampling", "kmeans", "pil", "nccl", "loader",
-                             "faiss", "syncs", "device_aug", "kmeans_ranks"}
-    assert not any("error" in r for r in sections.values())
+    assert list(sections) == ["tests", "throughput", "overhead", "sampling", "syncs", "fast_path", "ddp", "estep",
+                              "kmeans", "kmeans_ranks", "nccl", "loader", "pil", "device_aug", "faiss"]
+    assert not any("error" in r or "skipped" in r for r in sections.values())
     assert sections["tests"]["ok"] and "passed" in sections["tests"]["summary"]
     assert sections["throughput"]["images_per_s"]["fp32"] > 0 and sections["pil"]["images_per_s_per_core"] > 0
     assert sections["throughput"]["images_per_s"]["bn_splits8"] > 0
@@ -144,6 +144,12 @@ def test_gpu_check_cpu_fallback_runs_every_section(tmp_path):
     assert sections["loader"]["ok"] and sections["loader"]["images_per_s"] > 0
     assert sections["faiss"]["ok"] and "faiss" in sections["faiss"]["status"]
     assert sections["syncs"]["ok"] and sections["syncs"]["syncs_per_step"] >= 0
+    fast = sections["fast_path"]  # the real fast-path loader on the odd files; training from it
+    assert fast["ok"] and fast["augment"]["training_thread_ops"] == fast["decode"]["training_thread_ops"] == 0
+    assert fast["truncated_on_host"] and fast["decode"]["host_decoded"] == ["odd_truncated.JPEG"]
+    assert fast["train"]["images_per_s"] > 0 and 0 <= fast["train"]["input_wait"] < 1
+    assert sections["ddp"]["ok"] and sections["ddp"]["process_group"] == "gloo, world 1"
+    assert sections["ddp"]["images_per_s"]["ddp"] > 0 and sections["estep"]["images_per_s"]["fp32"] > 0
     aug = sections["device_aug"]  # --augment device: worker CPU per pair vs the official pipeline's, device images/s
     for key in ("decode_ms", "official_pair_ms", "worker_pair_ms", "official_eval_ms", "worker_eval_ms",
                 "device_ms_per_batch", "device_images_per_s"):
@@ -153,13 +159,39 @@ def test_gpu_check_cpu_fallback_runs_every_section(tmp_path):
     ranks = sections["kmeans_ranks"]  # --kmeans-backend torch-ranks at world 1: timed, FLOP/s, = the torch k-means
     ks = [str(k) for k in res["sizes"]["ks"].split(",")]
     assert ranks["ok"] and ranks["process_group"] == "gloo, world 1" and ranks["n"] == res["sizes"]["kmeans_n"]
-    for key in ("seconds_nredo1", "tflops_nredo1", "torch_seconds_nredo1"):
+    for key in ("seconds_nredo1", "tflops_nredo1"):
         assert list(ranks[key]) == ks and all(math.isfinite(v) and v > 0 for v in ranks[key].values()), key
     assert ranks["total_seconds_nredo1"] > 0 and math.isfinite(ranks["kmeans_tflops"]) and ranks["kmeans_tflops"] > 0
     assert ranks["assignments_identical"] == dict.fromkeys(ks, True) and ranks["deterministic_check"]["identical"]
     assert set(ranks["assignments_agree_frac"].values()) == {1.0}
-    for name in ("kmeans", "nccl", "loader", "faiss", "syncs", "device_aug", "kmeans_ranks"):
+    assert ranks["nredo5"]["k"] == max(map(int, ks)) and ranks["nredo5"]["seconds"] > 0
+    for name in sections:
         assert f"| {name} |" in proc.stdout
+
+
+def test_gpu_check_writes_its_json_after_every_section_and_keeps_to_its_budget(tmp_path, monkeypatch):
+    """A call cut off (the device's time limit) keeps the sections it measured; the second part adds to the
+    first's file (one JSON for cost_model.py); past --budget no section starts."""
+    import json
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import gpu_check
+
+    out, seen = tmp_path / "gpu_check.json", []
+    monkeypatch.setitem(gpu_check.SECTIONS, "pil", lambda d, s, sh: {"images_per_s_per_core": 1.0, "ok": True})
+    monkeypatch.setitem(gpu_check.SECTIONS, "faiss", lambda d, s, sh: seen.append(json.loads(out.read_text()))
+                        or {"status": "untested", "ok": True})
+    gpu_check.main(["--smoke", "--sections", "pil,faiss", "--out", str(out)])
+    assert list(seen[0]["sections"]) == ["pil"]  # on disk before the next section started
+    monkeypatch.setitem(gpu_check.SECTIONS, "sampling", lambda d, s, sh: {"ms_per_granularity_b32": 0.1,
+                                                                          "ms_per_granularity_b256": 0.2, "ok": True})
+    res = gpu_check.main(["--smoke", "--sections", "sampling,pil", "--budget", "0", "--out", str(out)])
+    assert list(res["sections"]) == ["pil", "faiss", "sampling"]  # the earlier call's sections kept
+    assert "skipped" in res["sections"]["sampling"] and res["sections"]["pil"]["images_per_s_per_core"] == 1.0
+    assert json.loads(out.read_text())["sections"]["faiss"]["status"] == "untested"
 
 
 def test_batch_larger_than_the_dataset_is_refused(tmp_path):

@@ -112,6 +112,47 @@ def test_port_in_use_for_rank_0_is_one_line(tmp_path):
     assert not dist_utils.is_dist()
 
 
+def test_multiprocessing_distributed_under_torchrun_is_refused_before_spawning(tmp_path, monkeypatch):
+    """Each of torchrun's processes would spawn one per GPU again (8 x 8 workers with overlapping ranks)."""
+    from pcl.launch import launch
+
+    spawned = []
+    monkeypatch.setattr(torch.multiprocessing, "start_processes", lambda *a, **k: spawned.append(a))
+    args = tiny_args(tmp_path / "exp", "--multiprocessing-distributed", "--nproc", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "1234")
+    with pytest.raises(PCLError, match="--multiprocessing-distributed under torchrun .*TORCHELASTIC_RUN_ID.*drop "
+                                       "--multiprocessing-distributed"):
+        launch(args, lambda a: None)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "8")  # torch.distributed.launch sets these two
+    with pytest.raises(PCLError, match="LOCAL_RANK, WORLD_SIZE set"):
+        launch(args, lambda a: None)
+    assert spawned == []
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_the_process_group_is_bound_to_the_gpu_on_cuda(tmp_path, monkeypatch, cuda):
+    """init_process_group(device_id=cuda:LOCAL_RANK): NCCL's communicator is set up on this GPU at once."""
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # init sets both: restored after the test
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.append(kw))
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    args = tiny_args(tmp_path / "exp", "--dist-url", "env://", "--world-size", "8", "--rank", "5", *SHORT)
+    device = dist_utils.init(args)
+    assert len(calls) == 1 and calls[0]["world_size"] == 8 and calls[0]["rank"] == 5
+    if cuda:
+        assert device == torch.device("cuda", 3) and calls[0]["device_id"] == device
+        assert calls[0]["backend"] == "nccl"
+    else:
+        assert device == torch.device("cpu") and "device_id" not in calls[0] and calls[0]["backend"] == "gloo"
+
+
 # 3. --num-cluster
 
 

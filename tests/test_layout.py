@@ -17,9 +17,9 @@ from conftest import ROOT
 LAYERS = {
     0: ["pcl"],
     1: ["pcl.distributed", "pcl.loss", "pcl.settings", "pcl.schedule", "pcl.data.transforms", "pcl.data.demo",
-        "pcl.data.registry"],
+        "pcl.data.registry", "pcl.data.unlabelled"],
     2: ["pcl.config", "pcl.model", "pcl.cluster", "pcl.log", "pcl.features", "pcl.data", "pcl.data.datasets",
-        "pcl.data.tensor_augment", "pcl.data.loaders", "pcl.data.pretrain", "pcl.data.labelled", "pcl.data.transfer"],
+        "pcl.data.tensor_augment", "pcl.data.device_input", "pcl.data.loaders", "pcl.data.pretrain", "pcl.data.labelled", "pcl.data.transfer"],
     3: ["pcl.gallery", "pcl.checkpoint", "pcl.evaluation"],
     4: ["pcl.preemption", "pcl.evaluation.common", "pcl.export"],
     5: ["pcl.estep", "pcl.resume", "pcl.evaluation.linear"],

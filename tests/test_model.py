@@ -166,6 +166,34 @@ def test_split_batchnorm_keeps_channels_last_and_matches_the_nchw_path(num_split
     assert torch.allclose(bn(x_cl), ref(x), atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_split_batchnorm_channels_last_statistics_are_float32_under_autocast(dtype):
+    """--amp fp16 --channels-last: activations of std ~300 (variance 9e4 > float16's 65504) normalise as in
+    float64, and the running variance stays finite (it became inf: the E-step's eval-mode BN then broke)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, bias=False).to(memory_format=torch.channels_last)
+    bn, ref = SplitBatchNorm(4, num_splits=2), SplitBatchNorm(4, num_splits=2).double()
+    images = torch.randn(8, 3, 7, 7).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        conv.weight.mul_(300 / conv.weight.flatten(1).norm(dim=1)[:, None, None, None])  # outputs of std ~300
+    with torch.autocast("cpu", dtype=dtype):
+        x = conv(images)
+    assert x.dtype == dtype and x.is_contiguous(memory_format=torch.channels_last) and x.float().std() > 200
+    x = x.detach().requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    out, want = bn(x), ref(x64)
+    assert out.dtype == dtype and torch.isfinite(bn.running_var).all() and torch.isfinite(out).all()
+    assert torch.allclose(bn.running_var.double(), ref.running_var, rtol=1e-3)
+    assert torch.allclose(bn.running_mean.double(), ref.running_mean, rtol=1e-3, atol=1e-2)
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3  # the output's own rounding: normalised values of a few units
+    assert (out.double() - want).abs().max() < tol
+    grad_out = torch.randn(want.shape, dtype=torch.float64)
+    (out.double() * grad_out).sum().backward()
+    (want * grad_out).sum().backward()
+    assert x.grad.dtype == dtype and torch.allclose(x.grad.double(), x64.grad, rtol=0.02, atol=1e-5)
+    assert torch.allclose(bn.weight.grad.double(), ref.weight.grad, rtol=1e-2, atol=1e-2)
+
+
 def test_split_batchnorm_momentum_none_is_a_cumulative_average_in_both_layouts():
     torch.manual_seed(0)
     xs = [torch.randn(8, 3, 2, 2) * (i + 1) + i for i in range(3)]

@@ -69,9 +69,9 @@ def test_a_resumed_run_marks_its_restart_in_log_txt_and_ends_with_where_its_weig
     purges = []
 
     class Recorded(RunLog):
-        def __init__(self, exp_dir, tensorboard=True, purge_step=None):
+        def __init__(self, exp_dir, tensorboard=True, purge_step=None, **sinks):
             purges.append(purge_step)
-            super().__init__(exp_dir, tensorboard, purge_step)
+            super().__init__(exp_dir, tensorboard, purge_step, **sinks)
 
     monkeypatch.setattr(pcl.engine, "RunLog", Recorded)
     fit(tiny_args(tmp_path, "--epochs", "1", "--warmup-epoch", "5"))
@@ -82,7 +82,7 @@ def test_a_resumed_run_marks_its_restart_in_log_txt_and_ends_with_where_its_weig
     assert "resumed_from" not in lines[0] and lines[1]["resumed_from"].endswith("checkpoint_0000.pth.tar")
     last = [m for m in (tmp_path / "train.log").read_text().splitlines() if "] finished" in m]
     assert len(last) == 2 and "checkpoint_0001.pth.tar holds the weights after epoch 1" in last[1]
-    assert "python eval_linear.py DIR --pretrained" in last[1]
+    assert "python eval_linear.py --dataset demo --demo-renders 1 --image-size 16 --pretrained" in last[1]
 
 
 def test_prototype_drift_is_the_nmi_between_consecutive_e_steps(tmp_path):

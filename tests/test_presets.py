@@ -21,7 +21,7 @@ def test_class_list_selects_and_orders_classes_the_same_in_every_split(tmp_path)
     root = image_folder(tmp_path / "data", ["n01", "n02", "n03", "n04"], per_class=2)
     (tmp_path / "list.txt").write_text("# two of four\nn03\n\nn01  # comment\n")
     args = parse_args(build_linear_parser(), [root, "--class-list", str(tmp_path / "list.txt"), "-b", "4",
-                                              "--workers", "0"])
+                                              "--workers", "0", "--image-size", "12"])
     data = build_labelled_data(data_settings(args.replace(dataset="imagefolder")))
     assert sorted(data.train_labels.tolist()) == [0, 0, 1, 1] and data.val_labels.tolist() == data.train_labels.tolist()
     folder = ListedImageFolder(os.path.join(root, "val"), read_class_list(str(tmp_path / "list.txt")))

@@ -10,7 +10,7 @@ Two input paths, one interface (loaders that yield ``(im_q, im_k, index)`` for t
 
 Modules: ``registry`` (the dataset table: every --dataset value and its facts), ``transforms`` (PIL pipelines),
 ``tensor_augment`` (batched), ``demo`` (the digits set), ``datasets``,
-``loaders`` (seeded, resumable), ``pretrain`` / ``labelled`` (what each side gets), ``transfer`` (VOC07,
+``loaders`` (seeded, resumable), ``device_input`` (the side-stream prefetch and ``--decode device``), ``pretrain`` / ``labelled`` (what each side gets), ``transfer`` (VOC07,
 Places205). The names below are the package's public ones.
 """
 
@@ -19,9 +19,10 @@ from pcl.data.datasets import (IDX_FILES, IndexedDataset, LabelledDataset, Liste
                                per_class_fraction, printable, read_class_list, read_idx, read_subset, write_idx)
 from pcl.data.demo import make_digits_demo, render_glyphs
 from pcl.data.labelled import LabelledData, build_labelled_data
-from pcl.data.loaders import (DeviceAugmentLoader, DeviceEvalLoader, EncodedPairs, FileLoader, ShardSampler,
-                              TensorEvalLoader, TensorLabelledLoader, TensorPairLoader, collate_encoded, decode_crops,
-                              epoch_seed, stream_seed)
+from pcl.data.device_input import (EncodedImages, EncodedPairs, SideStreamPrefetch, collate_encoded,
+                                    collate_encoded_images, decode_centre_crops, decode_crops)
+from pcl.data.loaders import (DeviceAugmentLoader, DeviceEvalLoader, FileLoader, ShardSampler, TensorEvalLoader,
+                              TensorLabelledLoader, TensorPairLoader, epoch_seed, stream_seed)
 from pcl.data.pretrain import PretrainData, build_pretrain_data
 from pcl.data.registry import DATASETS, DatasetSpec
 from pcl.data.tensor_augment import TensorAugment
@@ -33,8 +34,9 @@ __all__ = ["DATASETS", "DatasetSpec", "IDX_FILES", "IndexedDataset", "LabelledDa
            "Relabelled", "SafeImages", "check_expected", "data_settings", "file_sets", "image_folder", "load_image", "load_in_memory",
            "load_mnist_family", "per_class_fraction", "printable", "read_class_list", "read_idx", "read_subset",
            "write_idx", "make_digits_demo", "render_glyphs", "LabelledData", "build_labelled_data",
-           "DeviceAugmentLoader", "DeviceEvalLoader", "EncodedPairs", "FileLoader", "ShardSampler",
-           "TensorEvalLoader", "TensorLabelledLoader", "TensorPairLoader", "collate_encoded", "decode_crops",
+           "DeviceAugmentLoader", "DeviceEvalLoader", "EncodedImages", "EncodedPairs", "FileLoader", "ShardSampler",
+           "SideStreamPrefetch", "TensorEvalLoader", "TensorLabelledLoader", "TensorPairLoader", "collate_encoded",
+           "collate_encoded_images", "decode_centre_crops", "decode_crops",
            "epoch_seed", "stream_seed", "PretrainData", "build_pretrain_data", "TensorAugment", "PLACES_LAYOUT",
            "VOC_CLASSES", "VOC_LAYOUT", "VOC07", "Places205", "one_vs_rest", "MEAN", "STD", "GaussianBlur",
            "PretrainCropBoxes", "eval_crop_transform", "eval_transform", "linear_train_transform",

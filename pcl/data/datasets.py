@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from pcl import PCLError, distributed as dist_utils
 from pcl.data.demo import make_digits_demo
 from pcl.data.registry import DatasetSpec, spec
+from pcl.data.unlabelled import UnlabelledImages, folder_contents, images_under, training_folder
 from pcl.settings import DataSettings, DistSettings, cannot_read, read_text
 
 
@@ -162,6 +163,7 @@ class SafeImages(Dataset):
     def __init__(self, base: tvd.ImageFolder, policy: str = "fail") -> None:
         self.base, self.policy, self.skipped = base, policy, 0
         self.targets, self.classes, self.samples = base.targets, base.classes, base.samples
+        self.labelled = getattr(base, "labelled", True)
 
     def __len__(self) -> int:
         return len(self.base)
@@ -364,13 +366,42 @@ def _same_classes(train: Dataset, val: Dataset, root: str) -> None:
 
 def imagefolder_sets(s: DatasetSpec, cfg: DataSettings, labelled: bool) -> tuple[Dataset, Dataset | None]:
     """The table's reader of --dataset imagefolder: DIR/train/ and DIR/val/ (only the --class-list classes when
-    given, labelled alike in both). val/ is required for evaluation, optional for pretraining (the kNN monitor)."""
+    given, labelled alike in both). val/ is required for evaluation, optional for pretraining (the kNN monitor).
+    Pretraining also takes images without classes (:func:`unlabelled_set`)."""
+    unlabelled = unlabelled_set(cfg) if not labelled else None
+    if unlabelled is not None:
+        return unlabelled, None
+    if labelled and cfg.unlabelled:
+        raise PCLError("--unlabelled: this evaluation scores class labels; give it DIR/train/<class>/<image> and "
+                       "DIR/val/<class>/<image> without --unlabelled")
     classes = read_class_list(cfg.class_list) if cfg.class_list else None
     train, test = image_folder(cfg.data, s.train_split, cfg.bad_images, classes), None
     if labelled or os.path.isdir(os.path.join(cfg.data, s.test_split)):
         test = image_folder(cfg.data, s.test_split, cfg.bad_images, classes)
         _same_classes(train, test, cfg.data)
     return train, test
+
+
+def unlabelled_set(cfg: DataSettings) -> Dataset | None:
+    """Pretraining images without classes, or None when DIR is a labelled ImageFolder: a flat folder (image files
+    and no subfolders in DIR/train/, or in DIR when it has no train/), or with --unlabelled every image under that
+    folder, its subfolders carrying no class. Unreadable files as --bad-images says (:class:`SafeImages`)."""
+    if cfg.data is None or not os.path.isdir(cfg.data):
+        return None
+    folder = training_folder(cfg.data)
+    try:
+        images, folders = folder_contents(folder)
+    except OSError as e:
+        raise cannot_read(printable(folder), e) from None
+    if cfg.unlabelled:
+        _scan_class_folder(folder)  # unreadable folders and symlink loops: one line naming them
+        images = images_under(folder)
+    elif folders or not images:
+        return None
+    if cfg.class_list:
+        raise PCLError(f"--class-list {cfg.class_list} selects class folders, and the images in {folder} have no "
+                       f"classes; drop --class-list")
+    return SafeImages(UnlabelledImages(folder, images, load_image), cfg.bad_images)
 
 
 def torchvision_sets(s: DatasetSpec, cfg: DataSettings, labelled: bool) -> tuple[Dataset, Dataset]:

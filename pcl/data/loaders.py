@@ -4,20 +4,17 @@ decoded there too), and the seed of every (run, epoch, rank) stream."""
 
 from __future__ import annotations
 
-import io
+import logging
 import math
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import torch
-import torchvision.transforms.v2.functional as F2
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from pcl import PCLError, distributed as dist_utils
-from pcl.data.datasets import open_regular
+from pcl.data.device_input import SideStreamPrefetch, check_torchvision, decode_centre_crops, decode_crops
 from pcl.data.tensor_augment import TensorAugment
-from pcl.data.transforms import MEAN, STD, PretrainCropBoxes
+from pcl.data.transforms import MEAN, STD
 
 
 SEED_RANGE = 2 ** 63  # every derived seed is taken modulo this: torch.Generator.manual_seed's signed 64 bits
@@ -140,111 +137,7 @@ class _SkipSampler(Sampler[int]):
 
 
 DEVICE_AUG_OFFSET = 3  # epoch_seed offset of DeviceAugmentLoader's stream (TensorLabelledLoader's is 7)
-
-DEVICE_JPEG = {"JPEG", "MPO"}  # PIL's names of files decode_jpeg reads (MPO: a camera JPEG; its first frame)
-DEVICE_JPEG_MODES = {"RGB", "L"}  # colour JPEGs and grey ones (decoded to 3 equal channels, as PIL's convert)
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # as SafeImages catches them
-
-
-class EncodedPairs(Dataset):
-    """``--decode device``: the workers' side of the two-crop pretraining set of an image-file dataset (a
-    ``SafeImages`` ImageFolder: ``.samples`` gives each file). Item ``index`` is (payload, boxes, index), boxes
-    int64 2 x 5: (top, left, height, width, flip) of the two views, drawn by :class:`PretrainCropBoxes` (the
-    official crop, then flip, per view: the boxes ``pretrain_crop_transform`` takes for the worker's RNG state).
-
-    The payload of an RGB or grey JPEG is the file's bytes (uint8, 1-D, undecoded: ``PIL.Image.open`` reads only
-    the header, for the size and mode), decoded, cropped and resized on the device (:func:`decode_crops`). Any other
-    file (PNG, CMYK/YCCK JPEG, one whose header PIL cannot read) is decoded here by the base dataset (its
-    ``--bad-images`` policy included) and both crops taken here with the same draws: payload uint8 2 x 3 x S x S,
-    exactly what ``--decode cpu`` gives for that file."""
-
-    def __init__(self, base: Dataset, boxes: PretrainCropBoxes) -> None:
-        self.base, self.boxes = base, boxes
-        self.samples = base.samples  # type: ignore[attr-defined]
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def _jpeg(self, index: int) -> tuple[bytes, int, int] | None:
-        """The file's bytes and (width, height) when the device can decode it, else None."""
-        try:
-            with open_regular(self.samples[index][0]) as f:  # a FIFO named .JPEG: an error, not a blocked read
-                data = f.read()
-            with Image.open(io.BytesIO(data)) as img:  # the header only: nothing decoded
-                if img.format not in DEVICE_JPEG or img.mode not in DEVICE_JPEG_MODES:
-                    return None
-                width, height = img.size
-        except _DECODE_ERRORS:
-            return None  # the base dataset reads it again and applies --bad-images
-        return data, width, height
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        jpeg = self._jpeg(index)
-        if jpeg is None:
-            img = self.base[index][0]  # RGB PIL image, decoded here
-            boxes = [self.boxes(*img.size) for _ in range(2)]  # view 1's crop and flip, then view 2's
-            crops = torch.stack([self.boxes.apply(img, box) for box in boxes])  # uint8 2 x 3 x S x S
-            return crops, torch.tensor(boxes, dtype=torch.long), index
-        data, width, height = jpeg
-        boxes = [self.boxes(width, height) for _ in range(2)]
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8), torch.tensor(boxes, dtype=torch.long), index
-
-
-def collate_encoded(batch: list[tuple[torch.Tensor, torch.Tensor, int]]
-                    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """:class:`EncodedPairs` items as one batch: the payloads as a list (JPEG byte strings differ in length),
-    boxes int64 B x 2 x 5, index int64 B."""
-    return ([item[0] for item in batch], torch.stack([item[1] for item in batch]),
-            torch.tensor([item[2] for item in batch], dtype=torch.long))
-
-
-def _decode_jpegs(data: list[torch.Tensor], device: torch.device, names: Sequence[str] | None
-                  ) -> list[torch.Tensor]:
-    """decode_jpeg on a list of byte tensors (CPU tensors, decoded on ``device``: nvJPEG, batched, on CUDA) as RGB:
-    uint8 3 x H x W each. A file that fails is one PCLError naming it (found by decoding one at a time).
-
-    On CUDA the caller's stream is synchronised first: the CUDA decoder takes its outputs from the caching allocator
-    on the caller's stream but writes them from another one without waiting, so it can overwrite memory that queued
-    kernels still read (pytorch/vision PR 9606; torchcodec PR 1634 adds the same wait). The decode host-synchronises
-    its own stream anyway, so this only moves the wait earlier, past the previous step's queued kernels."""
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
-    try:
-        out = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:  # find the file; when each decodes alone, the batch is decoded one by one
-        out = []
-        for k, one in enumerate(data):
-            try:
-                out.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError as e:
-                name = names[k] if names is not None else f"JPEG {k} of the batch"
-                raise PCLError(f"cannot decode {name} on {device} ({str(e)[:120]}); fix or remove it, or pass "
-                               "--decode cpu (--bad-images skip covers only files that fail in the workers)") from None
-    return list(out) if isinstance(out, torch.Tensor) else out
-
-
-def decode_crops(payloads: Sequence[torch.Tensor], boxes: torch.Tensor, size: int, device: torch.device | str,
-                 names: Sequence[str] | None = None) -> torch.Tensor:
-    """The two views of a :func:`collate_encoded` batch on ``device``: uint8 2B x 3 x size x size, the B first
-    views then the B second ones (the layout :class:`DeviceAugmentLoader` augments).
-
-    JPEG payloads (1-D bytes) are decoded in one ``decode_jpeg`` call, then per view the box is cropped, resized
-    to size x size (torchvision's antialiased bilinear on the uint8 tensor: on the CPU its uint8 kernel, within
-    1/255 of PIL's resize; on CUDA in float, rounded) and flipped. Payloads the workers decoded (2 x 3 x S x S)
-    are copied as they are. ``names`` (one per payload) name a file that cannot be decoded."""
-    device = torch.device(device)
-    jpeg = [k for k, p in enumerate(payloads) if p.dim() == 1]
-    images = dict(zip(jpeg, _decode_jpegs([payloads[k] for k in jpeg], device,
-                                          [names[k] for k in jpeg] if names is not None else None))) if jpeg else {}
-    crops = torch.empty(2, len(payloads), 3, size, size, dtype=torch.uint8, device=device)  # view x B x 3 x S x S
-    for b, box_pair in enumerate(boxes.tolist()):  # B x 2 x 5 on the CPU: no device syncs
-        if b not in images:
-            crops[:, b] = payloads[b].to(device, non_blocking=True)  # cropped in the worker
-            continue
-        for v, (i, j, h, w, flip) in enumerate(box_pair):
-            crop = F2.resized_crop(images[b], i, j, h, w, [size, size], antialias=True)  # uint8 3 x S x S
-            crops[v, b] = crop.flip(-1) if flip else crop
-    return crops.flatten(0, 1)
+logger = logging.getLogger("pcl")
 
 
 class DeviceAugmentLoader:
@@ -257,48 +150,103 @@ class DeviceAugmentLoader:
 
     With ``decode_size`` (``--decode device``) the inner loader's dataset is an :class:`EncodedPairs` collated by
     :func:`collate_encoded`: its batches are JPEG bytes and crop boxes, decoded, cropped and resized to
-    ``decode_size`` on ``device`` (:func:`decode_crops`) before the same augmentation.
+    ``decode_size`` on ``device`` (:func:`decode_crops`) before the same augmentation. A file the device decoder
+    refuses is decoded on the host with the same boxes (:meth:`EncodedPairs.host_crops`: ``--bad-images``
+    applies), counted in ``host_decoded`` and logged once per epoch.
 
-    ``state_dict`` is the inner loader's plus the generator's state, so a mid-epoch resume continues the device
+    All of it runs in a :class:`SideStreamPrefetch` thread (on CUDA on a side stream), two batches ahead: the
+    training thread only waits for a batch that is not ready yet (what ``InputClock`` counts as input wait), never
+    for the GPU to finish its step. ``state_dict`` is the inner loader's position plus the generator's state after
+    the last batch the training loop took (not the prefetched ones), so a mid-epoch resume continues the device
     draws exactly (the workers' crops, as with ``FileLoader``, are not replayed; at an epoch start both are).
     """
 
     def __init__(self, inner: FileLoader, augment: TensorAugment, device: torch.device | str, seed: int,
                  decode_size: int | None = None) -> None:
+        if decode_size is not None:
+            check_torchvision()
         self.inner, self.augment, self.device, self.seed = inner, augment, torch.device(device), seed
         self.decode_size = decode_size
         self.generator = torch.Generator(device=self.device)
+        self.host_decoded: list[str] = []  # this epoch's files the device decoder refused
+        self._taken: dict[str, Any] | None = None  # the state after the last batch the consumer took
+        self._prefetch: SideStreamPrefetch | None = None
         self.set_epoch(0)
 
+    def _stop_prefetch(self) -> None:
+        """Stop a pass still prefetching (an iteration left early) before the position or the draws change."""
+        if self._prefetch is not None:
+            self._prefetch.close()
+            self._prefetch = None
+
     def set_epoch(self, epoch: int) -> None:
+        self._stop_prefetch()
         self.inner.set_epoch(epoch)
         self.generator.manual_seed(epoch_seed(self.seed, epoch, self.inner.rank, DEVICE_AUG_OFFSET))
+        self._taken, self.epoch = None, epoch
 
     def state_dict(self) -> dict[str, Any]:
+        if self._taken is not None:
+            return dict(self._taken)
         return {**self.inner.state_dict(), "device_aug_gen": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue mid-epoch (call after ``set_epoch``); a state saved without ``--augment device`` positions the
         sample order only."""
+        self._stop_prefetch()
         self.inner.load_state_dict(state)
         if "device_aug_gen" in state:
             self.generator.set_state(state["device_aug_gen"])
+        self._taken = None
 
     def __len__(self) -> int:
         return len(self.inner)
 
+    def _views(self, first: Any, second: Any, index: torch.Tensor) -> torch.Tensor:
+        """Both views of a worker batch on the device, uint8 2B x 3 x S x S (decoded there with --decode device)."""
+        if self.decode_size is None:  # first, second: uint8 B x 3 x S x S crops
+            return torch.cat([first.to(self.device, non_blocking=True), second.to(self.device, non_blocking=True)])
+        pairs = self.inner.loader.dataset  # first: B payloads, second: boxes B x 2 x 5
+
+        def host(b: int) -> torch.Tensor:
+            self.host_decoded.append(pairs.samples[int(index[b])][0])
+            return pairs.host_crops(int(index[b]), second[b])
+
+        return decode_crops(first, second, self.decode_size, self.device, host=host)
+
+    def _prepare(self, batch: tuple) -> tuple:
+        """One worker batch made ready (in the prefetch thread): (im_q, im_k, index on the device, the state after)."""
+        first, second, index = batch
+        b = len(index)
+        out = self.augment(self._views(first, second, index), self.generator)  # float 2B x 3 x S x S, normalised
+        state = {**self.inner.state_dict(), "device_aug_gen": self.generator.get_state()}
+        return out[:b], out[b:], torch.as_tensor(index).to(self.device, non_blocking=True), state
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        for first, second, index in self.inner:
-            b = len(index)
-            if self.decode_size is None:  # first, second: uint8 B x 3 x S x S crops
-                views = torch.cat([first.to(self.device, non_blocking=True),
-                                   second.to(self.device, non_blocking=True)])  # uint8 2B x 3 x S x S
-            else:  # first: B payloads, second: boxes B x 2 x 5
-                samples = self.inner.loader.dataset.samples
-                views = decode_crops(first, second, self.decode_size, self.device,
-                                     [samples[int(k)][0] for k in index])
-            out = self.augment(views, self.generator)  # float 2B x 3 x S x S, normalised
-            yield out[:b], out[b:], torch.as_tensor(index).to(self.device, non_blocking=True)
+        self._stop_prefetch()
+        self.host_decoded = []
+        batches = iter(self.inner)
+        first = next(batches, None)  # the workers start here, in the caller's thread
+        if first is None:
+            return
+        self._prefetch = prefetch = SideStreamPrefetch(self._prepare, _chain(first, batches), self.device)
+        try:
+            for im_q, im_k, index, state in prefetch:
+                self._taken = state
+                yield im_q, im_k, index
+            self._taken = None  # the epoch is over: the inner loader's position is back at its start
+        finally:
+            prefetch.close()
+            if self._prefetch is prefetch:
+                self._prefetch = None
+        if self.host_decoded:
+            logger.warning("--decode device: %d files of epoch %d were decoded on the host (the device decoder "
+                           "refused them), e.g. %s", len(self.host_decoded), self.epoch, self.host_decoded[0])
+
+
+def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest
 
 
 class NormalisedImages(Dataset):
@@ -317,6 +265,21 @@ class NormalisedImages(Dataset):
         return ((image.float() / 255.0 - self.mean) / self.std, *rest)
 
 
+class _HostCrops(Dataset):
+    """(uint8 centre crop decoded on the host, index) of each item of ``items`` (an :class:`EncodedImages` or a
+    Subset of one, ``encoded``): what the gallery shows of a ``--decode device`` feature pass."""
+
+    def __init__(self, items: Dataset, encoded: Any) -> None:
+        self.items, self.encoded = items, encoded
+
+    def __len__(self) -> int:
+        return len(self.items)  # type: ignore[arg-type]
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
+        index = int(self.items[position][1])
+        return self.encoded.host_crop(index), index
+
+
 class _DatasetView:
     """Stands in for a DataLoader where only its ``dataset`` is read."""
 
@@ -327,13 +290,21 @@ class _DatasetView:
 class DeviceEvalLoader:
     """``--augment device``'s feature pass: a :class:`FileLoader` of uint8 center crops (``eval_crop_transform``)
     copied as uint8 and normalised on ``device``. Yields (images B x 3 x S x S float on ``device``, index on
-    ``device``) in the inner loader's order. ``.loader.dataset`` gives normalised single images (the gallery)."""
+    ``device``) in the inner loader's order. ``.loader.dataset`` gives normalised single images (the gallery).
 
-    def __init__(self, inner: FileLoader, device: torch.device | str) -> None:
-        self.inner, self.device = inner, torch.device(device)
+    With ``decode_size`` (``--decode device``) the inner loader's dataset is an :class:`EncodedImages` collated by
+    :func:`collate_encoded_images`: JPEG bytes, decoded, resized and centre-cropped on ``device``
+    (:func:`decode_centre_crops`) in a prefetch thread on a side stream (:class:`SideStreamPrefetch`)."""
+
+    def __init__(self, inner: FileLoader, device: torch.device | str, decode_size: int | None = None) -> None:
+        self.inner, self.device, self.decode_size = inner, torch.device(device), decode_size
         self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
-        self.loader = _DatasetView(NormalisedImages(inner.loader.dataset))
+        dataset = inner.loader.dataset
+        if decode_size is not None:  # the gallery's single images: the same crops, decoded on the host
+            self.encoded = getattr(dataset, "dataset", dataset)  # an EncodedImages, or a Subset of one
+            dataset = _HostCrops(dataset, self.encoded)
+        self.loader = _DatasetView(NormalisedImages(dataset))
 
     def set_epoch(self, epoch: int) -> None:
         self.inner.set_epoch(epoch)
@@ -341,10 +312,25 @@ class DeviceEvalLoader:
     def __len__(self) -> int:
         return len(self.inner)
 
+    def _prepare(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        payloads, index = batch
+        if self.decode_size is None:
+            images = payloads.to(self.device, non_blocking=True)  # uint8 B x 3 x S x S
+        else:
+            images = decode_centre_crops(payloads, self.decode_size, self.device,
+                                         lambda b: self.encoded.host_crop(int(index[b])))
+        x = images.float() / 255.0
+        return (x - self.mean) / self.std, torch.as_tensor(index).to(self.device, non_blocking=True)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, index in self.inner:
-            x = images.to(self.device, non_blocking=True).float() / 255.0  # B x 3 x S x S
-            yield (x - self.mean) / self.std, torch.as_tensor(index).to(self.device, non_blocking=True)
+        if self.decode_size is None:
+            yield from map(self._prepare, self.inner)
+            return
+        prefetch = SideStreamPrefetch(self._prepare, self.inner, self.device)
+        try:
+            yield from prefetch
+        finally:
+            prefetch.close()
 
 
 class TensorPairLoader:

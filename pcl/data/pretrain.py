@@ -12,8 +12,8 @@ from torch.utils.data import Subset
 
 from pcl import PCLError, distributed as dist_utils
 from pcl.data.datasets import IndexedDataset, check_expected, data_root, file_sets, load_in_memory, sample_fingerprint
-from pcl.data.loaders import (DeviceAugmentLoader, DeviceEvalLoader, EncodedPairs, FileLoader, TensorEvalLoader,
-                              TensorPairLoader, collate_encoded)
+from pcl.data.device_input import EncodedImages, EncodedPairs, collate_encoded, collate_encoded_images
+from pcl.data.loaders import DeviceAugmentLoader, DeviceEvalLoader, FileLoader, TensorEvalLoader, TensorPairLoader
 from pcl.data.registry import spec
 from pcl.data.tensor_augment import TensorAugment
 from pcl.settings import DataSettings
@@ -28,6 +28,7 @@ class PretrainData:
     num_samples: int
     knn: tuple[Any, torch.Tensor, Any, torch.Tensor] | None = None  # bank loader, labels, test loader, labels
     subset_loader: Callable[[torch.Tensor], Any] | None = None  # indices -> eval_loader over those samples only
+    labelled: bool = True  # False: a folder of images without classes (flat, or --unlabelled)
     fingerprint: str = ""  # the sample list's hash (datasets.sample_fingerprint), with more than one process
 
 
@@ -76,6 +77,7 @@ def build_pretrain_data(cfg: DataSettings, device: torch.device | None = None, k
     if len(base_train) == 0:
         raise PCLError(f"the training set in {cfg.data} is empty")
     check_expected(cfg, len(base_train), len(getattr(base_train, "classes", [])) or None)
+    labelled = getattr(base_train, "labelled", True)
     train_set = IndexedDataset(base_train, pretrain_transform(cfg.aug_plus, size, cfg.crop_min_scale), two_crops=True)
     eval_set = IndexedDataset(base_train, eval_transform(size))
     def make(ds: Any, bs: int, train: bool, pinned: bool | None = None, collate_fn: Any = None) -> FileLoader:
@@ -87,6 +89,8 @@ def build_pretrain_data(cfg: DataSettings, device: torch.device | None = None, k
     if base_test is not None and dataset.pretrain_labelled:  # the monitor's bank is the (labelled) training split
         test_set = IndexedDataset(base_test, eval_transform(size))
         knn = (make(eval_set, eval_bs, False), eval_set.targets, make(test_set, eval_bs, False), test_set.targets)
+    elif knn_wanted and not labelled:
+        logging.getLogger("pcl").info("no kNN/NMI report: the images in %s have no classes", cfg.data)
     elif knn_wanted:
         why = (f"{dataset.title}'s pretraining split is unlabeled" if not dataset.pretrain_labelled
                else f"{os.path.join(cfg.data, dataset.test_split)} does not exist")
@@ -105,13 +109,18 @@ def build_pretrain_data(cfg: DataSettings, device: torch.device | None = None, k
         else:
             crops = IndexedDataset(base_train, pretrain_crop_transform(size, cfg.crop_min_scale), two_crops=True)
             train = DeviceAugmentLoader(make(crops, batch, True), augment, device, cfg.seed)
-        centre_set = IndexedDataset(base_train, eval_crop_transform(size))
-        return PretrainData(train, DeviceEvalLoader(make(centre_set, eval_bs, False), device), len(base_train), knn,
-                            lambda idx: DeviceEvalLoader(make(Subset(centre_set, idx.tolist()), eval_bs, False), device),
-                            fingerprint=_fingerprint(base_train))
+        if decode == "device":  # the E-step's centre crops decoded on the device too
+            centre_set, decode_size = EncodedImages(base_train, eval_crop_transform(size)), size
+            centre = lambda ds: make(ds, eval_bs, False, pinned=False, collate_fn=collate_encoded_images)  # noqa: E731
+        else:
+            centre_set, decode_size = IndexedDataset(base_train, eval_crop_transform(size)), None
+            centre = lambda ds: make(ds, eval_bs, False)  # noqa: E731
+        return PretrainData(train, DeviceEvalLoader(centre(centre_set), device, decode_size), len(base_train), knn,
+                            lambda idx: DeviceEvalLoader(centre(Subset(centre_set, idx.tolist())), device,
+                                                         decode_size), labelled, _fingerprint(base_train))
     return PretrainData(make(train_set, batch, True), make(eval_set, eval_bs, False), len(base_train), knn,
-                        lambda idx: make(Subset(eval_set, idx.tolist()), eval_bs, False),
-                        fingerprint=_fingerprint(base_train))
+                        lambda idx: make(Subset(eval_set, idx.tolist()), eval_bs, False), labelled,
+                        _fingerprint(base_train))
 
 
 def _fingerprint(train: Any) -> str:

@@ -73,7 +73,7 @@ class TensorAugment:
         return (x - c["mean"]) / c["std"]
 
 
-# --- RandomResizedCrop + flip, batched: torchvision's box distribution, PIL's bilinear resampling ---------------------
+# --- RandomResizedCrop + flip, batched: torchvision's box distribution, PIL's bilinear resampling -----------------
 
 PIL_PRECISION_BITS = 22  # PIL's fixed-point resampling coefficients for 8-bit images (32 - 8 - 2 bits)
 
@@ -179,7 +179,7 @@ def random_resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: int, fl
     return out.to(torch.uint8)
 
 
-# --- the blur: PIL's ImageFilter.GaussianBlur, batched ------------------------------------------------------------------
+# --- the blur: PIL's ImageFilter.GaussianBlur, batched ------------------------------------------------------------
 
 
 def pil_box_radius(sigma: torch.Tensor, passes: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -240,7 +240,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float = BLUR_
     return (y.transpose(2, 3) / 255.0).to(x.dtype)
 
 
-# --- torchvision's colour ops, batched ---------------------------------------------------------------------------------
+# --- torchvision's colour ops, batched ----------------------------------------------------------------------------
 # Each is torchvision.transforms.functional's tensor op on float B x 3 x H x W in [0, 1] with per-sample parameters (B
 # tensors). On uint8 torchvision truncates after every op; these stay in float (so they agree with it within 1/255
 # per op, and with torchvision on float tensors to float rounding).

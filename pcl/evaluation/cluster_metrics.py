@@ -21,7 +21,7 @@ import sys
 from typing import Any
 
 from pcl.config import RunConfig, parse_num_cluster
-from pcl.evaluation.common import labelled_features, resolve_eval_dataset
+from pcl.evaluation.common import follow_checkpoint, labelled_features, resolve_eval_dataset
 from pcl.features import AMI_MAX_SAMPLES, cluster_accuracy, clustering_scores
 
 __all__ = ["build_parser", "run", "AMI_MAX_SAMPLES", "cluster_accuracy", "clustering_scores"]
@@ -46,6 +46,7 @@ def run(args: Any) -> dict[str, Any]:
 
     cfg = RunConfig.of(args)
     setup_logging(cfg.exp_dir, cfg.debug)
+    cfg = follow_checkpoint(cfg)
     feats, labels, _, _ = labelled_features(cfg.replace(dataset=resolve_eval_dataset(cfg)), splits=("train",))
     ks = list(parse_num_cluster(cfg.num_cluster)) if cfg.num_cluster else [int(labels.max()) + 1]
     result = run_kmeans(feats, ks, 0.2, seed=0, niter=cfg.kmeans_niter, nredo=cfg.kmeans_nredo,

@@ -25,6 +25,47 @@ def resolve_eval_dataset(args: RunConfig) -> str:
     return resolve_auto(args.dataset, args.data, "ImageFolder with train/ and val/")
 
 
+# what an evaluation uses when neither the command line nor the checkpoint says (an official checkpoint records its
+# arch only; ImageNet at 224 px, torchvision's ResNet)
+EVAL_DEFAULTS = {"arch": "resnet50", "width": 64, "stem": "standard", "image_size": 224}
+FLAGS = {"arch": "-a", "width": "--width", "stem": "--stem", "image_size": "--image-size"}
+
+
+def checkpoint_settings(path: str) -> dict[str, Any]:
+    """What checkpoint ``path`` records of the backbone and its input: arch, width, stem, image size (None where
+    it records nothing: official checkpoints hold only their arch). Ours keep the run's flags in ``args``, the
+    backbone in ``model_config``; the linear / fine-tuning heads of the evaluations keep theirs in ``model_config``."""
+    ckpt = ckpt_io.load_checkpoint(path)
+    config, args = ckpt.get("model_config") or {}, ckpt.get("args") or {}
+    if not isinstance(config, dict) or not isinstance(args, dict):
+        return {"arch": ckpt.get("arch")}
+    stored = {"arch": ckpt.get("arch"), **{k: config.get(k, args.get(k)) for k in ("width", "stem", "image_size")}}
+    return {k: v for k, v in stored.items() if v is not None}
+
+
+def follow_checkpoint(args: RunConfig, path: str | None = None) -> RunConfig:
+    """The evaluation's -a/--width/--stem/--image-size: each one not given (None) is the checkpoint's (``path``,
+    default --pretrained), else :data:`EVAL_DEFAULTS`. A 32 px checkpoint is then evaluated at 32 px, not at 224
+    (another number, and far slower). A given image size that differs from the checkpoint's is evaluated, with one
+    warning naming both; a given architecture setting that differs is an error (its weights cannot load)."""
+    path = path if path is not None else args.pretrained
+    stored = checkpoint_settings(path) if path else {}
+    resolved = {}
+    for key, default in EVAL_DEFAULTS.items():
+        given, saved = args.get(key), stored.get(key)
+        resolved[key] = given if given is not None else saved if saved is not None else default
+        if given is None or saved is None or given == saved:
+            continue
+        if key == "image_size":
+            logger.warning("--image-size %d differs from the %d px that %s was trained at: evaluating at %d px (drop "
+                           "--image-size to use the checkpoint's)", given, saved, path, given)
+            continue
+        trained = " ".join(f"{FLAGS[k]} {stored[k]}" for k in ("arch", "width", "stem") if k in stored)
+        raise PCLError(f"checkpoint {path} does not fit architecture '{resolved['arch']}' ({FLAGS[key]} {given}): it "
+                       f"was trained with {trained}; drop {FLAGS[key]} (the evaluations take the checkpoint's)")
+    return args.replace(**resolved)
+
+
 def eval_backbone(args: RunConfig, device: torch.device | str = "cpu") -> nn.Module:
     """The frozen backbone an evaluation measures, in eval mode on ``device``: the query encoder of --pretrained
     (ours or official; -a/--width/--stem default to the checkpoint's and must match it when given), or with no

@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from pcl.config import RunConfig, parse_list
-from pcl.evaluation.common import labelled_features, resolve_eval_dataset
+from pcl.evaluation.common import follow_checkpoint, labelled_features, resolve_eval_dataset
 from pcl.features import extract_features, knn_accuracy, knn_predict
 
 __all__ = ["build_parser", "run", "extract_features", "knn_accuracy", "knn_predict"]
@@ -34,6 +34,7 @@ def run(args: Any) -> dict[int, float]:
 
     cfg = RunConfig.of(args)
     setup_logging(cfg.exp_dir, cfg.debug)
+    cfg = follow_checkpoint(cfg)
     ks = parse_list(cfg.knn_k, "--knn-k", int, "10,20,200", lambda k: k >= 1, " is malformed: every k must be >= 1")
     train, train_labels, val, val_labels = labelled_features(cfg.replace(dataset=resolve_eval_dataset(cfg)))
     n = train.shape[0]

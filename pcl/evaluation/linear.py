@@ -28,7 +28,7 @@ from tqdm import tqdm
 from pcl import PCLError, checkpoint as ckpt_io, distributed as dist_utils
 from pcl.config import RunConfig
 from pcl.data import LabelledData, build_labelled_data, data_settings
-from pcl.evaluation.common import LossGuard, eval_backbone, prepare_eval, resolve_eval_dataset
+from pcl.evaluation.common import LossGuard, eval_backbone, follow_checkpoint, prepare_eval, resolve_eval_dataset
 from pcl.features import extract_features
 from pcl.log import AverageMeter, RunLog
 from pcl.model import unwrap
@@ -146,7 +146,8 @@ def validate(model: nn.Module, loader, device: torch.device, progress: bool = Fa
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None, epoch: int, cfg: RunConfig, best: float,
            num_classes: int, **extra: Any) -> dict[str, Any]:
-    return ckpt_io.checkpoint_state(model, epoch + 1, cfg.arch, optimizer, {"width": cfg.width, "stem": cfg.stem},
+    return ckpt_io.checkpoint_state(model, epoch + 1, cfg.arch, optimizer,
+                                    {"width": cfg.width, "stem": cfg.stem, "image_size": cfg.image_size},
                                     best_acc1=best, num_classes=num_classes, pretrained=cfg.pretrained, **extra)
 
 
@@ -220,6 +221,7 @@ def fit_linear(args: Any) -> dict[str, Any]:
         cfg = resume_settings(cfg)
     elif cfg.start_epoch >= cfg.epochs and not cfg.evaluate:
         raise PCLError(f"--start-epoch {cfg.start_epoch} is not below --epochs {cfg.epochs}: nothing to train")
+    cfg = follow_checkpoint(cfg, cfg.pretrained or cfg.resume)
     eval_backbone(cfg)  # cheap input first: a bad --pretrained fails before the dataset is scanned
     torch.manual_seed(cfg.seed)
     data = build_labelled_data(data_settings(cfg))

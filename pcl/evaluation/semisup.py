@@ -27,7 +27,7 @@ from pcl import PCLError, checkpoint as ckpt_io, distributed as dist_utils
 from pcl.data import build_labelled_data, data_settings, per_class_fraction, read_subset
 from pcl.data.registry import spec
 from pcl.config import RunConfig
-from pcl.evaluation.common import eval_backbone, prepare_eval, resolve_eval_dataset
+from pcl.evaluation.common import eval_backbone, follow_checkpoint, prepare_eval, resolve_eval_dataset
 from pcl.evaluation.linear import backbone_settings, build_probe, train_epoch, validate
 from pcl.log import RunLog
 from pcl.model import unwrap
@@ -73,6 +73,7 @@ def fit_semisup(args: Any) -> dict[str, Any]:
     cfg = cfg.replace(dataset=resolve_eval_dataset(cfg), lr=cfg.lr if cfg.lr is not None else lr,
                       lr_last_layer=cfg.lr_last_layer if cfg.lr_last_layer is not None else lr_head)
     device = prepare_eval(cfg)
+    cfg = follow_checkpoint(cfg)
     eval_backbone(cfg)  # cheap input first
     torch.manual_seed(cfg.seed)
     data = build_labelled_data(data_settings(cfg), _subset_picker(cfg))
@@ -118,7 +119,8 @@ def _finetune(model: nn.Module, data: Any, args: RunConfig, device: torch.device
             logger.info("fine-tune epoch %d: %s", epoch, " ".join(f"{k}={v:.4g}" for k, v in stats.items() if k != "epoch"))
             if dist_utils.is_main():
                 state = ckpt_io.checkpoint_state(model, epoch + 1, args.arch, optimizer,
-                                                 {"width": args.width, "stem": args.stem}, best=best)
+                                                 {"width": args.width, "stem": args.stem, "image_size": args.image_size},
+                                                 best=best)
                 ckpt_io.save_checkpoint(state, os.path.join(args.exp_dir, f"semisup_{args.labels_perc}pct.pth.tar"),
                                         last=None)
     finally:

@@ -31,7 +31,7 @@ from pcl.settings import DistSettings
 from pcl.data.datasets import data_settings
 from pcl.data.registry import spec
 from pcl.data.transfer import svm_loader, svm_sets
-from pcl.evaluation.common import eval_backbone
+from pcl.evaluation.common import eval_backbone, follow_checkpoint
 from pcl.features import extract_features
 from pcl.log import setup_logging, write_atomic, write_json
 
@@ -159,6 +159,7 @@ def run_svm(args: Any) -> dict[str, Any]:
     costs = parse_list(args.cost, "--cost", float, "0.5,1.0", **positive)
     shots = parse_list(args.shots, "--shots", int, "1,2,4,8,16", **positive) if args.low_shot else []
     device = dist_utils.init(DistSettings.of(args))
+    args = follow_checkpoint(RunConfig.of(args))
     start = time.perf_counter()
     backbone = eval_backbone(args, device)  # cheap input first: a bad --pretrained fails before the data is read
     args = RunConfig.of(args).replace(arch=backbone.arch)
@@ -204,9 +205,11 @@ def run_svm(args: Any) -> dict[str, Any]:
     table = results_table(results)
     if dist_utils.is_main():
         os.makedirs(args.exp_dir, exist_ok=True)
-        write_json(os.path.join(args.exp_dir, f"svm_{args.dataset}.json"), results)
-        write_atomic(os.path.join(args.exp_dir, f"svm_{args.dataset}.md"), lambda f: f.write(table + "\n"))
+        paths = [os.path.join(args.exp_dir, f"svm_{args.dataset}.{ext}") for ext in ("md", "json")]
+        write_json(paths[1], results)
+        write_atomic(paths[0], lambda f: f.write(table + "\n"))
         print(table)
+        print(f"wrote {paths[0]} (this table) and {paths[1]} (every run and cost)")
     return results
 
 

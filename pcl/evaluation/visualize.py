@@ -32,7 +32,7 @@ import torch
 from pcl import PCLError, distributed as dist_utils
 from pcl.config import RunConfig, parse_list, parse_num_cluster
 from pcl.settings import DistSettings
-from pcl.evaluation.common import eval_backbone, resolve_eval_dataset
+from pcl.evaluation.common import eval_backbone, follow_checkpoint, resolve_eval_dataset
 from pcl.features import extract_features
 from pcl.gallery import GalleryRow, display_images, gallery_rows, render_gallery, render_grid
 from pcl.log import write_atomic, write_json
@@ -41,9 +41,10 @@ logger = logging.getLogger("pcl")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pcl.config import eval_command_parser
+    from pcl.config import add_unlabelled_flag, eval_command_parser
 
     p = eval_command_parser("Prototype galleries, t-SNE and retrieval grids of a checkpoint (PNGs)", spawns=False)
+    add_unlabelled_flag(p)
     p.add_argument("--num-cluster", default="", type=str,
                    help="k of a fresh k-means for the galleries (comma-separated); default: the checkpoint's own "
                         "E-step result for this set, else the number of classes, else 10")
@@ -277,6 +278,7 @@ def run(args: RunConfig) -> dict[str, Any]:
     args = args.replace(dataset=resolve_eval_dataset(args))
     only = validate(args)
     setup_logging(args.exp_dir, args.debug)
+    args = follow_checkpoint(args)
     device = dist_utils.init(DistSettings.of(args))
     encoder = eval_backbone(args, device)  # cheap input first: a bad checkpoint fails before the dataset is read
     train, test, labelled = load_splits(args)
