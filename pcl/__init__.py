@@ -10,6 +10,10 @@ class PCLError(RuntimeError):
     """A problem with the user's input (data, flags, checkpoint): printed as one line, no traceback."""
 
 
+class RunFailed(RuntimeError):
+    """The run stopped for a reason that is not its input (a worker process killed): one line, exit code 1."""
+
+
 class Preempted(Exception):
     """Training stopped on SIGTERM/SIGUSR1 after finishing a step and saving ``path``."""
 

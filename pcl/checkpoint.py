@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from pcl import PCLError
-from pcl.model import build_backbone, unwrap
+from pcl.model import DIVERGED, build_backbone, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -38,29 +38,53 @@ def preempt_path(exp_dir: str) -> str:
     return os.path.join(exp_dir, "checkpoint_preempt.pth.tar")
 
 
-def resolve_resume(resume: str, exp_dir: str, map_location: str | torch.device = "cpu"
-                   ) -> tuple[str | None, dict[str, Any] | None]:
-    """``--resume PATH`` -> (PATH, its contents). ``--resume auto`` -> the readable ``checkpoint_*.pth.tar`` in
-    ``exp_dir`` with the highest (epoch, step) stored in it, of equal ones the newest (a truncated or unreadable one
-    is skipped with a warning), or (None, None) when there is none: a fresh start."""
-    if resume != "auto":
-        return resume, load_checkpoint(resume, map_location)
-    names = [n for n in os.listdir(exp_dir) if n.startswith("checkpoint_") and n.endswith(".pth.tar")] \
-        if os.path.isdir(exp_dir) else []
-    paths = [os.path.join(exp_dir, n) for n in names]
-    dangling = [p for p in paths if not os.path.exists(p)]  # a symlink whose target is gone
-    for p in dangling:
-        logger.warning("--resume auto: skipping %s (a link to a file that no longer exists)", p)
-    best: tuple[tuple[int, int], str, dict[str, Any]] | None = None
-    # newest file first, so that of equal (epoch, step) the newest wins; the mtime alone lies after cp -r or touch
-    for path in sorted((p for p in paths if p not in dangling), key=os.path.getmtime, reverse=True):
-        try:
-            ckpt = load_checkpoint(path, map_location)
-        except PCLError as e:
-            logger.warning("--resume auto: skipping %s (%s)", path, e)
+def checkpoint_files(exp_dir: str) -> list[str]:
+    """The paths of the ``checkpoint_*.pth.tar`` entries in ``exp_dir`` (files, links and anything else of that
+    name), sorted; [] when there is no such folder."""
+    if not os.path.isdir(exp_dir):
+        return []
+    return sorted(os.path.join(exp_dir, n) for n in os.listdir(exp_dir)
+                  if n.startswith("checkpoint_") and n.endswith(".pth.tar"))
+
+
+def read_header(path: str) -> dict[str, Any]:
+    """A checkpoint's contents with every tensor memory-mapped, not read (``torch.load(mmap=True)``: only its
+    pickle, a few kB, comes off the disk): what ``--resume auto`` ranks the files by (epoch, step, run_id) for
+    milliseconds each instead of a full load. Files of torch's legacy (non-zip) format are loaded in full. Raises
+    PCLError as :func:`load_checkpoint` does (a truncated file loses the zip directory at its end)."""
+    return load_checkpoint(path, "cpu", mmap=True)
+
+
+def read_headers(exp_dir: str, quiet: bool = False) -> list[tuple[str, dict[str, Any]]]:
+    """(path, header) of every readable checkpoint file in ``exp_dir``, newest file first; a dangling link or an
+    unreadable (truncated) file is skipped with a warning (none: ``quiet``)."""
+    found = []
+    warn = (lambda *a: None) if quiet else logger.warning
+    for path in checkpoint_files(exp_dir):
+        if not os.path.exists(path):  # a symlink whose target is gone
+            warn("--resume auto: skipping %s (a link to a file that no longer exists)", path)
             continue
-        if "state_dict" in ckpt and "epoch" in ckpt and (best is None or _progress(ckpt) > best[0]):
-            best = (_progress(ckpt), path, ckpt)
+        if os.path.isdir(path):
+            continue  # refused by name where a run would save over it (pcl.resume.claim_exp_dir)
+        try:
+            found.append((path, read_header(path)))
+        except PCLError as e:
+            warn("--resume auto: skipping %s (%s)", path, e)
+    # newest file first, so that of equal (epoch, step) the newest wins; the mtime alone lies after cp -r or touch
+    return sorted(found, key=lambda item: os.path.getmtime(item[0]), reverse=True)
+
+
+def resolve_resume(resume: str, exp_dir: str) -> tuple[str | None, dict[str, Any] | None]:
+    """``--resume PATH`` -> (PATH, its header). ``--resume auto`` -> the readable ``checkpoint_*.pth.tar`` in
+    ``exp_dir`` with the highest (epoch, step) stored in it, of equal ones the newest (a truncated or unreadable one
+    is skipped with a warning), and its header; (None, None) when there is none: a fresh start. Only the headers
+    are read (:func:`read_header`: tensors memory-mapped); :func:`load_checkpoint` reads the chosen file."""
+    if resume != "auto":
+        return resume, read_header(resume)
+    best: tuple[tuple[int, int], str, dict[str, Any]] | None = None
+    for path, head in read_headers(exp_dir):
+        if "state_dict" in head and "epoch" in head and (best is None or progress(head) > best[0]):
+            best = (progress(head), path, head)
     if best is None:
         logger.info("--resume auto: no readable checkpoint in %s, starting from scratch", exp_dir)
         return None, None
@@ -69,7 +93,7 @@ def resolve_resume(resume: str, exp_dir: str, map_location: str | torch.device =
     return best[1], best[2]
 
 
-def _progress(ckpt: dict[str, Any]) -> tuple[int, int]:
+def progress(ckpt: dict[str, Any]) -> tuple[int, int]:
     """(epoch, step) a checkpoint resumes at: a mid-epoch one holds (e, s > 0), the next epoch-boundary (e + 1, 0)."""
     epoch, step = ckpt.get("epoch"), ckpt.get("step") or 0
     number = lambda v: v if isinstance(v, int) and not isinstance(v, bool) else -1  # noqa: E731
@@ -145,6 +169,9 @@ class ExpDirLock:
         import socket
         import time
 
+        if os.path.isdir(os.path.join(self.folder, ".lock")):
+            raise PCLError(f"--exp-dir {self.folder}: .lock is a directory, not the run's lock file; remove it (a "
+                           f"run keeps its lock file there)")
         try:  # a file in its place was refused by setup_logging, which every entry point calls first
             os.makedirs(self.folder, exist_ok=True)
             self.file = open(os.path.join(self.folder, ".lock"), "a+")
@@ -192,8 +219,9 @@ class ExpDirLock:
         return isinstance(e, BlockingIOError) or e.errno in (errno.EACCES, errno.EAGAIN, errno.EWOULDBLOCK)
 
 
-def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load with ``weights_only=True``; a missing, truncated or pickle-requiring file raises PCLError."""
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Load with ``weights_only=True``; a missing, truncated or pickle-requiring file raises PCLError. ``mmap``:
+    tensors memory-mapped from the file, read when used (see :func:`read_header`)."""
     if os.path.isdir(path):
         raise PCLError(f"checkpoint {path} is a directory: give a checkpoint file in it (e.g. {path}/checkpoint_last"
                        f".pth.tar), or --resume auto with --exp-dir {path}")
@@ -202,7 +230,7 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     try:
         kind = _sniff(path)
         if kind is None:
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+            ckpt = _torch_load(path, map_location, mmap and head_is_zip(path))
     except OSError as e:  # unreadable (permission denied, an I/O error): one line naming the file and the cause
         raise PCLError(f"cannot read {path}: {e.strerror or e}") from None
     except Exception as e:  # torch raises many types for garbage: name the file and the cause instead
@@ -216,6 +244,18 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     if not isinstance(ckpt, dict):
         raise PCLError(f"checkpoint {path} is not a dict of tensors")
     return ckpt
+
+
+def _torch_load(path: str, map_location: str | torch.device, mmap: bool) -> Any:
+    if mmap:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def head_is_zip(path: str) -> bool:
+    """torch.save's zip format (the only one torch.load can memory-map), not the legacy pickle stream."""
+    with open(path, "rb") as f:
+        return f.read(2) == b"PK"
 
 
 def _sniff(path: str) -> str | None:
@@ -274,6 +314,25 @@ def checkpoint_kind(ckpt: dict[str, Any]) -> str:
     return "unknown"
 
 
+def check_cluster_result(state: Any, source: str) -> None:
+    """A checkpoint's ``cluster_result`` (the E-step's prototypes: per granularity im2cluster N, centroids k x d,
+    density k), its shapes checked without reading the tensors' data: one line naming what is wrong."""
+    def bad(why: str) -> PCLError:
+        return PCLError(f"checkpoint {source}: its cluster_result {why}; the file is damaged or hand-made")
+
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), (list, tuple)) for k in
+                                              ("im2cluster", "centroids", "density")):
+        raise bad("is not a mapping of im2cluster, centroids and density lists")
+    assign, cents, phi = state["im2cluster"], state["centroids"], state["density"]
+    if not assign or not len(assign) == len(cents) == len(phi):
+        raise bad(f"holds {len(assign)} / {len(cents)} / {len(phi)} granularities (im2cluster / centroids / density)")
+    for g, (a, c, p) in enumerate(zip(assign, cents, phi)):
+        if not all(torch.is_tensor(t) for t in (a, c, p)) or a.dim() != 1 or c.dim() != 2 or p.dim() != 1 \
+                or p.shape[0] != c.shape[0] or a.shape != assign[0].shape or a.is_floating_point():
+            raise bad(f"granularity {g} has the wrong shapes (expected im2cluster N integers, centroids k x d, density "
+                      f"k)")
+
+
 def require_pretrain_checkpoint(ckpt: dict[str, Any], source: str) -> None:
     """--resume of pretraining takes a pretraining checkpoint; say what else a file is and which flag takes it."""
     kind = checkpoint_kind(ckpt)
@@ -283,12 +342,38 @@ def require_pretrain_checkpoint(ckpt: dict[str, Any], source: str) -> None:
         if "optimizer" in ckpt and not isinstance(ckpt["optimizer"], dict):
             raise PCLError(f"--resume {source}: its 'optimizer' is a {type(ckpt['optimizer']).__name__}, not an "
                            f"optimizer state")
+        if ckpt.get("cluster_result") is not None:
+            check_cluster_result(ckpt["cluster_result"], source)
         return
     what = {"linear": "a linear-probe checkpoint of eval_linear.py (resume it with eval_linear.py --resume)",
             "weights": "a bare weights file (a backbone: give it to the evaluation commands' --pretrained)",
             "unknown": "not a pretraining checkpoint (no module.encoder_q/encoder_k/queue in its state_dict)"}[kind]
     raise PCLError(f"--resume {source}: this is {what}; pretraining resumes from its own checkpoint_*.pth.tar "
                    f"or an official PCL/MoCo one")
+
+
+def require_linear_checkpoint(ckpt: dict[str, Any], source: str) -> None:
+    """eval_linear.py --resume takes a linear head it saved (or the official eval_cls_imagenet.py's): a state_dict
+    with the backbone and ``fc``, an epoch number, an optimizer state (when there is one) of the head. Anything else
+    is one line that says what the file is and which flag takes it."""
+    kind = checkpoint_kind(ckpt)
+    if kind == "pretrain":
+        raise PCLError(f"--resume {source} is a pretraining checkpoint (encoder_q/encoder_k/queue), not a linear head: "
+                       f"give it to --pretrained; --resume continues a head eval_linear.py saved "
+                       f"(EXP_DIR/linear_checkpoint.pth.tar)")
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict):
+        raise PCLError(f"--resume {source} has no 'state_dict' (it holds {', '.join(map(str, list(ckpt)[:6]))}): not "
+                       f"a linear checkpoint of eval_linear.py")
+    if not any(k.endswith("fc.weight") for k in state):
+        raise PCLError(f"--resume {source} holds no linear head (no fc.weight in its state_dict): give a "
+                       f"linear_checkpoint.pth.tar of eval_linear.py, or the file to --pretrained")
+    epoch = ckpt.get("epoch")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        raise PCLError(f"--resume {source}: its 'epoch' is {epoch!r}, not an epoch number")
+    if "optimizer" in ckpt and not isinstance(ckpt["optimizer"], dict):
+        raise PCLError(f"--resume {source}: its 'optimizer' is a {type(ckpt['optimizer']).__name__}, not an optimizer "
+                       f"state")
 
 
 def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -329,6 +414,26 @@ def backbone_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {k: v for k, v in state.items() if not k.startswith("fc.")}
 
 
+MODEL_CONFIG_TYPES = {"width": int, "stem": str, "low_dim": int, "mlp": bool}
+_KIND_WORDS = {int: "an integer", str: "text", bool: "true or false"}
+
+
+def model_config(ckpt: dict[str, Any], path: str) -> dict[str, Any]:
+    """A checkpoint's ``model_config`` (what rebuilds its backbone: width, stem, low_dim, mlp), its shape checked:
+    a mapping whose known keys have their types ({} when the file has none, as official ones)."""
+    cfg = ckpt.get("model_config")
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise PCLError(f"checkpoint {path}: its 'model_config' is a {type(cfg).__name__}, not a mapping of width, "
+                       f"stem, ...; the file is damaged or hand-made: re-save it, or drop the key")
+    for key, kind in MODEL_CONFIG_TYPES.items():
+        value = cfg.get(key)
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise PCLError(f"checkpoint {path}: its model_config '{key}' is {value!r}, not {_KIND_WORDS[kind]}")
+    return cfg
+
+
 def load_backbone(path: str, arch: str | None = None, map_location: str | torch.device = "cpu",
                   width: int | None = None, stem: str | None = None) -> nn.Module:
     """The query backbone of a checkpoint of ours or of the official code (v1 or mlp v2): projection head
@@ -339,18 +444,22 @@ def load_backbone(path: str, arch: str | None = None, map_location: str | torch.
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise PCLError(f"checkpoint {path}: its state_dict is a {type(state).__name__} of the wrong shape, not a "
                        f"mapping of parameter names to tensors")
-    cfg = ckpt.get("model_config", {})
+    cfg = model_config(ckpt, path)
     arch = arch or ckpt.get("arch")
     if arch is None:
         raise PCLError(f"checkpoint {path} does not name its architecture: pass arch (e.g. -a resnet50)")
+    if not isinstance(arch, str):
+        raise PCLError(f"checkpoint {path}: its 'arch' is {arch!r}, not an architecture name")
     width = width or cfg.get("width", 64)
     stem = stem or cfg.get("stem", "standard")
     backbone = build_backbone(arch, width, stem)
     weights = backbone_state(state)
-    bad = [k for k, v in weights.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [k for k, v in weights.items() if torch.is_tensor(v) and v.is_floating_point() and v.numel()
+           and not float(v.detach().abs().max()) < DIVERGED]  # NaN compares False: caught too
     if bad:
-        raise PCLError(f"checkpoint {path} has NaN/inf backbone weights in {len(bad)} tensors (first: {bad[0]}): the "
-                       f"run that wrote it diverged; take an earlier checkpoint of it")
+        raise PCLError(f"checkpoint {path} has NaN/inf or diverged (|w| >= {DIVERGED:.0e}) backbone weights in "
+                       f"{len(bad)} tensors (first: {bad[0]}): the run that wrote it diverged; take an earlier "
+                       f"checkpoint of it")
     if not set(weights) & set(backbone.state_dict()):
         raise PCLError(f"checkpoint {path} holds no backbone weights (no [module.]encoder_q.* keys)")
     try:
@@ -364,20 +473,17 @@ def load_backbone(path: str, arch: str | None = None, map_location: str | torch.
     return backbone.eval()
 
 
-def refuse_other_runs(exp_dir: str) -> None:
-    """A fresh run (no --resume) must not write over another run's checkpoints: the official code overwrites them
-    epoch by epoch and mixes the two runs' logs, and users forget --resume auto once. Raise with the ways out."""
-    names = sorted(n for n in os.listdir(exp_dir) if n.startswith("checkpoint_") and n.endswith(".pth.tar")) \
-        if os.path.isdir(exp_dir) else []
-    if names:
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        raise PCLError(f"--exp-dir {exp_dir} holds another run's checkpoints ({shown}): continue it with --resume "
-                       f"auto, choose another --exp-dir, or pass --overwrite to start over there")
-
-
 def query_backbone(model: nn.Module) -> nn.Module:
     """A copy of a live MoCo model's query backbone (head dropped) in eval mode."""
     inner = unwrap(model)
     backbone = copy.deepcopy(inner.encoder_q)
     backbone.fc = nn.Identity()
     return backbone.eval()
+
+
+if __name__ == "__main__":  # the command line an earlier version forwarded to pcl.export: say where it went
+    import sys
+
+    print(f"error: pcl.checkpoint has no command line; export a backbone with: python -m pcl.export "
+          f"{' '.join(a for a in sys.argv[1:] if a != 'export') or 'CKPT OUT'}", file=sys.stderr)
+    sys.exit(2)

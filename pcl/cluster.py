@@ -362,12 +362,24 @@ def _lloyd_runs(x: torch.Tensor, index: torch.Tensor, num_samples: int, k: int, 
     return best_c, dist2, assign
 
 
+def _faiss_problem() -> str | None:
+    """Why faiss cannot be used (None: it imports): not installed, or installed but its library fails to load (a
+    missing shared object or CUDA runtime raises OSError, not ImportError)."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return "faiss is not installed"
+    except OSError as e:
+        return f"faiss is installed but cannot be loaded ({str(e).strip().splitlines()[0][:160]})"
+    return None
+
+
 def _faiss_status() -> tuple[bool, int]:
     """(faiss importable, number of GPUs its build can use)."""
-    try:
-        import faiss
-    except ImportError:
+    if _faiss_problem() is not None:
         return False, 0
+    import faiss
+
     try:
         return True, int(getattr(faiss, "get_num_gpus", lambda: 0)())
     except Exception:  # a faiss-gpu build on a machine whose driver it cannot use
@@ -393,18 +405,18 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu") -> tuple[s
     has_faiss, gpus = _faiss_status()
     if backend == "faiss":
         if not has_faiss:
-            raise PCLError("--kmeans-backend faiss: faiss is not installed (pip install faiss-cpu, or "
-                           "pip install -e \".[gpu]\" for faiss on the GPU)")
+            raise PCLError(f"--kmeans-backend faiss: {_faiss_problem()} (pip install faiss-cpu, or "
+                           "pip install -e \".[gpu]\" for faiss on the GPU; --kmeans-backend torch needs none)")
         where = "GPU" if device.type == "cuda" and gpus else "CPU"
         return "faiss", f"--kmeans-backend faiss (faiss on the {where})"
     if device.type == "cuda":
         if has_faiss and gpus:
             return "faiss", f"auto: features on {device} and faiss has GPU support ({gpus} GPUs)"
-        reason = "faiss has no GPU support (faiss-cpu)" if has_faiss else "faiss is not installed"
+        reason = "faiss has no GPU support (faiss-cpu)" if has_faiss else _faiss_problem()
         return "torch", f"auto: features on {device} and {reason}: the torch k-means on {device}"
     if has_faiss:
         return "faiss", "auto: features on the CPU, faiss installed"
-    return "torch", "auto: features on the CPU, faiss is not installed: the torch k-means"
+    return "torch", f"auto: features on the CPU, {_faiss_problem()}: the torch k-means"
 
 
 def kmeans(x: torch.Tensor, k: int, seed: int = 0, niter: int = 20, nredo: int = 5, backend: str = "auto",

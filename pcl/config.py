@@ -174,11 +174,14 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cos", action=argparse.BooleanOptionalAction, default=False, help="cosine lr schedule (PCL v2)")
     g.add_argument("-p", "--print-freq", default=100, type=int, metavar="N", help="log every N steps")
     g.add_argument("--resume", default="", type=str, metavar="PATH",
-                   help="checkpoint to resume from; 'auto': the newest readable one in --exp-dir (none: start fresh)")
+                   help="checkpoint to resume from; 'auto': the furthest readable one in --exp-dir (none: start "
+                        "fresh). Checkpoints in --exp-dir of another run, or further on than PATH, are refused "
+                        "(--overwrite removes them)")
     g.add_argument("--save-freq", default=5, type=int, help="checkpoint every N epochs (and at the end)")
     g.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --exp-dir that holds another run's checkpoints (they are overwritten); "
-                        "without it such a run is refused (continue it with --resume auto)")
+                   help="start afresh in an --exp-dir that holds another run: its checkpoints, log.txt, tb/ are "
+                        "removed first (with --resume PATH: the checkpoints PATH would replace); without it such a "
+                        "start is refused (continue that run with --resume auto)")
     g.add_argument("--exp-dir", default="experiment_pcl", type=str, help="experiment directory")
     g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
                    help="autocast the encoders (loss stays fp32); changes numerics, off by default")
@@ -431,6 +434,10 @@ def warn_idle_flags(cfg: RunConfig, dataset: str) -> None:
     if cfg.nproc is not None and not cfg.multiprocessing_distributed:
         log.warning("--nproc %d has no effect without --multiprocessing-distributed (it sets how many processes "
                     "that launcher spawns per node; torchrun takes --nproc_per_node)", cfg.nproc)
+    idle = [f"--{k} device" for k in ("augment", "decode") if cfg.get(k) == "device"]
+    if idle and registry.spec(dataset).in_memory:
+        log.warning("%s: no effect with --dataset %s (an in-memory set: its batches are augmented as tensors on the "
+                    "training device's side already, nothing is decoded)", " / ".join(idle), dataset)
     if cfg.class_list and not registry.spec(dataset).class_list:
         log.warning("--class-list %s has no effect with --dataset %s (it selects class folders of an ImageFolder "
                     "root)", cfg.class_list, dataset)
@@ -449,6 +456,13 @@ def validate_pretrain_args(args: Any) -> RunConfig:
                                                                             if entry.download else ""))
     if not cfg.resume and cfg.start_epoch >= cfg.epochs:
         raise PCLError(f"--start-epoch {cfg.start_epoch} is not below --epochs {cfg.epochs}: nothing to train")
+    if cfg.overwrite and cfg.resume == "auto":
+        raise PCLError("--overwrite with --resume auto: --overwrite starts afresh (the run in --exp-dir is removed), "
+                       "--resume auto continues it; give one of them")
+    if cfg.lr * cfg.weight_decay >= 2 * (1 + cfg.momentum):  # w <- w (1 - lr wd) (+ momentum): unstable past this
+        raise PCLError(f"--wd {cfg.weight_decay:g} with --lr {cfg.lr:g}: the weight decay alone makes every SGD step "
+                       f"diverge (lr x wd = {cfg.lr * cfg.weight_decay:.3g} >= 2 (1 + --momentum) = "
+                       f"{2 * (1 + cfg.momentum):.3g}); lower --wd or --lr (official: 1e-4 and 0.03)")
     if cfg.proto_chunks > 1 and cfg.pauc:
         raise PCLError("--pauc needs one set of ProtoNCE columns per batch: use it with --proto-chunks 1")
     num_cluster = parse_num_cluster(cfg.num_cluster)

@@ -318,6 +318,38 @@ def gather_rows_exact(rows: torch.Tensor, index: torch.Tensor, num_rows: int,
     return out[:num_rows]
 
 
+def on_every_rank(fn: Callable[[], Any], what: str) -> Any:
+    """Run ``fn`` on every rank and agree on how it went: its result, or one :class:`PCLError` on every rank naming
+    the ranks it failed on and the first one's message (a PCLError on some ranks only leaves the others waiting in
+    their next collective until --dist-timeout). Other exceptions pass through as they are."""
+    from pcl import error_line
+
+    result, failure = None, None
+    try:
+        result = fn()
+    except PCLError as e:
+        if not is_dist():
+            raise
+        failure = error_line(e)
+    failures = all_gather_object(failure)
+    bad = [r for r, f in enumerate(failures) if f is not None]
+    if bad:
+        raise PCLError(f"{what} failed on rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} of "
+                       f"{world_size()}: {failures[bad[0]]}")
+    return result
+
+
+def require_same(value: Any, what: str, fix: str) -> None:
+    """One PCLError on every rank when ``value`` (a small, comparable object) is not the same on every rank: it
+    names the first rank that differs from rank 0 and both values."""
+    values = all_gather_object(value)
+    differ = [r for r, v in enumerate(values) if v != values[0]]
+    if differ:
+        more = f" (and {len(differ) - 1} more ranks)" if len(differ) > 1 else ""
+        raise PCLError(f"{what} differs between the processes: rank 0 has {values[0]}, rank {differ[0]} has "
+                       f"{values[differ[0]]}{more}: {fix}")
+
+
 def main_only(fn: Callable[[], Any], what: str) -> Any:
     """Run ``fn`` on rank 0 alone and tell every rank how it went: its result on rank 0 (None elsewhere), or an
     error on every rank when it failed there: the same :class:`PCLError` for bad input (exit code 2), otherwise

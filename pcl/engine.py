@@ -23,7 +23,7 @@ from pcl.estep import e_step, self_check
 from pcl.features import FeatureBank
 from pcl.log import FiniteGuard, InputClock, RunLog, process_rank, setup_logging, versions, write_run_config
 from pcl.loss import PCLLoss
-from pcl.model import MoCo, apply_speed_options, build_backbone, channels_last, unwrap
+from pcl.model import MoCo, apply_speed_options, build_backbone, channels_last, cpu_compile_problem, unwrap
 from pcl.monitor import Monitor
 from pcl.preemption import Stopped
 from pcl.resume import EpochState, Session
@@ -88,6 +88,7 @@ def _pretrain(cfg: RunConfig, on_step: Callable[[int, int], None] | None) -> dic
                 session.save(epoch, clusters)  # before the epoch is logged: a full disk there loses no epoch
                 monitor.record(stats)
                 session.stop_if_requested(epoch)
+            session.stop.after_training = True  # every epoch is saved: a signal now stops nothing
             report = monitor.final_report(model, lambda: build_backbone(cfg.arch, cfg.width, cfg.stem))
             monitor.finished(ckpt_io.checkpoint_path(cfg.exp_dir, cfg.epochs - 1))
             return {**stats, "knn": report} if report else stats
@@ -200,6 +201,9 @@ def _check_batch(cfg: RunConfig, world: int) -> int:
 
 
 def _check_data(cfg: RunConfig, data: PretrainData) -> None:
+    dist_utils.require_same((data.num_samples, data.fingerprint), "the training set (images, sample-list hash)",
+                            f"every process must list the same files in {cfg.data} (a stale network-filesystem "
+                            f"listing, files still being copied?); wait until they agree, then start again")
     if len(data.train_loader) == 0:  # the last partial batch is dropped, as official: nothing would train
         raise PCLError(f"--batch-size {cfg.batch_size} is larger than the {data.num_samples} training "
                        f"samples: no full batch per epoch; choose at most {data.num_samples}")
@@ -233,6 +237,9 @@ def setup(cfg: RunConfig) -> tuple[torch.device, PretrainData, nn.Module, torch.
     """Process group, data, model and optimiser from the resolved settings (checks that need the data too)."""
     dist = DistSettings.of(cfg)
     device = dist_utils.init(dist)
+    unsafe = cfg.compile and cpu_compile_problem(cfg.arch, cfg.width, cfg.stem, device)
+    if unsafe:
+        raise PCLError(unsafe)
     world = dist_utils.world_size()
     batch = _check_batch(cfg, world)
     m = ModelSettings.of(cfg, world)

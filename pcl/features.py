@@ -102,7 +102,9 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
                 k: int = 20, temperature: float = 0.07, num_classes: int | None = None,
                 chunk: int = 1024) -> torch.Tensor:
     """Class scores of each test sample: sum over its k nearest (cosine) training samples of
-    exp(sim / T) one-hot(label). train_features: N x d, test_features: M x d (unit rows) -> M x C."""
+    exp((sim - s_max) / T) one-hot(label), s_max the sample's largest similarity: the official exp(sim / T) times a
+    factor per test sample (the arg-max is the same), finite at any T (exp(1 / 1e-9) overflows to inf, inf / inf
+    votes are NaN). train_features: N x d, test_features: M x d (unit rows) -> M x C."""
     num_classes = num_classes or int(train_labels.max()) + 1
     k = min(k, train_features.shape[0])
     chunk = max(1, min(chunk, (1 << 28) // max(train_features.shape[0], 1)))  # m x N similarities: <= 1 GB
@@ -110,7 +112,7 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
     for s in range(0, test_features.shape[0], chunk):
         sim = test_features[s:s + chunk] @ train_features.t()  # m x N
         top_sim, top_idx = sim.topk(k, dim=1)  # m x k
-        weights = (top_sim / temperature).exp()
+        weights = ((top_sim - top_sim[:, :1]) / temperature).exp()  # topk is sorted: column 0 is the largest
         onehot = F.one_hot(train_labels[top_idx], num_classes).to(weights.dtype)  # m x k x C
         scores.append((onehot * weights[..., None]).sum(dim=1))
     return torch.cat(scores)

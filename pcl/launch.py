@@ -19,8 +19,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from pcl import (ABANDONED_THREAD, EXIT_INPUT, EXIT_PREEMPTED, PCLError, Preempted, distributed as dist_utils,
-                 error_line)
+from pcl import (ABANDONED_THREAD, EXIT_INPUT, EXIT_PREEMPTED, PCLError, Preempted, RunFailed,
+                 distributed as dist_utils, error_line)
 from pcl.config import RunConfig, parse_args
 from pcl.preemption import StopRequest, preempted_from_marker
 
@@ -46,6 +46,7 @@ def run_cli(build_parser: Callable[[], argparse.ArgumentParser], run: Callable[[
     """The entry points' shared main: parse, run, and turn input errors into one line and an exit code
     (2: bad input; 75: preempted after saving; 130: Ctrl-C). ``--debug`` shows the traceback instead."""
     args = None
+    tolerant_console()
     try:
         args = parse_args(build_parser(), argv)
         run(args)
@@ -58,10 +59,22 @@ def run_cli(build_parser: Callable[[], argparse.ArgumentParser], run: Callable[[
         print(f"preempted: {e}", file=sys.stderr)
         exit_now(EXIT_PREEMPTED)
         return EXIT_PREEMPTED
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def tolerant_console() -> None:
+    """stdout and stderr write what their encoding cannot (an ASCII terminal: LANG=C or PYTHONIOENCODING=ascii; a
+    file name with non-UTF-8 bytes) as backslash escapes instead of raising UnicodeEncodeError mid-run."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
 
 
 def exit_now(code: int) -> None:
@@ -76,6 +89,7 @@ def exit_now(code: int) -> None:
 
 
 def _worker(local_rank: int, nprocs: int, args: Any, fn: Callable) -> None:
+    tolerant_console()
     try:
         fn(args.replace(local_rank=local_rank))
     except Preempted as e:  # saved already; tell the parent by the exit code
@@ -136,7 +150,9 @@ def launch(args: RunConfig, fn: Callable[[RunConfig], Any]) -> Any:
             raise preempted_from_marker(args.exp_dir) from None
         if e.exit_code == EXIT_INPUT:
             raise PCLError(f"a worker stopped on bad input (its message is above); exit code {e.exit_code}") from None
-        raise
+        how = f"killed by {e.signal_name}" if getattr(e, "signal_name", None) else f"exit code {e.exit_code}"
+        raise RunFailed(f"worker process {e.error_index} (pid {e.error_pid}) died ({how}); the launcher stopped the "
+                        f"other workers. Rerun with --resume auto to continue from the last saved checkpoint") from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -42,7 +44,7 @@ def write_atomic(path: str, write_fn: Callable[[Any], None], binary: bool = Fals
     tmp = os.path.join(folder, f".tmp_{os.path.basename(path)}.{os.getpid()}")
     try:
         os.makedirs(folder, exist_ok=True)
-        with open(tmp, "wb" if binary else "w") as f:
+        with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8") as f:
             write_fn(f)
         os.replace(tmp, path)
     except OSError as e:
@@ -139,11 +141,20 @@ def setup_logging(exp_dir: str | None = None, debug: bool = False, rank: int | N
     if exp_dir and rank == 0:
         from pcl import PCLError
 
+        shown = os.fsencode(exp_dir).decode("utf-8", "backslashreplace")
+        try:
+            exp_dir.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8: TensorBoard and the JSON logs cannot name its files
+            raise PCLError(f"--exp-dir {shown}: its name has bytes that are not UTF-8 text; give a folder name in "
+                           f"UTF-8") from None
+        if os.path.islink(exp_dir) and not os.path.exists(exp_dir):
+            raise PCLError(f"--exp-dir {shown} is a symbolic link to {os.readlink(exp_dir)}, which does not exist (or "
+                           f"the link loops): create the folder it points to, or give another --exp-dir")
         if os.path.exists(exp_dir) and not os.path.isdir(exp_dir):
             raise PCLError(f"--exp-dir {exp_dir} is a file, not a folder")
         try:
             os.makedirs(exp_dir, exist_ok=True)
-            fh = OneLineFileHandler(os.path.join(exp_dir, "train.log"))
+            fh = OneLineFileHandler(os.path.join(exp_dir, "train.log"), encoding="utf-8", errors="backslashreplace")
         except OSError as e:
             raise PCLError(f"--exp-dir {exp_dir} is not writable ({e.strerror})") from None
         fh.setFormatter(fmt)
@@ -195,16 +206,34 @@ class RunLog:
                 logging.getLogger("pcl").warning("tensorboard is not installed: no TensorBoard logs")
             except OSError as e:
                 self._tensorboard_failed(e)
+        self.thread_error: OSError | None = None  # what killed the writer's thread (a full disk), said at once
+        self._hook = None
+        if self.writer is not None:  # the writer's thread would print its OSError as a traceback, mid-line
+            self._hook, threading.excepthook = threading.excepthook, self._writer_thread_died
 
-    def _tensorboard_failed(self, err: OSError) -> None:
+    def _writer_thread_died(self, args: Any) -> None:
+        """threading.excepthook while this log's TensorBoard writer lives: its thread's OSError is one warning,
+        the moment it happens; anything else goes to the previous hook."""
+        ours = type(args.thread).__name__ == "_AsyncWriterThread"  # tensorboard's event-file writer thread
+        if ours and isinstance(args.exc_value, OSError) and self.writer is not None and self.thread_error is None:
+            self.thread_error = args.exc_value
+            logging.getLogger("pcl").warning("could not write %s (%s): TensorBoard is off for this run",
+                                             self.tb_dir, reason(args.exc_value))
+        elif not ours or self.thread_error is None:
+            (self._hook or threading.__excepthook__)(args)
+
+    def _tensorboard_failed(self, err: OSError, said: bool = False) -> None:
         writer, self.writer = self.writer, None
-        logging.getLogger("pcl").warning("could not write %s (%s): TensorBoard is off for this run", self.tb_dir,
-                                         reason(err))
+        if not said:
+            logging.getLogger("pcl").warning("could not write %s (%s): TensorBoard is off for this run", self.tb_dir,
+                                             reason(err))
         if writer is not None:
             with contextlib.suppress(Exception):
                 writer.close()
 
     def _tb(self, method: str, *args: Any, **kwargs: Any) -> None:
+        if self.writer is not None and self.thread_error is not None:  # said by the hook already
+            self._tensorboard_failed(self.thread_error, said=True)
         if self.writer is not None:
             try:
                 getattr(self.writer, method)(*args, **kwargs)
@@ -265,6 +294,9 @@ class RunLog:
 
     def close(self) -> None:
         self._tb("close")
+        if self._hook is not None and threading.excepthook == self._writer_thread_died:
+            threading.excepthook = self._hook
+        self._hook = None
         if self.wandb is not None:
             with contextlib.suppress(Exception):
                 self.wandb.finish()
@@ -340,13 +372,16 @@ class FiniteGuard:
         flag = dist_utils.all_reduce_sum(self.bad.to(torch.float32).reshape(1))
         if float(flag) == 0:
             return
+        kept = "nothing of this epoch is saved"
         if not bool(self.bad):
             raise PCLError(f"non-finite loss on another rank by epoch {epoch} step {step} (its log has the values); "
-                           f"lower --lr (last checkpoint kept)")
+                           f"lower --lr ({kept})")
         first, inst, loss_proto, lr = self.first.tolist()
+        # both terms finite, their weighted sum not: the weight overflowed it, not the updates
+        fix = "lower --proto-weight" if proto and math.isfinite(inst) and math.isfinite(loss_proto) else "lower --lr"
         raise PCLError(f"non-finite loss at epoch {epoch} step {int(first)}: loss_inst={inst:.4g}"
                        + (f" loss_proto={loss_proto:.4g}" if proto else "")
-                       + f" lr={lr:.4g}; lower --lr (last checkpoint kept)")
+                       + f" lr={lr:.4g}; {fix} ({kept})")
 
 
 class InputClock:

@@ -267,10 +267,14 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(getattr(model, "module", None), nn.Module) else model
 
 
-def check_weights(model: nn.Module, where: str) -> None:
+def check_weights(model: nn.Module, where: str, source: str | None = None) -> None:
     """Refuse diverged weights: non-finite, or finite but beyond DIVERGED (an update after the last loss check can
-    take them to 1e28 while every loss seen was finite). One host sync."""
+    take them to 1e28 while every loss seen was finite). One host sync. ``source``: the checkpoint they were just
+    loaded from (then the error names that file, not the lr)."""
     largest = torch.stack([p.detach().abs().max().float() for p in model.parameters()]).max().item()
+    if source is not None and (not math.isfinite(largest) or largest >= DIVERGED):
+        raise PCLError(f"--resume {source} holds diverged weights (largest |w| = {largest:.3g}): the run that wrote "
+                       f"it diverged; resume an earlier checkpoint of it (and lower --lr from there)")
     if not math.isfinite(largest) or largest >= DIVERGED:
         raise PCLError(f"the weights diverged by {where} (largest |w| = {largest:.3g}): nothing was saved; lower "
                        f"--lr and resume from the last checkpoint")
@@ -279,6 +283,32 @@ def check_weights(model: nn.Module, where: str) -> None:
 def channels_last(requested: bool, device: torch.device) -> bool:
     """--channels-last takes effect on GPUs only (see :func:`apply_speed_options`)."""
     return requested and device.type != "cpu"
+
+
+def onednn_block(capability: str | None = None) -> int:
+    """oneDNN's register block of input channels on this CPU (``capability``: torch's name of its vector ISA): 8
+    with AVX2, 16 with AVX-512 or anything unknown (uxlfoundation/oneDNN#6035)."""
+    capability = capability if capability is not None else torch.backends.cpu.get_cpu_capability()
+    return 8 if capability.upper() == "AVX2" else 16
+
+
+def cpu_compile_problem(arch: str, width: int, stem: str, device: torch.device,
+                        capability: str | None = None) -> str | None:
+    """Why --compile must not run here (None: it may): on the CPU, Inductor lays convolutions out channels-last by
+    itself, and oneDNN's NHWC 1x1 stride-2 backward crashes the process (a segmentation fault, no message) when the
+    conv has fewer input channels than its register block (:func:`onednn_block`) -- the downsampling convs of
+    narrow ResNets (--width 4 on AVX2, 3 of 3 runs; --width 8 trained there)."""
+    if device.type != "cpu":
+        return None
+    block = onednn_block(capability)
+    narrow = min((m.in_channels for m in build_backbone(arch, width, stem).modules()
+                  if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (2, 2)), default=None)
+    if narrow is None or narrow >= block:
+        return None
+    safe = math.ceil(block * width / narrow)
+    return (f"--compile on the CPU with -a {arch} --width {width}: its narrowest 1x1 stride-2 convolution has {narrow} "
+            f"input channels, and oneDNN's channels-last kernel (Inductor's choice on the CPU) crashes the process "
+            f"below {block} on this CPU (oneDNN#6035); drop --compile, or use --width {safe} or more")
 
 
 def apply_speed_options(model: MoCo, use_channels_last: bool, compile_encoders: bool) -> bool:

@@ -196,6 +196,11 @@ class Monitor:
                     estep.seconds, "; warm vs cold start: NMI " + "/".join(
                         f"{v:.1f}" for key, v in estep.warm_check.items() if key.startswith("nmi_")) + " %"
                     if estep.warm_check else "")
+        whole = [k for k, z in zip(s.num_cluster, sizes) if int(z.max()) == int(z.sum())]
+        if whole:  # k-means found no two distinct points: every prototype is one and ProtoNCE carries no signal
+            logger.warning("E-step epoch %d: k=%s put every sample in one cluster: the features have collapsed "
+                           "(identical images, or an encoder that maps every image to one point); the prototypes "
+                           "carry no signal", epoch, ",".join(map(str, whole)))
         return clusters
 
     def epoch_end(self, epoch: int, model: nn.Module, clusters: ClusterResult | None, stats: dict[str, Any],

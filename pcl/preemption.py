@@ -54,6 +54,7 @@ class StopRequest:
         self._host: torch.Tensor | None = None
         self._event: Any = None
         self._first_interrupt: float | None = None
+        self.after_training = False  # set once the last checkpoint is saved: a signal then has nothing to save
 
     def install(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
@@ -73,13 +74,22 @@ class StopRequest:
                 return
             self._first_interrupt = now
         self.signal_name = self.signal_name or name
+        if self.after_training:
+            logger.warning("%s received after the last checkpoint was saved: nothing is lost; the final report "
+                           "finishes, then the run exits%s", name,
+                           "; press Ctrl-C again to abort it" if name == "SIGINT" else "")
+            return
         logger.warning("%s received: stopping at the next safe point (after this step, feature batch or "
                        "k-means iteration), then saving%s", name,
                        "; press Ctrl-C again to abort without saving" if name == "SIGINT" else "")
 
     def restore(self) -> None:
+        """Put back the handlers :meth:`install` replaced, except after a stop: then a further SIGTERM/SIGUSR1 (SLURM
+        signals every task, schedulers repeat the signal) is logged and ignored where it would have killed the
+        process, which is about to exit 75 with its checkpoint saved (a kill now would make that 143)."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            late = self.signal_name is not None and handler == signal.SIG_DFL and sig != signal.SIGINT
+            signal.signal(sig, _after_the_stop if late else handler)
         self._previous.clear()
 
     def requested(self, device: torch.device) -> bool:
@@ -115,12 +125,16 @@ class StopRequest:
         return self.signal_name or "signal on another rank"
 
 
+def _after_the_stop(signum: int, frame: Any) -> None:
+    logger.warning("%s received after the stop: ignored, the run has saved and exits 75", signal.Signals(signum).name)
+
+
 def raise_preempted(exp_dir: str, path: str, epoch: int, step: int, signal_name: str) -> None:
     """All ranks stop together; rank 0 leaves EXP_DIR/PREEMPTED for the launch scripts (they requeue)."""
     err = Preempted(path, epoch, step, signal_name)
     if dist_utils.is_main():
         try:  # the checkpoint is saved: a full disk here must not keep the other ranks waiting at the barrier
-            with open(os.path.join(exp_dir, MARKER), "w") as f:
+            with open(os.path.join(exp_dir, MARKER), "w", encoding="utf-8") as f:
                 f.write(str(err) + "\n")
         except OSError as e:
             logger.warning("could not write %s (%s): the launch scripts will not requeue", MARKER, e.strerror)
@@ -138,7 +152,11 @@ def clear_marker(exp_dir: str) -> None:
 def preempted_from_marker(exp_dir: str) -> Preempted:
     """The workers' Preempted, rebuilt in the launcher from the PREEMPTED file rank 0 wrote (epoch, step, path)."""
     marker = os.path.join(exp_dir, MARKER)
-    text = open(marker).read() if os.path.exists(marker) else ""
+    try:
+        with open(marker, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:  # gone, or unreadable: the generic Preempted below
+        text = ""
     m = re.search(r"(\S+) received: stopped after epoch (\d+) step (\d+) and saved (.+?); rerun", text)
     if m is None:
         return Preempted(ckpt_io.preempt_path(exp_dir), -1, -1, "preemption signal")

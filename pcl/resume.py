@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import shutil
+import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,7 +35,7 @@ from pcl.data import PretrainData, stream_seed
 from pcl.features import FeatureBank
 from pcl.log import StepMeters
 from pcl.model import check_weights
-from pcl.preemption import StopRequest, Stopped, clear_marker, raise_preempted
+from pcl.preemption import MARKER, StopRequest, Stopped, clear_marker, raise_preempted
 from pcl.settings import RunConfig
 
 logger = logging.getLogger("pcl")
@@ -86,12 +88,15 @@ def checkpoint_contents(model: nn.Module, optimizer: torch.optim.Optimizer, epoc
                         clusters: ClusterResult | None, step: int = 0,
                         resume_states: list[dict[str, Any]] | None = None,
                         scaler: torch.amp.GradScaler | None = None, bank: FeatureBank | None = None,
-                        wandb_id: str | None = None) -> dict[str, Any]:
+                        wandb_id: str | None = None, run_id: str | None = None) -> dict[str, Any]:
     """Official keys (epoch = the epoch to resume at, arch, state_dict, optimizer) plus our settings and model
     config, the epoch's prototypes, the fp16 loss scale (``scaler``: --amp fp16), the E-step's bank (``bank``:
-    --estep-features bank), the W&B run's id (``wandb_id``: --wandb) and, for a mid-epoch (preemption)
-    checkpoint, ``step`` and every rank's loop state. Tensors and plain types only."""
+    --estep-features bank), the W&B run's id (``wandb_id``: --wandb), the ``run_id`` every checkpoint of one run
+    shares (what tells a run folder's own files from another run's) and, for a mid-epoch (preemption) checkpoint,
+    ``step`` and every rank's loop state. Tensors and plain types only."""
     extra: dict[str, Any] = {"step": step, "args": {**cfg.plain(), "global_batch_size": cfg.batch_size}}
+    if run_id is not None:
+        extra["run_id"] = run_id
     if scaler is not None:
         extra["scaler"] = scaler.state_dict()
     if wandb_id is not None:  # --wandb: a resumed run logs into the same W&B run
@@ -108,18 +113,57 @@ def checkpoint_contents(model: nn.Module, optimizer: torch.optim.Optimizer, epoc
 
 
 def load_into(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-              ckpt: dict[str, Any] | None = None, scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
+              ckpt: dict[str, Any] | None = None, scaler: torch.amp.GradScaler | None = None,
+              expect: tuple[int, int] | None = None) -> dict[str, Any]:
     """Load a pretraining checkpoint's weights, queue, optimiser and (``scaler``, when the file has one) the fp16
-    loss scale; return its contents (epoch, step, cluster_result, resume_states)."""
+    loss scale; return its contents (epoch, step, cluster_result, resume_states). ``expect``: the (epoch, step)
+    rank 0 read in it (another one here: the file changed between the two reads)."""
     ckpt = ckpt if ckpt is not None else ckpt_io.load_checkpoint(path, map_location=device)
     ckpt_io.require_pretrain_checkpoint(ckpt, path)
+    if expect is not None and ckpt_io.progress(ckpt) != tuple(expect):
+        raise PCLError(f"--resume {path} holds epoch {ckpt_io.progress(ckpt)[0]} step {ckpt_io.progress(ckpt)[1]} "
+                       f"here, but epoch {expect[0]} step {expect[1]} on rank 0: the file changed as the run started "
+                       f"(still being copied?); let it settle and start again")
     ckpt_io.load_model_state(model, ckpt["state_dict"], path)
+    check_weights(model, "", source=path)  # NaN or 1e28 weights: the file's fault, not the lr's
     if ckpt.get("optimizer"):  # official files written without one hold {}
         ckpt_io.load_optimizer_state(optimizer, model, ckpt["optimizer"], path)
     if scaler is not None and ckpt.get("scaler"):  # else it starts at GradScaler's initial scale, as a fresh run
         scaler.load_state_dict(ckpt["scaler"])
     logger.info("resumed from %s (epoch %d, step %d)", path, ckpt["epoch"], ckpt.get("step", 0))
     return ckpt
+
+
+LOOP_STATE = ("shuffle_gen", "negative_gen", "meters", "loader", "torch_rng")  # what EpochState.capture stores
+
+
+def check_loop_states(ckpt: dict[str, Any], path: str) -> None:
+    """A mid-epoch checkpoint (step > 0) holds one loop state per process that saved it, each with every entry
+    :meth:`EpochState.capture` writes; anything else is damaged or hand-made: one line, before any work."""
+    step = ckpt.get("step") or 0
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise PCLError(f"--resume {path}: its 'step' is {step!r}, not a step number")
+    if not step:
+        return
+    states = ckpt.get("resume_states")
+    missing = ("no 'resume_states'" if not isinstance(states, list) or not states else
+               next((f"resume_states[{i}] lacks {', '.join(k for k in LOOP_STATE if k not in st)}"
+                     for i, st in enumerate(states) if not isinstance(st, dict) or set(LOOP_STATE) - set(st)), None))
+    if missing:
+        raise PCLError(f"--resume {path} was saved mid-epoch (step {step}) but holds {missing}: it is damaged or "
+                       f"hand-made; resume an epoch-boundary checkpoint (checkpoint_NNNN.pth.tar) instead")
+
+
+def agree_resume(path: str | None, head: dict[str, Any] | None) -> tuple[str | None, tuple[int, int] | None]:
+    """Rank 0's --resume choice (path, and the (epoch, step) it read there) for every rank: ranks that listed
+    --exp-dir differently (a stale NFS cache, a checkpoint still being copied) would otherwise start at different
+    epochs and their collectives go out of step until --dist-timeout."""
+    mine = (path, ckpt_io.progress(head) if head is not None else None)
+    chosen = dist_utils.broadcast_object(mine)
+    if chosen != mine:
+        logger.warning("rank %d found --resume %s at (epoch, step) %s; rank 0 chose %s at %s: every rank takes rank "
+                       "0's choice", dist_utils.rank(), mine[0], mine[1], chosen[0], chosen[1])
+    return chosen
 
 
 def _check_mid_epoch(ckpt: dict[str, Any], path: str, cfg: RunConfig, num_samples: int) -> None:
@@ -131,6 +175,11 @@ def _check_mid_epoch(ckpt: dict[str, Any], path: str, cfg: RunConfig, num_sample
     if saved.get("global_batch_size") not in (None, cfg.batch_size):
         raise PCLError(f"--resume {path} was saved mid-epoch with --batch-size {saved['global_batch_size']}; resume "
                        f"it with that batch size (now {cfg.batch_size})")
+    saved_ks = [len(c) for c in (ckpt.get("cluster_result") or {}).get("centroids") or []]
+    if saved_ks and saved_ks != list(cfg.num_cluster):  # its prototypes continue the epoch; --num-cluster names them
+        raise PCLError(f"--resume {path} was saved mid-epoch with --num-cluster {','.join(map(str, saved_ks))}; resume "
+                       f"it with those (now {','.join(map(str, cfg.num_cluster))}), or from an epoch-boundary "
+                       f"checkpoint")
     assign = (ckpt.get("cluster_result") or {}).get("im2cluster") or []
     if assign and len(assign[0]) != num_samples:
         raise PCLError(f"--resume {path} was saved mid-epoch on a training set of {len(assign[0])} images, this one "
@@ -162,12 +211,96 @@ def note_schedule_change(ckpt: dict[str, Any], path: str, cfg: RunConfig) -> Non
                        ", ".join(f"{flag(k, saved[k])} -> {flag(k, cfg[k])}" for k in changed), ckpt.get("epoch", 0))
 
 
+RUN_FILES = ("log.txt", "tb", MARKER)  # what a run writes into --exp-dir besides its checkpoints (train.log: the
+# folder's console log, appended by every start, keeps the line that says what each start did)
+
+
+@dataclass
+class FolderClaim:
+    """What a start does to --exp-dir (a run folder holds one run): ``remove`` is what goes before the first save
+    (with --overwrite: another run's files, or this run's checkpoints beyond the one it continues), ``note`` the line
+    that says whether the run there is continued or cleared."""
+    note: str
+    remove: list[str] = field(default_factory=list)
+
+
+def claim_exp_dir(exp_dir: str, overwrite: bool, path: str | None, head: dict[str, Any] | None,
+                  auto: bool = False) -> FolderClaim:
+    """Decide how this start treats the run in ``exp_dir``: a fresh start (``path`` None) needs a folder without
+    checkpoints, or --overwrite (then that run is cleared completely: checkpoints, log.txt, tb/, PREEMPTED); a
+    resume continues ``path`` (its ``head``: epoch, step, run_id), and a checkpoint there of another run or further
+    on than ``path`` would be replaced or would win the next --resume auto: refused, or removed with --overwrite.
+    Raises PCLError with the ways out; reads only the files' headers."""
+    names = ckpt_io.checkpoint_files(exp_dir)
+    odd = [n for n in names if os.path.isdir(n)]
+    if odd:
+        raise PCLError(f"--exp-dir {exp_dir}: {os.path.basename(odd[0])} is a directory, not a checkpoint; remove or "
+                       f"rename it (the run saves its checkpoints under that name)")
+    extras = [os.path.join(exp_dir, n) for n in RUN_FILES if os.path.lexists(os.path.join(exp_dir, n))]
+    if path is None:
+        if not names:
+            return FolderClaim(f"a new run in {exp_dir}" + (" (--overwrite: nothing to remove)" if overwrite else ""),
+                               extras if overwrite else [])
+        if not overwrite:
+            shown = ", ".join(map(os.path.basename, names[:3])) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            raise PCLError(f"--exp-dir {exp_dir} holds another run's checkpoints ({shown}): continue it with --resume "
+                           f"auto, choose another --exp-dir, or pass --overwrite to start over there")
+        return FolderClaim(f"--overwrite: removed the earlier run in {exp_dir} ({len(names)} checkpoint files"
+                           + "".join(f", {os.path.basename(e)}" for e in extras) + "); a new run starts there",
+                           names + extras)
+    conflicts = _conflicts(exp_dir, path, head or {})
+    here = f"{path} (epoch {ckpt_io.progress(head or {})[0]}, step {ckpt_io.progress(head or {})[1]})"
+    if not conflicts:
+        return FolderClaim(f"continuing {here} in {exp_dir}")
+    shown = "; ".join(f"{os.path.basename(p)} {why}" for p, why in conflicts[:3]) + \
+        (f"; and {len(conflicts) - 3} more" if len(conflicts) > 3 else "")
+    if not overwrite:
+        way = "remove them" if auto else "pass --overwrite to remove them first"
+        raise PCLError(f"--resume {path} in --exp-dir {exp_dir}: the folder holds checkpoints that continuing it would "
+                       f"replace or mix with ({shown}); give another --exp-dir, or {way}")
+    other_run = any(why.startswith("of another run") for _, why in conflicts)
+    remove = [p for p, _ in conflicts] + (extras if other_run else [])
+    return FolderClaim(f"--overwrite: removed {len(conflicts)} checkpoint files from {exp_dir} ({shown}); continuing "
+                       f"{here} there", remove)
+
+
+def _conflicts(exp_dir: str, path: str, head: dict[str, Any]) -> list[tuple[str, str]]:
+    """The checkpoints in ``exp_dir`` that continuing ``path`` would replace or mix with, and why: of another run
+    (another run_id; from outside the folder also an unknown one), or further on (a later --resume auto would take
+    them). The preempt file of the epoch being resumed is behind the run at its next save: not one of them."""
+    mine, rid = ckpt_io.progress(head), head.get("run_id")
+    inside = os.path.realpath(os.path.dirname(os.path.abspath(path))) == os.path.realpath(exp_dir)
+    found = []
+    for other, theirs in ckpt_io.read_headers(exp_dir, quiet=True):
+        if os.path.exists(path) and os.path.samefile(other, path):
+            continue
+        tag, at = theirs.get("run_id"), ckpt_io.progress(theirs)
+        if (rid and tag and tag != rid) or (not inside and not (rid and tag == rid)):
+            found.append((other, f"of another run (epoch {at[0]})"))
+        elif at > mine and not (other == ckpt_io.preempt_path(exp_dir) and at[0] == mine[0]):
+            found.append((other, f"further on (epoch {at[0]}, step {at[1]})"))
+    return found
+
+
+def clear_files(claim: FolderClaim) -> None:
+    """Remove what ``claim`` names (rank 0, holding the folder's lock) and log its line."""
+    for path in claim.remove:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+    logger.info("%s", claim.note)
+
+
 class Session:
     """One run's start, saves and stop (see the module docstring for the calls the loop makes)."""
 
-    def __init__(self, cfg: RunConfig, path: str | None, ckpt: dict[str, Any] | None) -> None:
+    def __init__(self, cfg: RunConfig, path: str | None, ckpt: dict[str, Any] | None,
+                 claim: FolderClaim | None = None) -> None:
         self.cfg, self.path, self.ckpt = cfg, path, ckpt
+        self.claim = claim or FolderClaim(f"a run in {cfg.exp_dir}")
         self.resumed: dict[str, Any] = {}
+        self.run_id = uuid.uuid4().hex  # shared by the run's checkpoints; a resumed run keeps its file's
         self.start_epoch = cfg.start_epoch
         self.resumed_preempt: str | None = None  # the preempt checkpoint this run resumed from, removed once passed
         self.stop = StopRequest()
@@ -179,32 +312,41 @@ class Session:
 
     @classmethod
     def prepare(cls, cfg: RunConfig) -> "Session":
-        """Read and check --resume first: a wrong or unreadable file fails before the dataset is scanned."""
-        path, ckpt = None, None
+        """Read and check --resume (its header only: the tensors are read once, by :meth:`load`) and how this start
+        treats the run in --exp-dir (:func:`claim_exp_dir`): a wrong or unreadable file, or a start that would replace
+        another run's checkpoints, fails before the dataset is scanned."""
+        path, head = None, None
         if cfg.resume:
-            path, ckpt = ckpt_io.resolve_resume(cfg.resume, cfg.exp_dir, "cpu")
-            if ckpt is not None:
-                ckpt_io.require_pretrain_checkpoint(ckpt, path)
-        return cls(cfg, path, ckpt)
+            path, head = ckpt_io.resolve_resume(cfg.resume, cfg.exp_dir)
+            if head is not None:
+                ckpt_io.require_pretrain_checkpoint(head, path)
+                check_loop_states(head, path)
+        return cls(cfg, path, head, claim_exp_dir(cfg.exp_dir, cfg.overwrite, path, head, cfg.resume == "auto"))
 
     def load(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: PretrainData,
              device: torch.device, scaler: torch.amp.GradScaler | None = None) -> bool:
-        """Refuse to write over another run (a fresh start without --overwrite), load the --resume checkpoint into
-        ``model``, ``optimizer`` and ``scaler`` (--amp fp16); False when it already finished --epochs (nothing to
-        train). The checkpoints this session writes hold all three."""
+        """Take rank 0's --resume choice on every rank, load it into ``model``, ``optimizer`` and ``scaler`` (--amp
+        fp16), then clear what the folder's claim removes (rank 0); False when the checkpoint already finished
+        --epochs (nothing to train). The checkpoints this session writes hold all three."""
         cfg = self.cfg
         self.model, self.optimizer, self.device, self.scaler = model, optimizer, device, scaler
         if cfg.estep_features == "bank":
             self.bank = FeatureBank(data.num_samples, cfg.low_dim, device, cfg.bank_views)
-        if not cfg.resume and not cfg.overwrite:
-            dist_utils.main_only(lambda: ckpt_io.refuse_other_runs(cfg.exp_dir), "checking --exp-dir")
+        self.path, at = agree_resume(self.path, self.ckpt)
+        self.ckpt = None
+        if self.path is not None:
+            path = self.path
+            self.resumed = dist_utils.on_every_rank(
+                lambda: load_into(path, model, optimizer, device, scaler=scaler, expect=at), f"loading --resume {path}")
+            self.run_id = self.resumed.get("run_id") or self.run_id
+            self.wandb_id = self.resumed.get("wandb_id")
+        dist_utils.main_only(lambda: clear_files(self.claim), f"preparing --exp-dir {cfg.exp_dir}")
         clear_marker(cfg.exp_dir)  # this run continues the preempted one
         if self.path is None:
             return True
-        self.resumed = load_into(self.path, model, optimizer, device, self.ckpt, scaler)
-        self.ckpt, self.wandb_id = None, self.resumed.get("wandb_id")
-        if os.path.abspath(self.path) == os.path.abspath(ckpt_io.preempt_path(cfg.exp_dir)):
-            self.resumed_preempt = self.path
+        preempt = ckpt_io.preempt_path(cfg.exp_dir)
+        if os.path.exists(preempt) and os.path.exists(self.path) and os.path.samefile(self.path, preempt):
+            self.resumed_preempt = preempt  # also when reached by checkpoint_last, its hard link
         _check_mid_epoch(self.resumed, self.path, cfg, data.num_samples)
         self._restore_bank()
         self.start_epoch = int(self.resumed["epoch"])
@@ -291,7 +433,8 @@ class Session:
         def write() -> None:
             check_weights(self.model, f"epoch {epoch} step {step}")
             ckpt_io.save_checkpoint(checkpoint_contents(self.model, self.optimizer, epoch, self.cfg, clusters, step,
-                                                        states, self.scaler, self.bank, self.wandb_id), path)
+                                                        states, self.scaler, self.bank, self.wandb_id,
+                                                        self.run_id), path)
             if step == 0 and self.resumed_preempt not in (None, path) and os.path.exists(self.resumed_preempt):
                 os.remove(self.resumed_preempt)  # the stop this run continued from is behind it now
         dist_utils.main_only(write, f"saving {path}")

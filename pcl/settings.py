@@ -259,19 +259,34 @@ def cannot_read(path: str, e: OSError, verb: str = "read") -> PCLError:
     return PCLError(f"cannot {verb} {path}: {e.strerror or e}")
 
 
-def load_config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
-    """Read a YAML file into parser defaults; unknown keys raise :class:`PCLError`."""
+def read_text(path: str, what: str, expected: str) -> str:
+    """A text file every entry point reads (a config, a class or subset list) as UTF-8 (a byte-order mark
+    dropped), or one PCLError naming ``what`` it is, the file, and why: not found, a directory, unreadable, not
+    UTF-8 text (``expected`` says what it should hold)."""
+    if os.path.isdir(path):
+        raise PCLError(f"{what} {path} is a directory, not a file ({expected})")
     if not os.path.isfile(path):
-        raise PCLError(f"config file not found: {path}")
+        raise PCLError(f"{what} file not found: {path} ({expected})")
     try:
-        with open(path) as f:
-            text = f.read()
+        with open(path, encoding="utf-8-sig") as f:
+            return f.read()
     except OSError as e:
         raise cannot_read(path, e) from None
+    except UnicodeDecodeError as e:
+        raise PCLError(f"{what} {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): "
+                       f"save it as UTF-8 ({expected})") from None
+
+
+def load_config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    """Read a YAML file into parser defaults; unknown keys raise :class:`PCLError`."""
+    text = read_text(path, "config", "a YAML file of flag names and values")
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise PCLError(f"config {path} is not valid YAML: {e}") from None
+    except _DuplicateKey as e:
+        raise PCLError(f"config {path}: key '{e.key}' is given twice (lines {e.lines[0]} and {e.lines[1]}); keep "
+                       f"one (YAML would silently take the last)") from None
     if not isinstance(raw, dict):
         raise PCLError(f"config {path} must be a mapping of flag names to values")
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
@@ -279,14 +294,40 @@ def load_config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str
     if unknown:
         raise PCLError(f"config {path}: " + "; ".join(_unknown_key(key, actions) for key in unknown)
                        + " (valid keys are the command-line flags, see --help)")
-    defaults = {}
+    defaults, spelled = {}, {}
     for key, value in raw.items():
         dest = str(key).lstrip("-").replace("-", "_")
+        if dest in spelled:
+            raise PCLError(f"config {path}: keys '{spelled[dest]}' and '{key}' are the same flag; keep one")
+        spelled[dest] = key
         value = yaml_value(actions[dest], value, f"config {path}: key '{key}'")
         if dest in CONFIG_RELATIVE_PATHS and isinstance(value, str) and not os.path.isabs(value):
             value = os.path.join(os.path.dirname(os.path.abspath(path)), value)
         defaults[dest] = value
     return defaults
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, lines: tuple[int, int]) -> None:
+        super().__init__(key)
+        self.key, self.lines = key, lines
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise _DuplicateKey(str(key), (seen[key], line))
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
 
 
 def _unknown_key(key: str, actions: Mapping[str, argparse.Action]) -> str:
@@ -303,6 +344,9 @@ def yaml_value(action: argparse.Action, value: Any, where: str) -> Any:
     ``choices``): switches take true/false only, int flags integers only (1.5 is not 1), lists for nargs flags,
     and the value must be one of the choices. Raises PCLError naming the key and what it takes."""
     if value is None:
+        if action.default is not None:  # only a flag that is unset by default takes null (= unset)
+            raise PCLError(f"{where} is null (empty): give it a value, or delete the line to keep the default "
+                           f"({action.default!r})")
         return None
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
         if not isinstance(value, bool):
@@ -366,9 +410,10 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
                      "print_freq", "pcl_r", "kmeans_niter", "kmeans_nredo", "bn_splits", "knn_k", "runs",
                      "svm_max_iter", "gallery_rows", "columns", "queries"), _at_least(1)),
     **dict.fromkeys(("expect_images", "expect_classes", "knn_every", "kmeans_warm_check"), _at_least(0, " (0: off)")),
-    **dict.fromkeys(("lr", "temperature", "knn_t", "pauc_alpha", "pauc_t", "lr_last_layer", "dist_timeout",
-                     "knn_max_bank_gb"),
+    **dict.fromkeys(("lr", "temperature", "knn_t", "pauc_alpha", "pauc_t", "lr_last_layer", "knn_max_bank_gb"),
                     _POSITIVE),
+    # minutes; torch's rendezvous sockets overflow from about 1e10 (a 'timed out after ...ms' dump at once)
+    "dist_timeout": ((lambda v: _finite(v) and 0 < v <= 1e6), "a number of minutes > 0 and at most 1e6"),
     **dict.fromkeys(("weight_decay", "pauc_align", "pauc_uniform", "pauc_corr", "loader_timeout", "proto_weight"),
                     _NON_NEGATIVE),
     **dict.fromkeys(("schedule", "decay_epochs"), _EPOCH_LIST),

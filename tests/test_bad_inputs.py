@@ -202,3 +202,37 @@ def test_symlink_loop_in_a_class_folder_is_refused(tmp_path):
     with pytest.raises(PCLError, match=r"train/a/sub/up links back to .*train/a \(a symlink loop") as err:
         image_folder(str(tmp_path), "train")
     one_line(err)
+
+
+def test_every_seed_in_range_seeds_every_stream():
+    """NF17: --seed 10**12 passed the range check, then 'Overflow when unpacking long long' in manual_seed."""
+    from pcl.data.loaders import epoch_seed, stream_seed, worker_seed
+
+    for seed in (10 ** 12, 2 ** 63 - 1):
+        for value in (epoch_seed(seed, 199), epoch_seed(seed, 199, 7, 3), stream_seed(seed, 199, 7, 2),
+                      worker_seed(seed, 199, 7)):
+            torch.Generator().manual_seed(value)
+    assert epoch_seed(5, 3, 2, 1) == (5 * 100_003 + 3) * 1009 + 3 and stream_seed(5, 3, 2, 1) == \
+        ((5 * 1_000_003 + 3) * 1009 + 2) * 17 + 1  # the seeds earlier runs were drawn with
+
+
+def test_compile_on_the_cpu_with_narrow_convs_is_refused_before_the_data():
+    """WF09: --compile on the CPU at --width 4 died of a segmentation fault in oneDNN (no message). The decision
+    only: nothing is compiled here."""
+    from pcl.model import cpu_compile_problem
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert "its narrowest 1x1 stride-2 convolution has 4 input channels" in \
+        cpu_compile_problem("resnet18", 4, "small", cpu, "AVX2")
+    assert cpu_compile_problem("resnet18", 8, "small", cpu, "AVX2") is None  # trained on AVX2 in the probe
+    assert "use --width 16 or more" in cpu_compile_problem("resnet18", 8, "small", cpu, "AVX512")
+    assert cpu_compile_problem("resnet50", 4, "small", cpu, "AVX512") is None  # bottlenecks: 4 x 4 channels
+    assert cpu_compile_problem("resnet18", 4, "small", gpu, "AVX2") is None
+
+
+def test_fit_refuses_an_unsafe_cpu_compile_before_reading_the_data(tmp_path):
+    from conftest import tiny_args
+    from pcl.engine import fit
+
+    with pytest.raises(PCLError, match=r"^--compile on the CPU with -a resnet18 --width 4"):
+        fit(tiny_args(tmp_path, "--compile", "--dataset", "imagefolder", str(tmp_path / "no_such_data")))

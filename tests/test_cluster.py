@@ -283,3 +283,23 @@ def test_nmi_on_the_device_is_scikit_learns_in_float64():
         assert abs(nmi(torch.from_numpy(a), torch.from_numpy(b)) - want) < 1e-9, (n, ka, kb)
     a = torch.tensor([3, 3, 7, 7, 9])
     assert nmi(a, 10 - a) == 100.0 and nmi(torch.zeros(5), torch.zeros(5)) == 100.0
+
+
+def test_a_faiss_whose_library_fails_to_load_counts_as_absent(monkeypatch):
+    """NH05: an OSError from the import (a missing .so) was a traceback; auto now takes the torch k-means."""
+    import builtins
+
+    from pcl.cluster import resolve_backend
+
+    real = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name == "faiss":
+            raise OSError("libfaiss.so: cannot open shared object file: No such file or directory")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    backend, why = resolve_backend("auto", "cpu")
+    assert backend == "torch" and "faiss is installed but cannot be loaded (libfaiss.so: cannot open" in why
+    with pytest.raises(PCLError, match=r"--kmeans-backend faiss: faiss is installed but cannot be loaded"):
+        resolve_backend("faiss", "cpu")

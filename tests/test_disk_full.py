@@ -191,3 +191,30 @@ def test_evaluation_results_go_through_the_atomic_writer(module):
     text = open(os.path.join(ROOT, "pcl", "evaluation", f"{module}.py")).read()
     assert not [s for s in ('"w")', "json.dump(", ".savefig(path", ".save(path)") if s in text]
     assert "write_json(" in text or "write_atomic(" in text
+
+
+def test_tensorboards_writer_thread_dying_of_a_full_disk_is_one_warning_at_once(tmp_path, capsys, pcl_warnings):
+    """WD01/WD02/NT04: the writer thread printed 'Exception in thread ...' with an OSError traceback (in WD01 into
+    the middle of a log line), and 'TensorBoard is off' came only at the next epoch's write."""
+    import threading
+
+    from pcl.log import RunLog
+
+    before = threading.excepthook
+    log = RunLog(str(tmp_path))
+    thread = log.writer.file_writer.event_writer._async_writer._worker  # tensorboard's event-file writer thread
+
+    def full(data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    thread._record_writer.write = full
+    log.scalars(0, {"loss": 1.0})
+    thread.join(10)
+    assert not thread.is_alive()
+    assert pcl_warnings == [f"could not write {tmp_path / 'tb'} (No space left on device): TensorBoard is off for "
+                            f"this run"]
+    log.scalars(1, {"loss": 0.5})  # the dead writer is dropped without a second word
+    log.close()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Exception in thread" not in err, err
+    assert len(pcl_warnings) == 1 and threading.excepthook is before

@@ -186,6 +186,15 @@ def test_class_list_with_a_builtin_dataset_warns_once(tmp_path, pcl_warnings):
     assert len(pcl_warnings) == 1
 
 
+def test_device_augment_and_decode_with_an_in_memory_set_warn_once(tmp_path, pcl_warnings):
+    """WA11: ignored without a word with --dataset demo."""
+    validate_pretrain_args(tiny_args(tmp_path / "exp", "--augment", "device", "--decode", "device"))
+    assert len(pcl_warnings) == 1, pcl_warnings
+    assert pcl_warnings[0].startswith("--augment device / --decode device: no effect with --dataset demo")
+    validate_pretrain_args(tiny_args(tmp_path / "exp", "--augment", "device", str(tmp_path)))  # ImageFolder
+    assert len(pcl_warnings) == 1
+
+
 def test_a_seed_beyond_64_bits_is_refused_at_parse_time():
     from pcl import PCLError
     from pcl.config import build_pretrain_parser, parse_args
@@ -252,3 +261,114 @@ def test_loader_timeout_is_off_without_workers_and_on_by_default(tmp_path):
     assert FileLoader(_Stuck(), 1, 0, 0, train=False, timeout_min=5).loader.timeout == 0  # torch refuses it then
     assert FileLoader(_Stuck(), 1, 2, 0, train=False, timeout_min=5).loader.timeout == 300
     assert validate_pretrain_args(tiny_args(tmp_path / "exp")).loader_timeout == 30
+
+
+# 5. the run folder, DIR and the console (reliability probe s4)
+
+
+def test_an_ascii_console_prints_every_line(monkeypatch):
+    """NV11: eval_svm's table (mean ± std) on an ASCII stdout was a UnicodeEncodeError after the files were written."""
+    import io
+    import sys
+
+    from pcl.config import build_svm_parser
+    from pcl.launch import run_cli
+
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    err = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    assert run_cli(build_svm_parser, lambda args: print("| k=1 | 50.00 \u00b1 1.00 | caf\udce9 |"), []) == 0
+    out.flush()
+    assert out.buffer.getvalue() == b"| k=1 | 50.00 \\xb1 1.00 | caf\\udce9 |\n"
+
+
+def test_exp_dir_names_the_logs_cannot_hold_are_one_line(tmp_path):
+    """F39 (non-UTF-8 bytes: a traceback in TensorBoard's writer), NS02/NS03 (a dangling or looping symlink: 'not
+    writable (File exists)'), NS12 (.lock a directory: 'not writable (Is a directory)')."""
+    from pcl.checkpoint import ExpDirLock
+    from pcl.log import setup_logging
+
+    with pytest.raises(PCLError, match=r"f39_\\xff: its name has bytes that are not UTF-8 text"):
+        setup_logging(str(tmp_path / "f39_\udcff"))
+    os.symlink(tmp_path / "gone", tmp_path / "dangling")
+    os.symlink("loop", tmp_path / "loop")
+    for name, target in (("dangling", str(tmp_path / "gone")), ("loop", "loop")):
+        with pytest.raises(PCLError, match=rf"{name} is a symbolic link to {target}, which does not exist \(or the "
+                                           rf"link loops\)"):
+            setup_logging(str(tmp_path / name))
+    (tmp_path / "run" / ".lock").mkdir(parents=True)
+    with pytest.raises(PCLError, match=r"run: .lock is a directory, not the run's lock file; remove it"):
+        ExpDirLock(str(tmp_path / "run")).__enter__()
+
+
+def test_dir_of_the_wrong_kind_is_named_as_such(tmp_path):
+    """D02 (a file as DIR) and NF03 (--dataset imagefolder without DIR) both said 'data folder not found'."""
+    from pcl.data import build_pretrain_data, data_settings
+
+    (tmp_path / "afile.txt").write_text("x")
+    for data, message in ((str(tmp_path / "afile.txt"), r"DIR .*afile.txt is a file, not a folder: --dataset "
+                                                         r"imagefolder needs an ImageFolder root"),
+                          (None, r"^--dataset imagefolder needs an ImageFolder root .* as DIR$")):
+        cfg = validate_pretrain_args(tiny_args(tmp_path / "exp", *([data] if data else []), "--dataset", "imagefolder"))
+        with pytest.raises(PCLError, match=message):
+            build_pretrain_data(data_settings(cfg))
+
+
+# 6. divergence blamed on its cause
+
+
+def test_weight_decay_that_diverges_by_itself_is_refused_before_any_work(tmp_path):
+    """NN05: --wd 1e10 ended in 'non-finite loss ... lower --lr'."""
+    with pytest.raises(PCLError, match=r"--wd 1e\+10 with --lr 0.05: the weight decay alone makes every SGD step "
+                                       r"diverge \(lr x wd = 5e\+08 >= 2 \(1 \+ --momentum\) = 3.8\)"):
+        validate_pretrain_args(tiny_args(tmp_path, "--wd", "1e10"))
+    validate_pretrain_args(tiny_args(tmp_path, "--wd", "1e-3"))
+
+
+def test_a_finite_protonce_term_overflowed_by_its_weight_names_proto_weight():
+    """WF04: --proto-weight 1e30 was blamed on --lr, with '(last checkpoint kept)' where none existed."""
+    from pcl.log import FiniteGuard
+
+    guard = FiniteGuard(torch.device("cpu"))
+    guard.watch(1, torch.tensor(float("inf")), torch.tensor(5.2), torch.tensor(4.1), 0.03)
+    with pytest.raises(PCLError, match=r"step 1: loss_inst=5.2 loss_proto=4.1 lr=0.03; lower --proto-weight "
+                                       r"\(nothing of this epoch is saved\)$"):
+        guard.check(0, 1, True)
+    guard = FiniteGuard(torch.device("cpu"))
+    guard.watch(2, torch.tensor(float("nan")), torch.tensor(float("nan")), torch.tensor(4.1), 0.03)
+    with pytest.raises(PCLError, match=r"lower --lr \(nothing of this epoch is saved\)$"):
+        guard.check(0, 2, True)
+
+
+def test_a_dist_timeout_that_overflows_torchs_sockets_is_refused_at_parse_time():
+    """ND17: --dist-timeout 1e12 gave a C++ frame dump, then 'the others did not join' (it never waited)."""
+    from pcl.config import build_pretrain_parser, parse_args
+
+    with pytest.raises(PCLError, match=r"--dist-timeout 1000000000000.0: must be a number of minutes > 0 and at most 1e6"):
+        parse_args(build_pretrain_parser(), ["--dist-timeout", "1e12"])
+    assert parse_args(build_pretrain_parser(), ["--dist-timeout", "1e6"]).dist_timeout == 1e6
+
+
+def test_a_worker_killed_by_a_signal_is_one_line_from_the_launcher(tmp_path, monkeypatch, capsys):
+    """NG10: kill -9 of one worker gave the launcher a ProcessExitedException traceback."""
+    import types
+
+    import torch.multiprocessing as tmp
+
+    from pcl.config import build_pretrain_parser
+    from pcl.launch import main
+
+    def dead(*args, **kwargs):
+        def join():
+            raise tmp.ProcessExitedException("process 1 terminated with signal SIGKILL", error_index=1,
+                                             error_pid=4242, exit_code=-9, signal_name="SIGKILL")
+        return types.SimpleNamespace(join=join, processes=[])
+
+    monkeypatch.setattr(tmp, "start_processes", dead)
+    code = main(build_pretrain_parser, lambda args: None, tiny_argv(tmp_path, "--multiprocessing-distributed",
+                                                                    "--nproc", "2"))
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert err.strip() == ("error: worker process 1 (pid 4242) died (killed by SIGKILL); the launcher stopped the other "
+                           "workers. Rerun with --resume auto to continue from the last saved checkpoint")

@@ -102,3 +102,13 @@ def test_prototype_drift_is_the_nmi_between_consecutive_e_steps(tmp_path):
     assert monitor.estep["drift_nmi_k2"] == 100.0 and monitor.estep["drift_nmi_k3"] < 50
     stats = monitor.epoch_end(3, None, estep(a, b).clusters, {"loss": 1.0}, 0.1)
     assert stats["drift_nmi_k3"] == monitor.estep["drift_nmi_k3"]  # in log.txt and TensorBoard with the epoch
+
+
+def test_an_e_step_that_puts_every_sample_in_one_cluster_says_the_features_collapsed(tmp_path, pcl_warnings):
+    """NK03: 20 identical images gave 'k=2 (largest 20, 1 empty)' and nothing else."""
+    clusters = ClusterResult([torch.zeros(6, dtype=torch.long), torch.tensor([0, 1, 2, 0, 1, 2])],
+                             [torch.eye(2, 4), torch.eye(3, 4)], [torch.full((2,), 0.1), torch.full((3,), 0.1)])
+    _monitor(tmp_path).e_step(1, EStep(clusters, None, 0.1, [0.0, 0.0], 0.1))
+    assert pcl_warnings == ["E-step epoch 1: k=2 put every sample in one cluster: the features have collapsed "
+                            "(identical images, or an encoder that maps every image to one point); the prototypes "
+                            "carry no signal"]

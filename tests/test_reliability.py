@@ -34,7 +34,10 @@ def test_sigterm_mid_epoch_then_resume_auto_equals_uninterrupted(tmp_path, tiny_
     assert stopped.value.epoch == 1 and stopped.value.step == 4 and "--resume auto" in str(stopped.value)
     saved = ckpt_io.load_checkpoint(stopped.value.path)
     assert saved["epoch"] == 1 and saved["step"] == 4 and "cluster_result" in saved and len(saved["resume_states"]) == 1
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers are restored after the run
+    # NG04: after the stop a second SIGTERM is logged, not the default kill (exit 143 where 75 was due)
+    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    os.kill(os.getpid(), signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     fit(tiny_args(cut, "--resume", "auto"))
     a, b = _state(full / "checkpoint_0001.pth.tar"), _state(cut / "checkpoint_0001.pth.tar")
     for key in a:
@@ -49,6 +52,24 @@ def test_stop_request_catches_sigusr1():
         assert stop.requested(torch.device("cpu")) and stop.signal_name == "SIGUSR1"
     finally:
         stop.restore()
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_DFL)
+
+
+def test_a_second_sigterm_after_the_stop_does_not_kill_the_saved_run():
+    """NG04: two TERMs 0.1 s apart: the checkpoint was saved and 'preempted:' printed, then exit 143, not 75."""
+    quiet = StopRequest().install()
+    quiet.restore()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # no stop: the handlers are given back as they were
+    stop = StopRequest().install()
+    os.kill(os.getpid(), signal.SIGTERM)
+    stop.restore()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # the default action would end this test process here
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_DFL)
 
 
 def test_resume_auto_skips_a_truncated_newest_checkpoint(tmp_path, caplog):
@@ -131,8 +152,8 @@ def test_queue_not_divisible_by_batch(tmp_path):
 
 
 def test_non_finite_loss_stops_with_the_step_and_terms(tmp_path):
-    code, err = run_main("--dataset", "demo", "--demo-renders", "1", *TINY, "--lr", "1e30", "--epochs", "2",
-                         "--exp-dir", str(tmp_path / "e"))
+    code, err = run_main("--dataset", "demo", "--demo-renders", "1", *TINY, "--lr", "1e30", "--wd", "0", "--epochs",
+                         "2", "--exp-dir", str(tmp_path / "e"))  # wd 0: with 1e-4, lr x wd is refused at start
     assert_clean_error(code, err, "non-finite loss at epoch", "loss_inst=", "lr=")
 
 
@@ -300,3 +321,17 @@ def test_unwritable_exp_dir_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "makedirs", refuse)
     with pytest.raises(PCLError, match=r"--exp-dir .*/ro is not writable \(Permission denied\)"):
         setup_logging(str(tmp_path / "ro"))
+
+
+def test_a_signal_after_the_last_checkpoint_says_what_happens(pcl_warnings):
+    """NG02: TERM during the final --knn-eval logged 'stopping at the next safe point ..., then saving', then the run
+    finished with exit 0 (nothing was lost: the message was wrong)."""
+    stop = StopRequest().install()
+    stop.after_training = True
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        stop.restore()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert pcl_warnings == ["SIGTERM received after the last checkpoint was saved: nothing is lost; the final report "
+                            "finishes, then the run exits"]

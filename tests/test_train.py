@@ -181,8 +181,23 @@ def test_nan_weights_in_a_pretrained_file_are_named_as_the_cause(tmp_path, tiny_
     ckpt = load_checkpoint(tiny_run_1ep / "checkpoint_last.pth.tar")
     ckpt["state_dict"]["module.encoder_q.layer1.0.conv1.weight"].fill_(float("nan"))
     torch.save(ckpt, tmp_path / "nan.pth.tar")
-    with pytest.raises(PCLError, match=r"NaN/inf backbone weights in 1 tensors \(first: layer1.0.conv1.weight\)"):
+    with pytest.raises(PCLError, match=r"NaN/inf or diverged \(\|w\| >= 1e\+10\) backbone weights in 1 tensors "
+                                       r"\(first: layer1.0.conv1.weight\)"):
         load_backbone(str(tmp_path / "nan.pth.tar"))
+    ckpt["state_dict"]["module.encoder_q.layer1.0.conv1.weight"].fill_(1e28)  # NN11: finite, diverged
+    torch.save(ckpt, tmp_path / "big.pth.tar")
+    with pytest.raises(PCLError, match=r"big.pth.tar has NaN/inf or diverged .* the run that wrote it diverged"):
+        load_backbone(str(tmp_path / "big.pth.tar"))
+
+
+@pytest.mark.parametrize("value", [float("nan"), 1e28], ids=["NN10", "NN13"])
+def test_resuming_diverged_weights_names_the_file_not_the_lr(tmp_path, tiny_run_1ep, value):
+    ckpt = load_checkpoint(tiny_run_1ep / "checkpoint_last.pth.tar")
+    ckpt["state_dict"]["module.encoder_q.layer1.0.conv1.weight"].fill_(value)
+    torch.save(ckpt, tmp_path / "bad.pth.tar")
+    with pytest.raises(PCLError, match=r"--resume .*bad.pth.tar holds diverged weights \(largest \|w\| = "
+                                       r"(nan|1e\+28)\): the run that wrote it diverged; resume an earlier checkpoint"):
+        fit(tiny_args(tmp_path / "run", "--resume", str(tmp_path / "bad.pth.tar")))
 
 
 def test_hand_made_checkpoint_with_a_wrong_state_dict_type_is_named(tmp_path):

@@ -114,12 +114,27 @@ def test_visualize_without_labels_colours_by_cluster_and_random_compare(tmp_path
     (["--tsne-samples", "5000"], "--tsne-samples 5000 is larger than the 718"),
     (["--queries", "0"], "--queries 0: must be >= 1"),
     (["--only", "pictures"], "--only 'pictures': choose from"),
+    (["--columns", "5000"], "--columns 5000: there are only 1438 training images to retrieve per query"),  # NZ07
+    (["--num-cluster", "5000"], "--num-cluster 5000: k=5000 is larger than the 1438 training images"),  # WV01
 ])
 def test_visualize_bad_settings_are_one_line_errors(tiny_checkpoint, tmp_path, capsys, argv, message):
     code = run_cli(visualize.build_parser, visualize.run,
                    ["--pretrained", tiny_checkpoint, *DEMO, "--exp-dir", str(tmp_path), *argv])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_an_explicit_num_cluster_replaces_the_checkpoints_saved_galleries(tiny_checkpoint):
+    """WV01: --num-cluster 7 drew the checkpoint's k = 10, 20 galleries without a word."""
+    from types import SimpleNamespace
+
+    from pcl.settings import RunConfig
+
+    feats = F.normalize(torch.randn(1438, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    train = SimpleNamespace(labels=torch.arange(1438) % 10)
+    args = RunConfig(pretrained=tiny_checkpoint, num_cluster="7", gallery_rows=2, columns=2, seed=0)
+    assert set(visualize.galleries(feats, train, args, True)) == {7}
+    assert set(visualize.galleries(feats, train, args.replace(num_cluster="10,20"), True)) == {10, 20}
 
 
 def test_visualize_checkpoint_without_backbone_fails_before_reading_data(tmp_path, capsys):

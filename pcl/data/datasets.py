@@ -3,12 +3,15 @@ the in-memory sets, labelled subsets, and the start-up checks of a dataset."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gzip
 import logging
 import math
 import os
+import stat
 import struct
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +24,7 @@ from pcl import PCLError, distributed as dist_utils
 from pcl.data.demo import make_digits_demo
 from pcl.data.registry import DatasetSpec, spec
 from pcl.data.unlabelled import UnlabelledImages, folder_contents, images_under, training_folder
-from pcl.settings import DataSettings, DistSettings, cannot_read
+from pcl.settings import DataSettings, DistSettings, cannot_read, read_text
 
 
 class IndexedDataset(Dataset):
@@ -50,14 +53,8 @@ class IndexedDataset(Dataset):
 def read_class_list(path: str) -> list[str]:
     """Class folder names (e.g. ImageNet wnids), one per line, in label order; blank lines and '#' comments
     are skipped. A missing or empty file, or a name listed twice, is a PCLError."""
-    if not os.path.isfile(path):
-        raise PCLError(f"--class-list {path}: file not found (one class folder name per line)")
-    try:
-        with open(path) as f:
-            names = [line.split("#", 1)[0].strip() for line in f]
-    except OSError as e:
-        raise cannot_read(path, e) from None
-    names = [n for n in names if n]
+    text = read_text(path, "--class-list", "one class folder name per line")
+    names = [n for n in (line.split("#", 1)[0].strip() for line in text.splitlines()) if n]
     if not names:
         raise PCLError(f"--class-list {path} lists no classes")
     seen: set[str] = set()
@@ -68,15 +65,31 @@ def read_class_list(path: str) -> list[str]:
     return names
 
 
+def open_regular(path: str) -> Any:
+    """``open(path, "rb")``, except that a FIFO, socket or device named like an image is an OSError instead of a
+    read that blocks for ever (opened without blocking, then checked: one fstat, no second lookup)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, socket or device named like an image)")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def load_image(path: str) -> Image.Image:
     """An image file as 8-bit RGB. 16-bit and 32-bit grey images (PNG/TIFF modes I;16, I, F) are scaled to 8 bits
-    by their range (torchvision's loader clips them to 255: a white picture)."""
-    with open(path, "rb") as f:
+    by their range (torchvision's loader clips them to 255: a white picture); a float image (F) whose values all
+    lie in [0, 1] follows the float convention, 1.0 = white."""
+    with open_regular(path) as f:
         img = Image.open(f)
         img.load()
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if arr.max() > 255 else 255.0
+        top = 1.0 if img.mode == "F" and arr.max() <= 1.0 else 65535.0 if arr.max() > 255 else 255.0
         img = Image.fromarray((arr / top * 255.0).round().clip(0, 255).astype(np.uint8))
     return img.convert("RGB")
 
@@ -176,11 +189,28 @@ def _torchvision_set(s: DatasetSpec, root: str, split: str, download: bool) -> D
     class and split keyword as the table gives them."""
     cls = getattr(tvd, s.torchvision)
     try:
-        if s.split_keyword == "split":
-            return cls(root, split=split, download=download)
-        return cls(root, train=split == "train", download=download)
+        with _download_errors(s.name, root) if download else contextlib.nullcontext():
+            if s.split_keyword == "split":
+                return cls(root, split=split, download=download)
+            return cls(root, train=split == "train", download=download)
+    except PCLError:
+        raise
     except RuntimeError as e:
         raise PCLError(f"{s.name} not found under {root}: {e}; put the torchvision files there or pass --download") from None
+
+
+@contextlib.contextmanager
+def _download_errors(name: str, root: str) -> Iterator[None]:
+    """torchvision's --download failures (no network, a proxy, a full disk: URLError/OSError, or its RuntimeError
+    'Error downloading ...') as one line naming the set and the folder."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "download" not in str(e).lower():
+            raise
+        why = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e).strip().splitlines()[0][:160]
+        raise PCLError(f"--download {name} into {root} failed ({why}): without a network, fetch the files elsewhere "
+                       f"and put them there (then drop --download)") from None
 
 
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -205,6 +235,9 @@ def read_idx(path: str) -> torch.Tensor:
     if len(raw) < start:
         raise PCLError(f"{path} is truncated inside its header ({len(raw)} bytes)")
     dims = struct.unpack(f">{ndim}I", raw[4:start])
+    if math.prod(dims) == 0:
+        raise PCLError(f"{path} is empty (its header says {' x '.join(map(str, dims))}); re-download it or check the "
+                       f"folder")
     if len(raw) - start != math.prod(dims):
         raise PCLError(f"{path}: the header says {' x '.join(map(str, dims))} = {math.prod(dims)} bytes of data, "
                        f"the file holds {len(raw) - start}; it is truncated or corrupt, re-download it")
@@ -240,8 +273,9 @@ def load_mnist_family(name: str, root: str | None, download: bool = False) -> di
         raise PCLError(f"--dataset {name} needs {s.layout} as DIR")
     if download and s.download:
         cls = getattr(tvd, s.torchvision)
-        cls(root, train=True, download=True)
-        cls(root, train=False, download=True)
+        with _download_errors(s.name, root):
+            cls(root, train=True, download=True)
+            cls(root, train=False, download=True)
     out: dict[str, torch.Tensor] = {}
     for split, (images_base, labels_base) in IDX_FILES.items():
         images_path, labels_path = _find_idx(root, name, images_base), _find_idx(root, name, labels_base)
@@ -295,6 +329,18 @@ def load_in_memory(cfg: DataSettings) -> dict[str, torch.Tensor]:
             x = x.expand(-1, 3, -1, -1)
         sets[split] = x
     return sets
+
+
+def data_root(path: str | None, dataset: str) -> str:
+    """DIR of a file dataset, checked: given, and a folder (a file or a missing path is one line saying which)."""
+    s = spec(dataset)
+    if path is None:
+        raise PCLError(f"--dataset {dataset} needs {s.layout} as DIR")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise PCLError(f"DIR {printable(path)} is a file, not a folder: --dataset {dataset} needs {s.layout}")
+    if not os.path.isdir(path):
+        raise PCLError(f"data folder not found: {printable(path)} (--dataset {dataset} needs {s.layout})")
+    return path
 
 
 def check_expected(cfg: DataSettings, num_images: int, num_classes: int | None) -> None:
@@ -396,15 +442,9 @@ def read_subset(train_dir: str, samples: Sequence[tuple[str, int]], list_file: s
     """Indices into an ImageFolder's ``samples`` of the images a subset file lists (one per line): a bare
     ImageNet name ``n01440764_10026.JPEG`` (its class folder is the part before '_', the SimCLR/SwAV 1% and
     10% files) or a path relative to the training folder. Every listed file must exist."""
-    if not os.path.isfile(list_file):
-        raise PCLError(f"subset file not found: {list_file} (one image name per line, e.g. SimCLR's 1percent.txt)")
+    lines = read_text(list_file, "subset", "one image name per line, e.g. SimCLR's 1percent.txt").splitlines()
     where = {os.path.normpath(path): i for i, (path, _) in enumerate(samples)}
     picked = []
-    try:
-        with open(list_file) as f:
-            lines = f.readlines()
-    except OSError as e:
-        raise cannot_read(list_file, e) from None
     for line in lines:
         name = line.strip()
         if not name:
@@ -442,3 +482,24 @@ class Relabelled(Dataset):
     def __getitem__(self, i: int):
         img, label, _ = self.base[self.indices[i]]
         return img, label, i
+
+
+def sample_fingerprint(data: Any) -> str:
+    """A short hash of a training set's sample list, for checking that every process sees the same one: an image
+    folder's (path relative to its root, label) of every image, in order; a tensor's shape and bytes; otherwise
+    the number of samples and their labels. Differs when a file is missing or extra on one process."""
+    import hashlib
+
+    h = hashlib.sha256()
+    if torch.is_tensor(data):
+        h.update(repr(tuple(data.shape)).encode())
+        h.update(data.contiguous().cpu().numpy().tobytes())
+    elif hasattr(data, "samples"):
+        root = getattr(getattr(data, "base", data), "root", "")
+        rows = (f"{os.path.relpath(path, root) if root else path}\t{label}" for path, label in data.samples)
+        h.update("\n".join(rows).encode("utf-8", "surrogateescape"))
+    else:
+        labels = getattr(data, "targets", None)
+        labels = getattr(data, "labels", None) if labels is None else labels
+        h.update(f"{len(data)}:{list(labels) if labels is not None else ''}".encode())
+    return h.hexdigest()[:16]

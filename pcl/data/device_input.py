@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pcl import PCLError
+from pcl.data.datasets import open_regular
 from pcl.data.transforms import PretrainCropBoxes
 
 DEVICE_JPEG = {"JPEG", "MPO"}  # PIL's names of files decode_jpeg reads (MPO: a camera JPEG; its first frame)
@@ -60,7 +61,7 @@ class EncodedPairs(Dataset):
     def _jpeg(self, index: int) -> tuple[bytes, int, int] | None:
         """The file's bytes and (width, height) when the device can decode it, else None."""
         try:
-            with open(self.samples[index][0], "rb") as f:
+            with open_regular(self.samples[index][0]) as f:  # a FIFO named .JPEG: an error, not a blocked read
                 data = f.read()
             with Image.open(io.BytesIO(data)) as img:  # the header only: nothing decoded
                 if img.format not in DEVICE_JPEG or img.mode not in DEVICE_JPEG_MODES:

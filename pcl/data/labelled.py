@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 
 from pcl import PCLError, distributed as dist_utils
-from pcl.data.datasets import LabelledDataset, Relabelled, check_expected, file_sets, load_in_memory
+from pcl.data.datasets import LabelledDataset, Relabelled, check_expected, data_root, file_sets, load_in_memory
 from pcl.data.loaders import FileLoader, TensorLabelledLoader
 from pcl.data.registry import spec
 from pcl.data.tensor_augment import TensorAugment
@@ -51,8 +51,7 @@ def build_labelled_data(cfg: DataSettings, train_subset: Callable[[Any], list[in
         return LabelledData(TensorLabelledLoader(tr, trl, bs, augment, cfg.seed, shuffle=True),
                             TensorLabelledLoader(tr, trl, bs * 2), TensorLabelledLoader(te, tel, bs * 2), trl, tel,
                             augment_loader)
-    if cfg.data is None or not os.path.isdir(cfg.data):
-        raise PCLError(f"data folder not found: {cfg.data}")
+    data_root(cfg.data, cfg.dataset)
     base_train, base_val = file_sets(cfg, labelled=True)
     if len(base_train) == 0 or len(base_val) == 0:
         raise PCLError(f"the training or validation split in {cfg.data} is empty")

@@ -17,19 +17,23 @@ from pcl.data.tensor_augment import TensorAugment
 from pcl.data.transforms import MEAN, STD
 
 
+SEED_RANGE = 2 ** 63  # every derived seed is taken modulo this: torch.Generator.manual_seed's signed 64 bits
+
+
 def epoch_seed(seed: int, epoch: int, rank: int | None = None, offset: int = 0) -> int:
     """The seed of a loader's draws in one epoch: without ``rank`` the sample order (the same on every rank),
     with it the rank's augmentation stream (``offset`` separates streams of one rank). Every loader seeds here,
-    so resuming at an epoch replays it exactly."""
+    so resuming at an epoch replays it exactly. Taken modulo 2**63 (torch.Generator's range: any --seed works;
+    the seeds of --seed values below about 10**10 are unchanged)."""
     base = seed * 100_003 + epoch
-    return base if rank is None else base * 1009 + rank + offset
+    return (base if rank is None else base * 1009 + rank + offset) % SEED_RANGE
 
 
 def stream_seed(seed: int, epoch: int, rank: int, stream: int) -> int:
     """The seed of the training loop's generators (0: torch's global RNG, 1: shuffle-BN, 2: negative prototypes)
     for one (run, epoch, rank). A separate formula from :func:`epoch_seed` on purpose: both are what earlier runs
     and checkpoints were drawn with, and changing either would change every result."""
-    return ((seed * 1_000_003 + epoch) * 1009 + rank) * 17 + stream
+    return (((seed * 1_000_003 + epoch) * 1009 + rank) * 17 + stream) % SEED_RANGE
 
 
 RANK_STRIDE = 1_000_003  # more than any run's epochs: rank r's worker streams never meet rank 0's of another epoch
@@ -41,7 +45,7 @@ def worker_seed(seed: int, epoch: int, rank: int) -> int:
     rank alike, so sample p of every rank's batch gets the same crop, flip, colour jitter and blur (and so did
     this code before); here rank r's seed is offset by r x RANK_STRIDE. Rank 0 keeps epoch_seed(seed, epoch), so
     one-process runs draw exactly what they drew before."""
-    return epoch_seed(seed, epoch) + rank * RANK_STRIDE
+    return (epoch_seed(seed, epoch) + rank * RANK_STRIDE) % SEED_RANGE
 
 
 class ShardSampler(Sampler[int]):

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Subset
 
 from pcl import PCLError, distributed as dist_utils
-from pcl.data.datasets import IndexedDataset, check_expected, file_sets, load_in_memory
+from pcl.data.datasets import IndexedDataset, check_expected, data_root, file_sets, load_in_memory, sample_fingerprint
 from pcl.data.device_input import EncodedImages, EncodedPairs, collate_encoded, collate_encoded_images
 from pcl.data.loaders import DeviceAugmentLoader, DeviceEvalLoader, FileLoader, TensorEvalLoader, TensorPairLoader
 from pcl.data.registry import spec
@@ -29,6 +29,7 @@ class PretrainData:
     knn: tuple[Any, torch.Tensor, Any, torch.Tensor] | None = None  # bank loader, labels, test loader, labels
     subset_loader: Callable[[torch.Tensor], Any] | None = None  # indices -> eval_loader over those samples only
     labelled: bool = True  # False: a folder of images without classes (flat, or --unlabelled)
+    fingerprint: str = ""  # the sample list's hash (datasets.sample_fingerprint), with more than one process
 
 
 def build_pretrain_data(cfg: DataSettings, device: torch.device | None = None, knn_wanted: bool = False
@@ -60,10 +61,10 @@ def build_pretrain_data(cfg: DataSettings, device: torch.device | None = None, k
         knn = (TensorEvalLoader(sets["train"], eval_bs), sets["train_labels"],  # sharded: each rank its part
                TensorEvalLoader(sets["test"], eval_bs), sets["test_labels"])
         return PretrainData(train, TensorEvalLoader(sets["train"], eval_bs), sets["train"].shape[0], knn,
-                            lambda idx: TensorEvalLoader(sets["train"], eval_bs, indices=idx))
+                            lambda idx: TensorEvalLoader(sets["train"], eval_bs, indices=idx),
+                            fingerprint=_fingerprint(sets["train"]))
 
-    if cfg.data is None or not os.path.isdir(cfg.data):
-        raise PCLError(f"data folder not found: {cfg.data}")
+    data_root(cfg.data, cfg.dataset)
     size, pin = cfg.image_size, torch.cuda.is_available()
     on_device = cfg.augment == "device"
     if on_device and device is None:
@@ -116,6 +117,12 @@ def build_pretrain_data(cfg: DataSettings, device: torch.device | None = None, k
             centre = lambda ds: make(ds, eval_bs, False)  # noqa: E731
         return PretrainData(train, DeviceEvalLoader(centre(centre_set), device, decode_size), len(base_train), knn,
                             lambda idx: DeviceEvalLoader(centre(Subset(centre_set, idx.tolist())), device,
-                                                         decode_size), labelled)
+                                                         decode_size), labelled, _fingerprint(base_train))
     return PretrainData(make(train_set, batch, True), make(eval_set, eval_bs, False), len(base_train), knn,
-                        lambda idx: make(Subset(eval_set, idx.tolist()), eval_bs, False), labelled)
+                        lambda idx: make(Subset(eval_set, idx.tolist()), eval_bs, False), labelled,
+                        _fingerprint(base_train))
+
+
+def _fingerprint(train: Any) -> str:
+    """The sample list's hash where processes must agree on it (none needed in one process)."""
+    return sample_fingerprint(train) if dist_utils.world_size() > 1 else ""

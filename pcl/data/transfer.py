@@ -16,7 +16,7 @@ from pcl.data.datasets import load_image, load_in_memory, printable
 from pcl.data.loaders import FileLoader, TensorLabelledLoader
 from pcl.data.registry import spec
 from pcl.data.transforms import eval_transform
-from pcl.settings import DataSettings, cannot_read
+from pcl.settings import DataSettings, read_text
 
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -38,12 +38,8 @@ def _open_listed(path: str, dataset: str) -> Image.Image:
 
 
 def _read_lines(path: str) -> list[str]:
-    """A split list's lines; an unreadable list is one error naming it and the cause."""
-    try:
-        with open(path) as f:
-            return f.readlines()
-    except OSError as e:
-        raise cannot_read(path, e) from None
+    """A split list's lines (UTF-8); an unreadable list is one error naming it and the cause."""
+    return read_text(path, "split list", "lines '<image> <label>'").splitlines()
 
 
 class VOC07(Dataset):

@@ -8,6 +8,7 @@ The math (:func:`knn_predict`, :func:`knn_accuracy`) lives in :mod:`pcl.features
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Any
@@ -36,12 +37,17 @@ def run(args: Any) -> dict[int, float]:
     cfg = follow_checkpoint(cfg)
     ks = parse_list(cfg.knn_k, "--knn-k", int, "10,20,200", lambda k: k >= 1, " is malformed: every k must be >= 1")
     train, train_labels, val, val_labels = labelled_features(cfg.replace(dataset=resolve_eval_dataset(cfg)))
+    n = train.shape[0]
+    if max(ks) > n:  # the vote can take at most every training sample: say so rather than print the k asked for
+        logging.getLogger("pcl").warning("--knn-k %s: k above the %d training samples votes with all %d",
+                                         ",".join(str(k) for k in ks if k > n), n, n)
     result = {k: knn_accuracy(train, train_labels, val, val_labels, k, cfg.knn_t) for k in ks}
     print("\n| k | kNN top-1 |\n|---|---|")
     for k, acc in result.items():
-        print(f"| {k} | {acc:.2f}% |")
+        print(f"| {k if k <= n else f'{k} (all {n})'} | {acc:.2f}% |")
     os.makedirs(cfg.exp_dir, exist_ok=True)
-    write_json(os.path.join(cfg.exp_dir, "knn.json"), {"pretrained": cfg.pretrained, "t": cfg.knn_t, "top1": result})
+    write_json(os.path.join(cfg.exp_dir, "knn.json"), {"pretrained": cfg.pretrained, "t": cfg.knn_t, "top1": result,
+                                                       "k_used": {k: min(k, n) for k in ks}})
     return result
 
 

@@ -15,6 +15,7 @@ Two modes, both on the shared parser (``pcl.config.build_linear_parser``):
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -121,8 +122,10 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epoc
 
 
 @torch.no_grad()
-def validate(model: nn.Module, loader, device: torch.device, progress: bool = False) -> dict[str, float]:
-    """Top-1/top-5 (percent) and mean loss over the whole split, summed over ranks."""
+def validate(model: nn.Module, loader, device: torch.device, progress: bool = False,
+             hint: str = "lower --lr") -> dict[str, float]:
+    """Top-1/top-5 (percent) and mean loss over the whole split, summed over ranks. A non-finite loss (the model's
+    outputs are NaN/inf: top-1 would count arg-maxes of NaN) is one PCLError on every rank, ending in ``hint``."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, count
     for images, target, _ in tqdm(loader, desc="validate", disable=not progress, leave=False):
@@ -134,6 +137,9 @@ def validate(model: nn.Module, loader, device: torch.device, progress: bool = Fa
                                dtype=torch.float64, device=device)
     dist_utils.all_reduce_sum(totals)
     n = max(totals[3].item(), 1.0)
+    if not math.isfinite(totals[0].item()):
+        raise PCLError(f"the validation loss is {totals[0].item() / n}: the model's outputs are not finite (it "
+                       f"diverged), so its top-1 would mean nothing; {hint}")
     return {"val_loss": totals[0].item() / n, "top1": 100.0 * totals[1].item() / n,
             "top5": 100.0 * totals[2].item() / n}
 
@@ -155,6 +161,7 @@ def resume_settings(cfg: RunConfig) -> RunConfig:
     """--resume LINEAR_CKPT: its head was trained on the backbone it records (``pretrained``), which must be
     --pretrained's when both are given; -a/--width/--stem default to what it records and must agree with it."""
     ckpt = ckpt_io.load_checkpoint(cfg.resume)
+    ckpt_io.require_linear_checkpoint(ckpt, cfg.resume)
     recorded = ckpt.get("pretrained") or ""
     if cfg.pretrained and recorded and not _same_path(recorded, cfg.pretrained):
         raise PCLError(f"--resume {cfg.resume} is a linear head trained on {recorded}, not on --pretrained "
@@ -162,7 +169,7 @@ def resume_settings(cfg: RunConfig) -> RunConfig:
     if cfg.pretrained and not recorded:
         logger.warning("--resume %s does not record its pretrained checkpoint (official layout): its backbone "
                        "weights are compared with --pretrained %s instead", cfg.resume, cfg.pretrained)
-    stored = {"arch": ckpt.get("arch"), **{k: (ckpt.get("model_config") or {}).get(k) for k in ("width", "stem")}}
+    stored = {"arch": ckpt.get("arch"), **{k: ckpt_io.model_config(ckpt, cfg.resume).get(k) for k in ("width", "stem")}}
     fill = {}
     for key, value in stored.items():
         given = getattr(cfg, key)
@@ -181,6 +188,13 @@ def _resume(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None
     """Load the head (and backbone) of a linear checkpoint; its backbone must be --pretrained's when that is
     given, else it replaces ``frozen`` (what the sanity check compares with)."""
     ckpt = ckpt_io.load_checkpoint(path)
+    ckpt_io.require_linear_checkpoint(ckpt, path)
+    head = next(v for k, v in ckpt["state_dict"].items() if k.endswith("fc.weight"))
+    classes = unwrap(model).fc.out_features
+    if tuple(head.shape) != tuple(unwrap(model).fc.weight.shape):
+        raise PCLError(f"--resume {path} is a head of {head.shape[0]} classes on {head.shape[-1]}-d features; the "
+                       f"probe here has {classes} classes (the training labels or --num-classes) on "
+                       f"{unwrap(model).fc.in_features}-d: resume it on the data and backbone it was trained on")
     ckpt_io.load_model_state(model, ckpt["state_dict"], path)
     changed = _changed_tensor(model, frozen)
     if changed is not None and pretrained:
@@ -188,8 +202,12 @@ def _resume(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None
                        f"(first: {changed}); give the --pretrained it was trained on")
     inner = unwrap(model)
     frozen.update({k: v.detach().cpu().clone() for k, v in inner.state_dict().items() if k in frozen})
-    if optimizer is not None and "optimizer" in ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
+    if optimizer is not None and ckpt.get("optimizer"):
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise PCLError(f"--resume {path}: its optimizer state does not fit this head's SGD ({str(e)[:160]}); "
+                           f"resume a linear_checkpoint.pth.tar eval_linear.py saved, or drop --resume") from None
     logger.info("resumed linear head from %s (epoch %d)", path, ckpt["epoch"])
     return int(ckpt["epoch"]), float(ckpt.get("best_acc1", 0.0))
 
@@ -201,11 +219,17 @@ def fit_linear(args: Any) -> dict[str, Any]:
     device = prepare_eval(cfg)
     if cfg.resume:
         cfg = resume_settings(cfg)
+    elif cfg.start_epoch >= cfg.epochs and not cfg.evaluate:
+        raise PCLError(f"--start-epoch {cfg.start_epoch} is not below --epochs {cfg.epochs}: nothing to train")
     cfg = follow_checkpoint(cfg, cfg.pretrained or cfg.resume)
     eval_backbone(cfg)  # cheap input first: a bad --pretrained fails before the dataset is scanned
     torch.manual_seed(cfg.seed)
     data = build_labelled_data(data_settings(cfg))
     num_classes = cfg.num_classes or data.num_classes
+    if num_classes < data.num_classes:
+        raise PCLError(f"--num-classes {num_classes} is below the {data.num_classes} classes of the training labels "
+                       f"(0-{data.num_classes - 1}): drop it (the labels' count is the default) or give at least "
+                       f"{data.num_classes}")
     model, frozen = build_probe(cfg, num_classes)
     cfg = cfg.replace(**backbone_settings(model))
     model = model.to(device)
@@ -227,9 +251,13 @@ def fit_linear(args: Any) -> dict[str, Any]:
     if cfg.evaluate:
         if not cfg.resume:
             raise PCLError("--evaluate needs a trained linear head: pass --resume EXP/linear_best.pth.tar")
-        result = validate(model, data.val_loader, device, dist_utils.is_main() and not cfg.no_progress)
+        result = validate(model, data.val_loader, device, dist_utils.is_main() and not cfg.no_progress,
+                          f"the head in --resume {cfg.resume} (or its backbone) is broken; take an earlier one")
         logger.info("evaluate: top1 %.2f top5 %.2f", result["top1"], result["top5"])
         return result
+    if start_epoch >= cfg.epochs:
+        raise PCLError(f"nothing to train: --resume {cfg.resume} is at epoch {start_epoch} of --epochs {cfg.epochs}; "
+                       f"raise --epochs to go on, or score it with --evaluate")
     return _linear_epochs(model, frozen, optimizer, data, cfg, device, start_epoch, best, num_classes)
 
 

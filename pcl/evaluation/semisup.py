@@ -110,7 +110,7 @@ def _finetune(model: nn.Module, data: Any, args: RunConfig, device: torch.device
             data.train_loader.set_epoch(epoch)
             stats = train_epoch(model, data.train_loader, optimizer, epoch, device, progress, args.print_freq,
                                 train_mode=True, hint="lower --lr / --lr-last-layer")
-            stats.update(validate(model, data.val_loader, device))
+            stats.update(validate(model, data.val_loader, device, hint="lower --lr / --lr-last-layer"))
             stats.update(epoch=epoch, lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - start)
             if stats["top1"] > best["top1"]:
                 best = {"top1": stats["top1"], "top5": stats["top5"]}

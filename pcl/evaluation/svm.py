@@ -90,8 +90,10 @@ def _fit_class(train_x: np.ndarray, y: np.ndarray, test_x: np.ndarray, cost: flo
     from sklearn.svm import LinearSVC
 
     y = np.where(y > 0, 1, -1)  # 0 (difficult) -> negative, as official
-    if (y > 0).all() or (y < 0).all():
-        return np.zeros(test_x.shape[0])  # one class only: no classifier to fit
+    if (y < 0).all():  # no positive to learn from: never predicted (0 would beat the others' negative scores)
+        return np.full(test_x.shape[0], -np.inf)
+    if (y > 0).all():
+        return np.zeros(test_x.shape[0])  # no negative: no classifier to fit
     clf = LinearSVC(C=cost, class_weight={1: 2, -1: 1}, intercept_scaling=1.0, penalty="l2", loss="squared_hinge",
                     tol=1e-4, dual=True, max_iter=max_iter, random_state=0)
     with _quiet_convergence():
@@ -126,9 +128,11 @@ def svm_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, cos
 
 
 def score_report(scores: np.ndarray, test_y: np.ndarray, single_label: bool) -> dict[str, float]:
-    """mAP (percent) over classes, plus top-1 accuracy for single-label sets (Places205 reports accuracy)."""
-    aps = [average_precision(scores[:, c], test_y[:, c]) * 100 for c in range(test_y.shape[1])]
-    out = {"mAP": float(np.mean(aps))}
+    """mAP (percent) over the classes with a positive in the test split (a class without one has no AP; VOC07's
+    20 all have), plus top-1 accuracy for single-label sets (Places205 reports accuracy)."""
+    present = [c for c in range(test_y.shape[1]) if (test_y[:, c] > 0).any()]
+    aps = [average_precision(scores[:, c], test_y[:, c]) * 100 for c in present]
+    out = {"mAP": float(np.mean(aps)) if aps else float("nan")}
     if single_label:
         out["top1"] = float((scores.argmax(1) == test_y.argmax(1)).mean() * 100)
     return out
@@ -163,6 +167,7 @@ def run_svm(args: Any) -> dict[str, Any]:
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
     logger.info("SVM transfer on %s: %s from %s, %d train / %d test images, %d classes, costs %s", args.dataset,
                 args.arch, args.pretrained or "random init", len(train_y), len(test_y), train_y.shape[1], costs)
+    _warn_missing_classes(train_y, test_y, shots)
 
     # which training rows are needed: all for the full set; for --low-shot on Places205 only the sampled ones
     samples = {(k, run): np.concatenate(low_shot_indices(train_y, k, (args.seed, k, run)))
@@ -206,6 +211,24 @@ def run_svm(args: Any) -> dict[str, Any]:
         print(table)
         print(f"wrote {paths[0]} (this table) and {paths[1]} (every run and cost)")
     return results
+
+
+def _warn_missing_classes(train_y: np.ndarray, test_y: np.ndarray, shots: list[int]) -> None:
+    """Say what the scores leave out: classes without a test positive (no AP: outside the mAP), without a training
+    positive (never predicted), and with fewer positives than a --shots k (they train on all they have)."""
+    classes = train_y.shape[1]
+    no_test = int((~(test_y > 0).any(axis=0)).sum())
+    no_train = int((~(train_y > 0).any(axis=0)).sum())
+    if no_test:
+        logger.warning("%d of the %d classes have no positive in the test split: the mAP is over the other %d",
+                       no_test, classes, classes - no_test)
+    if no_train:
+        logger.warning("%d of the %d classes have no positive in the training split: their SVM cannot be trained, "
+                       "they are never predicted", no_train, classes)
+    fewest = int((train_y > 0).sum(axis=0).min())
+    for k in (k for k in shots if k > fewest):
+        logger.warning("--shots %d: %d classes have fewer positives (the fewest: %d); they train on all they have",
+                       k, int(((train_y > 0).sum(axis=0) < k).sum()), fewest)
 
 
 def results_table(results: dict[str, Any]) -> str:

@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = eval_command_parser("Prototype galleries, t-SNE and retrieval grids of a checkpoint (PNGs)", spawns=False)
     add_unlabelled_flag(p)
     p.add_argument("--num-cluster", default="", type=str,
-                   help="k of a fresh k-means when the checkpoint holds no cluster result for this set "
-                        "(comma-separated; default the number of classes, else 10)")
+                   help="k of a fresh k-means for the galleries (comma-separated); default: the checkpoint's own "
+                        "E-step result for this set, else the number of classes, else 10")
     p.add_argument("--gallery-rows", default=8, type=int, help="prototypes drawn per gallery (plus largest, smallest)")
     p.add_argument("--columns", default=8, type=int, help="members shown per prototype / neighbours per query")
     p.add_argument("--tsne-samples", default=None, type=int, help="test images in the t-SNE figure (default: "
@@ -73,6 +73,7 @@ def load_splits(args: RunConfig) -> tuple[_Split, _Split, bool]:
     """(train, test, labelled). Without a test split the training split serves as both (queries then never
     retrieve themselves). ``labelled``: the set has more than one class."""
     from pcl.data import FileLoader, LabelledDataset, TensorLabelledLoader, data_settings, file_sets, eval_transform, load_in_memory
+    from pcl.data.datasets import data_root
     from pcl.data.registry import spec
 
     if spec(args.dataset, "data").in_memory:
@@ -80,8 +81,7 @@ def load_splits(args: RunConfig) -> tuple[_Split, _Split, bool]:
         train = _Split(TensorLabelledLoader(sets["train"], sets["train_labels"], args.batch_size), sets["train_labels"])
         test = _Split(TensorLabelledLoader(sets["test"], sets["test_labels"], args.batch_size), sets["test_labels"])
     else:
-        if args.data is None or not os.path.isdir(args.data):
-            raise PCLError(f"data folder not found: {args.data}")
+        data_root(args.data, args.dataset)
         base_train, base_test = file_sets(data_settings(args), labelled=False)
         if len(base_train) == 0:
             raise PCLError(f"the training set in {args.data} is empty")
@@ -108,9 +108,11 @@ def checkpoint_clusters(path: str, n: int) -> dict | None:
     """The checkpoint's E-step result when it has one for a training set of n samples."""
     if not path:
         return None
-    from pcl.checkpoint import load_checkpoint
+    from pcl.checkpoint import check_cluster_result, load_checkpoint
 
     result = load_checkpoint(path).get("cluster_result")
+    if result:
+        check_cluster_result(result, path)
     if not result or any(len(a) != n for a in result["im2cluster"]):
         return None
     return result
@@ -121,6 +123,11 @@ def galleries(feats: torch.Tensor, train: _Split, args: RunConfig, labelled: boo
     from pcl.cluster import run_kmeans
 
     saved = checkpoint_clusters(args.pretrained, feats.shape[0])
+    given = list(parse_num_cluster(args.num_cluster)) if args.num_cluster else None
+    if saved is not None and given is not None and given != [len(phi) for phi in saved["density"]]:
+        logger.info("--num-cluster %s: a fresh k-means (the checkpoint's saved E-step has k=%s)", args.num_cluster,
+                    ",".join(str(len(phi)) for phi in saved["density"]))
+        saved = None
     out = {}
     if saved is not None:
         for assign, phi in zip(saved["im2cluster"], saved["density"]):
@@ -129,9 +136,8 @@ def galleries(feats: torch.Tensor, train: _Split, args: RunConfig, labelled: boo
             means = sums / torch.bincount(assign, minlength=k).clamp_min(1)[:, None]  # backbone-space centroids
             out[k] = gallery_rows(feats, assign, means, phi, args.gallery_rows, args.columns, args.seed)
         return out
-    ks = (list(parse_num_cluster(args.num_cluster)) if args.num_cluster
-          else [int(torch.unique(train.labels).numel()) if labelled else 10])
-    result = run_kmeans(feats, ks, 0.2, seed=args.seed, niter=20, nredo=1)
+    ks = given or [min(int(torch.unique(train.labels).numel()) if labelled else 10, feats.shape[0])]
+    result = run_kmeans(feats, ks, 0.2, seed=args.seed % 2 ** 31, niter=20, nredo=1)
     for k, assign, cent, phi in zip(ks, result.im2cluster, result.centroids, result.concentration):
         out[k] = gallery_rows(feats, assign, cent, phi, args.gallery_rows, args.columns, args.seed)
     return out
@@ -152,9 +158,9 @@ def tsne_figure(feats: torch.Tensor, labels: torch.Tensor | None, clusters: torc
 
     x = feats.numpy()
     if x.shape[1] > 50 and x.shape[0] > 50:
-        x = PCA(50, random_state=seed).fit_transform(x)
+        x = PCA(50, random_state=seed % 2 ** 32).fit_transform(x)
     perplexity = float(min(30.0, max(2.0, (x.shape[0] - 1) / 3)))
-    xy = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+    xy = TSNE(2, perplexity=perplexity, init="pca", random_state=seed % 2 ** 32).fit_transform(x)
     panels = ([("class label", labels)] if labels is not None else []) + [("k-means cluster", clusters)]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5.5), squeeze=False)
     for ax, (name, colour) in zip(axes[0], panels):
@@ -235,7 +241,7 @@ def _tsne(test_feats: torch.Tensor, test: _Split, n_tsne: int, args: RunConfig, 
 
     pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))[:n_tsne]
     k = int(torch.unique(test.labels).numel()) if labelled else 10
-    clusters = kmeans(test_feats[pick], min(k, n_tsne), seed=args.seed, nredo=1)[2].cpu()
+    clusters = kmeans(test_feats[pick], min(k, n_tsne), seed=args.seed % 2 ** 31, nredo=1)[2].cpu()
     path = os.path.join(args.exp_dir, "tsne.png")
     tsne_figure(test_feats[pick], test.labels[pick] if labelled else None, clusters, path, args.seed,
                 f"t-SNE of {n_tsne} {'training' if same_set else 'test'} images: {args.pretrained or 'random init'}")
@@ -283,6 +289,14 @@ def run(args: RunConfig) -> dict[str, Any]:
                        f"{'training' if same_set else 'test'} split; choose at most {len(test)}")
     if "retrieval" in only and args.queries > len(test):
         raise PCLError(f"--queries {args.queries} is larger than the {len(test)} images to query from")
+    neighbours = len(train) - (1 if same_set else 0)  # a query from the training set is never its own neighbour
+    if "retrieval" in only and args.columns > neighbours:
+        raise PCLError(f"--columns {args.columns}: there are only {neighbours} training images to retrieve per query; "
+                       f"choose at most {neighbours}")
+    ks = parse_num_cluster(args.num_cluster) if args.num_cluster else ()
+    if "gallery" in only and ks and max(ks) > len(train):
+        raise PCLError(f"--num-cluster {args.num_cluster}: k={max(ks)} is larger than the {len(train)} training "
+                       f"images; choose every k <= {len(train)}")
     if not labelled:
         logger.info("the set has no class labels: plots are coloured by cluster only, no retrieval precision")
     os.makedirs(args.exp_dir, exist_ok=True)
