@@ -140,6 +140,33 @@ def test_pauc_ablation(tmp_path):
     assert all(set(r["spread"]) == {10, 20} or "failed" in r for r in res["rows"])
 
 
+def test_estep_rows(tmp_path):
+    """Rows of E-step variants paired by seed with a baseline in another folder: the differences, their interval,
+    the E-step cost read from the runs' log.txt, the goals a lower bound misses."""
+    def row(folder, variant, seed, nmi, svm, estep):
+        run = tmp_path / "runs" / f"{variant}_{seed}"
+        run.mkdir(parents=True)
+        with open(run / "log.txt", "w") as f:
+            for epoch, seconds in enumerate((10.0, 12.0, 11.0)):
+                entry = {"epoch": epoch, "seconds": seconds + (estep if epoch else 0)}
+                f.write(json.dumps({**entry, "estep_seconds": estep} if epoch else entry) + "\n")
+        rec = {"variant": variant, "seed": seed, "exp_dir": str(run.relative_to(tmp_path)), "commit": "abc1234",
+               "nmi": nmi, "ari": 0.4, "kmeans_acc": 0.6, "knn_top1": 80.0, "svm_map_1shot": svm, "svm_map_4shot": 60}
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / f"{variant}_seed{seed}.json").write_text(json.dumps(rec))
+
+    for seed, (nmi, svm) in enumerate([(0.60, 50.0), (0.61, 52.0), (0.62, 51.0)]):
+        row("base", "pcl", seed, nmi, svm, 20.0)
+        row("cheap", "bank", seed, nmi - 0.02 - 0.001 * seed, svm - 0.5, 2.0)
+    out = driver("estep_rows").main(["--baseline-dir", str(tmp_path / "base"), "--dir", str(tmp_path / "cheap"),
+                                     "--runs-root", str(tmp_path), "--out", str(tmp_path / "rows.json")])
+    bank = out["variants"]["bank (cheap)"]
+    assert bank["seeds"] == [0, 1, 2] and abs(bank["diffs"]["nmi"]["mean"] + 0.021) < 1e-12
+    assert bank["missed_goals"] == ["nmi"] and bank["commits"] == ["abc1234"]
+    assert bank["estep"]["estep_seconds"] == 2.0 and out["baseline_estep"]["estep_seconds"] == 20.0
+    assert "| bank (cheap) | 0,1,2 | -21.0 [" in out["markdown"] and read(tmp_path / "rows.json")["goals"]
+
+
 def test_grid(tmp_path):
     """The grid at toy size (pcl and moco x seeds 0, 1, 2 epochs on fake Fashion-MNIST): a JSON per run with the
     columns, a summary with mean/sd and the paired difference to moco; a rerun trains nothing and rewrites no run's
