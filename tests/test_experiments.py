@@ -140,6 +140,20 @@ def test_pauc_ablation(tmp_path):
     assert all(set(r["spread"]) == {10, 20} or "failed" in r for r in res["rows"])
 
 
+def test_bank_views(tmp_path):
+    from pcl.config import build_pretrain_parser, parse_args
+    from pcl.engine import fit
+
+    exp = tmp_path / "run"
+    fit(parse_args(build_pretrain_parser(), tiny_argv(exp, "--epochs", "2", "--warmup-epoch", "1",
+                                                      "--estep-features", "bank")))
+    out = driver("bank_views").main([str(exp / "checkpoint_last.pth.tar"), "--ks", "5", "--nredo", "1",
+                                     "--out", str(tmp_path / "views.json")])
+    rows = out["rows"]
+    assert set(rows) >= {"pass", "saved bank", "1 aug view", "key + query of another view", "mean of 3 views"}
+    assert abs(rows["pass"]["cosine_to_pass"] - 1) < 1e-5 and all(0 <= r["nmi_k5"] <= 100 for r in rows.values())
+
+
 def test_estep_rows(tmp_path):
     """Rows of E-step variants paired by seed with a baseline in another folder: the differences, their interval,
     the E-step cost read from the runs' log.txt, the goals a lower bound misses."""
