@@ -147,6 +147,7 @@ def knn_report(encoders: dict[str, nn.Module | None], knn_sets: tuple[Any, torch
     report = {name: monitor_scores(enc, knn_sets, device, k, temperature, with_nmi=False, budget_bytes=budget_bytes,
                                    image_size=image_size)["knn_top1"]
               for name, enc in encoders.items()}
+    k = min(k, len(knn_sets[1]))  # what knn_predict used: every training image votes when k exceeds them
     logger.info("kNN top-1 (k=%d, T=%g) on the test split: %s", k, temperature,
                 ", ".join(f"{n} {v:.2f}%" for n, v in report.items()))
     if dist_utils.is_main():
@@ -170,6 +171,10 @@ class Monitor:
         self.since = time.perf_counter()
         self.input_checked = False
         self.previous: list[torch.Tensor] | None = None  # rank 0: the last E-step's assignments, per granularity
+        if data.knn is not None and settings.knn_k > len(data.knn[1]):
+            logger.warning("--knn-k %d is more than the %d training images of the kNN monitor: every image votes "
+                           "(k = %d is what its scores use); pass --knn-k %d or less to silence this",
+                           settings.knn_k, len(data.knn[1]), len(data.knn[1]), len(data.knn[1]))
 
     def e_step(self, epoch: int, estep: EStep) -> ClusterResult:
         """Note an E-step (its timings; its gallery rows while rank 0 still holds the features, which are then

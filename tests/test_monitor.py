@@ -8,7 +8,7 @@ from pcl.cluster import ClusterResult
 from pcl.data import PretrainData
 from pcl.estep import EStep
 from pcl.log import InputClock, RunLog
-from pcl.monitor import Monitor
+from pcl.monitor import Monitor, knn_report
 from pcl.preemption import StopRequest
 from pcl.settings import MonitorSettings
 
@@ -112,3 +112,21 @@ def test_an_e_step_that_puts_every_sample_in_one_cluster_says_the_features_colla
     assert pcl_warnings == ["E-step epoch 1: k=2 put every sample in one cluster: the features have collapsed "
                             "(identical images, or an encoder that maps every image to one point); the prototypes "
                             "carry no signal"]
+
+
+def test_a_knn_k_above_the_monitor_bank_warns_and_votes_with_every_image(tmp_path, pcl_warnings):
+    """NK14 in pretraining: --knn-k 200 with 6 training images votes with all 6; say so (the report logs k = 6)."""
+    images = torch.rand(6, 3, 8, 8)
+    bank = [(images, torch.arange(6))]
+    test = [(images[:4], torch.arange(4))]
+    knn = (bank, torch.tensor([0, 1, 0, 1, 0, 1]), test, torch.tensor([0, 1, 0, 1]))
+    settings = dict(num_cluster=(2, 3), epochs=3, seed=0, prototype_gallery=False, knn_every=0, knn_eval=True,
+                    knn_k=200, knn_t=0.1, knn_budget_bytes=1 << 20, image_size=8, kmeans_backend="torch")
+    Monitor(MonitorSettings(**settings), RunLog(str(tmp_path), tensorboard=False),
+            PretrainData(None, None, 6, knn=knn), torch.device("cpu"), StopRequest())
+    assert len(pcl_warnings) == 1 and "--knn-k 200" in pcl_warnings[0] and "6 training images" in pcl_warnings[0]
+    report = knn_report({"raw_pixels": None}, knn, torch.device("cpu"), k=200, temperature=0.1,
+                        budget_bytes=1 << 20, image_size=8)
+    assert report == {"raw_pixels": 100.0}  # the 4 test images are bank images 0-3: all 6 vote, the exact match wins
+    _monitor(tmp_path, knn_k=5)  # no kNN set: nothing to warn about
+    assert len(pcl_warnings) == 1
