@@ -127,6 +127,7 @@ class DataSettings:
     demo_renders: int
     aug_plus: bool  # pretraining's MoCo v2 augmentation; the evaluation commands have no two-crop views: False
     unlabelled: bool  # --unlabelled: DIR's images have no classes, whatever its folders (False where no such flag)
+    hue_space: str  # the batched augmentation's hue jitter: hsv (official) | yiq (pretraining's --hue-space)
 
     @classmethod
     def of(cls, cfg: Mapping[str, Any], workers: int) -> "DataSettings":
@@ -136,7 +137,8 @@ class DataSettings:
                    cfg["batch_size"], cfg["seed"], workers, cfg["workers"], cfg["prefetch_factor"],
                    cfg["persistent_workers"], cfg["loader_timeout"], cfg["bad_images"], cfg["class_list"],
                    cfg["expect_images"], cfg["expect_classes"], cfg["augment"], cfg["decode"], cfg["demo_renders"],
-                   cfg["aug_plus"] if "aug_plus" in cfg else False, cfg.get("unlabelled", False))
+                   cfg["aug_plus"] if "aug_plus" in cfg else False, cfg.get("unlabelled", False),
+                   cfg.get("hue_space", "hsv"))
 
 
 @dataclass(frozen=True)

@@ -151,7 +151,8 @@ def test_augment_builds_no_host_constant_after_its_first_call():
             return func(*args, **(kwargs or {}))
 
     x8 = torch.randint(0, 256, (4, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    for augment in (TensorAugment(16, True), TensorAugment(16, False), TensorAugment(20, True, crop=False)):
+    for augment in (TensorAugment(16, True), TensorAugment(16, False), TensorAugment(20, True, crop=False),
+                    TensorAugment(16, False, hue="yiq")):
         gen = torch.Generator().manual_seed(0)
         augment(x8, gen)  # the first call builds the constants
         with Recorder() as rec:
@@ -295,3 +296,55 @@ def test_tiny_pretraining_with_device_augmentation(tmp_path, monkeypatch):
     stats = engine.fit(args)
     assert isinstance(built[0].train_loader, DeviceAugmentLoader) and isinstance(built[0].eval_loader, DeviceEvalLoader)
     assert stats["epoch"] == 1 and "loss_proto" in stats and torch.isfinite(torch.tensor(float(stats["loss_proto"])))
+
+
+def _hue_yiq_float64(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Reference: per sample, RGB -> YIQ, the (I, Q) plane turned by factor x 2 pi, back, clipped (float64)."""
+    m = torch.tensor(ta.RGB_TO_YIQ, dtype=torch.float64)
+    out = []
+    for img, f in zip(x.double(), factor.double()):
+        a = float(f) * 2 * torch.pi
+        rot = torch.tensor([[1, 0, 0], [0, torch.cos(torch.tensor(a)), -torch.sin(torch.tensor(a))],
+                            [0, torch.sin(torch.tensor(a)), torch.cos(torch.tensor(a))]], dtype=torch.float64)
+        out.append(torch.einsum("ij,jhw->ihw", torch.linalg.inv(m) @ rot @ m, img).clamp(0, 1))
+    return torch.stack(out)
+
+
+def test_yiq_hue_matches_its_float64_reference_and_keeps_luma():
+    """--hue-space yiq: the chroma plane turned, luma (Y) unchanged wherever the result needs no clipping."""
+    x = _crops().float() / 255
+    yiq = torch.tensor(ta.RGB_TO_YIQ)
+    rgb = torch.linalg.inv(torch.tensor(ta.RGB_TO_YIQ, dtype=torch.float64)).float()
+    factor = torch.tensor([-0.4, -0.1, 0.25, 0.4])
+    got = ta.adjust_hue_yiq(x, factor, yiq, rgb)
+    assert (got.double() - _hue_yiq_float64(x, factor)).abs().max() < 1e-5
+    luma_in, luma_out = torch.einsum("j,bjhw->bhw", yiq[0], x), torch.einsum("j,bjhw->bhw", yiq[0], got)
+    kept = ((got > 0) & (got < 1)).all(1)  # pixels the clip did not touch
+    assert kept.float().mean() > 0.5 and (luma_in - luma_out)[kept].abs().max() < 1e-5
+    hsv = ta.adjust_hue(x, factor)  # torchvision's hue moves luma by much more
+    assert (luma_in - torch.einsum("j,bjhw->bhw", yiq[0], hsv)).abs().max() > 0.05
+    assert torch.allclose(ta.adjust_hue_yiq(x, torch.zeros(4), yiq, rgb), x, atol=1e-6)  # angle 0: identity
+
+
+def test_hue_space_changes_only_the_hue_op():
+    """TensorAugment(hue="yiq") draws the same parameters as "hsv": with hue factors of 0 both give the same views."""
+    x8 = torch.randint(0, 256, (6, 3, 24, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    a, b = TensorAugment(16, False), TensorAugment(16, False, hue="yiq")
+    for aug in (a, b):
+        aug.constants(torch.device("cpu"))["jitter"][:, 3] = 0.0  # hue factor always 0
+    va, vb = a(x8, torch.Generator().manual_seed(3)), b(x8, torch.Generator().manual_seed(3))
+    assert torch.allclose(va, vb, atol=1e-5)
+    with pytest.raises(ValueError, match="hue space 'lab'"):
+        TensorAugment(16, False, hue="lab")
+
+
+def test_hue_space_flag_reaches_the_in_memory_augmentation_and_warns_on_the_pil_path(tmp_path, pcl_warnings):
+    args = tiny_args(tmp_path / "a", "--hue-space", "yiq")
+    data = build_pretrain_data(data_settings(args))
+    assert data.train_loader.augment.hue == "yiq"
+    assert build_pretrain_data(data_settings(tiny_args(tmp_path / "b"))).train_loader.augment.hue == "hsv"
+    assert pcl_warnings == []
+    folder = image_folder(tmp_path / "imgs", ["a", "b"], per_class=2, size=40)
+    args = tiny_args(tmp_path / "c", "--dataset", "imagefolder", str(folder), "--hue-space", "yiq", "-j", "0")
+    build_pretrain_data(data_settings(args))
+    assert len(pcl_warnings) == 1 and pcl_warnings[0].startswith("--hue-space yiq: no effect here")

@@ -56,7 +56,8 @@ def build_pretrain_data(cfg: DataSettings, device: torch.device | None = None, k
     if dataset.in_memory:
         sets = load_in_memory(cfg)
         check_expected(cfg, sets["train"].shape[0], int(sets["train_labels"].max()) + 1)
-        train = TensorPairLoader(sets["train"], batch, TensorAugment(cfg.image_size, cfg.aug_plus, cfg.crop_min_scale),
+        train = TensorPairLoader(sets["train"], batch, TensorAugment(cfg.image_size, cfg.aug_plus, cfg.crop_min_scale,
+                                                                  hue=cfg.hue_space),
                                  cfg.seed)
         knn = (TensorEvalLoader(sets["train"], eval_bs), sets["train_labels"],  # sharded: each rank its part
                TensorEvalLoader(sets["test"], eval_bs), sets["test_labels"])
@@ -67,6 +68,10 @@ def build_pretrain_data(cfg: DataSettings, device: torch.device | None = None, k
     data_root(cfg.data, cfg.dataset)
     size, pin = cfg.image_size, torch.cuda.is_available()
     on_device = cfg.augment == "device"
+    if cfg.hue_space != "hsv" and not (on_device and device is not None):
+        logging.getLogger("pcl").warning("--hue-space %s: no effect here: %s goes through torchvision's PIL pipeline "
+                                         "(its HSV hue); only the batched augmentation has it (in-memory sets, "
+                                         "--augment device)", cfg.hue_space, dataset.title)
     if on_device and device is None:
         logging.getLogger("pcl").warning("--augment device: no training device was passed to build_pretrain_data; "
                                          "augmenting with the official PIL pipeline in the loader workers")
@@ -97,7 +102,7 @@ def build_pretrain_data(cfg: DataSettings, device: torch.device | None = None, k
         logging.getLogger("pcl").warning("--knn-eval / --knn-every have no effect: the kNN monitor needs a labelled "
                                          "test split and %s", why)
     if on_device:
-        augment = TensorAugment(size, cfg.aug_plus, cfg.crop_min_scale, crop=False)
+        augment = TensorAugment(size, cfg.aug_plus, cfg.crop_min_scale, crop=False, hue=cfg.hue_space)
         if decode == "device" and not hasattr(base_train, "samples"):
             logging.getLogger("pcl").warning("--decode device: %s is not a folder of image files; its images are "
                                              "decoded in the loader workers", dataset.title)

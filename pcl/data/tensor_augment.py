@@ -7,6 +7,7 @@ on uint8). One implementation for the in-memory sets (whole images: the crop run
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -15,6 +16,7 @@ from pcl.data.transforms import MEAN, STD
 JITTER_V2 = (0.4, 0.4, 0.4, 0.1)  # MoCo v2: RandomApply(ColorJitter(0.4, 0.4, 0.4, 0.1), p=0.8)
 JITTER_V1 = (0.4, 0.4, 0.4, 0.4)  # MoCo v1: ColorJitter(0.4, 0.4, 0.4, 0.4)
 BLUR_SIGMA = (0.1, 2.0)  # MoCo v2's GaussianBlur([0.1, 2.0]), p=0.5
+HUE_SPACES = ("hsv", "yiq")  # hsv: torchvision's hue jitter (official); yiq: a luma-keeping turn (--hue-space yiq)
 
 
 class TensorAugment:
@@ -29,23 +31,36 @@ class TensorAugment:
     RandomGrayscale(0.2), RandomApply(GaussianBlur(sigma ~ U[0.1, 2]), 0.5); v1: RandomGrayscale(0.2),
     ColorJitter(0.4, 0.4, 0.4, 0.4). The flip moves before the colour ops, which changes nothing: every op is
     flip-equivariant. ``color=False``: crop, flip and normalisation only (the linear probe's augmentation).
+    ``hue``: "hsv" is torchvision's hue jitter (official); "yiq" (``--hue-space yiq``, not official) turns the
+    colours by the same angle about the grey axis in YIQ space, which keeps each pixel's luma (:func:`adjust_hue_yiq`).
 
     The constants live on the device once (no host-to-device copy per call after the first on a device).
     """
 
     def __init__(self, size: int, aug_plus: bool, min_scale: float = 0.2, color: bool = True,
-                 crop: bool = True) -> None:
+                 crop: bool = True, hue: str = "hsv") -> None:
+        if hue not in HUE_SPACES:
+            raise ValueError(f"hue space {hue!r}: use one of {', '.join(HUE_SPACES)}")
         self.size, self.aug_plus, self.min_scale, self.color, self.crop = size, aug_plus, min_scale, color, crop
+        self.hue = hue
         self._constants: dict[torch.device, dict[str, torch.Tensor]] = {}
 
     def constants(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """mean, std (1 x 3 x 1 x 1) and the jitter bounds (2 x 4) on ``device``, built on first use."""
+        """mean, std (1 x 3 x 1 x 1), the jitter bounds (2 x 4) and RGB <-> YIQ (3 x 3 each) on ``device``, built on
+        first use."""
         if device not in self._constants:
             self._constants[device] = {
                 "mean": torch.tensor(MEAN, device=device).view(1, 3, 1, 1),
                 "std": torch.tensor(STD, device=device).view(1, 3, 1, 1),
-                "jitter": jitter_bounds(JITTER_V2 if self.aug_plus else JITTER_V1, device)}
+                "jitter": jitter_bounds(JITTER_V2 if self.aug_plus else JITTER_V1, device),
+                "yiq": torch.tensor(RGB_TO_YIQ, device=device),
+                "rgb": torch.linalg.inv(torch.tensor(RGB_TO_YIQ, dtype=torch.float64)).float().to(device)}
         return self._constants[device]
+
+    def _hue(self, c: dict[str, torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        if self.hue == "yiq":
+            return lambda x, factor: adjust_hue_yiq(x, factor, c["yiq"], c["rgb"])
+        return adjust_hue
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 B x 3 x H x W -> float, ImageNet-normalised, on the images' device (ToTensor + Normalize)."""
@@ -62,14 +77,15 @@ class TensorAugment:
         x = images.float() / 255.0  # B x 3 x S x S
         if self.color and self.aug_plus:
             apply = torch.rand(b, generator=gen, device=x.device) < 0.8
-            x = torch.where(apply.view(b, 1, 1, 1), color_jitter(x, *jitter_params(b, c["jitter"], gen)), x)
+            x = torch.where(apply.view(b, 1, 1, 1), color_jitter(x, *jitter_params(b, c["jitter"], gen), self._hue(c)),
+                            x)
             x = random_grayscale(x, 0.2, gen)
             apply = torch.rand(b, generator=gen, device=x.device) < 0.5
             sigma = torch.empty(b, device=x.device).uniform_(*BLUR_SIGMA, generator=gen)
             x = torch.where(apply.view(b, 1, 1, 1), gaussian_blur(x, sigma, BLUR_SIGMA[1]), x)
         elif self.color:
             x = random_grayscale(x, 0.2, gen)
-            x = color_jitter(x, *jitter_params(b, c["jitter"], gen))
+            x = color_jitter(x, *jitter_params(b, c["jitter"], gen), self._hue(c))
         return (x - c["mean"]) / c["std"]
 
 
@@ -285,6 +301,22 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return maxc - cr * torch.minimum(k, 4.0 - k).clamp(0, 1)
 
 
+RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))  # rows: Y (luma), I, Q
+
+
+def adjust_hue_yiq(x: torch.Tensor, factor: torch.Tensor, yiq: torch.Tensor, rgb: torch.Tensor) -> torch.Tensor:
+    """Hue jitter that keeps luma (``--hue-space yiq``, not official): each sample's colours turned by factor x 2 pi
+    about the grey axis, as a rotation of the (I, Q) chroma plane of YIQ, then clipped to [0, 1]. Y is unchanged
+    up to the clip, so a pattern's light/dark contrast survives the jitter; HSV's hue shift (:func:`adjust_hue`)
+    changes luma (a yellow made blue turns dark). x: B x 3 x H x W in [0, 1]; factor: B; yiq, rgb: 3 x 3
+    (:data:`RGB_TO_YIQ` and its inverse)."""
+    angle = factor * (2 * math.pi)
+    cos, sin = angle.cos().view(-1, 1, 1, 1), angle.sin().view(-1, 1, 1, 1)  # B x 1 x 1 x 1
+    t = torch.einsum("ij,bjhw->bihw", yiq, x)  # B x 3 x H x W: Y, I, Q
+    turned = torch.cat([t[:, :1], cos * t[:, 1:2] - sin * t[:, 2:3], sin * t[:, 1:2] + cos * t[:, 2:3]], 1)
+    return torch.einsum("ij,bjhw->bihw", rgb, turned).clamp(0, 1)
+
+
 def jitter_bounds(strength: tuple[float, float, float, float], device: torch.device | str) -> torch.Tensor:
     """``ColorJitter(*strength)``'s factor ranges as 2 x 4 (low, high) on ``device``: brightness, contrast, saturation
     in [max(0, 1 - s), 1 + s], hue in [-s, s]."""
@@ -304,15 +336,17 @@ def jitter_params(b: int, bounds: torch.Tensor, gen: torch.Generator) -> tuple[t
     return order, factors
 
 
-def color_jitter(x: torch.Tensor, order: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+def color_jitter(x: torch.Tensor, order: torch.Tensor, factors: torch.Tensor,
+                 hue: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """ColorJitter with per-sample order and factors (:func:`jitter_params`), without data-dependent shapes (no
     host sync): the blends (brightness, contrast, saturation: each a blend towards a per-sample target) placed
     before each sample's hue step, one hue pass over the batch, then the blends after it. A sample's blend in a
-    round that is not its own has factor 1, an exact identity (1 * x + 0 * target)."""
+    round that is not its own has factor 1, an exact identity (1 * x + 0 * target). ``hue``: the hue op
+    (default :func:`adjust_hue`, torchvision's)."""
     hue_at = (order == 3).int().argmax(dim=1)  # B: the position of hue in each sample's order
     for j in range(3):
         x = _blend_round(x, order[:, j], factors, j < hue_at)
-    x = adjust_hue(x, factors[:, 3])
+    x = (hue or adjust_hue)(x, factors[:, 3])
     for j in range(1, 4):
         x = _blend_round(x, order[:, j], factors, j > hue_at)
     return x
