@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         argv_data.append(opts.data or a["data"])
     sets = load_in_memory(data_settings(parse_args(build_pretrain_parser(), argv_data)))
     images, labels = sets["train"], sets["train_labels"]
-    augment = TensorAugment(a["image_size"], a["aug_plus"], a["crop_min_scale"])
+    augment = TensorAugment(a["image_size"], a["aug_plus"], a["crop_min_scale"], hue=a.get("hue_space", "hsv"))
     gen = torch.Generator().manual_seed(opts.seed)
     whole = TensorAugment(a["image_size"], False, color=False).normalise
     views = lambda: (lambda x: augment(x, gen))  # noqa: E731 (a fresh draw per call)

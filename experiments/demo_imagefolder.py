@@ -229,8 +229,9 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = opts.out_dir or ("exp/clutter_fmnist" if opts.source == "fashion" else "exp/paper_digits")
     json_path = opts.json or default_out("demo_imagefolder" + ("_digits" if opts.source == "digits" else "") + ".json")
     data = os.path.join(out_dir, "data")
+    # a folder takes the PIL path, whose hue is torchvision's: the demo preset's --hue-space yiq would only warn
     args = parse_args(build_pretrain_parser(), ["-c", opts.config, data, "--exp-dir", os.path.join(out_dir, "run"),
-                                                "--no-progress", *opts.overrides])
+                                                "--no-progress", "--hue-space", "hsv", *opts.overrides])
     if glob.glob(os.path.join(glob.escape(args.exp_dir), "checkpoint_*.pth.tar")) and not (args.resume or
                                                                                            args.overwrite):
         raise PCLError(f"{args.exp_dir} holds a run already: give another --out-dir (or -- --exp-dir), or pass "

@@ -334,14 +334,21 @@ def test_hue_space_changes_only_the_hue_op():
         aug.constants(torch.device("cpu"))["jitter"][:, 3] = 0.0  # hue factor always 0
     va, vb = a(x8, torch.Generator().manual_seed(3)), b(x8, torch.Generator().manual_seed(3))
     assert torch.allclose(va, vb, atol=1e-5)
+    a, b = TensorAugment(16, False), TensorAugment(16, False, hue="yiq")  # the v1 hue range, +-0.4: they differ
+    va, vb = a(x8, torch.Generator().manual_seed(3)), b(x8, torch.Generator().manual_seed(3))
+    assert ((va - vb).abs().amax(dim=(1, 2, 3)) > 0.05).sum() >= 3  # all but the grey ones (RandomGrayscale first)
     with pytest.raises(ValueError, match="hue space 'lab'"):
         TensorAugment(16, False, hue="lab")
 
 
-def test_hue_space_flag_reaches_the_in_memory_augmentation_and_warns_on_the_pil_path(tmp_path, pcl_warnings):
+def test_hue_space_flag_reaches_the_in_memory_augmentation_and_warns_on_the_pil_path(tmp_path, pcl_warnings,
+                                                                                     monkeypatch):
     args = tiny_args(tmp_path / "a", "--hue-space", "yiq")
     data = build_pretrain_data(data_settings(args))
-    assert data.train_loader.augment.hue == "yiq"
+    calls = []
+    monkeypatch.setattr(ta, "adjust_hue_yiq", lambda *a: calls.append(1) or a[0])
+    next(iter(data.train_loader))
+    assert data.train_loader.augment.hue == "yiq" and len(calls) >= 1  # both views go through the YIQ turn
     assert build_pretrain_data(data_settings(tiny_args(tmp_path / "b"))).train_loader.augment.hue == "hsv"
     assert pcl_warnings == []
     folder = image_folder(tmp_path / "imgs", ["a", "b"], per_class=2, size=40)
