@@ -206,7 +206,7 @@ def _add_pcl_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hue-space", default="hsv", choices=["hsv", "yiq"],
                    help="the batched augmentation's hue jitter (in-memory sets, --augment device): hsv = torchvision's "
                         "(official); yiq = the same angle turned in YIQ's chroma plane, which keeps each pixel's luma "
-                        "(not official; the demo preset's: kNN 43.0 vs 28.3 %% on the demo renders, "
+                        "(not official; the demo preset's: kNN 40.7 vs 28.3 %% on the demo renders, "
                         "docs/results/demo.md)")
     g.add_argument("--num-cluster", default="25000,50000,100000", type=str,
                    help="comma-separated k of each granularity")
