@@ -188,27 +188,54 @@ def _check_mid_epoch(ckpt: dict[str, Any], path: str, cfg: RunConfig, num_sample
 
 SCHEDULE = {"epochs": "--epochs", "warmup_epoch": "--warmup-epoch", "lr": "--lr", "cos": "--cos",
             "schedule": "--schedule"}
+RECIPE = {"image_size": "--image-size", "crop_min_scale": "--crop-min-scale", "aug_plus": "--aug-plus",
+          "hue_space": "--hue-space", "temperature": "--temperature", "moco_m": "--moco-m", "pcl_r": "--pcl-r",
+          "num_cluster": "--num-cluster", "proto_weight": "--proto-weight", "unique_prototypes": "--unique-prototypes",
+          "fixed_concentration": "--fixed-concentration", "estep_features": "--estep-features",
+          "bank_views": "--bank-views", "pauc": "--pauc", "weight_decay": "--wd", "momentum": "--momentum"}
+# what the run learns from: its views, its objective, its E-step. A resume may change them (an epoch boundary
+# takes any of them), but the run is then two recipes, so it is said.
 
 
-def note_schedule_change(ckpt: dict[str, Any], path: str, cfg: RunConfig) -> None:
-    """Resuming with another --epochs / --warmup-epoch / --lr / --cos / --schedule than the run was started with
-    changes the learning rate (and where PCL starts) from here on: one line naming the old and the new values."""
-    saved = ckpt.get("args") or {}
+def _flag(names: dict[str, str], key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return names[key] if value else ("--no-" + names[key][2:] if key in ("cos", "aug_plus", "pauc")
+                                          else f"no {names[key]}")
+    return f"{names[key]} {(',' if key == 'num_cluster' else ' ').join(map(str, value))}" \
+        if isinstance(value, (list, tuple)) else f"{names[key]} {value}"
 
-    def flag(key: str, value: Any) -> str:
-        if key == "cos":
-            return "--cos" if value else "--no-cos"
-        return f"{SCHEDULE[key]} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
 
+def _changed(saved: dict[str, Any], cfg: RunConfig, names: dict[str, str]) -> list[str]:
     def same(key: str) -> bool:
         plain = [list(v) if isinstance(v, (list, tuple)) else v for v in (saved[key], cfg[key])]
         return plain[0] == plain[1] or (key == "schedule" and cfg["cos"] and saved.get("cos"))  # unused with --cos
 
-    changed = [k for k in SCHEDULE if k in saved and k in cfg and not same(k)]
+    return [f"{_flag(names, k, saved[k])} -> {_flag(names, k, cfg[k])}"
+            for k in names if k in saved and k in cfg and not same(k)]
+
+
+def note_schedule_change(ckpt: dict[str, Any], path: str, cfg: RunConfig) -> None:
+    """Resuming with another --epochs / --warmup-epoch / --lr / --cos / --schedule than the run was started with
+    changes the learning rate (and where PCL starts) from here on: one line naming the old and the new values. Another
+    recipe (:data:`RECIPE`: augmentation, temperature, prototypes, E-step, weight decay) is one more line, and so is
+    a checkpoint saved before --hue-space existed resumed with a hue other than the official one (a preset such as
+    configs/demo.yaml that now sets --hue-space yiq)."""
+    saved = ckpt.get("args") or {}
+    epoch = ckpt.get("epoch", 0)
+    changed = _changed(saved, cfg, SCHEDULE)
     if changed:
         logger.warning("resuming %s with another schedule: %s (from epoch %d on the learning rate follows the new "
-                       "one; the epochs already trained followed the old)", path,
-                       ", ".join(f"{flag(k, saved[k])} -> {flag(k, cfg[k])}" for k in changed), ckpt.get("epoch", 0))
+                       "one; the epochs already trained followed the old)", path, ", ".join(changed), epoch)
+    changed = _changed(saved, cfg, RECIPE)
+    unrecorded = bool(saved) and "hue_space" not in saved and "hue_space" in cfg and cfg["hue_space"] != "hsv"
+    if changed or unrecorded:
+        hue = [f"--hue-space {cfg['hue_space']} (the checkpoint predates --hue-space and does not say which hue "
+               f"jitter trained it)"] if unrecorded else []
+        advice = ", ".join(c.split(" -> ")[0] for c in changed)
+        advice += (" and " if advice else "") + "the hue it started with" if unrecorded else ""
+        logger.warning("resuming %s with another recipe: %s. From epoch %d on the run trains with these settings, the "
+                       "epochs already trained used the old; to continue it unchanged, resume with %s", path,
+                       ", ".join(changed + hue), epoch, advice)
 
 
 RUN_FILES = ("log.txt", "tb", MARKER)  # what a run writes into --exp-dir besides its checkpoints (train.log: the

@@ -66,6 +66,32 @@ def test_resuming_with_another_schedule_names_the_old_and_the_new(tiny_run_1ep, 
     assert "--epochs 1 -> --epochs 2" in line and "warmup" not in line
 
 
+def test_resuming_with_another_recipe_names_it_and_how_to_continue_unchanged(pcl_warnings):
+    from pcl.resume import note_schedule_change
+
+    cfg = validate_pretrain_args(tiny_args("unused", "--temperature", "0.5", "--hue-space", "yiq", "--aug-plus"))
+    saved = {**cfg.plain(), "temperature": 0.2, "aug_plus": False, "num_cluster": [10, 30]}
+    note_schedule_change({"epoch": 3, "args": saved}, "run/checkpoint_0002.pth.tar", cfg)
+    assert len(pcl_warnings) == 1
+    line = pcl_warnings[0]
+    assert "--temperature 0.2 -> --temperature 0.5" in line and "--no-aug-plus -> --aug-plus" in line
+    assert "--num-cluster 10,30 -> --num-cluster 10,20" in line and "From epoch 3" in line
+    assert line.endswith("resume with --no-aug-plus, --temperature 0.2, --num-cluster 10,30")
+    assert "hue" not in line and "schedule" not in line
+
+    pcl_warnings.clear()  # a checkpoint from before --hue-space, resumed by a preset that now sets yiq
+    old = {k: v for k, v in cfg.plain().items() if k != "hue_space"}
+    note_schedule_change({"epoch": 1, "args": old}, "run/checkpoint_0000.pth.tar", cfg)
+    assert len(pcl_warnings) == 1 and "predates --hue-space" in pcl_warnings[0]
+    assert pcl_warnings[0].endswith("resume with the hue it started with")
+
+    pcl_warnings.clear()  # the same settings, and the official hue on an old checkpoint: nothing to say
+    note_schedule_change({"epoch": 1, "args": cfg.plain()}, "run/checkpoint_0000.pth.tar", cfg)
+    note_schedule_change({"epoch": 1, "args": old}, "run/c.pth.tar", cfg.replace(hue_space="hsv"))
+    note_schedule_change({"epoch": 1}, "official.pth.tar", cfg)  # official files hold no args
+    assert not pcl_warnings
+
+
 def test_settings_far_from_the_data_are_one_line_of_advice_each(pcl_warnings):
     from pcl.engine import _advise_on_size
 
