@@ -58,7 +58,7 @@ def _monitor_encoder(encoder: nn.Module | None, num_rows: int, image_size: int, 
         pooled = lambda x: F.adaptive_avg_pool2d(x, side)  # noqa: E731
         return pooled, 1, f"raw pixels average-pooled to {side} x {side} px"
     stride = bank_stride(num_rows, getattr(encoder, "feature_dim", 2048), budget)
-    return encoder, stride, f"every {stride}th training image in the bank" if stride > 1 else ""
+    return encoder, stride, f"one training image in {stride} in the bank" if stride > 1 else ""
 
 
 def next_commands(s: MonitorSettings, checkpoint: str, labelled: bool = True) -> list[str]:
@@ -93,6 +93,13 @@ def coprime_stride(stride: int, world: int) -> int:
     return stride
 
 
+def bank_rows(encoder: nn.Module | None, num_rows: int, image_size: int, budget_bytes: int) -> int:
+    """The training images :func:`monitor_scores` keeps in the kNN bank of ``encoder`` (all of them unless the bank
+    is cut to fit ``budget_bytes``)."""
+    stride = coprime_stride(_monitor_encoder(encoder, num_rows, image_size, budget_bytes)[1], dist_utils.world_size())
+    return len(range(0, num_rows, stride))
+
+
 def monitor_scores(encoder: nn.Module | None, knn_sets: tuple[Any, torch.Tensor, Any, torch.Tensor],
                    device: torch.device, k: int = 20, temperature: float = 0.07, with_nmi: bool = True,
                    kmeans_backend: str = "auto", budget_bytes: int = MONITOR_BANK_BYTES, image_size: int = 224,
@@ -113,7 +120,9 @@ def monitor_scores(encoder: nn.Module | None, knn_sets: tuple[Any, torch.Tensor,
     encode, stride, cut = _monitor_encoder(encoder, len(bank_labels), image_size, budget_bytes)
     stride = coprime_stride(stride, dist_utils.world_size())
     if cut:
-        logger.info("kNN monitor: %s, to keep the bank within %.1f GB on rank 0", cut, budget_bytes / 2 ** 30)
+        rows = len(range(0, len(bank_labels), stride))
+        logger.info("kNN monitor: %s, to keep the bank within %.1f GB on rank 0%s", cut, budget_bytes / 2 ** 30,
+                    f"; its {rows} images are fewer than --knn-k {k}: all of them vote" if k > rows else "")
     stopped: list[bool] = []
 
     def stop() -> bool:
@@ -147,9 +156,11 @@ def knn_report(encoders: dict[str, nn.Module | None], knn_sets: tuple[Any, torch
     report = {name: monitor_scores(enc, knn_sets, device, k, temperature, with_nmi=False, budget_bytes=budget_bytes,
                                    image_size=image_size)["knn_top1"]
               for name, enc in encoders.items()}
-    k = min(k, len(knn_sets[1]))  # what knn_predict used: every training image votes when k exceeds them
-    logger.info("kNN top-1 (k=%d, T=%g) on the test split: %s", k, temperature,
-                ", ".join(f"{n} {v:.2f}%" for n, v in report.items()))
+    used = {name: min(k, bank_rows(enc, len(knn_sets[1]), image_size, budget_bytes)) for name, enc in encoders.items()}
+    # what knn_predict used: every image of the bank votes when k exceeds them (a bank cut to the budget is smaller)
+    same = len(set(used.values())) == 1
+    logger.info("kNN top-1 (%sT=%g) on the test split: %s", f"k={next(iter(used.values()))}, " if same else "",
+                temperature, ", ".join(f"{n} {v:.2f}%" + ("" if same else f" (k={used[n]})") for n, v in report.items()))
     if dist_utils.is_main():
         print("\n| features | kNN top-1 |\n|---|---|")
         for name, acc in report.items():

@@ -315,3 +315,20 @@ def pcl_warnings():
     logging.getLogger("pcl").addHandler(keep)
     yield lines
     logging.getLogger("pcl").removeHandler(keep)
+
+
+@pytest.fixture
+def pcl_lines():
+    """Every line (INFO and up) logged to the 'pcl' logger, whatever level earlier tests left it at."""
+    lines, logger = [], logging.getLogger("pcl")
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    keep, level = Keep(), logger.level
+    logger.addHandler(keep)
+    logger.setLevel(logging.INFO)
+    yield lines
+    logger.removeHandler(keep)
+    logger.setLevel(level)

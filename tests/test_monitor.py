@@ -130,3 +130,28 @@ def test_a_knn_k_above_the_monitor_bank_warns_and_votes_with_every_image(tmp_pat
     assert report == {"raw_pixels": 100.0}  # the 4 test images are bank images 0-3: all 6 vote, the exact match wins
     _monitor(tmp_path, knn_k=5)  # no kNN set: nothing to warn about
     assert len(pcl_warnings) == 1
+
+
+def test_a_bank_cut_to_the_budget_logs_the_k_that_voted(pcl_lines):
+    """NK14 with a budget-cut bank: --knn-k 40 against a learned bank cut to every 2nd of 60 images votes with 30;
+    the report and the cut's line say so, per encoder where the banks differ."""
+    class Flat(torch.nn.Module):
+        feature_dim = 4
+
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3 * 8 * 8, 4)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1))
+
+    images = torch.rand(60, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(60) % 3
+    knn = ([(images, labels)], labels, [(images[:12], labels[:12])], labels[:12])
+    report = knn_report({"learned": Flat(), "raw_pixels": None}, knn, torch.device("cpu"), k=40, temperature=0.1,
+                        budget_bytes=1000, image_size=8)
+    assert set(report) == {"learned", "raw_pixels"}
+    assert any("one training image in 2 in the bank" in r and "its 30 images are fewer than --knn-k 40" in r
+               for r in pcl_lines)
+    line = next(r for r in pcl_lines if r.startswith("kNN top-1"))
+    assert "learned" in line and "(k=30)" in line and "(k=40)" in line and "k=40, T" not in line
