@@ -115,8 +115,8 @@ def checkpoint_contents(model: nn.Module, optimizer: torch.optim.Optimizer, epoc
 def load_into(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
               ckpt: dict[str, Any] | None = None, scaler: torch.amp.GradScaler | None = None,
               expect: tuple[int, int] | None = None) -> dict[str, Any]:
-    """Load a pretraining checkpoint's weights, queue, optimiser and (``scaler``, when the file has one) the fp16
-    loss scale; return its contents (epoch, step, cluster_result, resume_states). ``expect``: the (epoch, step)
+    """Load a pretraining checkpoint's weights, queue, optimiser state (its momentum buffers; the hyper-parameters
+    stay the ones ``optimizer`` was built with) and (``scaler``, when the file has one) the fp16 loss scale; return its contents (epoch, step, cluster_result, resume_states). ``expect``: the (epoch, step)
     rank 0 read in it (another one here: the file changed between the two reads)."""
     ckpt = ckpt if ckpt is not None else ckpt_io.load_checkpoint(path, map_location=device)
     ckpt_io.require_pretrain_checkpoint(ckpt, path)
@@ -127,7 +127,13 @@ def load_into(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, dev
     ckpt_io.load_model_state(model, ckpt["state_dict"], path)
     check_weights(model, "", source=path)  # NaN or 1e28 weights: the file's fault, not the lr's
     if ckpt.get("optimizer"):  # official files written without one hold {}
+        # load_state_dict also brings back the saved momentum, weight decay and kernel; this run's flags set them
+        # (the learning rate follows the schedule at every epoch): a resume with another --wd trains with it
+        chosen = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+                  for g in optimizer.param_groups]
         ckpt_io.load_optimizer_state(optimizer, model, ckpt["optimizer"], path)
+        for group, settings in zip(optimizer.param_groups, chosen):
+            group.update(settings)
     if scaler is not None and ckpt.get("scaler"):  # else it starts at GradScaler's initial scale, as a fresh run
         scaler.load_state_dict(ckpt["scaler"])
     logger.info("resumed from %s (epoch %d, step %d)", path, ckpt["epoch"], ckpt.get("step", 0))
@@ -189,18 +195,19 @@ def _check_mid_epoch(ckpt: dict[str, Any], path: str, cfg: RunConfig, num_sample
 SCHEDULE = {"epochs": "--epochs", "warmup_epoch": "--warmup-epoch", "lr": "--lr", "cos": "--cos",
             "schedule": "--schedule"}
 RECIPE = {"image_size": "--image-size", "crop_min_scale": "--crop-min-scale", "aug_plus": "--aug-plus",
-          "hue_space": "--hue-space", "temperature": "--temperature", "moco_m": "--moco-m", "pcl_r": "--pcl-r",
+          "hue_space": "--hue-space", "temperature": "--temperature", "moco_m": "--moco-m",
           "num_cluster": "--num-cluster", "proto_weight": "--proto-weight", "unique_prototypes": "--unique-prototypes",
           "fixed_concentration": "--fixed-concentration", "estep_features": "--estep-features",
           "bank_views": "--bank-views", "pauc": "--pauc", "weight_decay": "--wd", "momentum": "--momentum"}
-# what the run learns from: its views, its objective, its E-step. A resume may change them (an epoch boundary
-# takes any of them), but the run is then two recipes, so it is said.
+# what the run learns from: its views, its objective, its E-step, its SGD. An epoch-boundary checkpoint resumes with
+# any of them changed (--pcl-r, the queue's length, is checked by the weights' shapes), but the run is then two
+# recipes, so it is said.
+ON_OFF = ("cos", "aug_plus", "pauc")  # BooleanOptionalAction flags: --x / --no-x (the others are store_true)
 
 
 def _flag(names: dict[str, str], key: str, value: Any) -> str:
     if isinstance(value, bool):
-        return names[key] if value else ("--no-" + names[key][2:] if key in ("cos", "aug_plus", "pauc")
-                                          else f"no {names[key]}")
+        return names[key] if value else (f"--no-{names[key][2:]}" if key in ON_OFF else f"without {names[key]}")
     return f"{names[key]} {(',' if key == 'num_cluster' else ' ').join(map(str, value))}" \
         if isinstance(value, (list, tuple)) else f"{names[key]} {value}"
 
@@ -217,25 +224,24 @@ def _changed(saved: dict[str, Any], cfg: RunConfig, names: dict[str, str]) -> li
 def note_schedule_change(ckpt: dict[str, Any], path: str, cfg: RunConfig) -> None:
     """Resuming with another --epochs / --warmup-epoch / --lr / --cos / --schedule than the run was started with
     changes the learning rate (and where PCL starts) from here on: one line naming the old and the new values. Another
-    recipe (:data:`RECIPE`: augmentation, temperature, prototypes, E-step, weight decay) is one more line, and so is
-    a checkpoint saved before --hue-space existed resumed with a hue other than the official one (a preset such as
-    configs/demo.yaml that now sets --hue-space yiq)."""
+    recipe (:data:`RECIPE`: augmentation, temperature, prototypes, E-step, SGD) is one more line; a checkpoint saved
+    before --hue-space existed counts as hsv (a preset such as configs/demo.yaml that now sets yiq is named)."""
     saved = ckpt.get("args") or {}
     epoch = ckpt.get("epoch", 0)
     changed = _changed(saved, cfg, SCHEDULE)
     if changed:
         logger.warning("resuming %s with another schedule: %s (from epoch %d on the learning rate follows the new "
                        "one; the epochs already trained followed the old)", path, ", ".join(changed), epoch)
+    if saved and "hue_space" not in saved:  # saved before --hue-space: the hue jitter was torchvision's HSV one (the
+        saved = {**saved, "hue_space": "hsv"}  # in-memory sets' older batched augmentation differed in more than hue)
     changed = _changed(saved, cfg, RECIPE)
-    unrecorded = bool(saved) and "hue_space" not in saved and "hue_space" in cfg and cfg["hue_space"] != "hsv"
-    if changed or unrecorded:
-        hue = [f"--hue-space {cfg['hue_space']} (the checkpoint predates --hue-space and does not say which hue "
-               f"jitter trained it)"] if unrecorded else []
-        advice = ", ".join(c.split(" -> ")[0] for c in changed)
-        advice += (" and " if advice else "") + "the hue it started with" if unrecorded else ""
+    if changed:
+        old = [c.split(" -> ")[0] for c in changed]
+        advice = " and ".join(part for part in (", ".join(o for o in old if not o.startswith("without ")),
+                                                ", ".join(o for o in old if o.startswith("without "))) if part)
         logger.warning("resuming %s with another recipe: %s. From epoch %d on the run trains with these settings, the "
-                       "epochs already trained used the old; to continue it unchanged, resume with %s", path,
-                       ", ".join(changed + hue), epoch, advice)
+                       "epochs already trained used the old; to continue it unchanged, resume %s", path,
+                       ", ".join(changed), epoch, advice if advice.startswith("without ") else "with " + advice)
 
 
 RUN_FILES = ("log.txt", "tb", MARKER)  # what a run writes into --exp-dir besides its checkpoints (train.log: the

@@ -66,6 +66,21 @@ def test_resuming_with_another_schedule_names_the_old_and_the_new(tiny_run_1ep, 
     assert "--epochs 1 -> --epochs 2" in line and "warmup" not in line
 
 
+def test_a_resume_trains_with_the_weight_decay_and_momentum_it_is_given(tiny_run_1ep, tmp_path):
+    """The optimizer's state_dict brings back its saved hyper-parameters; the command line's --wd / --momentum win
+    (the momentum buffers are the checkpoint's), as the recipe warning says."""
+    import torch
+
+    from pcl.engine import fit
+
+    exp = copy_run(tiny_run_1ep, tmp_path / "run")
+    fit(tiny_args(exp, "--resume", "auto", "--epochs", "2", "--wd", "5e-4", "--momentum", "0.8"))
+    groups = torch.load(exp / "checkpoint_last.pth.tar", map_location="cpu", weights_only=False)["optimizer"]
+    assert [(g["weight_decay"], g["momentum"]) for g in groups["param_groups"]] == [(5e-4, 0.8)]
+    line = next(ln for ln in (exp / "train.log").read_text().splitlines() if "another recipe" in ln)
+    assert "--wd 0.0001 -> --wd 0.0005" in line and "--momentum 0.9 -> --momentum 0.8" in line
+
+
 def test_resuming_with_another_recipe_names_it_and_how_to_continue_unchanged(pcl_warnings):
     from pcl.resume import note_schedule_change
 
@@ -79,11 +94,15 @@ def test_resuming_with_another_recipe_names_it_and_how_to_continue_unchanged(pcl
     assert line.endswith("resume with --no-aug-plus, --temperature 0.2, --num-cluster 10,30")
     assert "hue" not in line and "schedule" not in line
 
-    pcl_warnings.clear()  # a checkpoint from before --hue-space, resumed by a preset that now sets yiq
+    pcl_warnings.clear()  # a checkpoint from before --hue-space (HSV hue), resumed by a preset that now sets yiq
     old = {k: v for k, v in cfg.plain().items() if k != "hue_space"}
-    note_schedule_change({"epoch": 1, "args": old}, "run/checkpoint_0000.pth.tar", cfg)
-    assert len(pcl_warnings) == 1 and "predates --hue-space" in pcl_warnings[0]
-    assert pcl_warnings[0].endswith("resume with the hue it started with")
+    note_schedule_change({"epoch": 1, "args": {**old, "unique_prototypes": True}}, "run/c0.pth.tar", cfg)
+    assert len(pcl_warnings) == 1 and "--hue-space hsv -> --hue-space yiq" in pcl_warnings[0]
+    assert "--unique-prototypes -> without --unique-prototypes" in pcl_warnings[0]
+    assert pcl_warnings[0].endswith("resume with --hue-space hsv, --unique-prototypes")
+    pcl_warnings.clear()
+    note_schedule_change({"epoch": 1, "args": cfg.plain()}, "run/c0.pth.tar", cfg.replace(unique_prototypes=True))
+    assert pcl_warnings[0].endswith("resume without --unique-prototypes")
 
     pcl_warnings.clear()  # the same settings, and the official hue on an old checkpoint: nothing to say
     note_schedule_change({"epoch": 1, "args": cfg.plain()}, "run/checkpoint_0000.pth.tar", cfg)
