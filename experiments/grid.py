@@ -95,6 +95,12 @@ VARIANTS: dict[str, list[str]] = {
     "bank": ["--estep-features", "bank"],
     "bank_warm": ["--estep-features", "bank", "--kmeans-init", "previous"],
     "bank_key": ["--estep-features", "bank", "--bank-views", "key"],
+    # ProPos's PCL setting (config/pcl_cifar20_r18_config.json of Hzzone/ProPos): InfoNCE at T = 1.0 (also phi's
+    # mean), ProtoNCE weight 0.01, no duplicate positives, warm-up 5 % of the epochs (50 of 1000); against MoCo at
+    # the same T (docs/results/factorial.md, stage C)
+    "propos": ["--unique-prototypes", "--temperature", "1.0", "--proto-weight", "0.01", "--warmup-epoch",
+               "{warmup_5pct}"],
+    "moco_t1": ["--warmup-epoch", "{epochs}", "--temperature", "1.0"],
 }
 #: the pre-registered 2 x 2 of docs/results/factorial.md: method -> its variants, the config's temperature first;
 #: the control (MoCo) first. The temperatures are read from each variant's resolved settings.
@@ -107,8 +113,9 @@ OPERATIONAL = ("data", "config", "exp_dir", "resume", "overwrite", "no_progress"
 
 def variants(cfg: argparse.Namespace) -> dict[str, list[str]]:
     """The grid's rows for the resolved config ``cfg``: :data:`VARIANTS` with its placeholders filled (MoCo's
-    warm-up is the config's epochs, k_large's k scale with its batch size)."""
-    fill = {"epochs": cfg.epochs, **{f"batch_x{m}": m * cfg.batch_size for m in (4, 8, 16)}}
+    warm-up is the config's epochs, propos's 5 % of them, k_large's k scale with its batch size)."""
+    fill = {"epochs": cfg.epochs, "warmup_5pct": max(1, round(0.05 * cfg.epochs)),
+            **{f"batch_x{m}": m * cfg.batch_size for m in (4, 8, 16)}}
     return {name: [flag.format(**fill) for flag in flags] for name, flags in VARIANTS.items()}
 
 

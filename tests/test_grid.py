@@ -112,6 +112,11 @@ def test_variants_are_a_table_with_pcl_at_t05():
     assert rows["moco_t05"] == ["--warmup-epoch", "36", "--temperature", "0.5"]
     assert rows["k_large"] == ["--num-cluster", "1024,2048,4096"] and set(rows) == set(grid.VARIANTS)
     assert grid.FACTORIAL == {"moco": ("moco", "moco_t05"), "pcl": ("pcl", "pcl_t05")}
+    assert rows["propos"] == ["--unique-prototypes", "--temperature", "1.0", "--proto-weight", "0.01",
+                              "--warmup-epoch", "2"]  # 5 % of 36 epochs, as ProPos's 50 of 1000
+    assert rows["moco_t1"] == ["--warmup-epoch", "36", "--temperature", "1.0"]
+    twelve = parse_args(build_pretrain_parser(), ["-c", os.path.join(ROOT, "configs", "fmnist.yaml")])
+    assert twelve.epochs == 12 and grid.variants(twelve)["propos"][-1] == "1"
 
 
 # ---------------------------------------------------------------------------------------------- data
