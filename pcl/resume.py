@@ -116,8 +116,9 @@ def load_into(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, dev
               ckpt: dict[str, Any] | None = None, scaler: torch.amp.GradScaler | None = None,
               expect: tuple[int, int] | None = None) -> dict[str, Any]:
     """Load a pretraining checkpoint's weights, queue, optimiser state (its momentum buffers; the hyper-parameters
-    stay the ones ``optimizer`` was built with) and (``scaler``, when the file has one) the fp16 loss scale; return its contents (epoch, step, cluster_result, resume_states). ``expect``: the (epoch, step)
-    rank 0 read in it (another one here: the file changed between the two reads)."""
+    stay the ones ``optimizer`` was built with) and (``scaler``, when the file has one) the fp16 loss scale; return
+    its contents (epoch, step, cluster_result, resume_states). ``expect``: the (epoch, step) rank 0 read in it
+    (another one here: the file changed between the two reads)."""
     ckpt = ckpt if ckpt is not None else ckpt_io.load_checkpoint(path, map_location=device)
     ckpt_io.require_pretrain_checkpoint(ckpt, path)
     if expect is not None and ckpt_io.progress(ckpt) != tuple(expect):
