@@ -159,8 +159,9 @@ def knn_report(encoders: dict[str, nn.Module | None], knn_sets: tuple[Any, torch
     used = {name: min(k, bank_rows(enc, len(knn_sets[1]), image_size, budget_bytes)) for name, enc in encoders.items()}
     # what knn_predict used: every image of the bank votes when k exceeds them (a bank cut to the budget is smaller)
     same = len(set(used.values())) == 1
+    scores = ", ".join(f"{n} {v:.2f}%" + ("" if same else f" (k={used[n]})") for n, v in report.items())
     logger.info("kNN top-1 (%sT=%g) on the test split: %s", f"k={next(iter(used.values()))}, " if same else "",
-                temperature, ", ".join(f"{n} {v:.2f}%" + ("" if same else f" (k={used[n]})") for n, v in report.items()))
+                temperature, scores)
     if dist_utils.is_main():
         print("\n| features | kNN top-1 |\n|---|---|")
         for name, acc in report.items():
