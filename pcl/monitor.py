@@ -93,11 +93,18 @@ def coprime_stride(stride: int, world: int) -> int:
     return stride
 
 
+def _bank_plan(encoder: nn.Module | None, num_rows: int, image_size: int, budget_bytes: int
+               ) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, int, str, int]:
+    """(encoder, bank stride over this many ranks, what was cut, rows kept) for one monitor pass."""
+    encode, stride, cut = _monitor_encoder(encoder, num_rows, image_size, budget_bytes)
+    stride = coprime_stride(stride, dist_utils.world_size())
+    return encode, stride, cut, len(range(0, num_rows, stride))
+
+
 def bank_rows(encoder: nn.Module | None, num_rows: int, image_size: int, budget_bytes: int) -> int:
     """The training images :func:`monitor_scores` keeps in the kNN bank of ``encoder`` (all of them unless the bank
     is cut to fit ``budget_bytes``)."""
-    stride = coprime_stride(_monitor_encoder(encoder, num_rows, image_size, budget_bytes)[1], dist_utils.world_size())
-    return len(range(0, num_rows, stride))
+    return _bank_plan(encoder, num_rows, image_size, budget_bytes)[3]
 
 
 def monitor_scores(encoder: nn.Module | None, knn_sets: tuple[Any, torch.Tensor, Any, torch.Tensor],
@@ -117,10 +124,8 @@ def monitor_scores(encoder: nn.Module | None, knn_sets: tuple[Any, torch.Tensor,
     bank_loader, bank_labels, test_loader, test_labels = knn_sets
     if encoder is not None:
         dist_utils.broadcast_buffers(encoder)  # one set of BN statistics for every rank's shard
-    encode, stride, cut = _monitor_encoder(encoder, len(bank_labels), image_size, budget_bytes)
-    stride = coprime_stride(stride, dist_utils.world_size())
+    encode, stride, cut, rows = _bank_plan(encoder, len(bank_labels), image_size, budget_bytes)
     if cut:
-        rows = len(range(0, len(bank_labels), stride))
         logger.info("kNN monitor: %s, to keep the bank within %.1f GB on rank 0%s", cut, budget_bytes / 2 ** 30,
                     f"; its {rows} images are fewer than --knn-k {k}: all of them vote" if k > rows else "")
     stopped: list[bool] = []
